@@ -1,0 +1,20 @@
+"""fermodel: PSA-ResNet-50 and its attention variants, Center/Island loss (no ray, no mlflow)."""
+
+from fermodel.attention import ATTENTIONS, create_attention
+from fermodel.losses import LOSS_KINDS, CenterLoss, IslandLoss, JointLoss
+from fermodel.models import BACKBONES, build_model
+from fermodel.pretrained import PretrainedError, TransferReport, load_pretrained
+
+__all__ = [
+    "ATTENTIONS",
+    "BACKBONES",
+    "LOSS_KINDS",
+    "CenterLoss",
+    "IslandLoss",
+    "JointLoss",
+    "PretrainedError",
+    "TransferReport",
+    "build_model",
+    "create_attention",
+    "load_pretrained",
+]

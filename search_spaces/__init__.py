@@ -1,0 +1,1 @@
+"""search_spaces: declarative study definitions and their validating loader (issue 5 builds it)."""
