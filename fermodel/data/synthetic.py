@@ -281,8 +281,10 @@ def make_synthetic(
     images = render_in_chunks(identity, expression, sample_nuisance(n, g))
 
     order = torch.randperm(num_subjects, generator=g).numpy()
-    n_train = max(1, round(split_fractions[0] * num_subjects))
-    n_val = max(1, round(split_fractions[1] * num_subjects))
+    # every split with a share gets at least one subject; train takes the rest
+    n_val = max(1, round(split_fractions[1] * num_subjects)) if split_fractions[1] else 0
+    n_test = max(1, round(split_fractions[2] * num_subjects)) if split_fractions[2] else 0
+    n_train = num_subjects - n_val - n_test
     subject_split = np.empty(num_subjects, dtype=object)
     subject_split[order[:n_train]] = "train"
     subject_split[order[n_train : n_train + n_val]] = "val"

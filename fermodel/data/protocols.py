@@ -1,0 +1,196 @@
+"""Evaluation protocols: which images a trial trains on, selects on, and reports.
+
+- ``official`` (FER2013, synthetic): the dataset's own splits. FER2013 trains on Training,
+  selects on PublicTest, and reports PrivateTest once; nothing is ever selected on test. A
+  source without a val (or test) split, such as Kaggle's train.csv, gets one carved from train,
+  stratified by class, and a note says so.
+- ``kfold`` (CK+, synthetic): subject-independent k-fold cross-validation, stratified by class as
+  far as the subjects allow (scikit-learn's StratifiedGroupKFold); no subject is in two folds.
+  Fold f is the test set, fold f+1 (mod k) the validation set, the rest is trained on.
+- ``paper``: Gu & Jin's CK+ protocol: augmented copies are made first, then every class is split
+  2:1 at random into train and validation, and the validation set is also the reported set. It
+  puts frames of one subject and copies of one image on both sides, so it warns.
+
+``balance`` adds augmented copies of under-represented classes to the training split only
+(the paper balances FER2013's disgust class): each named class, or with ``"minority"`` every
+class, below the median training class count is topped up to it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from fermodel.augment import AugmentConfig, augment_copies
+from fermodel.data.dataset import DatasetError, FERDataset
+
+PROTOCOLS = ("official", "kfold", "paper")
+
+
+@dataclass
+class Splits:
+    train: FERDataset
+    val: FERDataset
+    test: FERDataset
+    notes: list[str] = field(default_factory=list)
+
+
+def make_splits(
+    dataset: FERDataset,
+    protocol: str = "official",
+    fold: int = 0,
+    folds: int = 10,
+    seed: int = 0,
+    balance: str | tuple[str, ...] | None = None,
+    paper_copies: int = 3,
+) -> Splits:
+    """Split ``dataset`` by ``protocol`` (see the module docstring); deterministic per seed."""
+    if protocol == "official":
+        splits = _official(dataset, seed)
+    elif protocol == "kfold":
+        splits = _kfold(dataset, fold, folds, seed)
+    elif protocol == "paper":
+        splits = _paper(dataset, seed, paper_copies)
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    if balance is not None:
+        splits.train = _balance(splits.train, balance, seed, splits.notes)
+    for part in ("train", "val", "test"):
+        if len(getattr(splits, part)) == 0:
+            raise DatasetError(f"{dataset.name}: the {part} split of protocol {protocol} is empty")
+    return splits
+
+
+def _stratified_holdout(labels: np.ndarray, fraction: float, rng: np.random.Generator):
+    """Indices (into ``labels``) of a class-stratified random ``fraction``."""
+    chosen = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        take = max(1, round(fraction * len(members))) if len(members) > 1 else 0
+        chosen.append(rng.permutation(members)[:take])
+    return np.sort(np.concatenate(chosen)) if chosen else np.array([], dtype=int)
+
+
+def _official(dataset: FERDataset, seed: int) -> Splits:
+    split = dataset.split.copy()
+    notes = []
+    if not (split == "train").any():
+        raise DatasetError(f"{dataset.name}: no train split; use protocol 'kfold' or 'paper'")
+    rng = np.random.default_rng(seed)
+    for part in ("test", "val"):
+        if not (split == part).any():
+            train = np.flatnonzero(split == "train")
+            carved = train[_stratified_holdout(dataset.labels.numpy()[train], 0.1, rng)]
+            split[carved] = part
+            notes.append(
+                f"{dataset.name} has no {part} split: {len(carved)} train images "
+                f"(10%, stratified, seed {seed}) held out as {part}"
+            )
+    return Splits(
+        dataset.subset(split == "train"),
+        dataset.subset(split == "val"),
+        dataset.subset(split == "test"),
+        notes,
+    )
+
+
+def subject_folds(dataset: FERDataset, folds: int = 10, seed: int = 0) -> np.ndarray:
+    """The fold (0..folds-1) of every image; all images of a subject share one fold."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if dataset.subjects is None:
+        raise DatasetError(f"{dataset.name}: subject-independent folds need subjects")
+    n_subjects = len(np.unique(dataset.subjects))
+    if folds < 3 or folds > n_subjects:
+        raise ValueError(f"folds must be between 3 and the {n_subjects} subjects, got {folds}")
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    assignment = np.full(len(dataset), -1)
+    for f, (_, test) in enumerate(
+        splitter.split(np.zeros(len(dataset)), dataset.labels.numpy(), dataset.subjects)
+    ):
+        assignment[test] = f
+    return assignment
+
+
+def _kfold(dataset: FERDataset, fold: int, folds: int, seed: int) -> Splits:
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold must be in 0..{folds - 1}, got {fold}")
+    assignment = subject_folds(dataset, folds, seed)
+    val_fold = (fold + 1) % folds
+    train = (assignment != fold) & (assignment != val_fold)
+    return Splits(
+        dataset.subset(train),
+        dataset.subset(assignment == val_fold),
+        dataset.subset(assignment == fold),
+        [f"subject-independent {folds}-fold: test fold {fold}, validation fold {val_fold}"],
+    )
+
+
+def _paper(dataset: FERDataset, seed: int, copies: int) -> Splits:
+    warnings.warn(
+        "protocol 'paper' splits after augmentation and per class at random: frames of one "
+        "subject and copies of one image fall on both sides, and the reported set is the "
+        "validation set, so its accuracy is optimistic; use 'kfold' for honest CK+ numbers",
+        UserWarning,
+        stacklevel=3,
+    )
+    g = torch.Generator().manual_seed(seed)
+    parts = [dataset]
+    config = AugmentConfig()
+    for _ in range(copies):
+        parts.append(
+            replace(dataset, images=augment_copies(dataset.images, len(dataset), config, g))
+        )
+    pooled = _concat(parts, "augmented")
+    rng = np.random.default_rng(seed)
+    val = np.zeros(len(pooled), dtype=bool)
+    val[_stratified_holdout(pooled.labels.numpy(), 1 / 3, rng)] = True
+    notes = [f"paper protocol: {copies} augmented copies per image, then a per-class 2:1 split"]
+    return Splits(pooled.subset(~val), pooled.subset(val), pooled.subset(val), notes)
+
+
+def _concat(parts: list[FERDataset], tag: str) -> FERDataset:
+    first = parts[0]
+    ids = [first.ids] + [np.char.add(p.ids, f"#{tag}{i}") for i, p in enumerate(parts[1:], 1)]
+    return replace(
+        first,
+        images=torch.cat([p.images for p in parts]),
+        labels=torch.cat([p.labels for p in parts]),
+        split=np.concatenate([p.split for p in parts]),
+        ids=np.concatenate(ids),
+        subjects=None if first.subjects is None else np.concatenate([p.subjects for p in parts]),
+        notes=list(first.notes),
+        audit=None,
+    )
+
+
+def _balance(train: FERDataset, balance, seed: int, notes: list[str]) -> FERDataset:
+    counts = train.class_counts()
+    names = (
+        list(counts)
+        if balance == "minority"
+        else [balance]
+        if isinstance(balance, str)
+        else list(balance)
+    )
+    unknown = [c for c in names if c not in counts]
+    if unknown:
+        raise ValueError(f"cannot balance unknown class {unknown[0]!r}; classes: {list(counts)}")
+    target = int(np.median(list(counts.values())))
+    g = torch.Generator().manual_seed(seed + 1)
+    parts = [train]
+    labels = train.labels
+    for c in names:
+        missing = target - counts[c]
+        if missing <= 0 or counts[c] == 0:
+            continue
+        members = torch.nonzero(labels == train.classes.index(c)).flatten().numpy()
+        source = train.subset(members)
+        copies = augment_copies(source.images, missing, AugmentConfig(), g)
+        pick = np.arange(missing) % len(members)
+        parts.append(replace(source.subset(pick), images=copies))
+        notes.append(f"balanced {c}: {counts[c]} -> {target} training images (augmented copies)")
+    return _concat(parts, "balanced") if len(parts) > 1 else train

@@ -1,0 +1,66 @@
+"""The data audit finds what is planted in a synthetic set, and drop_leaked removes leaks."""
+
+import numpy as np
+import pytest
+import torch
+
+from fermodel.data import audit, load_dataset, make_synthetic
+from fermodel.data.audit import leaked
+from fermodel.data.fer2013 import write_fer2013_csv
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """A clean set with planted faults, and the ids of what was planted."""
+    data = make_synthetic(num_subjects=10, images_per_class=2, seed=3)
+    assert audit(data).duplicate_groups == 0  # rendered faces with noise are all distinct
+    train = np.flatnonzero(data.split == "train")
+    test = np.flatnonzero(data.split == "test")
+    val = np.flatnonzero(data.split == "val")
+    images, labels = data.images.clone(), data.labels.clone()
+    # 3 test images and 1 val image become copies of training images; one copy changes label
+    leaks = [(train[0], test[0]), (train[1], test[1]), (train[2], test[2]), (train[3], val[0])]
+    for src, dst in leaks:
+        images[dst], labels[dst] = images[src], labels[src]
+    labels[test[2]] = (labels[train[2]] + 1) % 7
+    # 2 training images duplicated within train, same label
+    images[train[11]] = images[train[10]]
+    labels[train[11]] = labels[train[10]]
+    # 2 blank images: all zeros and a flat gray with a 1-level ripple
+    images[train[20]] = 0
+    images[test[5]] = 128
+    images[test[5], 0, 0, :5] = 129
+    data.images, data.labels = images, labels
+    return data, [dst for _, dst in leaks]
+
+
+def test_the_audit_counts_every_planted_fault(planted):
+    data, leaked_rows = planted
+    report = audit(data)
+    assert report.duplicate_groups == 5  # 4 leaked pairs + 1 within-train pair
+    assert report.duplicate_images == 5
+    assert report.cross_split == {"val": 1, "test": 3}
+    assert report.within_split["train"] == 2 and report.within_split["test"] == 0
+    assert report.conflicting_groups == 1
+    assert report.blank == 2
+    assert set(report.examples["leaked"]) == set(data.ids[leaked_rows])
+    assert "3 test images have an identical copy in train (leakage)" in report.summary()
+
+
+def test_drop_leaked_removes_exactly_the_planted_copies(planted, tmp_path):
+    data, leaked_rows = planted
+    mask = leaked(data)
+    assert sorted(np.flatnonzero(mask)) == sorted(leaked_rows)
+    write_fer2013_csv(data, tmp_path / "fer2013.csv")
+    kept = load_dataset("fer2013", tmp_path, drop_leaked=True)
+    assert len(kept) == len(data) - 4
+    assert audit(kept).cross_split == {"val": 0, "test": 0}
+    expected = data.subset(~mask)
+    assert torch.equal(kept.images, expected.images) and torch.equal(kept.labels, expected.labels)
+    assert kept.audit.cross_split == {"val": 1, "test": 3}  # the audit reports what was found
+    assert "dropped 4 val/test images with a copy in train" in kept.notes
+
+
+def test_every_load_carries_its_audit():
+    data = load_dataset("synthetic", num_subjects=3, images_per_class=1)
+    assert data.audit is not None and data.audit.images == 21 and data.audit.blank == 0
