@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from matplotlib.figure import Figure
 
 
@@ -37,6 +38,52 @@ def plot_class_distribution(
     ax.set_xticks(list(xs), names, rotation=20)
     ax.set_ylabel("images")
     ax.set_title(title or "class distribution")
+    return _save(fig, path)
+
+
+def plot_confusion_matrix(cm, classes, path, title: str = "") -> Path:
+    """Row-normalised confusion matrix (each true class sums to 1), as the paper's Figures 11
+    and 12; the cell text is the fraction, the colour its size."""
+    counts = np.asarray(cm, dtype=float)
+    rows = counts.sum(axis=1, keepdims=True)
+    norm = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    k = len(classes)
+    fig = Figure(figsize=(1.0 + 0.75 * k, 0.8 + 0.7 * k), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+    ax.set_xticks(range(k), classes, rotation=35, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion matrix (rows normalised)")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    return _save(fig, path)
+
+
+def plot_curves(history: list[dict], path, title: str = "") -> Path:
+    """Accuracy and loss per epoch, training and validation (the paper's Figures 9 and 10)."""
+    epochs = [h["epoch"] for h in history]
+    fig = Figure(figsize=(9, 3.4), layout="constrained")
+    acc, loss = fig.subplots(1, 2)
+    acc.plot(epochs, [h["train_accuracy"] for h in history], label="train")
+    acc.plot(epochs, [h["val_accuracy"] for h in history], label="validation")
+    acc.set_xlabel("epoch")
+    acc.set_ylabel("accuracy")
+    acc.legend()
+    loss.plot(epochs, [h["train_ce"] for h in history], label="train (cross-entropy)")
+    loss.plot(epochs, [h["val_loss"] for h in history], label="validation (cross-entropy)")
+    loss.set_xlabel("epoch")
+    loss.set_ylabel("loss")
+    loss.legend()
+    fig.suptitle(title or "training curves")
+    return _save(fig, path)
+
+
+def _save(fig: Figure, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -51,7 +51,7 @@ def read_state_dict(source) -> tuple[dict[str, torch.Tensor], str]:
     holding the state dict under ``state_dict`` or ``model`` is unwrapped."""
     from torchvision.models import WeightsEnum, get_weight
 
-    if isinstance(source, str) and source.startswith("ResNet50_Weights."):
+    if isinstance(source, str) and re.fullmatch(r"\w+_Weights\.\w+", source):
         try:
             source = get_weight(source)
         except (ValueError, KeyError) as err:
@@ -88,14 +88,21 @@ def read_state_dict(source) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def load_pretrained(model: nn.Module, source) -> TransferReport:
-    """Copy every matching tensor of ``source`` into ``model`` and report what moved."""
+    """Copy every matching tensor of ``source`` into ``model`` and report what moved.
+
+    The RGB stem summed for a one-channel model is the tensor named by ``model.stem_key``
+    (``"conv1.weight"``, the ResNets', for a model that does not declare one; ``None``: none).
+    """
     src, name = read_state_dict(source)
     own = model.state_dict()
+    stem_key = getattr(model, "stem_key", "conv1.weight")
     report = TransferReport(source=name, source_total=len(src))
     updates = {}
     for key, tensor in src.items():
         target = own.get(key)
-        grayscale_stem = key == "conv1.weight" and target is not None and target.shape[1] == 1
+        grayscale_stem = (
+            key == stem_key and target is not None and target.ndim == 4 and target.shape[1] == 1
+        )
         if grayscale_stem and tensor.ndim == 4 and tensor.shape[1] == 3:
             tensor = tensor.sum(dim=1, keepdim=True)
             report.adapted.append(key)

@@ -19,11 +19,11 @@ def planted(loss):
     return x, y
 
 
-def test_center_loss_value_is_half_the_summed_squared_distance():
+def test_center_loss_value_is_half_the_mean_squared_distance():
     loss = CenterLoss(3, 2).eval()
     x, y = planted(loss)
-    # 1/2 * (|(1,0)|^2 + |(0,2)|^2 + |(0,1)|^2)
-    assert loss(x, y).item() == pytest.approx(3.0)
+    # 1/2 * (|(1,0)|^2 + |(0,2)|^2 + |(0,1)|^2) / 3
+    assert loss(x, y).item() == pytest.approx(1.0)
 
 
 def test_island_loss_value_adds_lam1_times_the_ordered_pair_cosines():
@@ -31,14 +31,14 @@ def test_island_loss_value_adds_lam1_times_the_ordered_pair_cosines():
     x, y = planted(loss)
     # pairs (0,1): cos 0; (0,2) and (1,2): cos 1/sqrt2; each ordered pair twice, +1 on each
     pair_sum = 2 * ((0 + 1) + (1 / R2 + 1) + (1 / R2 + 1))
-    assert loss(x, y).item() == pytest.approx(3.0 + 10.0 * pair_sum)
+    assert loss(x, y).item() == pytest.approx(1.0 + 10.0 * pair_sum)
 
 
 def test_center_update_follows_the_rule_with_the_island_gradient():
     loss = IslandLoss(3, 2, lam1=1.0, alpha=0.5).train()
     x, y = planted(loss)
     value = loss(x, y)  # computed with the old centers, then the centers move
-    assert value.item() == pytest.approx(3.0 + 2 * (3 + 2 / R2))
+    assert value.item() == pytest.approx(1.0 + 2 * (3 + 2 / R2))
     # pull: class 0 (n=2): ((1,0)-(2,0) + (1,0)-(1,1)) / 3; class 1: ((0,1)-(0,3)) / 2; 2: none
     pull = torch.tensor([[-1 / 3, -1 / 3], [0.0, -1.0], [0.0, 0.0]])
     # island gradient rows worked by hand: c0 -> (0, 1 + 1/sqrt2), c1 -> (1 + 1/sqrt2, 0), c2 -> 0
@@ -119,9 +119,9 @@ def test_gradient_with_respect_to_the_features_passes_gradcheck(kind):
     emb = torch.randn(6, 5, dtype=torch.double, requires_grad=True)
     y = torch.tensor([0, 1, 2, 3, 0, 1])
     assert torch.autograd.gradcheck(lambda lg, e: loss(lg, e, y).total, (logits, emb))
-    # the feature gradient is lam * (x_i - c_{y_i}): the island term gives the network none
+    # the feature gradient is lam * (x_i - c_{y_i}) / m: the island term gives the network none
     loss(logits, emb, y).total.backward()
-    torch.testing.assert_close(emb.grad, 0.3 * (emb - loss.aux.centers[y]).detach())
+    torch.testing.assert_close(emb.grad, 0.3 * (emb - loss.aux.centers[y]).detach() / 6)
 
 
 @pytest.mark.parametrize("kind", LOSS_KINDS)
@@ -138,7 +138,7 @@ def test_joint_loss_adds_lam_times_the_auxiliary_term():
     x, y = planted(loss.aux)
     logits = torch.randn(3, 3)
     out = loss(logits, x, y)
-    aux = 3.0 + 10.0 * 2 * (3 + 2 / R2)
+    aux = 1.0 + 10.0 * 2 * (3 + 2 / R2)
     assert out.aux.item() == pytest.approx(aux)
     assert out.total.item() == pytest.approx(F.cross_entropy(logits, y).item() + 0.01 * aux)
 

@@ -55,7 +55,7 @@ def sample_identities(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
         "eye_y": _uniform(g, n, -0.24, -0.12),
         "eye_dx": _uniform(g, n, 0.23, 0.31),
         "eye_w": _uniform(g, n, 0.09, 0.13),
-        "eye_h": _uniform(g, n, 0.045, 0.065),
+        "eye_h": _uniform(g, n, 0.05, 0.07),
         "brow_gap": _uniform(g, n, 0.1, 0.15),
         "brow_thick": _uniform(g, n, 0.025, 0.045),
         "brow_len": _uniform(g, n, 0.15, 0.21),
@@ -155,7 +155,7 @@ def render(
 
     eye_y, eye_dx = p(identity, "eye_y"), p(identity, "eye_dx")
     eye_w, eye_h = p(identity, "eye_w"), p(identity, "eye_h") * eye_open
-    brow_y = eye_y - p(identity, "brow_gap") - 0.06 * brow_raise
+    brow_y = eye_y - p(identity, "brow_gap") - 0.1 * brow_raise
     half_len, thick = p(identity, "brow_len") / 2, p(identity, "brow_thick")
     for side in (-1.0, 1.0):
         ex = side * eye_dx
@@ -165,7 +165,7 @@ def render(
         iris_r = torch.sqrt((u - ex) ** 2 + (v - eye_y) ** 2)
         iris = eye * _soft(torch.minimum(eye_h, 0.045 * torch.ones_like(eye_h)) - iris_r, edge)
         img = img * (1 - iris) + iris * 0.08
-        inner_y, outer_y = brow_y - 0.045 * tilt, brow_y + 0.02 * tilt
+        inner_y, outer_y = brow_y - 0.08 * tilt, brow_y + 0.03 * tilt
         d = _segment_distance(u, v, ex - side * half_len, inner_y, ex + side * half_len, outer_y)
         brow = _soft(thick - d, edge)
         img = img * (1 - brow) + brow * hair
@@ -183,9 +183,9 @@ def render(
     mouth_y, half_w = p(identity, "mouth_y"), p(identity, "mouth_w") * width
     t = (u / half_w).clamp(-1, 1)
     inside_w = _soft(1 - (u / half_w).abs(), edge * 4 / half_w)
-    centre = mouth_y - 0.065 * curve * (t**2 - 0.35) - 0.06 * one_side * t.clamp(min=0) ** 2
-    gap = 0.075 * mouth_open * torch.sqrt((1 - t**2).clamp(min=0))
-    upper = centre - gap - 0.035 * upper_raise * (1 - t**2)
+    centre = mouth_y - 0.12 * curve * (t**2 - 0.35) - 0.1 * one_side * t.clamp(min=0) ** 2
+    gap = 0.1 * mouth_open * torch.sqrt((1 - t**2).clamp(min=0))
+    upper = centre - gap - 0.06 * upper_raise * (1 - t**2)
     lower = centre + gap
     lip = p(identity, "lip")
     lips = inside_w * _soft(v - (upper - lip), edge) * _soft((lower + lip) - v, edge)

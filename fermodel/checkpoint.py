@@ -1,0 +1,57 @@
+"""Checkpoints: one file of tensors and plain values, written atomically, read safely.
+
+Everything a run needs to continue exactly sits in one ``state.pt``: model, optimiser, lr
+scheduler, loss centers, epoch, best-so-far model and metrics, history, and the RNG states.
+It is written to a temporary file beside the target and renamed, so a crash never leaves a
+half-written checkpoint, and read with ``weights_only=True``, so loading cannot run code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+
+STATE_FILE = "state.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or refused."""
+
+
+def save_checkpoint(directory, state: dict) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / STATE_FILE
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=STATE_FILE, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def load_checkpoint(path) -> dict:
+    """Read a checkpoint from its folder or its ``state.pt``."""
+    path = Path(path)
+    file = path / STATE_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise CheckpointError(f"{file}: no checkpoint there")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{file}: refused, it would need unpickling of arbitrary objects "
+            f"({str(err).splitlines()[-1][:200]})"
+        ) from None
+    except Exception as err:
+        raise CheckpointError(f"{file}: unreadable checkpoint ({err})") from None
+    if not isinstance(state, dict) or "config" not in state or "epoch" not in state:
+        raise CheckpointError(f"{file}: not a checkpoint of this project")
+    return state

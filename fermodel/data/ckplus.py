@@ -1,0 +1,746 @@
+"""CK+, the Extended Cohn-Kanade dataset (Lucey et al., "The Extended Cohn-Kanade Dataset (CK+):
+A complete dataset for action unit and emotion-specified expression", CVPR Workshops 2010).
+
+Two layouts are read, the format being detected from what the folder holds:
+
+- the original distribution: ``cohn-kanade-images/S005/001/S005_001_00000001.png`` full frames
+  (640x490 for most subjects), ``Emotion/S005/001/S005_001_00000011_emotion.txt`` with one
+  float code for the sequence's peak (last) frame, only for the 327 labeled sequences, and
+  ``Landmarks/S005/001/S005_001_00000011_landmarks.txt`` with 68 ``x y`` points per frame;
+- CK+48, the common pre-cropped variant: one folder per class holding 48x48 PNGs named
+  ``S###_###_########.png``, the last 3 frames of each labeled sequence.
+
+Faces are cut from original frames by each frame's landmarks (see ``crop_face``), so both layouts
+give the same kind of 48x48 face. Neither dataset may be redistributed, so the tests (and anyone
+without a copy) use ``write_ckplus_original`` and ``write_ckplus48``, which put a synthetic CK+
+rendered by ``fermodel.data.synthetic`` on disk in the real formats.
+
+Choices (where the field or the paper leave room):
+
+- ``frames="last"``, k = 3: the field's standard protocol (the last, most intense frames).
+- ``frames="paper"``: Gu & Jin (2025) take "4 random frames" per labeled sequence without saying
+  which. Frames are drawn without replacement from the second half of the sequence
+  (``frames[n // 2:]``, which ends with the labeled peak), so that each shows the expression
+  rather than the neutral onset; where that half has fewer than 4 frames the last 4 frames are
+  the pool. The draw for a sequence depends only on ``seed``, the subject and the sequence
+  number, so adding or removing other sequences does not change it.
+- Crop: the landmarks' bounding box, made square around its centre and widened by
+  ``CROP_MARGIN`` (10 %) of its side on each side, so the crop takes in the forehead above the
+  brows and a little of the cheeks beyond the jaw points. A square that overhangs the frame is
+  shifted inside it (and shrunk to the frame's shorter side if larger), never stretched.
+- Neutral: CK+ codes neutral as 0 but labels no sequence with it; with ``include_neutral`` the
+  first frame (the onset, neutral by CK+'s recording protocol) of every labeled sequence is a
+  "neutral" image, and that frame is then never picked as an expressive one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fermodel.data import synthetic
+from fermodel.data.dataset import CKPLUS_CLASSES, IMAGE_SIZE, DatasetError, FERDataset
+
+IMAGES_DIR = "cohn-kanade-images"
+EMOTION_DIR = "Emotion"
+LANDMARKS_DIR = "Landmarks"
+NEUTRAL = "neutral"
+NUM_LANDMARKS = 68
+CROP_MARGIN = 0.1  # of the landmark box side, added on each side
+_PASTE = 1.5  # synthetic frames: the pasted head square over the face square
+PAPER_FRAMES = 4
+FRAME_SIZE = (640, 490)  # width, height of most CK+ frames
+
+_SUBJECT_RE = re.compile(r"S\d{3}")
+_SEQUENCE_RE = re.compile(r"\d{3}")
+_FRAME_RE = re.compile(r"(S\d{3})_(\d{3})_(\d{8})\.png")
+_EMOTION_RE = re.compile(r"(S\d{3})_(\d{3})_(\d{8})_emotion\.txt")
+_LANDMARKS_RE = re.compile(r"(S\d{3})_(\d{3})_(\d{8})_landmarks\.txt")
+_FRAME_PATTERN = "S###_###_########.png"
+
+
+def _visible(folder: Path) -> list[Path]:
+    """A folder's entries, sorted, without hidden files (macOS copies carry .DS_Store)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+# --------------------------------------------------------------------------- format detection
+
+
+def detect_ckplus_format(path) -> str:
+    """``"original"`` (cohn-kanade-images/, Emotion/, Landmarks/) or ``"ck48"`` (class folders).
+
+    Raises DatasetError when the path is missing, is not a folder, holds neither layout or both.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise DatasetError(f"{root}: no such file or directory")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder; CK+ is read from a folder holding its layout")
+    folders = {p.name for p in _visible(root) if p.is_dir()}
+    original = folders & {IMAGES_DIR, EMOTION_DIR, LANDMARKS_DIR}
+    ck48 = folders & {*CKPLUS_CLASSES, NEUTRAL}
+    if original and ck48:
+        raise DatasetError(
+            f"{root}: holds both layouts (original {sorted(original)} and CK+48 "
+            f"{sorted(ck48)}); point at one of them"
+        )
+    if original:
+        return "original"
+    if ck48:
+        return "ck48"
+    raise DatasetError(
+        f"{root}: neither CK+ layout: expected {IMAGES_DIR}/, {EMOTION_DIR}/ and "
+        f"{LANDMARKS_DIR}/ (original) or folders {', '.join(CKPLUS_CLASSES)} (CK+48); "
+        f"found {sorted(folders) or 'no folders'}"
+    )
+
+
+# --------------------------------------------------------------------------- file parsers
+
+
+def read_gray(path: Path) -> Image.Image:
+    """A frame as an 8-bit grayscale PIL image; some CK+ copies have RGB frames."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode.startswith("I"):
+                # 16-bit PNGs: scale to 8 bits rather than let convert("L") clip them at 255
+                arr = np.asarray(img, dtype=np.float64)
+                if img.mode.startswith("I;16") or arr.max() > 255:
+                    arr = arr / 257.0
+                return Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8))
+            return img.convert("L")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"{path}: unreadable image ({exc})") from exc
+
+
+def read_emotion(path: Path, include_neutral: bool) -> int:
+    """The code in an emotion file: exactly one number, an integer in 1..7 (0..7 with neutral)."""
+    try:
+        tokens = path.read_text().split()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: unreadable emotion file ({exc})") from exc
+    if len(tokens) != 1:
+        raise DatasetError(
+            f"{path}: an emotion file holds exactly one number, found {len(tokens)} "
+            f"values {tokens[:4]}"
+        )
+    try:
+        value = float(tokens[0])
+    except ValueError:
+        raise DatasetError(f"{path}: line 1: emotion code {tokens[0]!r} is not a number") from None
+    low = 0 if include_neutral else 1
+    if not (math.isfinite(value) and value.is_integer() and low <= value <= 7):
+        why = " (0 is neutral; pass include_neutral=True to keep it)" if value == 0 else ""
+        raise DatasetError(
+            f"{path}: line 1: emotion code {tokens[0]} is not an integer in {low}..7{why}"
+        )
+    return int(value)
+
+
+def read_landmarks(path: Path) -> np.ndarray:
+    """[68, 2] float (x, y) points; the file must have 68 lines of two finite numbers."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: unreadable landmarks file ({exc})") from exc
+    while lines and not lines[-1].strip():
+        lines.pop()  # a trailing blank line is harmless
+    points = np.zeros((NUM_LANDMARKS, 2))
+    for i, line in enumerate(lines[:NUM_LANDMARKS]):
+        tokens = line.split()
+        try:
+            xy = [float(t) for t in tokens]
+        except ValueError:
+            xy = []
+        if len(xy) != 2 or not all(math.isfinite(v) for v in xy):
+            raise DatasetError(
+                f"{path}: line {i + 1}: expected two numbers 'x y', got {line.strip()!r}"
+            )
+        points[i] = xy
+    if len(lines) < NUM_LANDMARKS:
+        raise DatasetError(
+            f"{path}: line {len(lines) + 1}: missing; the file has {len(lines)} lines, "
+            f"a CK+ landmarks file has {NUM_LANDMARKS}"
+        )
+    if len(lines) > NUM_LANDMARKS:
+        raise DatasetError(
+            f"{path}: line {NUM_LANDMARKS + 1}: extra line; a CK+ landmarks file has "
+            f"{NUM_LANDMARKS} lines, this one {len(lines)}"
+        )
+    return points
+
+
+def crop_face(frame: Image.Image, points: np.ndarray, source: Path | None = None) -> np.ndarray:
+    """The face as uint8 [48, 48]: the landmarks' box, squared and widened by ``CROP_MARGIN``.
+
+    Squaring keeps the face's aspect ratio through the resize; the margin keeps the forehead,
+    which the 68 points (brows to chin) leave out. The square is shifted inside the frame where
+    it overhangs, rather than clipped, so it stays square. PIL's resize on a float box samples
+    the exact square with an antialiasing filter, since faces are shrunk about fourfold.
+    """
+    x0, y0 = points.min(axis=0)
+    x1, y1 = points.max(axis=0)
+    side = max(x1 - x0, y1 - y0) * (1 + 2 * CROP_MARGIN)
+    if side <= 0:
+        raise DatasetError(f"{source}: the {len(points)} landmarks coincide; no face box")
+    width, height = frame.size
+    side = min(side, width, height)
+    left = min(max((x0 + x1) / 2 - side / 2, 0.0), width - side)
+    top = min(max((y0 + y1) / 2 - side / 2, 0.0), height - side)
+    box = (float(left), float(top), float(left + side), float(top + side))
+    face = frame.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS, box=box)
+    return np.asarray(face, dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------- frame selection
+
+
+def select_frames(
+    count: int, frames: str, k: int, rng: np.random.Generator | None, skip_first: bool
+) -> list[int]:
+    """Indices (into a sequence's frames sorted by number) of the expressive frames to keep."""
+    first = 1 if skip_first else 0
+    if frames == "last":
+        return list(range(max(first, count - k), count))
+    pool = list(range(max(first, count // 2), count))
+    if len(pool) < PAPER_FRAMES:
+        pool = list(range(max(first, count - PAPER_FRAMES), count))
+    if len(pool) <= PAPER_FRAMES:
+        return pool
+    return sorted(rng.choice(pool, size=PAPER_FRAMES, replace=False).tolist())
+
+
+def _check_frames_arg(frames: str, k: int, seed: int) -> None:
+    if frames not in ("last", "paper"):
+        raise ValueError(f"frames must be 'last' or 'paper', got {frames!r}")
+    if frames == "last" and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if frames == "paper" and (
+        isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0
+    ):
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+
+
+# --------------------------------------------------------------------------- original layout
+
+
+@dataclass
+class _Sequence:
+    subject: str
+    number: str
+    code: int
+    emotion_file: Path
+    peak: int  # frame number the emotion file labels
+
+
+def _check_name(folder: Path, pattern: re.Pattern, what: str) -> None:
+    if not folder.is_dir() or not pattern.fullmatch(folder.name):
+        raise DatasetError(f"{folder}: unexpected entry; {what}")
+
+
+def _labeled_sequences(emotion_root: Path, include_neutral: bool) -> tuple[list[_Sequence], int]:
+    """Labeled sequences from Emotion/S###/###/, and how many sequence folders had no label."""
+    labeled, unlabeled = [], 0
+    for subject_dir in _visible(emotion_root):
+        _check_name(subject_dir, _SUBJECT_RE, "Emotion/ holds subject folders S###")
+        for seq_dir in _visible(subject_dir):
+            _check_name(seq_dir, _SEQUENCE_RE, "a subject folder holds sequence folders ###")
+            files = _visible(seq_dir)
+            for f in files:
+                m = _EMOTION_RE.fullmatch(f.name)
+                if m is None or m.group(1, 2) != (subject_dir.name, seq_dir.name):
+                    raise DatasetError(
+                        f"{f}: not an emotion file of sequence {subject_dir.name}/{seq_dir.name}"
+                        f" (expected {subject_dir.name}_{seq_dir.name}_########_emotion.txt)"
+                    )
+            if not files:
+                unlabeled += 1
+                continue
+            if len(files) > 1:
+                raise DatasetError(
+                    f"{seq_dir}: {len(files)} emotion files for one sequence "
+                    f"({', '.join(f.name for f in files)}); CK+ labels only the peak frame"
+                )
+            f = files[0]
+            peak = int(_EMOTION_RE.fullmatch(f.name).group(3))
+            code = read_emotion(f, include_neutral)
+            labeled.append(_Sequence(subject_dir.name, seq_dir.name, code, f, peak))
+    return labeled, unlabeled
+
+
+def _numbered_files(
+    folder: Path, pattern: re.Pattern, suffix: str, seq: _Sequence
+) -> dict[int, Path]:
+    """Files of one sequence by frame number; any other entry is an error."""
+    found = {}
+    for f in _visible(folder):
+        m = pattern.fullmatch(f.name)
+        if m is None or not f.is_file() or m.group(1, 2) != (seq.subject, seq.number):
+            raise DatasetError(
+                f"{f}: file name does not match {seq.subject}_{seq.number}_########{suffix} "
+                f"of sequence {seq.subject}/{seq.number}"
+            )
+        found[int(m.group(3))] = f
+    return found
+
+
+class _LandmarkSource:
+    """A sequence's landmark files; a frame without one borrows its nearest neighbour's."""
+
+    def __init__(self, folder: Path, seq: _Sequence):
+        self.folder = folder
+        self.files = (
+            _numbered_files(folder, _LANDMARKS_RE, "_landmarks.txt", seq) if folder.is_dir() else {}
+        )
+        if not self.files:
+            raise DatasetError(
+                f"{folder}: no landmarks for sequence {seq.subject}/{seq.number}; its faces "
+                f"cannot be cropped (expected {seq.subject}_{seq.number}_########_landmarks.txt)"
+            )
+
+    def points_for(self, number: int) -> tuple[np.ndarray, Path, bool]:
+        if number in self.files:
+            path = self.files[number]
+            return read_landmarks(path), path, False
+        # ties go to the earlier frame
+        nearest = min(self.files, key=lambda n: (abs(n - number), n))
+        path = self.files[nearest]
+        return read_landmarks(path), path, True
+
+
+def _read_original(
+    root: Path, frames: str, k: int, include_neutral: bool, seed: int
+) -> tuple[list, list[str]]:
+    for name in (IMAGES_DIR, EMOTION_DIR, LANDMARKS_DIR):
+        if not (root / name).is_dir():
+            raise DatasetError(
+                f"{root / name}: missing; the original CK+ layout has {IMAGES_DIR}/, "
+                f"{EMOTION_DIR}/ and {LANDMARKS_DIR}/ side by side"
+            )
+    sequences, unlabeled = _labeled_sequences(root / EMOTION_DIR, include_neutral)
+    if not sequences:
+        raise DatasetError(
+            f"{root / EMOTION_DIR}: no labeled sequence (no S###_###_########_emotion.txt "
+            f"under {EMOTION_DIR}/S###/###/)"
+        )
+    offset = 0 if include_neutral else 1  # label index of an emotion code
+    records, notes = [], []
+    for seq in sequences:
+        image_dir = root / IMAGES_DIR / seq.subject / seq.number
+        if not image_dir.is_dir():
+            raise DatasetError(
+                f"{image_dir}: sequence without frames: {_rel(seq.emotion_file, root)} labels "
+                f"it but the image folder is missing"
+            )
+        numbered = _numbered_files(image_dir, _FRAME_RE, ".png", seq)
+        if not numbered:
+            raise DatasetError(
+                f"{image_dir}: sequence without frames: no {_FRAME_PATTERN} in the folder"
+            )
+        if seq.peak not in numbered:
+            raise DatasetError(
+                f"{seq.emotion_file}: labels frame {seq.peak}, which {image_dir} does not hold"
+            )
+        # the labeled frame is the peak; anything recorded after it is not part of the label
+        ordered = sorted(n for n in numbered if n <= seq.peak)
+        if include_neutral and len(ordered) < 2:
+            raise DatasetError(
+                f"{image_dir}: one frame only; it cannot be both the neutral onset and the peak"
+            )
+        rng = None
+        if frames == "paper":
+            rng = np.random.default_rng([seed, int(seq.subject[1:]), int(seq.number)])
+        chosen = [
+            (ordered[i], seq.code - offset)
+            for i in select_frames(len(ordered), frames, k, rng, include_neutral)
+        ]
+        if include_neutral:
+            chosen.insert(0, (ordered[0], 0))
+        wanted = k if frames == "last" else PAPER_FRAMES
+        if len(chosen) - include_neutral < wanted:
+            notes.append(
+                f"{seq.subject}/{seq.number}: {len(ordered)} frames, so "
+                f"{len(chosen) - include_neutral} expressive frames instead of {wanted}"
+            )
+        landmarks = _LandmarkSource(root / LANDMARKS_DIR / seq.subject / seq.number, seq)
+        for number, label in chosen:
+            path = numbered[number]
+            points, lm_path, borrowed = landmarks.points_for(number)
+            if borrowed:
+                notes.append(
+                    f"{_rel(path, root)}: no landmarks file; cropped with {_rel(lm_path, root)}"
+                )
+            face = crop_face(read_gray(path), points, lm_path)
+            records.append((face, label, seq.subject, _rel(path, root)))
+    notes.insert(
+        0,
+        f"ckplus: original layout at {root}: {len(sequences)} labeled sequences "
+        f"({unlabeled} unlabeled skipped); frames={frames!r}"
+        + (f", k={k}" if frames == "last" else f", seed={seed}")
+        + f"; faces cropped by landmarks with a {CROP_MARGIN:.0%} margin",
+    )
+    return records, notes
+
+
+# --------------------------------------------------------------------------- CK+48 layout
+
+
+def _read_ck48(root: Path, frames: str, k: int, include_neutral: bool) -> tuple[list, list[str]]:
+    if frames == "paper":
+        raise DatasetError(
+            f"{root}: CK+48 holds only the last 3 frames of each sequence; frames='paper' "
+            f"samples from whole sequences and needs the original layout"
+        )
+    known = (*CKPLUS_CLASSES, NEUTRAL)
+    folders = {}
+    for entry in _visible(root):
+        if not entry.is_dir():
+            raise DatasetError(
+                f"{entry}: a file where a CK+48 tree holds only the class folders "
+                f"{', '.join(known)}"
+            )
+        if entry.name not in known:
+            raise DatasetError(
+                f"{entry}: unknown folder name {entry.name!r} in a CK+48 tree; expected "
+                f"{', '.join(known)}"
+            )
+        folders[entry.name] = entry
+    for name in CKPLUS_CLASSES:
+        if name not in folders:
+            raise DatasetError(f"{root / name}: missing; CK+48 has one folder per class")
+    if include_neutral and NEUTRAL not in folders:
+        raise DatasetError(
+            f"{root / NEUTRAL}: missing; include_neutral=True needs a neutral folder in CK+48"
+        )
+    classes = ((NEUTRAL,) if include_neutral else ()) + CKPLUS_CLASSES
+    notes = []
+    if NEUTRAL in folders and not include_neutral:
+        notes.append(f"{NEUTRAL}/ ignored (include_neutral=False)")
+    records, seen = [], {}
+    for label, name in enumerate(classes):
+        folder = folders[name]
+        by_seq: dict[tuple[str, str], list[tuple[int, Path]]] = {}
+        for f in _visible(folder):
+            m = _FRAME_RE.fullmatch(f.name)
+            if m is None or not f.is_file():
+                raise DatasetError(f"{f}: file name does not match {_FRAME_PATTERN}")
+            by_seq.setdefault(m.group(1, 2), []).append((int(m.group(3)), f))
+        if not by_seq:
+            raise DatasetError(f"{folder}: empty class folder; CK+48 has images in every class")
+        for key, files in by_seq.items():
+            if name != NEUTRAL:
+                if key in seen:
+                    raise DatasetError(
+                        f"{folder / files[0][1].name}: sequence {key[0]}/{key[1]} is in both "
+                        f"{seen[key]}/ and {name}/"
+                    )
+                seen[key] = name
+                files = sorted(files)[-k:]
+            for _, f in files:
+                img = read_gray(f)
+                if img.size != (IMAGE_SIZE, IMAGE_SIZE):
+                    raise DatasetError(
+                        f"{f}: image is {img.size[0]}x{img.size[1]}; CK+48 images are 48x48"
+                    )
+                records.append((np.asarray(img, dtype=np.uint8), label, key[0], _rel(f, root)))
+    notes.insert(
+        0, f"ckplus: CK+48 layout at {root}: {len(seen)} labeled sequences; last {k} frames"
+    )
+    return records, notes
+
+
+# --------------------------------------------------------------------------- reader
+
+
+def read_ckplus(
+    path, frames: str = "last", k: int = 3, include_neutral: bool = False, seed: int = 0
+) -> FERDataset:
+    """CK+ from the original tree or CK+48 folders, as a FERDataset named "ckplus".
+
+    frames           "last": the last ``k`` frames of each labeled sequence (the standard, k = 3);
+                     "paper": 4 random frames per labeled sequence from its second half, drawn
+                     with ``seed`` (Gu & Jin's protocol; original layout only)
+    include_neutral  add class 0 "neutral": the first frame of each labeled sequence (original)
+                     or the neutral/ folder (CK+48)
+
+    Labels index ``CKPLUS_CLASSES`` (codes 1..7 -> 0..6), or ``("neutral",) + CKPLUS_CLASSES``
+    (codes 0..7) with neutral. ``split`` is "" everywhere: CK+ defines no split, the protocols
+    assign subject-independent folds using ``subjects``. ``ids`` are paths relative to ``path``.
+    """
+    _check_frames_arg(frames, k, seed)
+    root = Path(path)
+    fmt = detect_ckplus_format(root)
+    if fmt == "original":
+        records, notes = _read_original(root, frames, k, include_neutral, seed)
+    else:
+        records, notes = _read_ck48(root, frames, k, include_neutral)
+    # one order for both layouts: subject, sequence, frame (the frame name carries all three)
+    records.sort(key=lambda r: (Path(r[3]).name, r[1]))
+    faces, labels, subjects, ids = zip(*records, strict=True)
+    n = len(records)
+    return FERDataset(
+        name="ckplus",
+        images=torch.from_numpy(np.stack(faces)[:, None].copy()),
+        labels=torch.tensor(labels, dtype=torch.int64),
+        classes=((NEUTRAL,) if include_neutral else ()) + CKPLUS_CLASSES,
+        split=np.full(n, "", dtype=str),
+        ids=np.array(ids, dtype=str),
+        subjects=np.array(subjects, dtype=str),
+        notes=notes,
+    )
+
+
+# --------------------------------------------------------------------------- synthetic writers
+
+
+@dataclass
+class _Plan:
+    subject: str
+    subject_index: int
+    number: str
+    code: int  # the expression rendered (1..7)
+    labeled: bool
+    face_side: int  # side of the square the crop by landmarks takes, pixels
+    face_xy: tuple[int, int]  # its top-left corner in the frame
+
+
+def _plan(num_subjects, sequences_per_subject, unlabeled_sequences, seed) -> list[_Plan]:
+    """Which sequences exist. Labeled sequences are numbered first and their codes run through
+    1..7 in turn across subjects, so each subject shows several emotions (folds can then be
+    stratified); placement is drawn per (seed, subject, sequence), so the labeled sequences are
+    the same whatever ``unlabeled_sequences`` is, and both writers agree for a given seed."""
+    if not 1 <= num_subjects <= 400:
+        raise ValueError(f"num_subjects must be in 1..400, got {num_subjects}")
+    if sequences_per_subject < 1 or unlabeled_sequences < 0:
+        raise ValueError(
+            f"need sequences_per_subject >= 1 and unlabeled_sequences >= 0, got "
+            f"{sequences_per_subject} and {unlabeled_sequences}"
+        )
+    if sequences_per_subject + unlabeled_sequences > 999:
+        raise ValueError("at most 999 sequences per subject (three-digit sequence numbers)")
+    plans = []
+    for s in range(num_subjects):
+        subject = f"S{5 + 2 * s:03d}"  # gaps in the numbering, as in CK+
+        # face size varies by subject; a multiple of 4 puts the crop on whole pixels of the paste
+        side = 4 * int(np.random.default_rng([seed, s]).integers(40, 56))
+        pasted = side * 3 // 2
+        for j in range(sequences_per_subject + unlabeled_sequences):
+            labeled = j < sequences_per_subject
+            code = (s * sequences_per_subject + j) % 7 + 1 if labeled else (s + j) % 7 + 1
+            place = np.random.default_rng([seed, s, j])
+            xy = (
+                int(place.integers(16, FRAME_SIZE[0] - pasted - 16)) + side // 4,
+                int(place.integers(16, FRAME_SIZE[1] - pasted - 16)) + side // 4,
+            )
+            plans.append(_Plan(subject, s, f"{j + 1:03d}", code, labeled, side, xy))
+    return plans
+
+
+def _landmarks_of(person: dict[str, float]) -> np.ndarray:
+    """The 68 points (iBUG order: jaw, brows, nose, eyes, lips) of a synthetic face at rest, in
+    the renderer's canonical frame (u, v in [-1, 1]), placed where ``synthetic.render`` draws
+    those features, so the crop by landmarks frames the face the way it frames a real one."""
+    a, b = person["face_a"], person["face_b"]
+    eye_y, eye_dx, eye_w, eye_h = (person[k] for k in ("eye_y", "eye_dx", "eye_w", "eye_h"))
+    # jaw: the face outline from ear to ear (eye height) through the chin
+    start = math.asin(max(-1.0, min(1.0, (eye_y - 0.05) / b)))
+    phi = np.linspace(math.pi - start, start, 17)
+    jaw = np.stack([a * np.cos(phi), 0.05 + b * np.sin(phi)], 1)
+    # brows: the drawn segments, inner end raised by the resting tilt, left to right
+    brow_y, half, tilt = eye_y - person["brow_gap"], person["brow_len"] / 2, person["rest_tilt"]
+    inner_y, outer_y = brow_y - 0.045 * tilt, brow_y + 0.02 * tilt
+    t = np.linspace(0, 1, 5)
+    left_brow = np.stack([-eye_dx - half + 2 * half * t, outer_y + (inner_y - outer_y) * t], 1)
+    right_brow = np.stack([eye_dx - half + 2 * half * t, inner_y + (outer_y - inner_y) * t], 1)
+    nose_top, nose_end = eye_y + 0.05, eye_y + 0.05 + person["nose_len"]
+    bridge = np.stack([np.zeros(4), np.linspace(nose_top, nose_end - 0.03, 4)], 1)
+    s = np.linspace(-1, 1, 5)
+    base = np.stack([0.065 * s, nose_end + 0.01 * (1 - s**2)], 1)
+    # eyes: outer (left) corner first, then the upper lid, as iBUG orders them
+    theta = math.pi + np.linspace(0, 2 * math.pi, 6, endpoint=False)
+    eyes = [np.stack([c + eye_w * np.cos(theta), eye_y + eye_h * np.sin(theta)], 1)
+            for c in (-eye_dx, eye_dx)]  # fmt: skip
+    # lips: the drawn mouth curve (resting curvature), outer contour then inner
+    mouth_y, half_w, lip = person["mouth_y"], person["mouth_w"], person["lip"]
+
+    def lips(count: int, reach: float, thick: float) -> np.ndarray:
+        angle = math.pi + np.linspace(0, 2 * math.pi, count, endpoint=False)
+        t = reach * np.cos(angle)
+        centre = mouth_y - 0.065 * person["rest_curve"] * (t**2 - 0.35)
+        return np.stack([half_w * t, centre + thick * np.sin(angle)], 1)
+
+    return np.concatenate([jaw, left_brow, right_brow, bridge, base, *eyes,
+                           lips(12, 1.0, lip), lips(8, 0.85, 0.4 * lip)])  # fmt: skip
+
+
+def _crop_window(points: np.ndarray) -> tuple[np.ndarray, float]:
+    """Centre and half side, in canonical units, of the square ``crop_face`` takes around
+    ``points``: what the 48x48 face shows and what the writers paste into a frame."""
+    low, high = points.min(axis=0), points.max(axis=0)
+    return (low + high) / 2, float((high - low).max()) * (1 + 2 * CROP_MARGIN) / 2
+
+
+def _render_sequences(plans, num_subjects, frames_per_sequence, seed):
+    """Render every planned sequence, the face going from neutral (intensity 0) to the peak
+    (intensity 1), frontal and clean (no nuisance) as in lab video. Each image shows the
+    subject's landmark crop window widened 1.5 times (the whole head, pasted into frames) at
+    72 pixels, so that the crop window is exactly its central 48 pixels: the face a correct
+    reader recovers. (The renderer draws at twice the size and area-averages, so upscaled
+    frames stay smooth.)
+
+    Returns uint8 [S, F, 72, 72] and each subject's (points, centre, half side)."""
+    if frames_per_sequence < 2:
+        raise ValueError(f"frames_per_sequence must be at least 2, got {frames_per_sequence}")
+    g = torch.Generator().manual_seed(seed)
+    identity = synthetic.sample_identities(num_subjects, g)
+    geometry = []
+    for s in range(num_subjects):
+        points = _landmarks_of({key: float(value[s]) for key, value in identity.items()})
+        geometry.append((points, *_crop_window(points)))
+    f = frames_per_sequence
+    who = torch.tensor([p.subject_index for p in plans]).repeat_interleave(f)
+    names = [CKPLUS_CLASSES[p.code - 1] for p in plans for _ in range(f)]
+    intensity = torch.linspace(0, 1, f).repeat(len(plans))
+    expression = synthetic.expression_params(names, intensity)
+    nuisance = synthetic.sample_nuisance(len(names), g, strength=0.0)
+    # the renderer's pose maps its output square onto the canonical window centre +- 1/scale
+    centre = torch.tensor(np.array([geo[1] for geo in geometry]), dtype=torch.float32)[who]
+    half = torch.tensor([geo[2] for geo in geometry], dtype=torch.float32)[who]
+    nuisance.update(scale=1 / (_PASTE * half), shift_x=centre[:, 0], shift_y=centre[:, 1])
+    rows = {key: value[who] for key, value in identity.items()}
+    size = 3 * IMAGE_SIZE // 2
+    faces = synthetic.render_in_chunks(rows, expression, nuisance, size=size, chunk=32)
+    return faces.view(len(plans), f, size, size), identity, geometry
+
+
+def _face_window(faces: torch.Tensor) -> torch.Tensor:
+    """uint8 [F, 1, 48, 48]: what a perfect crop of each frame recovers, the central 48 pixels
+    of the 72-pixel renders (the landmark crop window)."""
+    inner = slice(IMAGE_SIZE // 4, IMAGE_SIZE // 4 + IMAGE_SIZE)
+    return faces[:, None, inner, inner].contiguous()
+
+
+def write_ckplus_original(
+    root,
+    num_subjects: int = 6,
+    sequences_per_subject: int = 4,
+    frames_per_sequence: int = 8,
+    unlabeled_sequences: int = 1,
+    seed: int = 0,
+) -> dict:
+    """Write a synthetic CK+ in the original layout under ``root``; returns what was written.
+
+    Frames are 640x490 grayscale PNGs: the rendered head, upscaled (the face square 160 to 220
+    pixels, subject-dependent), pasted at a per-sequence position on a plain background of the
+    head's own background tone. Every frame has a landmarks file (``"   %.7e   %.7e"`` lines) of 68
+    points on the face's jaw, brows, nose, eyes and lips; the face square is exactly the
+    square ``crop_face`` takes around them, so a correct reader recovers the rendered face.
+    Emotion files (``"   %.7e"``) exist for labeled sequences only, on the last frame; unlabeled
+    sequences get an empty Emotion folder, as in CK+.
+
+    Returns {"root": Path, "sequences": [{"subject", "sequence", "emotion" (code, None when
+    unlabeled), "rendered" (code shown), "frames", "landmarks" (paths relative to root),
+    "emotion_file" (relative path or None), "face_box" (x, y, side of the face square),
+    "faces" (uint8 [F, 1, 48, 48], what a perfect crop of each frame gives)}]}.
+    """
+    root = Path(root)
+    plans = _plan(num_subjects, sequences_per_subject, unlabeled_sequences, seed)
+    faces, identity, geometry = _render_sequences(plans, num_subjects, frames_per_sequence, seed)
+    sequences = []
+    for plan, seq_faces in zip(plans, faces, strict=True):
+        canonical, centre, half = geometry[plan.subject_index]
+        background = round(float(identity["background"][plan.subject_index].clamp(0, 1)) * 255)
+        (x, y), side = plan.face_xy, plan.face_side
+        pasted, offset = side * 3 // 2, side // 4
+        points = np.array([x, y]) + ((canonical - centre) / half + 1) / 2 * side
+        landmark_text = "".join(f"   {px:.7e}   {py:.7e}\n" for px, py in points)
+        image_dir = Path(IMAGES_DIR, plan.subject, plan.number)
+        landmark_dir = Path(LANDMARKS_DIR, plan.subject, plan.number)
+        emotion_dir = Path(EMOTION_DIR, plan.subject, plan.number)
+        for folder in (image_dir, landmark_dir, emotion_dir):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+        frames, landmarks = [], []
+        for i, face in enumerate(seq_faces, start=1):
+            stem = f"{plan.subject}_{plan.number}_{i:08d}"
+            frame = Image.new("L", FRAME_SIZE, background)
+            big = Image.fromarray(face.numpy()).resize((pasted, pasted), Image.Resampling.BICUBIC)
+            frame.paste(big, (x - offset, y - offset))
+            frame.save(root / image_dir / f"{stem}.png", compress_level=1)  # speed over size
+            (root / landmark_dir / f"{stem}_landmarks.txt").write_text(landmark_text)
+            frames.append((image_dir / f"{stem}.png").as_posix())
+            landmarks.append((landmark_dir / f"{stem}_landmarks.txt").as_posix())
+        emotion_file = None
+        if plan.labeled:
+            emotion_file = (
+                emotion_dir / f"{plan.subject}_{plan.number}_{len(frames):08d}_emotion.txt"
+            )
+            (root / emotion_file).write_text(f"   {float(plan.code):.7e}\n")
+            emotion_file = emotion_file.as_posix()
+        sequences.append(
+            {
+                "subject": plan.subject,
+                "sequence": plan.number,
+                "emotion": plan.code if plan.labeled else None,
+                "rendered": plan.code,
+                "frames": frames,
+                "landmarks": landmarks,
+                "emotion_file": emotion_file,
+                "face_box": (x, y, side),
+                "faces": _face_window(seq_faces),
+            }
+        )
+    return {"root": root, "sequences": sequences}
+
+
+def write_ckplus48(
+    root,
+    num_subjects: int = 6,
+    seed: int = 0,
+    sequences_per_subject: int = 4,
+    frames_per_sequence: int = 8,
+    neutral: bool = False,
+) -> dict:
+    """Write a synthetic CK+48 under ``root``: the last 3 frames of each labeled sequence as
+    48x48 PNGs in class folders (and, with ``neutral``, each sequence's first frame in neutral/).
+
+    The faces are those ``write_ckplus_original`` renders for the same arguments, so the two
+    layouts of one seed describe the same sequences. Returns {"root": Path, "images": [{"path"
+    (relative to root), "class", "label" (index in CKPLUS_CLASSES, or None for neutral),
+    "subject", "image" (uint8 [48, 48])}]}.
+    """
+    root = Path(root)
+    plans = _plan(num_subjects, sequences_per_subject, 0, seed)
+    faces, _, _ = _render_sequences(plans, num_subjects, frames_per_sequence, seed)
+    images = []
+    for plan, seq_faces in zip(plans, faces, strict=True):
+        faces = _face_window(seq_faces)[:, 0].numpy()
+        name = CKPLUS_CLASSES[plan.code - 1]
+        picks = [(name, i) for i in range(len(faces) - 3, len(faces))]
+        if neutral:
+            picks.insert(0, (NEUTRAL, 0))
+        for cls, i in picks:
+            rel = Path(cls, f"{plan.subject}_{plan.number}_{i + 1:08d}.png")
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(faces[i]).save(root / rel, compress_level=1)
+            images.append(
+                {
+                    "path": rel.as_posix(),
+                    "class": cls,
+                    "label": None if cls == NEUTRAL else plan.code - 1,
+                    "subject": plan.subject,
+                    "image": faces[i],
+                }
+            )
+    return {"root": root, "images": images}

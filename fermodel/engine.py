@@ -1,0 +1,354 @@
+"""The training engine: one trial, ``fit(config, data)``, fast, resumable and measured.
+
+The whole split lives on the device as uint8; a step gathers a batch by index, augments it there
+as a batch, and runs forward, the joint loss, backward and the optimiser in channels_last (bf16
+autocast on CUDA). Every epoch is evaluated on the validation split, the best epoch (highest
+validation accuracy, lower validation loss on ties) is kept, and the test split is evaluated
+once at the end with that model: nothing is ever selected on test.
+
+The engine knows nothing of Ray or MLflow: it calls ``report(metrics, checkpoint_dir)`` once an
+epoch, with a folder holding a full checkpoint (every ``checkpoint_every`` epochs and the last),
+and the caller persists it if it wants. Choices: the validation loss (for the plateau schedule
+and tie-breaks) is cross-entropy alone, since the Island term depends on the centers rather than
+on the model; a final training batch of a single image is dropped (BatchNorm cannot train on
+one); inputs are normalised with the mean and std of ImageNet's channels averaged (0.449,
+0.226), so ImageNet-initialised stems see familiar statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from fermodel.augment import AugmentConfig, augment, predict_tta, to_float
+from fermodel.checkpoint import load_checkpoint, save_checkpoint
+from fermodel.config import TrialConfig
+from fermodel.data import FERDataset, load_dataset, make_splits
+from fermodel.losses import JointLoss
+from fermodel.metrics import confusion_matrix, summarize
+from fermodel.models import build_model
+
+MEAN, STD = 0.449, 0.226
+DIVERGENCE_CHECK_EVERY = 25  # steps between host syncs that look for a non-finite loss
+
+Report = Callable[[dict, str | None], None]
+
+
+class TrainingDiverged(RuntimeError):
+    def __init__(self, epoch: int, step: int):
+        super().__init__(f"training diverged: non-finite loss at epoch {epoch}, step {step}")
+        self.epoch, self.step = epoch, step
+
+
+@dataclass
+class TrialResult:
+    config: dict
+    classes: tuple[str, ...]
+    history: list[dict]
+    best_epoch: int
+    val: dict  # validation metrics of the selected epoch
+    test: dict  # test metrics of the selected model, evaluated once
+    test_confusion: list[list[int]]
+    test_predictions: list[int]
+    test_labels: list[int]
+    test_ids: list[str]
+    images_per_second: float
+    train_seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_trial_data(config: TrialConfig, cache_dir=None) -> FERDataset:
+    """Read the dataset a config names (the driver does this once per dataset of a study)."""
+    if config.dataset == "synthetic":
+        return load_dataset(
+            "synthetic",
+            num_subjects=config.synthetic_subjects,
+            images_per_class=config.synthetic_images_per_class,
+            seed=config.split_seed,
+        )
+    if config.dataset == "fer2013":
+        return load_dataset(
+            "fer2013",
+            config.data_path,
+            drop_leaked=config.drop_leaked,
+            labels=config.labels,
+            clean=config.clean,
+            cache_dir=cache_dir,
+        )
+    return load_dataset(
+        "ckplus",
+        config.data_path,
+        drop_leaked=config.drop_leaked,
+        frames=config.ck_frames,
+        k=config.ck_k,
+        seed=config.split_seed,
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+class _Normalized(torch.nn.Module):
+    """The model on [0, 1] float images: normalisation and memory format in one place."""
+
+    def __init__(self, model: torch.nn.Module, channels_last: bool):
+        super().__init__()
+        self.model, self.channels_last = model, channels_last
+
+    def forward(self, x: torch.Tensor, return_embedding: bool = False):
+        x = (x - MEAN) / STD
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x, return_embedding=return_embedding)
+
+
+def _augment_config(c: TrialConfig) -> AugmentConfig:
+    if not c.augment:
+        return AugmentConfig.disabled()
+    return AugmentConfig(
+        hflip=c.hflip,
+        rotation=c.rotation,
+        translate=c.translate,
+        scale=(c.scale_min, c.scale_max),
+        brightness=c.brightness,
+        contrast=c.contrast,
+    )
+
+
+def _optimizer(c: TrialConfig, params) -> torch.optim.Optimizer:
+    if c.optimizer == "adam":
+        return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+    if c.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+    return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+
+
+def _scheduler(c: TrialConfig, optimizer):
+    if c.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=c.plateau_factor, patience=c.plateau_patience
+        )
+    if c.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=c.epochs)
+    return None
+
+
+def _balance_arg(balance: str):
+    if not balance:
+        return None
+    if balance == "minority":
+        return "minority"
+    return tuple(name.strip() for name in balance.split(",") if name.strip())
+
+
+@torch.inference_mode()
+def evaluate(model: _Normalized, images, labels, classes, batch_size, autocast, tta="none"):
+    """Loss (cross-entropy), metrics, confusion matrix and predictions on one split."""
+    model.eval()
+    k = len(classes)
+    loss_sum = torch.zeros((), device=images.device, dtype=torch.float64)
+    preds = []
+    for start in range(0, len(labels), batch_size):
+        x = to_float(images[start : start + batch_size])
+        y = labels[start : start + batch_size]
+        with autocast():
+            if tta == "none":
+                logits = model(x).float()
+                loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+                preds.append(logits.argmax(1))
+            else:
+                probs = predict_tta(model, x, tta)
+                loss_sum += F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum").double()
+                preds.append(probs.argmax(1))
+    pred = torch.cat(preds) if preds else labels[:0]
+    cm = confusion_matrix(labels, pred, k)
+    metrics = summarize(cm.cpu(), classes)
+    metrics["loss"] = loss_sum.item() / max(len(labels), 1)
+    return metrics, cm.cpu(), pred.cpu()
+
+
+def fit(
+    config: TrialConfig,
+    data: FERDataset | None = None,
+    report: Report | None = None,
+    checkpoint=None,
+) -> TrialResult:
+    """Train and evaluate one trial. ``data`` is the dataset the config names (read here when
+    None); ``checkpoint`` is a checkpoint folder or file to continue from."""
+    c = config
+    device = resolve_device(c.device)
+    if c.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(c.seed)
+    data = load_trial_data(c) if data is None else data
+    splits = make_splits(
+        data, c.protocol, c.fold, c.folds, seed=c.split_seed, balance=_balance_arg(c.balance)
+    )
+    classes = data.classes
+
+    model = build_model(c.backbone, c.attention, len(classes), c.in_chans, c.pretrained or None)
+    model = model.to(device)
+    if c.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = _Normalized(model, c.channels_last)
+    step_net = torch.compile(net) if c.compile else net
+    criterion = JointLoss(c.loss, len(classes), model.num_features, c.lam, c.lam1, c.alpha)
+    criterion = criterion.to(device)
+    optimizer = _optimizer(c, model.parameters())
+    scheduler = _scheduler(c, optimizer)
+    use_bf16 = c.precision == "bf16" or (c.precision == "auto" and device.type == "cuda")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    shuffle_gen = torch.Generator().manual_seed(c.seed)
+    augment_gen = torch.Generator(device=device).manual_seed(c.seed + 1)
+    aug = _augment_config(c)
+
+    start_epoch, history, best = 0, [], {"accuracy": -1.0, "loss": math.inf, "epoch": 0}
+    best_state = None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)
+        if state["config"] != c.to_dict():
+            changed = sorted(k for k, v in c.to_dict().items() if state["config"].get(k) != v)
+            raise ValueError(f"checkpoint was written by a different config (keys: {changed})")
+        model.load_state_dict(state["model"])
+        criterion.load_state_dict(state["criterion"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        shuffle_gen.set_state(state["shuffle_rng"])
+        augment_gen.set_state(state["augment_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        start_epoch, history, best = state["epoch"], state["history"], state["best"]
+        best_state = state["best_model"]
+
+    train_x, train_y = splits.train.images.to(device), splits.train.labels.to(device)
+    val_x, val_y = splits.val.images.to(device), splits.val.labels.to(device)
+    train_seconds = sum(h["epoch_seconds"] for h in history)
+    n = len(train_y)
+    batches = [(s, min(s + c.batch_size, n)) for s in range(0, n, c.batch_size)]
+    if batches and batches[-1][1] - batches[-1][0] < 2:
+        batches.pop()
+
+    for epoch in range(start_epoch + 1, c.epochs + 1):
+        started = time.perf_counter()
+        net.train()
+        criterion.train()
+        order = torch.randperm(n, generator=shuffle_gen).to(device)
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        ce_sum, correct = torch.zeros_like(loss_sum), torch.zeros((), device=device)
+        first_bad = torch.full((), -1, device=device)
+        seen = 0
+        for step, (lo, hi) in enumerate(batches, 1):
+            idx = order[lo:hi]
+            x = augment(train_x[idx], aug, augment_gen)
+            y = train_y[idx]
+            with autocast():
+                logits, emb = step_net(x, return_embedding=True)
+            out = criterion(logits.float(), emb.float(), y)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(out.total), step, first_bad)
+            optimizer.zero_grad(set_to_none=True)
+            out.total.backward()
+            optimizer.step()
+            loss_sum += out.total.detach().double() * (hi - lo)
+            ce_sum += out.ce.detach().double() * (hi - lo)
+            correct += (logits.argmax(1) == y).sum()
+            seen += hi - lo
+            if step % DIVERGENCE_CHECK_EVERY == 0 or step == len(batches):
+                bad = int(first_bad.item())
+                if bad >= 0:
+                    raise TrainingDiverged(epoch, bad)
+        epoch_seconds = time.perf_counter() - started
+        train_seconds += epoch_seconds
+
+        val, _, _ = evaluate(net, val_x, val_y, classes, c.eval_batch_size, autocast)
+        lr = optimizer.param_groups[0]["lr"]
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(val["loss"])
+        elif scheduler is not None:
+            scheduler.step()
+        if val["accuracy"] > best["accuracy"] or (
+            val["accuracy"] == best["accuracy"] and val["loss"] < best["loss"]
+        ):
+            best = {"accuracy": val["accuracy"], "loss": val["loss"], "epoch": epoch}
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum.item() / max(seen, 1),
+            "train_ce": ce_sum.item() / max(seen, 1),
+            "train_accuracy": correct.item() / max(seen, 1),
+            **{f"val_{k}": v for k, v in val.items()},
+            "lr": lr,
+            "best_val_accuracy": best["accuracy"],
+            "best_epoch": best["epoch"],
+            "images_per_second": seen / epoch_seconds,
+            "epoch_seconds": epoch_seconds,
+        }
+        history.append(metrics)
+        if report is not None:
+            if epoch % c.checkpoint_every == 0 or epoch == c.epochs:
+                with tempfile.TemporaryDirectory(prefix="fer-ckpt-") as folder:
+                    save_checkpoint(
+                        folder,
+                        {
+                            "config": c.to_dict(),
+                            "epoch": epoch,
+                            "model": model.state_dict(),
+                            "criterion": criterion.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": None if scheduler is None else scheduler.state_dict(),
+                            "shuffle_rng": shuffle_gen.get_state(),
+                            "augment_rng": augment_gen.get_state().cpu(),
+                            "torch_rng": torch.get_rng_state(),
+                            "cuda_rng": torch.cuda.get_rng_state(device)
+                            if device.type == "cuda"
+                            else None,
+                            "history": history,
+                            "best": best,
+                            "best_model": best_state,
+                        },
+                    )
+                    report(metrics, folder)
+            else:
+                report(metrics, None)
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    test_x, test_y = splits.test.images.to(device), splits.test.labels.to(device)
+    test, cm, pred = evaluate(net, test_x, test_y, classes, c.eval_batch_size, autocast, c.tta)
+    trained = sum(h["images_per_second"] * h["epoch_seconds"] for h in history)
+    return TrialResult(
+        config=c.to_dict(),
+        classes=classes,
+        history=history,
+        best_epoch=best["epoch"],
+        val={k[4:]: v for k, v in history[best["epoch"] - 1].items() if k.startswith("val_")}
+        if best["epoch"]
+        else {},
+        test=test,
+        test_confusion=cm.tolist(),
+        test_predictions=pred.tolist(),
+        test_labels=splits.test.labels.tolist(),
+        test_ids=[str(i) for i in splits.test.ids],
+        images_per_second=trained / train_seconds if train_seconds else float("nan"),
+        train_seconds=train_seconds,
+        notes=[*data.notes, *splits.notes],
+    )

@@ -1,0 +1,126 @@
+"""The training engine: selection on validation only, exact resume, divergence, every model."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from fermodel import ATTENTIONS, LOSS_KINDS
+from fermodel.checkpoint import CheckpointError, load_checkpoint
+from fermodel.config import TrialConfig
+from fermodel.data import make_synthetic
+from fermodel.engine import TrainingDiverged, fit
+from fermodel.metrics import confusion_matrix, summarize
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_synthetic(num_subjects=5, images_per_class=2, seed=0)  # 42 train, 14 val, 14 test
+
+
+def quick(**changes):
+    base = dict(epochs=2, batch_size=16, deterministic=True, synthetic_subjects=5,
+                synthetic_images_per_class=2)  # fmt: skip
+    return TrialConfig(**{**base, **changes})
+
+
+def test_metrics_agree_with_scikit_learn():
+    from sklearn.metrics import accuracy_score, f1_score, recall_score
+
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 4, 200), rng.integers(0, 4, 200)
+    p[y == 3] = 3  # one class predicted perfectly
+    p[p == 2] = 1  # one class never predicted
+    m = summarize(confusion_matrix(torch.tensor(y), torch.tensor(p), 4), ("a", "b", "c", "d"))
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, p))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, p, average="macro", zero_division=0))
+    recalls = recall_score(y, p, average=None, zero_division=0)
+    assert [m[f"recall_{c}"] for c in "abcd"] == pytest.approx(list(recalls))
+
+
+def test_fit_reports_every_epoch_and_tests_once(tiny):
+    reports = []
+    result = fit(quick(), tiny, report=lambda m, d: reports.append((m, d)))
+    assert [m["epoch"] for m, _ in reports] == [1, 2]
+    assert all(d is not None for _, d in reports)  # checkpoint_every=1
+    for key in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr",
+                "val_recall_happy", "images_per_second"):  # fmt: skip
+        assert key in reports[0][0]
+    assert len(result.test_predictions) == len(result.test_labels) == 14
+    assert result.test_confusion and sum(map(sum, result.test_confusion)) == 14
+    assert result.val["accuracy"] == reports[result.best_epoch - 1][0]["val_accuracy"]
+
+
+def test_the_test_split_never_influences_selection(tiny):
+    scrambled = tiny.subset(np.arange(len(tiny)))
+    test = torch.from_numpy(scrambled.split == "test")
+    scrambled.images = scrambled.images.clone()
+    scrambled.images[test] = 255 - scrambled.images[test]
+    scrambled.labels = scrambled.labels.clone()
+    scrambled.labels[test] = (scrambled.labels[test] + 3) % 7
+    a, b = fit(quick(), tiny), fit(quick(), scrambled)
+    assert timeless(a.history) == timeless(b.history)
+    assert a.best_epoch == b.best_epoch and a.val == b.val
+    assert a.test_labels != b.test_labels
+
+
+def timeless(history):
+    return [{k: v for k, v in h.items() if "second" not in k} for h in history]
+
+
+def test_resuming_from_a_checkpoint_gives_the_same_run(tiny, tmp_path):
+    saved = {}
+
+    def keep(metrics, folder):
+        saved[metrics["epoch"]] = shutil.copytree(folder, tmp_path / f"epoch{metrics['epoch']}")
+
+    config = quick(epochs=3, attention="psa", loss="island")
+    straight = fit(config, tiny, report=keep)
+    state = load_checkpoint(saved[1])
+    assert state["epoch"] == 1 and state["config"] == config.to_dict()
+    assert "centers" in "".join(state["criterion"])
+    resumed = fit(config, tiny, checkpoint=saved[1])
+    assert timeless(resumed.history) == timeless(straight.history)
+    assert resumed.test_predictions == straight.test_predictions
+    assert resumed.best_epoch == straight.best_epoch
+    with pytest.raises(ValueError, match=r"different config \(keys: \['lr'\]\)"):
+        fit(config.replace(lr=0.01), tiny, checkpoint=saved[1])
+
+
+class Payload:
+    pass
+
+
+def test_checkpoints_are_refused_when_they_need_arbitrary_objects(tmp_path):
+    torch.save({"config": {}, "epoch": 1, "x": Payload()}, tmp_path / "state.pt")
+    with pytest.raises(CheckpointError, match="refused, it would need unpickling"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="no checkpoint there"):
+        load_checkpoint(tmp_path / "elsewhere")
+
+
+def test_a_diverging_run_names_epoch_and_step(tiny):
+    with pytest.raises(TrainingDiverged, match="non-finite loss at epoch 1, step 1") as err:
+        fit(quick(loss="center", lam=1e38), tiny)
+    assert (err.value.epoch, err.value.step) == (1, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", LOSS_KINDS)
+@pytest.mark.parametrize("attention", list(ATTENTIONS))
+def test_every_attention_trains_with_every_loss(tiny, attention, loss):
+    result = fit(quick(epochs=1, batch_size=42, attention=attention, loss=loss), tiny)
+    assert np.isfinite(result.history[0]["train_loss"])
+
+
+@pytest.mark.slow
+def test_a_short_run_on_the_synthetic_set_learns_well_above_chance():
+    config = TrialConfig(
+        backbone="resnet18", attention="none", loss="island", epochs=12,
+        synthetic_subjects=40, synthetic_images_per_class=2,
+    )  # fmt: skip
+    result = fit(config)
+    assert result.val["accuracy"] >= 0.40  # chance is 1/7 = 0.14
+    assert result.history[-1]["train_ce"] < result.history[0]["train_ce"] - 0.3
+    assert result.test["accuracy"] > 0.25
