@@ -148,6 +148,56 @@ def _scheduler(c: TrialConfig, optimizer):
     return None
 
 
+@dataclass
+class TrainingParts:
+    """Model, loss, optimiser and schedule of a trial, built the one way the engine builds them
+    (bench/throughput.py times ``train_step`` on the same parts)."""
+
+    model: torch.nn.Module
+    net: _Normalized  # the model on [0, 1] images
+    step_net: torch.nn.Module  # ``net``, compiled when the config asks
+    criterion: JointLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    use_bf16: bool
+
+    def autocast(self):
+        device = next(self.model.parameters()).device.type
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=self.use_bf16)
+
+
+def build_parts(c: TrialConfig, num_classes: int, device: torch.device) -> TrainingParts:
+    model = build_model(c.backbone, c.attention, num_classes, c.in_chans, c.pretrained or None)
+    model = model.to(device)
+    if c.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = _Normalized(model, c.channels_last)
+    criterion = JointLoss(c.loss, num_classes, model.num_features, c.lam, c.lam1, c.alpha)
+    optimizer = _optimizer(c, model.parameters())
+    return TrainingParts(
+        model=model,
+        net=net,
+        step_net=torch.compile(net) if c.compile else net,
+        criterion=criterion.to(device),
+        optimizer=optimizer,
+        scheduler=_scheduler(c, optimizer),
+        use_bf16=c.precision == "bf16" or (c.precision == "auto" and device.type == "cuda"),
+    )
+
+
+def train_step(parts: TrainingParts, images, labels, aug: AugmentConfig, generator):
+    """One optimisation step on a uint8 batch where it lies: augment, forward, joint loss,
+    backward, update. Returns the logits and the loss terms (not synchronised)."""
+    x = augment(images, aug, generator)
+    with parts.autocast():
+        logits, emb = parts.step_net(x, return_embedding=True)
+    out = parts.criterion(logits.float(), emb.float(), labels)
+    parts.optimizer.zero_grad(set_to_none=True)
+    out.total.backward()
+    parts.optimizer.step()
+    return logits, out
+
+
 def _balance_arg(balance: str):
     if not balance:
         return None
@@ -190,10 +240,16 @@ def fit(
 ) -> TrialResult:
     """Train and evaluate one trial. ``data`` is the dataset the config names (read here when
     None); ``checkpoint`` is a checkpoint folder or file to continue from."""
-    c = config
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(config.deterministic or previous)
+    try:
+        return _fit(config, data, report, checkpoint)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _fit(c: TrialConfig, data, report, checkpoint) -> TrialResult:
     device = resolve_device(c.device)
-    if c.deterministic:
-        torch.use_deterministic_algorithms(True)
     torch.manual_seed(c.seed)
     data = load_trial_data(c) if data is None else data
     splits = make_splits(
@@ -201,20 +257,15 @@ def fit(
     )
     classes = data.classes
 
-    model = build_model(c.backbone, c.attention, len(classes), c.in_chans, c.pretrained or None)
-    model = model.to(device)
-    if c.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    net = _Normalized(model, c.channels_last)
-    step_net = torch.compile(net) if c.compile else net
-    criterion = JointLoss(c.loss, len(classes), model.num_features, c.lam, c.lam1, c.alpha)
-    criterion = criterion.to(device)
-    optimizer = _optimizer(c, model.parameters())
-    scheduler = _scheduler(c, optimizer)
-    use_bf16 = c.precision == "bf16" or (c.precision == "auto" and device.type == "cuda")
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    parts = build_parts(c, len(classes), device)
+    model, net, criterion, optimizer, scheduler = (
+        parts.model,
+        parts.net,
+        parts.criterion,
+        parts.optimizer,
+        parts.scheduler,
+    )
+    autocast = parts.autocast
 
     shuffle_gen = torch.Generator().manual_seed(c.seed)
     augment_gen = torch.Generator(device=device).manual_seed(c.seed + 1)
@@ -259,15 +310,9 @@ def fit(
         seen = 0
         for step, (lo, hi) in enumerate(batches, 1):
             idx = order[lo:hi]
-            x = augment(train_x[idx], aug, augment_gen)
             y = train_y[idx]
-            with autocast():
-                logits, emb = step_net(x, return_embedding=True)
-            out = criterion(logits.float(), emb.float(), y)
+            logits, out = train_step(parts, train_x[idx], y, aug, augment_gen)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(out.total), step, first_bad)
-            optimizer.zero_grad(set_to_none=True)
-            out.total.backward()
-            optimizer.step()
             loss_sum += out.total.detach().double() * (hi - lo)
             ce_sum += out.ce.detach().double() * (hi - lo)
             correct += (logits.argmax(1) == y).sum()
