@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test lint clean
+.PHONY: test demo lint clean
 
 $(BIN)/activate: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -15,9 +15,12 @@ test: $(BIN)/activate
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
+demo: $(BIN)/activate
+	$(BIN)/python -m orchestrate.ablation
+
 lint: $(BIN)/activate
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info ray_results mlflow.db mlartifacts

@@ -17,6 +17,7 @@ one); inputs are normalised with the mean and std of ImageNet's channels average
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 import time
@@ -61,9 +62,22 @@ class TrialResult:
     images_per_second: float
     train_seconds: float
     notes: list[str] = field(default_factory=list)
+    model_state: dict | None = field(default=None, repr=False)  # the selected model (CPU)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain values for JSON: everything but the model weights."""
+        out = asdict(self)
+        out.pop("model_state")
+        return out
+
+
+DATA_KEYS = ("dataset", "data_path", "labels", "clean", "drop_leaked", "ck_frames", "ck_k",
+             "split_seed", "synthetic_subjects", "synthetic_images_per_class")  # fmt: skip
+
+
+def data_key(config: TrialConfig) -> str:
+    """What decides which images a config reads: trials with equal keys share one dataset."""
+    return json.dumps({k: getattr(config, k) for k in DATA_KEYS}, sort_keys=True)
 
 
 def load_trial_data(config: TrialConfig, cache_dir=None) -> FERDataset:
@@ -396,4 +410,5 @@ def _fit(c: TrialConfig, data, report, checkpoint) -> TrialResult:
         images_per_second=trained / train_seconds if train_seconds else float("nan"),
         train_seconds=train_seconds,
         notes=[*data.notes, *splits.notes],
+        model_state=best_state,
     )

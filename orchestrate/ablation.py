@@ -1,0 +1,180 @@
+"""``python -m orchestrate.ablation``: run a study on Ray Tune, every trial tracked in MLflow.
+
+With no arguments it runs ``table4`` (Basic, + joint loss, + PSA, + both) on the built-in
+synthetic set at the ``cpu`` preset, on a local Ray, logging to ``./mlflow.db``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import typing
+from pathlib import Path
+
+EXAMPLES = """examples:
+  python -m orchestrate.ablation                              # table4, synthetic, cpu preset
+  python -m orchestrate.ablation --study table3 --seeds 3 --dry-run
+  python -m orchestrate.ablation --study table4 --dataset fer2013 --data /data/fer2013 \\
+      --preset paper --gpus-per-trial 0.25 --cpus-per-trial 2
+  python -m orchestrate.ablation --study table3 --dataset ckplus --data /data/CK+ --seeds 3
+  python -m orchestrate.ablation --study hpo --num-samples 60 --gpus-per-trial 0.5
+  python -m orchestrate.ablation --study my_study.toml --address auto \\
+      --storage s3://bucket/ray --tracking-uri http://mlflow.internal:5000
+  python -m orchestrate.ablation --study table4 --resume      # continue an interrupted study
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="python -m orchestrate.ablation",
+        description="Plan a study's trials (a paper table or a tuning study), run them on Ray Tune "
+        "(local or a cluster), log every trial to MLflow and print the study's table.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s = p.add_argument_group("study (override the study file)")
+    s.add_argument(
+        "--study",
+        default="table4",
+        help="table3, table4, table5, hpo, or the path of a .toml study (default table4)",
+    )
+    s.add_argument(
+        "--dataset",
+        choices=("synthetic", "fer2013", "ckplus"),
+        help="dataset of every trial (default: the study's, synthetic)",
+    )
+    s.add_argument("--data", help="path of your FER2013 or CK+ copy, e.g. /data/fer2013")
+    s.add_argument("--seeds", type=int, help="training seeds per cell, e.g. 3")
+    s.add_argument(
+        "--preset",
+        help="settings preset: cpu (minutes on a laptop; the default on "
+        "the synthetic set) or paper (the paper's 200 epochs; the default otherwise)",
+    )
+    s.add_argument("--epochs", type=int, help="epochs per trial, e.g. 30 (overrides the preset)")
+    s.add_argument("--num-samples", type=int, help="trials of a tuning study, e.g. 60")
+    r = p.add_argument_group("resources and cluster")
+    r.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        help="GPUs per trial, fractions allowed, e.g. 0.25 runs four trials per GPU "
+        "(default 1 when the driver sees a GPU, else 0)",
+    )
+    r.add_argument(
+        "--cpus-per-trial",
+        type=float,
+        default=1.0,
+        help="CPUs per trial, also its torch threads (default 1)",
+    )
+    r.add_argument("--max-concurrent", type=int, help="cap on trials running at once, e.g. 4")
+    r.add_argument(
+        "--address",
+        help="join a running Ray cluster (or set RAY_ADDRESS), e.g. auto "
+        "or 10.0.0.1:6379; default: start a local Ray and stop it at the end",
+    )
+    r.add_argument(
+        "--storage",
+        default="ray_results",
+        help="where trial checkpoints live: a folder (default ./ray_results), an NFS "
+        "path or an S3 URI shared by all nodes",
+    )
+    r.add_argument(
+        "--max-failures",
+        type=int,
+        default=2,
+        help="retries of a failed trial from its last checkpoint (default 2)",
+    )
+    r.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the latest interrupted session of this study, dataset and "
+        "preset without re-running finished trials",
+    )
+    t = p.add_argument_group("tracking and output")
+    t.add_argument(
+        "--tracking-uri",
+        help="MLflow store: http://host:5000 for a server (clusters), default "
+        "MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db",
+    )
+    t.add_argument(
+        "--no-log-checkpoints",
+        action="store_true",
+        help="do not log each trial's selected model weights as an MLflow artifact",
+    )
+    t.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the planned trials and resources, start nothing",
+    )
+    t.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.verbose:  # read when mlflow is first imported
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    from fermodel.config import ConfigError
+    from fermodel.data import DatasetError
+    from orchestrate.runner import RunOptions, run_study
+    from orchestrate.tracking import TrackingError, default_tracking_uri
+    from search_spaces import StudyError, load_study
+
+    try:
+        study = load_study(args.study)
+        data = str(Path(args.data).expanduser().resolve()) if args.data else None
+        dataset = args.dataset or ("fer2013" if data and study.dataset == "synthetic" else None)
+        study = study.with_run(dataset=dataset, data_path=data, seeds=args.seeds)
+        preset = args.preset or ("cpu" if study.dataset == "synthetic" else "paper")
+        if args.preset is None and preset not in study.presets:
+            preset = None
+        options = RunOptions(
+            preset=preset,
+            epochs=_positive("--epochs", args.epochs),
+            num_samples=_positive("--num-samples", args.num_samples),
+            gpus_per_trial=_gpus(args.gpus_per_trial),
+            cpus_per_trial=_positive("--cpus-per-trial", args.cpus_per_trial),
+            max_concurrent=_positive("--max-concurrent", args.max_concurrent),
+            address=args.address,
+            storage=args.storage if "://" in args.storage else str(Path(args.storage).resolve()),
+            tracking_uri=args.tracking_uri or default_tracking_uri(),
+            max_failures=args.max_failures,
+            resume=args.resume,
+            dry_run=args.dry_run,
+            verbose=args.verbose,
+            log_checkpoints=not args.no_log_checkpoints,
+        )
+        run_study(study, options)
+    except (StudyError, ConfigError, DatasetError, TrackingError, FileNotFoundError,
+            ValueError) as err:  # fmt: skip
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: continue with the same command and --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _positive(flag: str, value):
+    if value is not None and value <= 0:
+        raise ValueError(f"{flag} must be positive, got {value}")
+    return value
+
+
+def _gpus(value: float | None) -> float:
+    if value is None:
+        import torch
+
+        return 1.0 if torch.cuda.is_available() else 0.0
+    if value < 0:
+        raise ValueError(f"--gpus-per-trial must not be negative, got {value}")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

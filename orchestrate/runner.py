@@ -1,0 +1,342 @@
+"""Plan a study's trials and run them on Ray Tune, tracked in MLflow.
+
+Grid studies (the paper's tables) run every cell x seed x fold exactly once with Tune's grid
+variant generator, which ``Tuner.restore`` resumes exactly. Tuning studies use Optuna's TPE
+through Tune's OptunaSearch with ASHA early stopping; a trial ASHA stops early is told to Optuna
+as PRUNED (its per-epoch values are reported as intermediate values), never as a COMPLETE trial
+with a low-fidelity value, which would bias TPE toward configurations that merely start fast.
+
+Everything that can be wrong with the input (study file, dataset path, tracking server) is
+checked before a single MLflow run is created. Datasets are read once here, on the driver, and
+reach the trials through Ray's object store (``tune.with_parameters``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from search_spaces import Study
+
+SESSION_PREFIX_SEP = "__"
+
+
+@dataclass
+class RunOptions:
+    preset: str | None = None
+    epochs: int | None = None
+    num_samples: int | None = None
+    gpus_per_trial: float = 0.0
+    cpus_per_trial: float = 1.0
+    max_concurrent: int | None = None
+    address: str | None = None
+    storage: str = ""
+    tracking_uri: str = ""
+    max_failures: int = 2
+    resume: bool = False
+    dry_run: bool = False
+    verbose: bool = False
+    log_checkpoints: bool = True
+
+
+@dataclass
+class Plan:
+    study: Study
+    preset: str | None
+    trials: list  # TrialSpec for grids
+    base: dict  # trial-config keys every trial shares (tuning studies sample on top)
+    tune: object | None  # TuneSettings for tuning studies
+    session_prefix: str
+
+    @property
+    def size(self) -> int:
+        return len(self.trials) if self.study.kind == "grid" else self.tune.num_samples
+
+
+def make_plan(study: Study, options: RunOptions) -> Plan:
+    changes = {"epochs": options.epochs} if options.epochs else {}
+    if options.gpus_per_trial == 0:
+        changes["device"] = "cpu"
+    base = study.base_config(options.preset, **changes)
+    prefix = f"{study.name}{SESSION_PREFIX_SEP}{study.dataset}{SESSION_PREFIX_SEP}{options.preset}"
+    if study.kind == "grid":
+        return Plan(study, options.preset, study.trials(options.preset, **changes), base, None,
+                    prefix)  # fmt: skip
+    settings = study.tune_settings(options.preset)
+    if options.num_samples:
+        settings = replace(settings, num_samples=options.num_samples)
+    return Plan(study, options.preset, [], base, settings, prefix)
+
+
+def describe_plan(plan: Plan, options: RunOptions) -> str:
+    study = plan.study
+    lines = [
+        f"study {study.name} ({study.kind}): {study.description}",
+        f"dataset {study.dataset} {study.data_path or ''}, protocol {study.resolved_protocol}, "
+        f"preset {plan.preset}, seeds {study.seeds}",
+        f"resources per trial: {options.cpus_per_trial} CPU, {options.gpus_per_trial} GPU; "
+        f"max concurrent: {options.max_concurrent or 'as resources allow'}",
+    ]
+    if study.kind == "grid":
+        lines.append(f"{len(plan.trials)} trials:")
+        for spec in plan.trials:
+            c = spec.config
+            lines.append(f"  {spec.key:34s} {c.backbone}/{c.attention}/{c.loss} "
+                         f"epochs {c.epochs}, batch {c.batch_size}, lr {c.lr}")  # fmt: skip
+    else:
+        t = plan.tune
+        lines.append(
+            f"{t.num_samples} trials sampled by Optuna TPE, ASHA on {t.metric} ({t.mode}), "
+            f"grace {t.grace_period} epochs, reduction {t.reduction_factor}"
+        )
+        for p in study.space:
+            when = f" when {p.when}" if p.when else ""
+            values = list(p.choices) if p.type == "categorical" else f"[{p.low}, {p.high}]"
+            lines.append(f"  {p.name}: {p.type} {values}{when}")
+    return "\n".join(lines)
+
+
+class Describe:
+    """Tags and params of a trial's MLflow run, from its Tune config (picklable)."""
+
+    def __init__(self, study: str, base: dict):
+        self.study, self.base = study, base
+
+    def __call__(self, params: dict) -> dict:
+        from orchestrate.trainable import trial_config
+
+        config, place = trial_config(params, self.base)
+        name = f"{place['cell']}-seed{place['seed']}-fold{place['fold']}"
+        tags = {"study": self.study, **place}
+        if "spec" not in params:
+            tags["sampled"] = ",".join(f"{k}={v}" for k, v in sorted(params.items()))
+        return {"name": name, "tags": tags, "params": config.to_dict()}
+
+
+def load_datasets(plan: Plan) -> dict:
+    """Every distinct dataset the plan's trials read, loaded once (errors surface here)."""
+    from fermodel.config import TrialConfig
+    from fermodel.engine import data_key, load_trial_data
+
+    configs = [s.config for s in plan.trials] or [TrialConfig.from_dict(plan.base)]
+    datasets = {}
+    for config in configs:
+        key = data_key(config)
+        if key not in datasets:
+            datasets[key] = load_trial_data(
+                config, cache_dir=Path.home() / ".cache" / "fer-ablation"
+            )
+    return datasets
+
+
+def _session(plan: Plan, storage: Path, resume: bool) -> str:
+    if resume:
+        from ray.tune import Tuner
+
+        earlier = sorted(
+            (p for p in storage.glob(plan.session_prefix + SESSION_PREFIX_SEP + "*")
+             if Tuner.can_restore(str(p))),
+            key=lambda p: p.name,
+        )  # fmt: skip
+        if not earlier:
+            raise FileNotFoundError(
+                f"--resume: no interrupted session of {plan.session_prefix} in {storage}"
+            )
+        return earlier[-1].name
+    return plan.session_prefix + SESSION_PREFIX_SEP + time.strftime("%Y%m%d-%H%M%S")
+
+
+def _quiet_ray(verbose: bool) -> None:
+    if not verbose:
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        for name in ("ray", "ray.tune", "ray.train", "ray.data"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def start_ray(options: RunOptions) -> bool:
+    """Join ``--address`` (or RAY_ADDRESS), reuse a running connection, or start a local Ray.
+    Returns whether this call started it (and so must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = options.address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        log_to_driver=options.verbose,
+        logging_level=logging.INFO if options.verbose else logging.ERROR,
+        # trials import this project: ship the working tree when joining a remote cluster
+        runtime_env=None,
+    )
+    return True
+
+
+def run_study(study: Study, options: RunOptions, out=None) -> dict:
+    """Run a study to the end; returns a summary (session, parent run id, table, counts)."""
+    out = out or sys.stdout
+    from ray import tune
+    from ray.tune import CheckpointConfig, FailureConfig, RunConfig, Tuner
+
+    from orchestrate.progress import Progress
+    from orchestrate.report import format_table, session_frame, study_table
+    from orchestrate.tracking import MLflowTrials, StudyTracker, check_reachable
+    from orchestrate.trainable import run_trial
+
+    plan = make_plan(study, options)
+    if options.dry_run:
+        print(describe_plan(plan, options), file=out)
+        return {"planned": plan.size}
+
+    check_reachable(options.tracking_uri)
+    datasets = load_datasets(plan)
+    storage = Path(options.storage).expanduser().resolve()
+    session = _session(plan, storage, options.resume)
+
+    _quiet_ray(options.verbose)
+    started_ray = start_ray(options)
+    tracker = StudyTracker(options.tracking_uri, study.name)
+    stale = tracker.close_stale(session) if options.resume else 0
+    parent = tracker.start_parent(
+        session,
+        tags={"study": study.name, "dataset": study.dataset, "preset": str(plan.preset),
+              "resumed": str(options.resume).lower(), "kind": study.kind},
+        params={"study_file": study.path, "preset": plan.preset, "seeds": study.seeds,
+                "dataset": study.dataset, "data_path": study.data_path,
+                "protocol": study.resolved_protocol, "planned_trials": plan.size,
+                "cpus_per_trial": options.cpus_per_trial,
+                "gpus_per_trial": options.gpus_per_trial},
+    )  # fmt: skip
+    status = "FAILED"
+    try:
+        trainable = tune.with_resources(
+            tune.with_parameters(
+                run_trial, datasets=datasets, base=plan.base, cpus=options.cpus_per_trial
+            ),
+            {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial},
+        )
+        callbacks = [
+            MLflowTrials(options.tracking_uri, study.name, session, Describe(study.name, plan.base),
+                         options.log_checkpoints),
+            Progress(plan.size, out=out),
+        ]  # fmt: skip
+        path = storage / session
+        if options.resume:
+            print(f"resuming {path} ({stale} interrupted invocation(s) closed)", file=out)
+            tuner = Tuner.restore(str(path), trainable, resume_errored=True)
+        else:
+            tuner = Tuner(
+                trainable,
+                param_space=_param_space(plan),
+                tune_config=_tune_config(plan, options),
+                run_config=RunConfig(
+                    name=session,
+                    storage_path=str(storage),
+                    failure_config=FailureConfig(max_failures=options.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=1),
+                    callbacks=callbacks,
+                    verbose=0,
+                ),
+            )
+        results = tuner.fit()
+        ended = results.num_terminated + results.num_errors
+        if ended < plan.size:  # Tune stops gracefully on Ctrl-C and returns what it has
+            raise KeyboardInterrupt(f"{ended} of {plan.size} trials ended")
+        _close_leftovers(tracker, session, results)
+        frame = session_frame(tracker, session)
+        table = study_table(frame, study, study.dataset)
+        counts = frame.status.value_counts().to_dict() if len(frame) else {}
+        text = format_table(table)
+        _log_table(tracker, table, text)
+        print(f"\n{study.name} on {study.dataset} (preset {plan.preset}), test accuracy:", file=out)
+        print(text, file=out)
+        print(f"\nbrowse: mlflow ui --backend-store-uri {options.tracking_uri}", file=out)
+        status = "FINISHED"
+        return {"session": session, "parent_run_id": parent, "table": table, "counts": counts,
+                "frame": frame}  # fmt: skip
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end_parent(status)
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _param_space(plan: Plan) -> dict:
+    from ray import tune
+
+    if plan.study.kind == "grid":
+        specs = [
+            {"cell": s.cell, "seed": s.seed, "fold": s.fold, "config": s.config.to_dict()}
+            for s in plan.trials
+        ]
+        return {"spec": tune.grid_search(specs)}
+    return {}
+
+
+def _tune_config(plan: Plan, options: RunOptions):
+    from ray.tune import TuneConfig
+
+    if plan.study.kind == "grid":
+        return TuneConfig(num_samples=1, max_concurrent_trials=options.max_concurrent)
+    from ray.tune.schedulers import ASHAScheduler
+
+    from orchestrate.search import FinalOnlyOptunaSearch
+
+    t = plan.tune
+    epochs = int(plan.base.get("epochs", 200))
+    return TuneConfig(
+        search_alg=FinalOnlyOptunaSearch(
+            space=plan.study.sample, metric=t.metric, mode=t.mode, seed=0
+        ),
+        scheduler=ASHAScheduler(
+            time_attr="epoch",
+            metric=t.metric,
+            mode=t.mode,
+            max_t=epochs,
+            grace_period=min(t.grace_period, epochs),
+            reduction_factor=t.reduction_factor,
+        ),
+        num_samples=t.num_samples,
+        max_concurrent_trials=options.max_concurrent,
+    )
+
+
+def _close_leftovers(tracker, session: str, results) -> None:
+    """No run stays RUNNING: a child whose trial Tune no longer runs is closed by its state."""
+    errored = {r.metrics.get("trial_id") for r in results if r.error is not None}
+    for run in tracker.session_runs(session):
+        if run.info.status == "RUNNING":
+            trial = run.data.tags.get("ray_trial_id")
+            tracker.client.set_terminated(
+                run.info.run_id, "FAILED" if trial in errored else "KILLED"
+            )
+
+
+def _log_table(tracker, table, text: str) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="fer-table-") as folder:
+        table.to_csv(Path(folder) / "study_table.csv", index=False)
+        Path(folder, "study_table.md").write_text(_markdown(table) + "\n")
+        Path(folder, "study_table.txt").write_text(text + "\n")
+        tracker.client.log_artifacts(tracker.parent_id, folder)
+
+
+def _markdown(table) -> str:
+    header = "| " + " | ".join(table.columns) + " |"
+    rule = "|" + "---|" * len(table.columns)
+    rows = [
+        "| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row) + " |"
+        for row in table.itertuples(index=False)
+    ]
+    return "\n".join([header, rule, *rows])

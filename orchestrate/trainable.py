@@ -1,0 +1,96 @@
+"""The Ray Tune trainable: one trial = ``fermodel.engine.fit`` on data from the object store.
+
+Per epoch it reports the engine's metrics with a checkpoint; at the end one more result holds
+the test figures (``completed: 1``) and a checkpoint folder of artifacts: predictions (for
+paired statistics), the per-class report, the confusion matrix and curves, and the selected
+model's weights. A restarted trial continues from its last checkpoint; one restarted after its
+final result simply reports it again. A diverging trial reports ``error`` and ends, since
+retrying a deterministic divergence would diverge again.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from ray import tune
+
+from fermodel.checkpoint import STATE_FILE
+from fermodel.config import TrialConfig
+from fermodel.engine import TrainingDiverged, data_key, fit
+from fermodel.plots import plot_confusion_matrix, plot_curves
+
+RESULTS_FILE = "results.json"
+
+
+def trial_config(params: dict, base: dict) -> tuple[TrialConfig, dict]:
+    """The full config of a trial and its place in the study (cell, seed, fold)."""
+    if "spec" in params:  # a grid cell
+        spec = params["spec"]
+        return TrialConfig.from_dict(spec["config"]), {
+            "cell": spec["cell"], "seed": spec["seed"], "fold": spec["fold"]
+        }  # fmt: skip
+    values = {**base, **params}  # a tuning sample on top of the study's base config
+    config = TrialConfig.from_dict(values)
+    return config, {"cell": "tuned", "seed": config.seed, "fold": config.fold}
+
+
+def final_metrics(result) -> dict:
+    out = {f"test_{k}": v for k, v in result.test.items()}
+    out.update(
+        best_epoch=result.best_epoch,
+        best_val_accuracy=result.val.get("accuracy", float("nan")),
+        train_seconds=result.train_seconds,
+        mean_images_per_second=result.images_per_second,
+        epoch=len(result.history),
+        completed=1,
+    )
+    return out
+
+
+def write_artifacts(folder: Path, result, model_state: dict | None) -> None:
+    (folder / RESULTS_FILE).write_text(json.dumps(final_metrics(result)) + "\n")
+    (folder / "predictions.json").write_text(json.dumps({
+        "classes": list(result.classes), "ids": result.test_ids,
+        "labels": result.test_labels, "predictions": result.test_predictions,
+    }) + "\n")  # fmt: skip
+    report = {"classes": list(result.classes), "test": result.test, "val": result.val,
+              "confusion": result.test_confusion, "best_epoch": result.best_epoch,
+              "notes": result.notes}  # fmt: skip
+    (folder / "per_class_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot_confusion_matrix(result.test_confusion, result.classes, folder / "confusion_matrix.png")
+    plot_curves(result.history, folder / "curves.png")
+    if model_state is not None:
+        torch.save(model_state, folder / "best_model.pt")
+
+
+def run_trial(params: dict, datasets: dict, base: dict, cpus: float = 1.0) -> None:
+    torch.set_num_threads(max(1, int(cpus)))
+    config, _ = trial_config(params, base)
+    data = datasets[data_key(config)]
+    previous = tune.get_checkpoint()
+    with tempfile.TemporaryDirectory(prefix="fer-resume-") as restored:
+        start = None
+        if previous is not None:
+            previous.to_directory(restored)
+            if (Path(restored) / RESULTS_FILE).is_file():  # finished before: report it again
+                final = json.loads((Path(restored) / RESULTS_FILE).read_text())
+                tune.report(final, checkpoint=tune.Checkpoint.from_directory(restored))
+                return
+            start = Path(restored) / STATE_FILE
+
+        def report(metrics: dict, folder: str | None) -> None:
+            checkpoint = tune.Checkpoint.from_directory(folder) if folder else None
+            tune.report(metrics, checkpoint=checkpoint)
+
+        try:
+            result = fit(config, data, report=report, checkpoint=start)
+        except TrainingDiverged as err:
+            tune.report({"error": str(err), "epoch": err.epoch})
+            return
+
+    with tempfile.TemporaryDirectory(prefix="fer-final-") as folder:
+        write_artifacts(Path(folder), result, result.model_state)
+        tune.report(final_metrics(result), checkpoint=tune.Checkpoint.from_directory(folder))

@@ -1,0 +1,426 @@
+"""Studies as data: the TOML files beside this module, or a user's own file by path.
+
+A study names its trials and how they run:
+
+- ``kind = "grid"``: ``[[cells]]``, each a set of trial-config keys (plus ``name``, ``label``
+  and the paper's reported accuracy per dataset); every cell runs once per seed and, on CK+
+  with the ``kfold`` protocol, once per fold. ``reference`` is the row the others are compared
+  with.
+- ``kind = "tune"``: a ``[tune]`` table (metric, mode, samples, ASHA's grace period and
+  reduction factor) and a ``[[space]]`` list of parameters, each ``categorical``, ``uniform``,
+  ``loguniform`` or ``int``, optionally active only ``when`` other parameters take given values.
+- ``[run]``: dataset, data path, protocol (``auto``: k-fold on CK+, the official splits
+  elsewhere), folds, seeds; ``[defaults]``: config keys for every trial; ``[presets.NAME]``:
+  config keys (and ``tune`` settings) of a named preset, ``paper`` and ``cpu`` in the shipped
+  studies.
+
+Every key is checked on load; an error names the file, the key and the problem.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from fermodel.config import ConfigError, TrialConfig
+
+STUDY_DIR = Path(__file__).parent / "studies"
+KINDS = ("grid", "tune")
+PARAM_TYPES = ("categorical", "uniform", "loguniform", "int")
+TRIAL_KEYS = {f for f in TrialConfig.__dataclass_fields__}
+# keys the study's [run] table and the command line own; cells and presets may not set them
+RUN_OWNED = {"dataset", "data_path", "protocol", "fold", "folds", "seed"}
+
+
+class StudyError(ValueError):
+    """A study file or override that is invalid: names the file, the key and the problem."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str
+    label: str
+    overrides: dict
+    paper: dict  # dataset -> accuracy (%) reported by the paper
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str
+    choices: tuple = ()
+    low: float = 0.0
+    high: float = 0.0
+    when: dict = field(default_factory=dict)  # other parameter -> values that activate this one
+
+    def active(self, sampled: dict) -> bool:
+        return all(sampled.get(k) in values for k, values in self.when.items())
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    metric: str = "best_val_accuracy"
+    mode: str = "max"
+    num_samples: int = 20
+    grace_period: int = 1
+    reduction_factor: int = 3
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One trial of a study: its place in the design and its full config."""
+
+    cell: str
+    seed: int
+    fold: int
+    config: TrialConfig
+
+    @property
+    def key(self) -> str:
+        return f"{self.cell}-seed{self.seed}-fold{self.fold}"
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    description: str
+    path: Path
+    kind: str
+    dataset: str
+    data_path: str
+    protocol: str
+    folds: int
+    seeds: int
+    defaults: dict
+    presets: dict  # preset -> {"config": {...}, "tune": {...}}
+    cells: tuple[Cell, ...] = ()
+    reference: str | None = None
+    space: tuple[Param, ...] = ()
+    tune: TuneSettings = TuneSettings()
+
+    # ------------------------------------------------------------------ overrides
+
+    def with_run(
+        self,
+        dataset: str | None = None,
+        data_path: str | None = None,
+        seeds: int | None = None,
+        folds: int | None = None,
+    ) -> Study:
+        """The study with its [run] values replaced (the command line's --dataset, --data,
+        --seeds); the result is validated like a file."""
+        changed = replace(
+            self,
+            dataset=dataset if dataset is not None else self.dataset,
+            data_path=data_path if data_path is not None else self.data_path,
+            seeds=seeds if seeds is not None else self.seeds,
+            folds=folds if folds is not None else self.folds,
+        )
+        if changed.seeds < 1:
+            raise StudyError(f"{self.path}: seeds: must be at least 1, got {changed.seeds}")
+        changed.base_config(next(iter(self.presets), None))  # raises on a bad combination
+        return changed
+
+    @property
+    def resolved_protocol(self) -> str:
+        if self.protocol != "auto":
+            return self.protocol
+        return "kfold" if self.dataset == "ckplus" else "official"
+
+    @property
+    def fold_ids(self) -> list[int]:
+        return list(range(self.folds)) if self.resolved_protocol == "kfold" else [0]
+
+    def tune_settings(self, preset: str | None) -> TuneSettings:
+        changes = self.presets.get(preset, {}).get("tune", {}) if preset else {}
+        return replace(self.tune, **changes)
+
+    # ------------------------------------------------------------------ trials
+
+    def base_config(self, preset: str | None, **changes) -> dict:
+        """Trial-config keys shared by every trial: defaults, then the preset, then the run."""
+        if preset is not None and preset not in self.presets:
+            raise StudyError(
+                f"{self.path}: preset {preset!r} is not defined; "
+                f"defined: {', '.join(self.presets) or 'none'}"
+            )
+        values = {
+            **self.defaults,
+            **(self.presets[preset]["config"] if preset else {}),
+            "dataset": self.dataset,
+            "data_path": self.data_path,
+            "protocol": self.resolved_protocol,
+            "folds": self.folds,
+            **changes,
+        }
+        _config(self.path, "[run]", values)
+        return values
+
+    def trials(self, preset: str | None, **changes) -> list[TrialSpec]:
+        """Every trial of a grid study: cells x seeds x folds, in that order."""
+        if self.kind != "grid":
+            raise StudyError(f"{self.path}: kind: a {self.kind} study has no fixed trial list")
+        base = self.base_config(preset, **changes)
+        specs = []
+        for cell in self.cells:
+            for seed in range(self.seeds):
+                for fold in self.fold_ids:
+                    values = {**base, **cell.overrides, "seed": seed, "fold": fold}
+                    config = _config(self.path, f"cells.{cell.name}", values)
+                    specs.append(TrialSpec(cell.name, seed, fold, config))
+        return specs
+
+    def sample(self, trial) -> dict:
+        """Optuna define-by-run: suggest every active parameter of the space, in file order;
+        a parameter whose ``when`` does not hold is not sampled at all."""
+        sampled: dict = {}
+        for p in self.space:
+            if not p.active(sampled):
+                continue
+            if p.type == "categorical":
+                sampled[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+            elif p.type == "int":
+                sampled[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high))
+            else:
+                sampled[p.name] = trial.suggest_float(
+                    p.name, p.low, p.high, log=p.type == "loguniform"
+                )
+        return sampled
+
+
+def _config(path: Path, where: str, values: dict) -> TrialConfig:
+    try:
+        return TrialConfig.from_dict(values)
+    except ConfigError as err:
+        raise StudyError(f"{path}: {where}: {err}") from None
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def list_studies() -> list[str]:
+    return sorted(p.stem for p in STUDY_DIR.glob("*.toml"))
+
+
+def load_study(name_or_path) -> Study:
+    """A shipped study by name (``table3``, ``table4``, ``table5``, ``hpo``) or a file by path."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if not (text.endswith(".toml") or path.is_file()):
+        path = STUDY_DIR / f"{text}.toml"
+        if not path.is_file():
+            raise StudyError(
+                f"unknown study {text!r}; shipped: {', '.join(list_studies())} "
+                f"(or give the path of a .toml file)"
+            )
+    if not path.is_file():
+        raise StudyError(f"{path}: no such study file")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise StudyError(f"{path}: not valid TOML ({err})") from None
+    return _parse(path.resolve(), raw)
+
+
+def _parse(path: Path, raw: dict) -> Study:
+    def fail(key: str, problem: str) -> StudyError:
+        return StudyError(f"{path}: {key}: {problem}")
+
+    allowed = {"name", "description", "kind", "reference", "run", "defaults", "cells", "tune",
+               "space", "presets"}  # fmt: skip
+    for key in raw:
+        if key not in allowed:
+            raise fail(key, f"unknown key; allowed: {', '.join(sorted(allowed))}")
+    name = _typed(raw, "name", str, fail, required=True)
+    kind = _typed(raw, "kind", str, fail, required=True)
+    if kind not in KINDS:
+        raise fail("kind", f"{kind!r} is not one of {', '.join(KINDS)}")
+
+    run = _table(raw, "run", fail)
+    for key in run:
+        if key not in ("dataset", "data_path", "protocol", "folds", "seeds"):
+            raise fail(f"run.{key}", "unknown key; allowed: dataset, data_path, protocol, "
+                       "folds, seeds")  # fmt: skip
+    protocol = _typed(run, "protocol", str, fail, "run.", default="auto")
+    if protocol not in ("auto", "official", "kfold", "paper"):
+        raise fail("run.protocol", f"{protocol!r} is not one of auto, official, kfold, paper")
+    seeds = _typed(run, "seeds", int, fail, "run.", default=1)
+    folds = _typed(run, "folds", int, fail, "run.", default=10)
+    if seeds < 1 or folds < 3:
+        raise fail("run.seeds" if seeds < 1 else "run.folds", "seeds >= 1 and folds >= 3")
+
+    defaults = _trial_keys(_table(raw, "defaults", fail), "defaults", fail)
+    presets = {}
+    for preset, table in _table(raw, "presets", fail).items():
+        if not isinstance(table, dict):
+            raise fail(f"presets.{preset}", "must be a table of config keys")
+        tune_changes = table.get("tune", {})
+        keys = {k: v for k, v in table.items() if k != "tune"}
+        presets[preset] = {
+            "config": _trial_keys(keys, f"presets.{preset}", fail),
+            "tune": _tune_keys(tune_changes, f"presets.{preset}.tune", fail),
+        }
+
+    study = Study(
+        name=name,
+        description=_typed(raw, "description", str, fail, default=""),
+        path=path,
+        kind=kind,
+        dataset=_typed(run, "dataset", str, fail, "run.", default="synthetic"),
+        data_path=_typed(run, "data_path", str, fail, "run.", default=""),
+        protocol=protocol,
+        folds=folds,
+        seeds=seeds,
+        defaults=defaults,
+        presets=presets,
+    )
+    if kind == "grid":
+        study = _grid(study, raw, fail)
+    else:
+        study = _tune(study, raw, fail)
+    for preset in [None, *presets]:  # every combination must make valid trial configs
+        if kind == "grid":
+            study.trials(preset)
+        else:
+            study.base_config(preset)
+    return study
+
+
+def _grid(study: Study, raw: dict, fail) -> Study:
+    if "space" in raw or "tune" in raw:
+        raise fail("space" if "space" in raw else "tune", "only a tune study has this")
+    cells_raw = raw.get("cells")
+    if not isinstance(cells_raw, list) or not cells_raw:
+        raise fail("cells", "a grid study needs a non-empty [[cells]] list")
+    cells, names = [], set()
+    for i, entry in enumerate(cells_raw):
+        where = f"cells[{i}]"
+        if not isinstance(entry, dict):
+            raise fail(where, "must be a table")
+        name = _typed(entry, "name", str, fail, f"{where}.", required=True)
+        if name in names:
+            raise fail(f"{where}.name", f"{name!r} is used twice")
+        names.add(name)
+        paper = entry.get("paper", {})
+        if not isinstance(paper, dict) or not all(
+            isinstance(v, (int, float)) and 0 <= v <= 100 for v in paper.values()
+        ):
+            raise fail(f"{where}.paper", "must map datasets to accuracies in percent")
+        keys = {k: v for k, v in entry.items() if k not in ("name", "label", "paper")}
+        cells.append(
+            Cell(
+                name=name,
+                label=_typed(entry, "label", str, fail, f"{where}.", default=name),
+                overrides=_trial_keys(keys, where, fail),
+                paper={k: float(v) for k, v in paper.items()},
+            )
+        )
+    reference = raw.get("reference", cells[0].name)
+    if reference not in names:
+        raise fail("reference", f"{reference!r} is not a cell; cells: {', '.join(names)}")
+    return replace(study, cells=tuple(cells), reference=reference)
+
+
+def _tune(study: Study, raw: dict, fail) -> Study:
+    if "cells" in raw or "reference" in raw:
+        raise fail("cells" if "cells" in raw else "reference", "only a grid study has this")
+    settings = TuneSettings(**_tune_keys(_table(raw, "tune", fail), "tune", fail))
+    space_raw = raw.get("space")
+    if not isinstance(space_raw, list) or not space_raw:
+        raise fail("space", "a tune study needs a non-empty [[space]] list")
+    params: list[Param] = []
+    for i, entry in enumerate(space_raw):
+        where = f"space[{i}]"
+        if not isinstance(entry, dict):
+            raise fail(where, "must be a table")
+        for key in entry:
+            if key not in ("name", "type", "choices", "low", "high", "when"):
+                raise fail(f"{where}.{key}", "unknown key")
+        name = _typed(entry, "name", str, fail, f"{where}.", required=True)
+        if name not in TRIAL_KEYS or name in RUN_OWNED:
+            raise fail(f"{where}.name", f"{name!r} is not a trial-config key that can be tuned")
+        if any(p.name == name for p in params):
+            raise fail(f"{where}.name", f"{name!r} is sampled twice")
+        kind = _typed(entry, "type", str, fail, f"{where}.", required=True)
+        if kind not in PARAM_TYPES:
+            raise fail(f"{where}.type", f"{kind!r} is not one of {', '.join(PARAM_TYPES)}")
+        when = entry.get("when", {})
+        if not isinstance(when, dict):
+            raise fail(f"{where}.when", "must map earlier parameters to lists of values")
+        for other, values in when.items():
+            earlier = next((p for p in params if p.name == other), None)
+            if earlier is None:
+                raise fail(f"{where}.when.{other}", "names no earlier parameter of the space")
+            if not isinstance(values, list) or not all(v in earlier.choices for v in values):
+                raise fail(f"{where}.when.{other}", f"must be a list of {other}'s choices")
+        if kind == "categorical":
+            choices = entry.get("choices")
+            if not isinstance(choices, list) or not choices:
+                raise fail(f"{where}.choices", "a categorical parameter needs a list of choices")
+            for choice in choices:
+                _config(study.path, f"{where}.choices", {**study.defaults, name: choice})
+            param = Param(name, kind, choices=tuple(choices), when=when)
+        else:
+            low, high = entry.get("low"), entry.get("high")
+            numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                          for v in (low, high))  # fmt: skip
+            if not numbers or not low < high or (kind == "loguniform" and low <= 0):
+                raise fail(f"{where}.low", f"needs numbers low < high (> 0 for loguniform), "
+                           f"got {low!r}, {high!r}")  # fmt: skip
+            for v in (low, high):
+                _config(study.path, f"{where}", {**study.defaults, name: v})
+            param = Param(name, kind, low=float(low), high=float(high), when=when)
+        params.append(param)
+    if settings.metric not in ("best_val_accuracy", "val_accuracy", "val_macro_f1"):
+        raise fail("tune.metric", "must be best_val_accuracy, val_accuracy or val_macro_f1")
+    return replace(study, space=tuple(params), tune=settings)
+
+
+def _tune_keys(table, where: str, fail) -> dict:
+    if not isinstance(table, dict):
+        raise fail(where, "must be a table")
+    known = TuneSettings.__dataclass_fields__
+    out = {}
+    for key, value in table.items():
+        if key not in known:
+            raise fail(f"{where}.{key}", f"unknown key; allowed: {', '.join(known)}")
+        kind = type(getattr(TuneSettings(), key))
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise fail(f"{where}.{key}", f"expected {kind.__name__}, got {value!r}")
+        if kind is int and value < 1:
+            raise fail(f"{where}.{key}", f"must be at least 1, got {value}")
+        out[key] = value
+    if out.get("mode", "max") not in ("max", "min"):
+        raise fail(f"{where}.mode", "must be max or min")
+    return out
+
+
+def _trial_keys(table: dict, where: str, fail) -> dict:
+    for key, value in table.items():
+        if key not in TRIAL_KEYS:
+            raise fail(f"{where}.{key}", "not a trial-config key")
+        if key in RUN_OWNED:
+            raise fail(f"{where}.{key}", "set by the study's [run] table or the command line")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise fail(f"{where}.{key}", "must be finite")
+    return dict(table)
+
+
+def _table(raw: dict, key: str, fail) -> dict:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise fail(key, "must be a table")
+    return value
+
+
+def _typed(raw: dict, key: str, kind, fail, prefix: str = "", required=False, default=None):
+    if key not in raw:
+        if required:
+            raise fail(f"{prefix}{key}", "missing")
+        return default
+    value = raw[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise fail(f"{prefix}{key}", f"expected {kind.__name__}, got {value!r}")
+    return value

@@ -1,0 +1,37 @@
+"""Shared fixtures: one real local Ray cluster for the whole test session (ray.init takes
+seconds), and tiny study files in the real format."""
+
+import textwrap
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+TINY = """
+[presets.tiny]
+epochs = 2
+batch_size = 16
+plateau_patience = 2
+synthetic_subjects = 5
+synthetic_images_per_class = 2
+"""
+
+
+@pytest.fixture
+def study_file(tmp_path):
+    """Write a study TOML (body + the tiny preset) and return its path."""
+
+    def write(body: str, name: str = "study") -> str:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(textwrap.dedent(body) + TINY)
+        return str(path)
+
+    return write
