@@ -32,7 +32,10 @@ def session_frame(tracker: StudyTracker, session: str) -> pd.DataFrame:
                 "stopped_early": tags.get("stopped_early") == "true",
                 "error": tags.get("error", ""),
                 **{k: v for k, v in metrics.items() if k.startswith(("test_", "best_"))},
-                "train_seconds": metrics.get("train_seconds", math.nan),
+                **{
+                    k: metrics.get(k, math.nan)
+                    for k in ("train_seconds", "trial_seconds", "mean_images_per_second")
+                },
             }
         )
     frame = pd.DataFrame(rows)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -37,9 +38,12 @@ def trial_config(params: dict, base: dict) -> tuple[TrialConfig, dict]:
     return config, {"cell": "tuned", "seed": config.seed, "fold": config.fold}
 
 
-def final_metrics(result) -> dict:
+def final_metrics(result, seconds: float) -> dict:
+    """The trial's last result: test figures, selection, cost (``trial_seconds`` is the wall
+    time of this attempt inside the trial, from data to artifacts)."""
     out = {f"test_{k}": v for k, v in result.test.items()}
     out.update(
+        trial_seconds=seconds,
         best_epoch=result.best_epoch,
         best_val_accuracy=result.val.get("accuracy", float("nan")),
         train_seconds=result.train_seconds,
@@ -50,8 +54,8 @@ def final_metrics(result) -> dict:
     return out
 
 
-def write_artifacts(folder: Path, result, model_state: dict | None) -> None:
-    (folder / RESULTS_FILE).write_text(json.dumps(final_metrics(result)) + "\n")
+def write_artifacts(folder: Path, final: dict, result) -> None:
+    (folder / RESULTS_FILE).write_text(json.dumps(final) + "\n")
     (folder / "predictions.json").write_text(json.dumps({
         "classes": list(result.classes), "ids": result.test_ids,
         "labels": result.test_labels, "predictions": result.test_predictions,
@@ -62,11 +66,12 @@ def write_artifacts(folder: Path, result, model_state: dict | None) -> None:
     (folder / "per_class_report.json").write_text(json.dumps(report, indent=1) + "\n")
     plot_confusion_matrix(result.test_confusion, result.classes, folder / "confusion_matrix.png")
     plot_curves(result.history, folder / "curves.png")
-    if model_state is not None:
-        torch.save(model_state, folder / "best_model.pt")
+    if result.model_state is not None:
+        torch.save(result.model_state, folder / "best_model.pt")
 
 
 def run_trial(params: dict, datasets: dict, base: dict, cpus: float = 1.0) -> None:
+    started = time.perf_counter()
     torch.set_num_threads(max(1, int(cpus)))
     config, _ = trial_config(params, base)
     data = datasets[data_key(config)]
@@ -92,5 +97,6 @@ def run_trial(params: dict, datasets: dict, base: dict, cpus: float = 1.0) -> No
             return
 
     with tempfile.TemporaryDirectory(prefix="fer-final-") as folder:
-        write_artifacts(Path(folder), result, result.model_state)
-        tune.report(final_metrics(result), checkpoint=tune.Checkpoint.from_directory(folder))
+        final = final_metrics(result, time.perf_counter() - started)
+        write_artifacts(Path(folder), final, result)
+        tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))
