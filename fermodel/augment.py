@@ -45,8 +45,6 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 __all__ = [
     "PADDING_MODES",
@@ -337,6 +335,10 @@ def tta_views(images: torch.Tensor, mode: TTAMode | str, crop_size: int = 42) ->
         raise ValueError(f"unknown TTA mode {mode!r}; known modes: {', '.join(TTA_MODES)}")
     if images.dim() != 4:
         raise ValueError(f"images must be a batch [N, C, H, W], got shape {tuple(images.shape)}")
+    # torchvision is imported here, not with the module: it costs a second at every start
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
     x = images if images.is_floating_point() else to_float(images)
     if mode == "none":
         return x.unsqueeze(0)

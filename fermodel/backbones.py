@@ -37,8 +37,7 @@ used: ``pretrained=False``). Model names with a fixed input size (ViTs) need tim
 are not passed here; convolutional timm models run at 48x48.
 
 ImageNet weights for these backbones come as a file holding a torchvision state dict or as the
-weights enum itself (``torchvision.models.VGG16_Weights.IMAGENET1K_V1``); ``read_state_dict``
-resolves weights given by name only for ``ResNet50_Weights``. torchvision's DenseNet download
+weights enum itself or its name (``"VGG16_Weights.IMAGENET1K_V1"``). torchvision's DenseNet download
 still uses the pre-0.3 layer names (``denselayer1.norm.1.weight``), which torchvision renames as
 it loads them and ``load_pretrained`` does not: for DenseNet use a file saved from
 ``torchvision.models.densenet121(weights=...).state_dict()``.
@@ -71,7 +70,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torchvision
 from torch import nn
 
 TIMM_PREFIX = "timm:"
@@ -196,6 +194,8 @@ def build_torchvision(
     _require_no_attention(name, attention, attention_kwargs)
     if in_chans not in (1, 3):
         raise ValueError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
+    import torchvision  # here, not at import: it costs a second and pulls in torch._dynamo
+
     source = getattr(torchvision.models, name)(weights=None)
     if in_chans == 1:
         _grayscale_stem(source, spec.stem)

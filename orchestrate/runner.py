@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -184,9 +185,10 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, Tuner
 
+    from orchestrate import tracking
     from orchestrate.progress import Progress
     from orchestrate.report import format_table, session_frame, study_table
-    from orchestrate.tracking import MLflowTrials, StudyTracker, check_reachable
+    from orchestrate.tracking import MLflowTrials, check_reachable
     from orchestrate.trainable import run_trial
 
     plan = make_plan(study, options)
@@ -201,19 +203,14 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
 
     _quiet_ray(options.verbose)
     started_ray = start_ray(options)
-    tracker = StudyTracker(options.tracking_uri, study.name)
-    stale = tracker.close_stale(session) if options.resume else 0
-    parent = tracker.start_parent(
-        session,
-        tags={"study": study.name, "dataset": study.dataset, "preset": str(plan.preset),
-              "resumed": str(options.resume).lower(), "kind": study.kind},
-        params={"study_file": study.path, "preset": plan.preset, "seeds": study.seeds,
-                "dataset": study.dataset, "data_path": study.data_path,
-                "protocol": study.resolved_protocol, "planned_trials": plan.size,
-                "cpus_per_trial": options.cpus_per_trial,
-                "gpus_per_trial": options.gpus_per_trial},
-    )  # fmt: skip
+    # MLflow's import and a new store's migrations take seconds: open the store and the parent
+    # run in a thread while Tune starts its workers; the trial callback waits for it
+    opening = ThreadPoolExecutor(1, thread_name_prefix="mlflow-open").submit(
+        _open_tracking, options, study, plan, session
+    )
+    tracking.OPENING[session] = opening
     status = "FAILED"
+    tracker = None
     try:
         trainable = tune.with_resources(
             tune.with_parameters(
@@ -228,7 +225,7 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
         ]  # fmt: skip
         path = storage / session
         if options.resume:
-            print(f"resuming {path} ({stale} interrupted invocation(s) closed)", file=out)
+            print(f"resuming {path}", file=out)
             tuner = Tuner.restore(str(path), trainable, resume_errored=True)
         else:
             tuner = Tuner(
@@ -245,6 +242,7 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
                 ),
             )
         results = tuner.fit()
+        tracker, parent = opening.result()
         ended = results.num_terminated + results.num_errors
         if ended < plan.size:  # Tune stops gracefully on Ctrl-C and returns what it has
             raise KeyboardInterrupt(f"{ended} of {plan.size} trials ended")
@@ -264,11 +262,34 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
         status = "KILLED"
         raise
     finally:
-        tracker.end_parent(status)
+        tracking.OPENING.pop(session, None)
+        if tracker is None and opening.exception() is None:
+            tracker = opening.result()[0]
+        if tracker is not None:
+            tracker.end_parent(status)
         if started_ray:
             import ray
 
             ray.shutdown()
+
+
+def _open_tracking(options: RunOptions, study: Study, plan: Plan, session: str):
+    from orchestrate.tracking import StudyTracker
+
+    tracker = StudyTracker(options.tracking_uri, study.name)
+    if options.resume:
+        tracker.close_stale(session)
+    parent = tracker.start_parent(
+        session,
+        tags={"study": study.name, "dataset": study.dataset, "preset": str(plan.preset),
+              "resumed": str(options.resume).lower(), "kind": study.kind},
+        params={"study_file": study.path, "preset": plan.preset, "seeds": study.seeds,
+                "dataset": study.dataset, "data_path": study.data_path,
+                "protocol": study.resolved_protocol, "planned_trials": plan.size,
+                "cpus_per_trial": options.cpus_per_trial,
+                "gpus_per_trial": options.gpus_per_trial},
+    )  # fmt: skip
+    return tracker, parent
 
 
 def _param_space(plan: Plan) -> dict:
@@ -287,7 +308,9 @@ def _tune_config(plan: Plan, options: RunOptions):
     from ray.tune import TuneConfig
 
     if plan.study.kind == "grid":
-        return TuneConfig(num_samples=1, max_concurrent_trials=options.max_concurrent)
+        return TuneConfig(
+            num_samples=1, max_concurrent_trials=options.max_concurrent, reuse_actors=True
+        )
     from ray.tune.schedulers import ASHAScheduler
 
     from orchestrate.search import FinalOnlyOptunaSearch

@@ -27,6 +27,8 @@ PARENT_TAG = "study_parent"  # "true" on a study's parent runs
 SESSION_TAG = "study_session"  # the Tune experiment folder: shared by an invocation and its resumes
 TRIAL_TAG = "ray_trial_id"
 MAX_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
+# session -> future of (StudyTracker, parent run id), set by the runner of this process
+OPENING: dict = {}
 
 
 class TrackingError(RuntimeError):
@@ -126,8 +128,8 @@ class MLflowTrials(Callback):
     """Child runs of the trials, written from the driver as Tune reports them.
 
     Tune pickles its callbacks with the experiment and restores them on ``--resume``, so this
-    one keeps no connection or run id across that: ``setup`` reconnects and finds the session's
-    running parent, the one this invocation started.
+    one keeps no connection or run id across that: on its first event it takes the store and
+    parent run this invocation is opening (``OPENING``), or finds the session's running parent.
     """
 
     def __init__(self, uri: str, study: str, session: str, describe, log_checkpoints=True):
@@ -139,18 +141,25 @@ class MLflowTrials(Callback):
     def __getstate__(self):
         return {**self.__dict__, "client": None, "tracker": None, "runs": {}}
 
-    def setup(self, **info):
-        self.tracker = StudyTracker(self.uri, self.study)
+    def _connect(self) -> None:
+        if self.client is not None:
+            return
+        opening = OPENING.get(self.session)
+        if opening is not None:  # this process is opening the store: wait for it
+            self.tracker = opening.result()[0]
+        else:
+            self.tracker = StudyTracker(self.uri, self.study)
+            running = [
+                r for r in self.tracker.session_runs(self.session, parents=True)
+                if r.info.status == "RUNNING"
+            ]  # fmt: skip
+            if not running:
+                raise TrackingError(f"no running parent run for study session {self.session}")
+            self.tracker.parent_id = max(running, key=lambda r: r.info.start_time).info.run_id
         self.client = self.tracker.client
-        running = [
-            r for r in self.tracker.session_runs(self.session, parents=True)
-            if r.info.status == "RUNNING"
-        ]  # fmt: skip
-        if not running:
-            raise TrackingError(f"no running parent run for study session {self.session}")
-        self.tracker.parent_id = max(running, key=lambda r: r.info.start_time).info.run_id
 
     def _run_for(self, trial) -> str:
+        self._connect()
         if trial.trial_id in self.runs:
             return self.runs[trial.trial_id]
         existing = self.client.search_runs(
