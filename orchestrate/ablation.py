@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.verbose:  # read when mlflow is first imported
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from fermodel.config import ConfigError
     from fermodel.data import DatasetError
     from orchestrate.runner import RunOptions, run_study

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -187,7 +188,7 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
 
     from orchestrate import tracking
     from orchestrate.progress import Progress
-    from orchestrate.report import format_table, session_frame, study_table
+    from orchestrate.report import build_report, format_table, write_report
     from orchestrate.tracking import MLflowTrials, check_reachable
     from orchestrate.trainable import run_trial
 
@@ -205,8 +206,9 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
     started_ray = start_ray(options)
     # MLflow's import and a new store's migrations take seconds: open the store and the parent
     # run in a thread while Tune starts its workers; the trial callback waits for it
+    distribution = _class_distribution(plan, datasets)
     opening = ThreadPoolExecutor(1, thread_name_prefix="mlflow-open").submit(
-        _open_tracking, options, study, plan, session
+        _open_tracking, options, study, plan, session, distribution
     )
     tracking.OPENING[session] = opening
     status = "FAILED"
@@ -247,17 +249,16 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
         if ended < plan.size:  # Tune stops gracefully on Ctrl-C and returns what it has
             raise KeyboardInterrupt(f"{ended} of {plan.size} trials ended")
         _close_leftovers(tracker, session, results)
-        frame = session_frame(tracker, session)
-        table = study_table(frame, study, study.dataset)
-        counts = frame.status.value_counts().to_dict() if len(frame) else {}
-        text = format_table(table)
-        _log_table(tracker, table, text)
+        report = build_report(tracker, session)
+        with tempfile.TemporaryDirectory(prefix="fer-report-") as folder:
+            write_report(report, folder)
+            tracker.client.log_artifacts(tracker.parent_id, folder)
         print(f"\n{study.name} on {study.dataset} (preset {plan.preset}), test accuracy:", file=out)
-        print(text, file=out)
+        print(format_table(report), file=out)
         print(f"\nbrowse: mlflow ui --backend-store-uri {options.tracking_uri}", file=out)
         status = "FINISHED"
-        return {"session": session, "parent_run_id": parent, "table": table, "counts": counts,
-                "frame": frame}  # fmt: skip
+        return {"session": session, "parent_run_id": parent, "report": report,
+                "table": report.table, "frame": report.trials}  # fmt: skip
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -273,7 +274,31 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
             ray.shutdown()
 
 
-def _open_tracking(options: RunOptions, study: Study, plan: Plan, session: str):
+def _class_distribution(plan: Plan, datasets: dict) -> bytes:
+    """The training split's classes before and after balancing (the paper's Figures 7, 8)."""
+    from fermodel.config import TrialConfig
+    from fermodel.data import make_splits
+    from fermodel.engine import _balance_arg, data_key
+    from fermodel.plots import plot_class_distribution
+
+    c = plan.trials[0].config if plan.trials else TrialConfig.from_dict(plan.base)
+    data = datasets[data_key(c)]
+    before = make_splits(data, c.protocol, c.fold, c.folds, seed=c.split_seed).train
+    after = None
+    if c.balance:
+        balanced = make_splits(data, c.protocol, c.fold, c.folds, seed=c.split_seed,
+                               balance=_balance_arg(c.balance))  # fmt: skip
+        after = balanced.train.class_counts()
+    with tempfile.TemporaryDirectory() as folder:
+        path = plot_class_distribution(
+            before.class_counts(), Path(folder) / "d.png", after=after,
+            title=f"{data.name}: training split of fold {c.fold}",
+        )  # fmt: skip
+        return path.read_bytes()
+
+
+def _open_tracking(options: RunOptions, study: Study, plan: Plan, session: str, distribution):
+    from orchestrate.report import DISTRIBUTION_ARTIFACT, STUDY_ARTIFACT
     from orchestrate.tracking import StudyTracker
 
     tracker = StudyTracker(options.tracking_uri, study.name)
@@ -289,6 +314,10 @@ def _open_tracking(options: RunOptions, study: Study, plan: Plan, session: str):
                 "cpus_per_trial": options.cpus_per_trial,
                 "gpus_per_trial": options.gpus_per_trial},
     )  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, STUDY_ARTIFACT).write_text(study.path.read_text())
+        Path(folder, DISTRIBUTION_ARTIFACT).write_bytes(distribution)
+        tracker.client.log_artifacts(parent, folder)
     return tracker, parent
 
 
@@ -325,7 +354,9 @@ def _tune_config(plan: Plan, options: RunOptions):
             time_attr="epoch",
             metric=t.metric,
             mode=t.mode,
-            max_t=epochs,
+            # one past the last epoch: ASHA would otherwise stop every trial at its last epoch's
+            # report, before the trial evaluates its test split and reports it
+            max_t=epochs + 1,
             grace_period=min(t.grace_period, epochs),
             reduction_factor=t.reduction_factor,
         ),
@@ -343,23 +374,3 @@ def _close_leftovers(tracker, session: str, results) -> None:
             tracker.client.set_terminated(
                 run.info.run_id, "FAILED" if trial in errored else "KILLED"
             )
-
-
-def _log_table(tracker, table, text: str) -> None:
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="fer-table-") as folder:
-        table.to_csv(Path(folder) / "study_table.csv", index=False)
-        Path(folder, "study_table.md").write_text(_markdown(table) + "\n")
-        Path(folder, "study_table.txt").write_text(text + "\n")
-        tracker.client.log_artifacts(tracker.parent_id, folder)
-
-
-def _markdown(table) -> str:
-    header = "| " + " | ".join(table.columns) + " |"
-    rule = "|" + "---|" * len(table.columns)
-    rows = [
-        "| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row) + " |"
-        for row in table.itertuples(index=False)
-    ]
-    return "\n".join([header, rule, *rows])

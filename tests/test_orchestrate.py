@@ -124,7 +124,11 @@ high = 0.01
 def test_the_tuning_study_samples_its_conditional_space_with_asha(
     ray_cluster, tmp_path, study_file
 ):
-    run_study(load_study(study_file(HPO)), options(tmp_path, epochs=3), out=io.StringIO())
+    summary = run_study(load_study(study_file(HPO)), options(tmp_path, epochs=3), out=io.StringIO())
+    report = summary["report"]
+    assert report.kind == "tune" and 1 <= len(report.best) <= 5  # ASHA may stop some
+    assert set(report.importances) <= {"attention", "loss", "lr"}
+    assert report.cost["trials"] == 5
     _, all_runs = runs(tmp_path, "minihpo")
     children = [r for r in all_runs if r.data.tags.get("study_parent") == "false"]
     assert len(children) == 5 and {r.info.status for r in children} == {"FINISHED"}
