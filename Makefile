@@ -2,14 +2,18 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+EXTRAS ?= dev
 
-.PHONY: test demo lint clean
+.PHONY: install test demo lint clean
 
+# the one install step: CI (make test) and the Docker image (make install EXTRAS=dev,cluster)
 $(BIN)/activate: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[$(EXTRAS)]"
 	touch $(BIN)/activate
+
+install: $(BIN)/activate
 
 test: $(BIN)/activate
 	$(BIN)/ruff check .
