@@ -484,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from orchestrate.tracking import TrackingError, check_reachable, default_tracking_uri
 

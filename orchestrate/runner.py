@@ -312,7 +312,8 @@ def _open_tracking(options: RunOptions, study: Study, plan: Plan, session: str, 
                 "dataset": study.dataset, "data_path": study.data_path,
                 "protocol": study.resolved_protocol, "planned_trials": plan.size,
                 "cpus_per_trial": options.cpus_per_trial,
-                "gpus_per_trial": options.gpus_per_trial},
+                "gpus_per_trial": options.gpus_per_trial, "storage": options.storage,
+                "tracking_uri": options.tracking_uri, "ray_address": options.address or "local"},
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
         Path(folder, STUDY_ARTIFACT).write_text(study.path.read_text())

@@ -228,7 +228,9 @@ def paired_comparison(
 
     changed = d[d != 0]
     p_exact = 2**changed.size <= n_resamples
-    if changed.size == 0:
+    if changed.size < 2:
+        # no changed image, or one: both signs give the same |mean|, so the two-sided p is 1
+        # (scipy's permutation_test also needs two observations)
         p_value, p_exact = 1.0, True
     else:
         perm = stats.permutation_test(

@@ -69,7 +69,12 @@ class StudyTracker:
             location = None
             if uri.startswith("sqlite:"):
                 location = (Path.cwd() / "mlartifacts").as_uri()
-            self.experiment_id = self.client.create_experiment(study, artifact_location=location)
+            self.experiment_id = self.client.create_experiment(
+                study,
+                artifact_location=location,
+                # MLflow 3's UI opens an experiment of this kind on its runs, not on GenAI traces
+                tags={"mlflow.experimentKind": "custom_model_development"},
+            )
         else:
             self.experiment_id = experiment.experiment_id
         self.parent_id: str | None = None
@@ -198,6 +203,8 @@ class MLflowTrials(Callback):
             log_metrics(self.client, run_id, final, step=int(result.get("epoch", 0)))
             if "error" in result:
                 self.client.set_tag(run_id, "error", str(result["error"])[:5000])
+            if "node_id" in result:  # which Ray node ran the trial's last attempt
+                self.client.set_tag(run_id, "ray_node_id", str(result["node_id"]))
         else:
             epoch = {k: v for k, v in result.items() if EPOCH_KEYS.match(k)}
             log_metrics(self.client, run_id, epoch, step=int(result.get("epoch", 0)))

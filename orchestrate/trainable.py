@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import ray
 import torch
 from ray import tune
 
@@ -98,5 +99,6 @@ def run_trial(params: dict, datasets: dict, base: dict, cpus: float = 1.0) -> No
 
     with tempfile.TemporaryDirectory(prefix="fer-final-") as folder:
         final = final_metrics(result, time.perf_counter() - started)
+        final["node_id"] = ray.get_runtime_context().get_node_id()
         write_artifacts(Path(folder), final, result)
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))

@@ -290,3 +290,22 @@ def test_an_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path
     exp = client.get_experiment_by_name("mini4")
     parents = client.search_runs([exp.experiment_id], "tags.study_parent = 'true'")
     assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED"]
+
+
+def test_credentials_never_reach_params_or_tags(tmp_path):
+    from orchestrate.tracking import StudyTracker, mask
+
+    assert (
+        mask("http://alice:s3cret@mlflow.internal:5000") == "http://alice:***@mlflow.internal:5000"
+    )
+    assert mask("s3://KEY:SECRET@bucket/ray") == "s3://KEY:***@bucket/ray"
+    assert mask("/data/fer2013") == "/data/fer2013"
+    tracker = StudyTracker(f"sqlite:///{tmp_path / 'm.db'}", "masking")
+    run_id = tracker.start_parent(
+        "session", tags={"note": "https://bob:hunter2@example.org/x"},
+        params={"tracking_uri": "http://alice:s3cret@mlflow.internal:5000"},
+    )  # fmt: skip
+    run = tracker.client.get_run(run_id)
+    assert run.data.params["tracking_uri"] == "http://alice:***@mlflow.internal:5000"
+    assert "hunter2" not in str(run.data.tags) and "s3cret" not in str(run.data.params)
+    tracker.end_parent("FINISHED")

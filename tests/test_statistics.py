@@ -201,3 +201,13 @@ def test_holm_passes_nan_through_and_does_not_count_it():
     assert holm([]) == []
     with pytest.raises(ValueError):
         holm([1.5])
+
+
+def test_a_single_changed_image_gives_p_one():
+    ids = [f"i{k}" for k in range(20)]
+    labels = [0] * 20
+    ref = [Predictions(0, 0, ids, labels, [0] * 20)]
+    other = [Predictions(0, 0, ids, labels, [1] + [0] * 19)]  # one image turns wrong
+    result = paired_comparison(ref, other, n_resamples=1000)
+    assert result["difference"] == pytest.approx(-5.0) and result["p_value"] == 1.0
+    assert result["mcnemar_p"] == pytest.approx(1.0)
