@@ -255,11 +255,15 @@ def fit(
     """Train and evaluate one trial. ``data`` is the dataset the config names (read here when
     None); ``checkpoint`` is a checkpoint folder or file to continue from."""
     previous = torch.are_deterministic_algorithms_enabled()
+    benchmark = torch.backends.cudnn.benchmark
     torch.use_deterministic_algorithms(config.deterministic or previous)
+    # every batch has the same shape: let cuDNN pick its fastest kernels once
+    torch.backends.cudnn.benchmark = not config.deterministic
     try:
         return _fit(config, data, report, checkpoint)
     finally:
         torch.use_deterministic_algorithms(previous)
+        torch.backends.cudnn.benchmark = benchmark
 
 
 def _fit(c: TrialConfig, data, report, checkpoint) -> TrialResult:
