@@ -21,6 +21,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from fermodel.checkpoint import STATE_FILE, CheckpointError
+from fermodel.cli import OneLineParser
 from fermodel.config import ConfigError, TrialConfig
 from fermodel.data import DatasetError
 from fermodel.pretrained import PretrainedError
@@ -28,13 +29,8 @@ from fermodel.pretrained import PretrainedError
 USER_ERRORS = (ConfigError, DatasetError, PretrainedError, CheckpointError, ValueError)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python -m fermodel.train",
         description="Train and evaluate one FER trial (defaults: the paper's PSA-ResNet-50 with "
         "Island loss, on the built-in synthetic set).",

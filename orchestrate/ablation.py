@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import typing
 from pathlib import Path
+
+from fermodel.cli import OneLineParser
 
 EXAMPLES = """examples:
   python -m orchestrate.ablation                              # table4, synthetic, cpu preset
@@ -25,13 +26,8 @@ EXAMPLES = """examples:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="python -m orchestrate.ablation",
         description="Plan a study's trials (a paper table or a tuning study), run them on Ray Tune "
         "(local or a cluster), log every trial to MLflow and print the study's table.",

@@ -19,6 +19,7 @@ import base64
 import html
 import io
 import json
+import logging
 import math
 import tempfile
 import tomllib
@@ -483,12 +484,14 @@ def main(argv: list[str] | None = None) -> int:
     import os
     import sys
 
+    from fermodel.cli import OneLineParser
+
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from orchestrate.tracking import TrackingError, check_reachable, default_tracking_uri
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m orchestrate.report",
         description="Rebuild a study's report (table, statistics, figures, cost) from MLflow "
         "alone, without re-running anything.",
@@ -502,9 +505,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", help="MLflow store (default as for the ablation)")
     parser.add_argument("--out", type=Path, help="folder for the files (default reports/<session>)")
     args = parser.parse_args(argv)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # imported with this module already
     uri = args.tracking_uri or default_tracking_uri()
     try:
         check_reachable(uri)
+        store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+        if store is not None and not store.is_file():  # do not create an empty store
+            raise ValueError(f"no MLflow store at {store}")
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(uri)

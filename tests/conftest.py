@@ -35,3 +35,12 @@ def study_file(tmp_path):
         return str(path)
 
     return write
+
+
+def chromium(playwright):
+    """Debian's chromium, headless, with the flags a closed network needs (no downloads)."""
+    return playwright.chromium.launch(
+        executable_path="/usr/bin/chromium",
+        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync", "--no-first-run"],
+    )  # fmt: skip

@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import chromium
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -251,11 +252,7 @@ def test_the_mlflow_ui_shows_the_study_in_a_real_browser(loopback):
     child = runs[0]
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path="/usr/bin/chromium",
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
-        )  # fmt: skip
+        browser = chromium(p)
         page = browser.new_page(viewport={"width": 1500, "height": 1000})
         page.goto(loopback.uri)
         page.get_by_text("Model training").first.click()  # MLflow 3 opens in its GenAI mode
@@ -307,12 +304,18 @@ def test_a_killed_driver_is_resumed_without_duplicates(loopback):
 def test_a_short_mlflow_outage_loses_no_metric(loopback):
     study = study_file(loopback.folder, "outage", epochs=3)
     # MLflow's client retries with exponential backoff; a small factor keeps the test short
-    env = {**loopback.env, "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.5",
+    env = {**loopback.env, "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "10"}  # fmt: skip
     driver = subprocess.Popen(loopback.ablation(study), env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               cwd=loopback.folder)  # fmt: skip
-    wait_for(lambda: len(children(loopback.uri, "outage")[1]) >= 1, 300, "a running trial")
+
+    def started() -> bool:
+        if driver.poll() is not None:
+            raise AssertionError(driver.communicate()[0].decode()[-3000:])
+        return len(children(loopback.uri, "outage")[1]) >= 1
+
+    wait_for(started, 300, "a running trial")
     loopback.mlflow.stop()
     time.sleep(6)
     loopback.mlflow.start()

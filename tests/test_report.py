@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import chromium
 from mlflow.tracking import MlflowClient
 
 from orchestrate.report import main as report_main
@@ -81,7 +82,12 @@ def test_the_report_rebuilt_from_mlflow_equals_the_one_of_the_run(finished, caps
 def test_a_bad_report_request_is_one_line_and_exit_code_2(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert report_main(["--study", "nothing", "--tracking-uri", uri]) == 2
-    assert capsys.readouterr().err.startswith("error: study 'nothing' has no experiment")
+    assert capsys.readouterr().err == f"error: no MLflow store at {tmp_path / 'mlflow.db'}\n"
+    assert not (tmp_path / "mlflow.db").exists()  # nothing created
+    MlflowClient(uri).create_experiment("other")
+    assert report_main(["--study", "nothing", "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: study 'nothing' has no experiment") and err.count("\n") == 1
 
 
 @pytest.mark.slow
@@ -93,11 +99,7 @@ def test_the_html_report_renders_in_headless_chromium(finished):
                                                           str(tmp)))  # fmt: skip
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path="/usr/bin/chromium",
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
-        )  # fmt: skip
+        browser = chromium(p)
         page = browser.new_page(viewport={"width": 1300, "height": 900})
         page.goto(page_file.as_uri())
         table = page.locator("table").first
