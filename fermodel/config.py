@@ -55,6 +55,7 @@ class TrialConfig:
     attention: str = "psa"
     pretrained: str = ""  # path to a torchvision state dict, or e.g. ResNet50_Weights.IMAGENET1K_V1
     in_chans: int = 1
+    image_size: int = 48  # model input; the 48x48 images are upsampled on the device
     # loss: L = CE + lam * (center | island term)
     loss: str = "island"
     lam: float = 0.01
@@ -119,9 +120,9 @@ class TrialConfig:
             raise ConfigError(f"device: {self.device!r} is not auto, cpu, cuda or cuda:N")
 
     def _check_ranges(self) -> None:
-        positive = ("folds", "ck_k", "synthetic_subjects", "synthetic_images_per_class",
-                    "batch_size", "epochs", "eval_batch_size", "checkpoint_every", "lr",
-                    "plateau_patience")  # fmt: skip
+        positive = ("folds", "ck_k", "image_size", "synthetic_subjects",
+                    "synthetic_images_per_class", "batch_size", "epochs", "eval_batch_size",
+                    "checkpoint_every", "lr", "plateau_patience")  # fmt: skip
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
@@ -136,6 +137,9 @@ class TrialConfig:
             raise ConfigError(f"alpha: must be in (0, 1], got {self.alpha}")
         if not 0 < self.plateau_factor < 1:
             raise ConfigError(f"plateau_factor: must be in (0, 1), got {self.plateau_factor}")
+        if self.image_size < 32:
+            raise ConfigError(f"image_size: at least 32 (ResNet-50 halves it five times), "
+                              f"got {self.image_size}")  # fmt: skip
         if self.in_chans not in (1, 3):
             raise ConfigError(f"in_chans: must be 1 or 3, got {self.in_chans}")
         if not 0 < self.scale_min <= self.scale_max:

@@ -42,6 +42,7 @@ def test_round_trip_through_a_flat_dict_of_plain_values():
         ({"scale_min": 1.2}, "scale_min/scale_max"),
         ({"device": "tpu"}, "device: 'tpu' is not auto, cpu, cuda or cuda:N"),
         ({"tta": "fivecrop"}, "tta: 'fivecrop' is not one of none, flip, tencrop"),
+        ({"image_size": 24}, "image_size: at least 32"),
     ],
 )
 def test_bad_configs_name_the_key(values, message):

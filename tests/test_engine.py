@@ -124,3 +124,17 @@ def test_a_short_run_on_the_synthetic_set_learns_well_above_chance():
     assert result.val["accuracy"] >= 0.40  # chance is 1/7 = 0.14
     assert result.history[-1]["train_ce"] < result.history[0]["train_ce"] - 0.3
     assert result.test["accuracy"] > 0.25
+
+
+def test_image_size_upsamples_every_batch_on_the_device(tiny):
+    from fermodel.augment import AugmentConfig
+    from fermodel.engine import build_parts, train_step
+
+    config = quick(image_size=64, backbone="resnet18", attention="none")
+    parts = build_parts(config, 7, torch.device("cpu"))
+    seen = []
+    parts.model.conv1.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
+    train_step(parts, tiny.images[:8], tiny.labels[:8], AugmentConfig(),
+               torch.Generator().manual_seed(0))  # fmt: skip
+    assert seen == [(8, 1, 64, 64)]
+    assert fit(quick(epochs=1, image_size=64, backbone="resnet18", attention="none"), tiny).test
