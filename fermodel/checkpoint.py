@@ -8,12 +8,12 @@ half-written checkpoint, and read with ``weights_only=True``, so loading cannot 
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
+
+from fermodel.files import write_atomically
 
 STATE_FILE = "state.pt"
 
@@ -23,18 +23,7 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(directory, state: dict) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / STATE_FILE
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=STATE_FILE, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_atomically(Path(directory) / STATE_FILE, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path) -> dict:

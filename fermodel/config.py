@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -190,30 +189,17 @@ class TrialConfig:
 
 
 def _coerce(key: str, value, kind):
-    if isinstance(kind, types.UnionType):  # no such fields today; keep the error clear
-        raise ConfigError(f"{key}: unsupported type {kind}")
     if kind is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-    elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif kind is str:
-        if isinstance(value, str):
-            return value
+    elif isinstance(value, str):  # strings parse as every type (MLflow returns params so)
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    elif not isinstance(value, bool):
+        if isinstance(value, kind) or (kind is float and isinstance(value, int)):
+            return kind(value)
     raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")

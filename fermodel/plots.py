@@ -83,6 +83,14 @@ def plot_curves(history: list[dict], path, title: str = "") -> Path:
     return _save(fig, path)
 
 
+def plot_trial(result, folder, title: str = "") -> None:
+    """A trial's figures: ``confusion_matrix.png`` (test) and ``curves.png``."""
+    folder = Path(folder)
+    plot_confusion_matrix(result.test_confusion, result.classes, folder / "confusion_matrix.png",
+                          title=title)  # fmt: skip
+    plot_curves(result.history, folder / "curves.png")
+
+
 def _save(fig: Figure, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

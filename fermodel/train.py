@@ -72,14 +72,15 @@ def _config(args: dict) -> tuple[TrialConfig, Path]:
 
 
 def _keep_checkpoint(out: Path):
-    """A report callback that copies each epoch's checkpoint into ``out/checkpoint``."""
+    """A report callback that moves each epoch's checkpoint into ``out/checkpoint`` (the engine
+    deletes its temporary folder after the report, so the file need not be copied)."""
     target = out / "checkpoint" / STATE_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
 
     def keep(folder: str | None) -> None:
         if folder is not None:
             tmp = target.with_suffix(".tmp")
-            shutil.copyfile(Path(folder) / STATE_FILE, tmp)
+            shutil.move(Path(folder) / STATE_FILE, tmp)  # a rename on one filesystem
             os.replace(tmp, target)
 
     return keep
@@ -99,7 +100,7 @@ def run(config: TrialConfig, out: Path, resume: bool = False, quiet: bool = Fals
     from tqdm import tqdm
 
     from fermodel.engine import TrainingDiverged, fit, load_trial_data
-    from fermodel.plots import plot_confusion_matrix, plot_curves
+    from fermodel.plots import plot_trial
 
     checkpoint = None
     if resume:
@@ -129,9 +130,7 @@ def run(config: TrialConfig, out: Path, resume: bool = False, quiet: bool = Fals
         return 1
     bar.close()
     (out / "results.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
-    plot_confusion_matrix(result.test_confusion, result.classes, out / "confusion_matrix.png",
-                          title=f"test, {config.attention} / {config.loss}")  # fmt: skip
-    plot_curves(result.history, out / "curves.png")
+    plot_trial(result, out, title=f"test, {config.attention} / {config.loss}")
     print(summary(result, out))
     return 0
 

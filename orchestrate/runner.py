@@ -174,8 +174,6 @@ def start_ray(options: RunOptions) -> bool:
         include_dashboard=False,
         log_to_driver=options.verbose,
         logging_level=logging.INFO if options.verbose else logging.ERROR,
-        # trials import this project: ship the working tree when joining a remote cluster
-        runtime_env=None,
     )
     return True
 

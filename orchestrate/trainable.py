@@ -22,7 +22,7 @@ from ray import tune
 from fermodel.checkpoint import STATE_FILE
 from fermodel.config import TrialConfig
 from fermodel.engine import TrainingDiverged, data_key, fit
-from fermodel.plots import plot_confusion_matrix, plot_curves
+from fermodel.plots import plot_trial
 
 RESULTS_FILE = "results.json"
 
@@ -65,8 +65,7 @@ def write_artifacts(folder: Path, final: dict, result) -> None:
               "confusion": result.test_confusion, "best_epoch": result.best_epoch,
               "notes": result.notes}  # fmt: skip
     (folder / "per_class_report.json").write_text(json.dumps(report, indent=1) + "\n")
-    plot_confusion_matrix(result.test_confusion, result.classes, folder / "confusion_matrix.png")
-    plot_curves(result.history, folder / "curves.png")
+    plot_trial(result, folder)
     if result.model_state is not None:
         torch.save(result.model_state, folder / "best_model.pt")
 

@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 IMAGE_SIZE = 48
-SPLITS = ("train", "val", "test")
 FER2013_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 # CK+ emotion codes 1..7 in order; code 0 (neutral) only when asked for
 CKPLUS_CLASSES = ("anger", "contempt", "disgust", "fear", "happy", "sadness", "surprise")

@@ -17,8 +17,6 @@ test (reported once). Pixel strings are parsed for the whole file at once by num
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from fermodel.data.dataset import FER2013_CLASSES, IMAGE_SIZE, DatasetError, FERDataset
+from fermodel.files import write_atomically
 
 PIXELS = IMAGE_SIZE * IMAGE_SIZE
 USAGE_TO_SPLIT = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
@@ -308,16 +307,9 @@ def _cached(source: Path, cache_dir, parse):
         with np.load(cache, allow_pickle=False) as z:
             return z["images"], z["labels"], z["split"], z["ids"]
     data = parse(source)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    # write beside the target and rename: a reader never sees a half-written cache
-    fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=cache.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, images=data[0], labels=data[1], split=data[2], ids=data[3])
-        os.replace(tmp, cache)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(
+        cache, lambda f: np.savez(f, images=data[0], labels=data[1], split=data[2], ids=data[3])
+    )
     return data
 
 
