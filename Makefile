@@ -4,9 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS ?= dev
 
-.PHONY: install test demo lint clean
+.PHONY: install deps test demo lint clean
 
-# the one install step: CI (make test) and the Docker image (make install EXTRAS=dev,cluster)
+# the one install step of CI (make test): the project and its EXTRAS, editable
 $(BIN)/activate: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
@@ -14,6 +14,22 @@ $(BIN)/activate: pyproject.toml
 	touch $(BIN)/activate
 
 install: $(BIN)/activate
+
+# only what pyproject.toml names (build requirements, dependencies, the EXTRAS), not the project:
+# docker/Dockerfile runs `make deps EXTRAS=cluster` before it copies the code, so that layer is
+# rebuilt only when pyproject.toml or this file changes
+deps:
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/python -c 'import sys, tomllib; \
+	project = tomllib.load(open("pyproject.toml", "rb")); \
+	extras = project["project"].get("optional-dependencies", {}); \
+	names = [e for e in sys.argv[1].split(",") if e]; \
+	unknown = sorted(set(names) - set(extras)); \
+	unknown and sys.exit(f"make deps: no extra {unknown} in pyproject.toml, only {sorted(extras)}"); \
+	print(*project["build-system"]["requires"], *project["project"]["dependencies"], \
+	      *(d for e in names for d in extras[e]), sep="\n")' "$(EXTRAS)" > $(VENV)/deps.txt
+	$(BIN)/pip install -r $(VENV)/deps.txt
 
 test: $(BIN)/activate
 	$(BIN)/ruff check .

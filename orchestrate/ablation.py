@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpus-per-trial",
         type=float,
         help="GPUs per trial, fractions allowed, e.g. 0.25 runs four trials per GPU "
-        "(default 1 when the driver sees a GPU, else 0)",
+        "(default 1 when the cluster has GPUs, else 0)",
     )
     r.add_argument(
         "--cpus-per-trial",
@@ -70,14 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-concurrent", type=int, help="cap on trials running at once, e.g. 4")
     r.add_argument(
         "--address",
-        help="join a running Ray cluster (or set RAY_ADDRESS), e.g. auto "
-        "or 10.0.0.1:6379; default: start a local Ray and stop it at the end",
+        help="join a running Ray cluster (or set RAY_ADDRESS): auto (the one started on "
+        "this machine with ray start) or HOST:6379; default: start a private local Ray and "
+        "stop it at the end",
     )
     r.add_argument(
         "--storage",
         default="ray_results",
-        help="where trial checkpoints live: a folder (default ./ray_results), an NFS "
-        "path or an S3 URI shared by all nodes",
+        help="where checkpoints and Tune's state live: a folder (default ./ray_results; on a "
+        "cluster one that every node mounts, e.g. NFS) or a URI such as s3://bucket/prefix "
+        "(endpoint from AWS_ENDPOINT_URL); checked before anything starts",
+    )
+    r.add_argument(
+        "--node-timeout",
+        type=float,
+        default=600.0,
+        help="on an autoscaling cluster with no node big enough for one trial yet: seconds "
+        "to wait for the autoscaler to start one before giving up (default 600)",
     )
     r.add_argument(
         "--max-failures",
@@ -120,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from fermodel.config import ConfigError
     from fermodel.data import DatasetError
+    from orchestrate.cluster import ClusterError
     from orchestrate.runner import RunOptions, run_study
+    from orchestrate.storage import Storage, StorageError
     from orchestrate.tracking import TrackingError, default_tracking_uri
     from search_spaces import StudyError, load_study
 
@@ -140,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             cpus_per_trial=_positive("--cpus-per-trial", args.cpus_per_trial),
             max_concurrent=_positive("--max-concurrent", args.max_concurrent),
             address=args.address,
-            storage=args.storage if "://" in args.storage else str(Path(args.storage).resolve()),
+            storage=Storage.parse(args.storage).uri,
+            node_timeout=_positive("--node-timeout", args.node_timeout),
             tracking_uri=args.tracking_uri or default_tracking_uri(),
             max_failures=args.max_failures,
             resume=args.resume,
@@ -149,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             log_checkpoints=not args.no_log_checkpoints,
         )
         run_study(study, options)
-    except (StudyError, ConfigError, DatasetError, TrackingError, FileNotFoundError,
-            ValueError) as err:  # fmt: skip
+    except (StudyError, ConfigError, DatasetError, TrackingError, StorageError, ClusterError,
+            FileNotFoundError, ValueError) as err:  # fmt: skip
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -165,12 +177,8 @@ def _positive(flag: str, value):
     return value
 
 
-def _gpus(value: float | None) -> float:
-    if value is None:
-        import torch
-
-        return 1.0 if torch.cuda.is_available() else 0.0
-    if value < 0:
+def _gpus(value: float | None) -> float | None:
+    if value is not None and value < 0:
         raise ValueError(f"--gpus-per-trial must not be negative, got {value}")
     return value
 

@@ -13,8 +13,6 @@ reach the trials through Ray's object store (``tune.with_parameters``).
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 import tempfile
 import time
@@ -22,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from orchestrate.storage import Storage
 from search_spaces import Study
 
 SESSION_PREFIX_SEP = "__"
@@ -32,11 +31,12 @@ class RunOptions:
     preset: str | None = None
     epochs: int | None = None
     num_samples: int | None = None
-    gpus_per_trial: float = 0.0
+    gpus_per_trial: float | None = 0.0  # None: 1 when the cluster has GPUs, else 0
     cpus_per_trial: float = 1.0
     max_concurrent: int | None = None
     address: str | None = None
-    storage: str = ""
+    storage: str = "ray_results"  # a folder, or a URI such as s3://bucket/prefix
+    node_timeout: float = 600.0  # how long to wait for an autoscaler to start a big enough node
     tracking_uri: str = ""
     max_failures: int = 2
     resume: bool = False
@@ -80,7 +80,7 @@ def describe_plan(plan: Plan, options: RunOptions) -> str:
         f"study {study.name} ({study.kind}): {study.description}",
         f"dataset {study.dataset} {study.data_path or ''}, protocol {study.resolved_protocol}, "
         f"preset {plan.preset}, seeds {study.seeds}",
-        f"resources per trial: {options.cpus_per_trial} CPU, {options.gpus_per_trial} GPU; "
+        f"resources per trial: {options.cpus_per_trial:g} CPU, {_gpus_text(options)}; "
         f"max concurrent: {options.max_concurrent or 'as resources allow'}",
     ]
     if study.kind == "grid":
@@ -100,6 +100,12 @@ def describe_plan(plan: Plan, options: RunOptions) -> str:
             values = list(p.choices) if p.type == "categorical" else f"[{p.low}, {p.high}]"
             lines.append(f"  {p.name}: {p.type} {values}{when}")
     return "\n".join(lines)
+
+
+def _gpus_text(options: RunOptions) -> str:
+    if options.gpus_per_trial is None:
+        return "1 GPU if the cluster has GPUs, else none"
+    return f"{options.gpus_per_trial:g} GPU"
 
 
 class Describe:
@@ -135,47 +141,20 @@ def load_datasets(plan: Plan) -> dict:
     return datasets
 
 
-def _session(plan: Plan, storage: Path, resume: bool) -> str:
+def _session(plan: Plan, storage, resume: bool) -> str:
     if resume:
         from ray.tune import Tuner
 
-        earlier = sorted(
-            (p for p in storage.glob(plan.session_prefix + SESSION_PREFIX_SEP + "*")
-             if Tuner.can_restore(str(p))),
-            key=lambda p: p.name,
-        )  # fmt: skip
+        earlier = [
+            name for name in storage.sessions(plan.session_prefix + SESSION_PREFIX_SEP)
+            if Tuner.can_restore(storage.join(name))
+        ]  # fmt: skip
         if not earlier:
             raise FileNotFoundError(
-                f"--resume: no interrupted session of {plan.session_prefix} in {storage}"
+                f"--resume: no interrupted session of {plan.session_prefix} in {storage.uri}"
             )
-        return earlier[-1].name
+        return earlier[-1]
     return plan.session_prefix + SESSION_PREFIX_SEP + time.strftime("%Y%m%d-%H%M%S")
-
-
-def _quiet_ray(verbose: bool) -> None:
-    if not verbose:
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-        for name in ("ray", "ray.tune", "ray.train", "ray.data"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-        for name in ("mlflow", "alembic"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def start_ray(options: RunOptions) -> bool:
-    """Join ``--address`` (or RAY_ADDRESS), reuse a running connection, or start a local Ray.
-    Returns whether this call started it (and so must shut it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = options.address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        log_to_driver=options.verbose,
-        logging_level=logging.INFO if options.verbose else logging.ERROR,
-    )
-    return True
 
 
 def run_study(study: Study, options: RunOptions, out=None) -> dict:
@@ -185,6 +164,14 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, Tuner
 
     from orchestrate import tracking
+    from orchestrate.cluster import (
+        alive_nodes,
+        check_resources,
+        check_storage_shared,
+        cluster_has_gpus,
+        quiet_ray,
+        start_ray,
+    )
     from orchestrate.progress import Progress
     from orchestrate.report import build_report, format_table, write_report
     from orchestrate.tracking import MLflowTrials, check_reachable
@@ -195,23 +182,30 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
         print(describe_plan(plan, options), file=out)
         return {"planned": plan.size}
 
+    # everything that can be wrong is found before an MLflow run or a trial exists
+    storage = Storage.parse(options.storage)
+    storage.check()
+    session = _session(plan, storage, options.resume)
     check_reachable(options.tracking_uri)
     datasets = load_datasets(plan)
-    storage = Path(options.storage).expanduser().resolve()
-    session = _session(plan, storage, options.resume)
-
-    _quiet_ray(options.verbose)
-    started_ray = start_ray(options)
-    # MLflow's import and a new store's migrations take seconds: open the store and the parent
-    # run in a thread while Tune starts its workers; the trial callback waits for it
-    distribution = _class_distribution(plan, datasets)
-    opening = ThreadPoolExecutor(1, thread_name_prefix="mlflow-open").submit(
-        _open_tracking, options, study, plan, session, distribution
-    )
-    tracking.OPENING[session] = opening
+    quiet_ray(options.verbose)
+    started_ray = start_ray(options.address, options.verbose)
+    opening = tracker = None
     status = "FAILED"
-    tracker = None
     try:
+        if options.gpus_per_trial is None:
+            options = replace(options, gpus_per_trial=1.0 if cluster_has_gpus() else 0.0)
+            plan = make_plan(study, options)
+        check_resources(options.cpus_per_trial, options.gpus_per_trial, options.node_timeout, out)
+        if not started_ray or len(alive_nodes()) > 1:
+            check_storage_shared(storage)
+        # MLflow's import and a new store's migrations take seconds: open the store and the
+        # parent run in a thread while Tune starts its workers; the trial callback waits for it
+        distribution = _class_distribution(plan, datasets)
+        opening = ThreadPoolExecutor(1, thread_name_prefix="mlflow-open").submit(
+            _open_tracking, options, study, plan, session, distribution
+        )
+        tracking.OPENING[session] = opening
         trainable = tune.with_resources(
             tune.with_parameters(
                 run_trial, datasets=datasets, base=plan.base, cpus=options.cpus_per_trial
@@ -223,10 +217,10 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
                          options.log_checkpoints),
             Progress(plan.size, out=out),
         ]  # fmt: skip
-        path = storage / session
+        path = storage.join(session)
         if options.resume:
             print(f"resuming {path}", file=out)
-            tuner = Tuner.restore(str(path), trainable, resume_errored=True)
+            tuner = Tuner.restore(path, trainable, resume_errored=True)
         else:
             tuner = Tuner(
                 trainable,
@@ -234,7 +228,7 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
                 tune_config=_tune_config(plan, options),
                 run_config=RunConfig(
                     name=session,
-                    storage_path=str(storage),
+                    storage_path=storage.uri,
                     failure_config=FailureConfig(max_failures=options.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=1),
                     callbacks=callbacks,
@@ -261,9 +255,10 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
         status = "KILLED"
         raise
     finally:
-        tracking.OPENING.pop(session, None)
-        if tracker is None and opening.exception() is None:
-            tracker = opening.result()[0]
+        if opening is not None:
+            tracking.OPENING.pop(session, None)
+            if tracker is None and opening.exception() is None:
+                tracker = opening.result()[0]
         if tracker is not None:
             tracker.end_parent(status)
         if started_ray:

@@ -1,7 +1,11 @@
 """Shared fixtures: one real local Ray cluster for the whole test session (ray.init takes
 seconds), and tiny study files in the real format."""
 
+import socket
 import textwrap
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -44,3 +48,26 @@ def chromium(playwright):
         args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
               "--disable-component-update", "--disable-sync", "--no-first-run"],
     )  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, what: str, timeout: float = 60, any_status: bool = False) -> None:
+    """Until ``url`` answers 200, or anything with ``any_status`` (a server just started)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except urllib.error.HTTPError:
+            if any_status:
+                return
+            time.sleep(0.3)
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{what} did not come up at {url}")

@@ -1,30 +1,46 @@
-"""A real multi-node Ray cluster and a real MLflow server on loopback, and the faults they survive.
+"""A real multi-node Ray cluster, a real S3 API server and a real MLflow server on loopback, and
+the faults a study on them survives.
 
-Every node is ``ray start --block`` in its own process group, every server likewise; each test
-stops what it started by process group id, never with ``ray stop`` (which would stop every Ray
-on the machine). Token authentication stays on: every process gets the cluster's token.
+The rig differs from one machine the way a cluster does:
+
+- each worker node runs in its own mount and UTS namespace (``unshare``; the tests run as root)
+  with a fresh tmpfs over /tmp, /dev/shm and ~/.cache and a host name of its own, so it cannot
+  read anything the head or the driver write locally: the study's folder, the MLflow store,
+  Ray's session files, the dataset cache;
+- checkpoints and Tune's state go to a real S3 API server (moto's server mode) as ``s3://``;
+- the MLflow server runs with docker/compose.yaml's own ``--allowed-hosts``, and the driver
+  reaches it as ``http://mlflow:PORT``, the compose host name, through a private /etc/hosts.
+
+Every node and server is a process group stopped by its id, never with ``ray stop`` (which would
+stop every Ray on the machine). Token authentication stays on: every process gets the token.
 """
 
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
+import boto3
 import pytest
-from conftest import chromium
+import yaml
+from conftest import chromium, free_port, wait_http
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent
+BUCKET = "fer-rig"
+HOSTS = "127.0.0.1 localhost mlflow\n::1 localhost ip6-localhost ip6-loopback\n"
+PRIVATE = ("/tmp", "/dev/shm", str(Path.home() / ".cache"))  # what a worker does not share
 STUDY = """
 name = "{name}"
 kind = "grid"
@@ -34,33 +50,35 @@ dataset = "synthetic"
 [defaults]
 backbone = "resnet18"
 attention = "none"
-[[cells]]
-name = "ce"
-loss = "ce"
-[[cells]]
-name = "center"
-loss = "center"
-[[cells]]
-name = "island"
-loss = "island"
-[[cells]]
-name = "island_eca"
-loss = "island"
-backbone = "resnet50"
-attention = "eca"
+{cells}
 [presets.tiny]
 epochs = {epochs}
 batch_size = 16
 synthetic_subjects = 5
 synthetic_images_per_class = 2
 """
-ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
+CELLS = [("ce", "ce", ""), ("center", "center", ""), ("island", "island", ""),
+         ("island_eca", "island", 'backbone = "resnet50"\nattention = "eca"')]  # fmt: skip
+ARTIFACTS = ROOT / "test-artifacts"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def own_view(cmd: list[str], hosts: Path | None = None, private=(), hostname=None) -> list[str]:
+    """``cmd`` in its own mount namespace: a fresh tmpfs over each ``private`` folder, ``hosts``
+    over /etc/hosts, and with ``hostname`` its own UTS namespace and host name."""
+    steps = [f"hostname {hostname}"] if hostname else []
+    steps += [f"mkdir -p {d} && mount -t tmpfs tmpfs {d}" for d in private]
+    if hosts is not None:
+        steps.append(f"mount --bind {hosts} /etc/hosts")
+    flags = ["--mount", "--propagation", "private", *(["--uts"] if hostname else [])]
+    return ["unshare", *flags, "sh", "-c", " && ".join([*steps, 'exec "$@"']), "sh", *cmd]
+
+
+def compose_allowed_hosts() -> str:
+    """The MLflow server's allow-list exactly as docker/compose.yaml starts it."""
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    flag = next(a for a in compose["services"]["mlflow"]["command"]
+                if a.startswith("--allowed-hosts="))  # fmt: skip
+    return flag.split("=", 1)[1]
 
 
 class Group:
@@ -102,86 +120,120 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-class Loopback:
-    """Ray head + worker nodes and an MLflow server (SQLite, artifact serving) on 127.0.0.1."""
+class Rig:
+    """Ray head + worker nodes that share no disk, an S3 server and an MLflow server."""
 
     def __init__(self, folder: Path, workers: int = 1, dashboard: bool = False):
         self.folder = folder
         self.temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: socket paths
+        self.hosts = folder / "hosts"
+        self.hosts.write_text(HOSTS)
         self.port, self.dashboard = free_port(), free_port() if dashboard else None
-        token = secrets.token_hex(16)
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+        self.s3_port, self.mlflow_port = free_port(), free_port()
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
                     "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}:{os.environ['PATH']}",
                     "MLFLOW_LOGGING_LEVEL": "WARNING",
+                    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.s3_port}",
+                    "AWS_ACCESS_KEY_ID": "rig", "AWS_SECRET_ACCESS_KEY": "rig-secret",
+                    "AWS_DEFAULT_REGION": "us-east-1",
                     # find a dead node within seconds, not the default half minute
                     "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
                     "RAY_health_check_failure_threshold": "3"}  # fmt: skip
         self.env.pop("RAY_ADDRESS", None)
+        self.s3 = Group([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.s3_port)],
+                        self.env, folder / "s3.log")  # fmt: skip
+        wait_http(f"http://127.0.0.1:{self.s3_port}/", "the S3 server")
+        self.s3_client().create_bucket(Bucket=BUCKET)
         common = ["--block", "--num-cpus=1", "--node-ip-address=127.0.0.1",
-                  f"--temp-dir={self.temp}", "--disable-usage-stats"]  # fmt: skip
-        head = [str(BIN / "ray"), "start", "--head", f"--port={self.port}", *common]
+                  "--disable-usage-stats"]  # fmt: skip
+        head = [str(BIN / "ray"), "start", "--head", f"--port={self.port}",
+                f"--temp-dir={self.temp}", *common]  # fmt: skip
         if dashboard:
             head += ["--include-dashboard=true", "--dashboard-host=127.0.0.1",
                      f"--dashboard-port={self.dashboard}"]  # fmt: skip
         else:
             head += ["--include-dashboard=false"]
-        self.head = Group(head, self.env, folder / "head.log")
+        # the head runs `ray job submit`'s drivers: it resolves the compose host name too
+        self.head = Group(own_view(head, hosts=self.hosts), self.env, folder / "head.log")
         self.wait_nodes(1)
-        worker = [str(BIN / "ray"), "start", f"--address=127.0.0.1:{self.port}", *common]
-        self.workers = [Group(worker, self.env, folder / f"worker{i}.log") for i in range(workers)]
+        self.workers = []
+        for i in range(workers):
+            worker = [str(BIN / "ray"), "start", f"--address=127.0.0.1:{self.port}",
+                      "--temp-dir=/tmp/rtw", *common]  # fmt: skip
+            view = own_view(worker, private=PRIVATE, hostname=f"rig-worker-{i}")
+            self.workers.append(Group(view, self.env, folder / f"worker{i}.log"))
         self.wait_nodes(1 + workers)
-        self.mlflow_port = free_port()
         self.mlflow = Group(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
              "--port", str(self.mlflow_port), "--backend-store-uri",
              f"sqlite:///{folder / 'server.db'}", "--artifacts-destination",
-             str(folder / "server-artifacts"), "--serve-artifacts", "--workers", "1"],
+             str(folder / "server-artifacts"), "--serve-artifacts", "--workers", "1",
+             f"--allowed-hosts={compose_allowed_hosts()}"],
             self.env, folder / "mlflow.log",
         )  # fmt: skip
         self.wait_mlflow()
 
     @property
-    def uri(self) -> str:
+    def uri(self) -> str:  # the tests' own view of the MLflow server
         return f"http://127.0.0.1:{self.mlflow_port}"
 
-    def wait_mlflow(self, timeout: float = 60) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(self.uri + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError("the MLflow server did not come up")
+    @property
+    def storage(self) -> str:
+        return f"s3://{BUCKET}/studies"
+
+    def s3_client(self):
+        return boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"],
+                            aws_access_key_id="rig", aws_secret_access_key="rig-secret",
+                            region_name="us-east-1")  # fmt: skip
+
+    def s3_keys(self, prefix: str = "studies/") -> list[str]:
+        pages = (
+            self.s3_client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        )
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def wait_mlflow(self) -> None:
+        wait_http(self.uri + "/health", "the MLflow server")
 
     def wait_nodes(self, n: int, timeout: float = 90) -> None:
+        ids = self.node_ids(n, timeout)
+        assert len(ids) == n, f"{len(ids)} of {n} nodes came up"
+
+    def node_ids(self, n: int = 0, timeout: float = 0) -> list[str]:
         check = textwrap.dedent(f"""
             import time, ray
             ray.init(address="127.0.0.1:{self.port}", logging_level="ERROR")
             deadline = time.time() + {timeout}
-            while sum(x["Alive"] for x in ray.nodes()) != {n} and time.time() < deadline:
+            alive = lambda: [x["NodeID"] for x in ray.nodes() if x["Alive"]]
+            while len(alive()) != {n} and time.time() < deadline:
                 time.sleep(0.5)
-            raise SystemExit(0 if sum(x["Alive"] for x in ray.nodes()) == {n} else 1)
+            print(" ".join(alive()))
         """)
-        subprocess.run([sys.executable, "-c", check], env=self.env, check=True,
-                       timeout=timeout + 30, capture_output=True)  # fmt: skip
+        done = subprocess.run([sys.executable, "-c", check], env=self.env, check=True,
+                              timeout=timeout + 60, capture_output=True, text=True)  # fmt: skip
+        return done.stdout.split()
+
+    def args(self, study: Path, *extra: str) -> list[str]:
+        """The study's command line as a user on the head would type it (compose host name)."""
+        return ["-m", "orchestrate.ablation", "--study", str(study), "--preset", "tiny",
+                "--address", f"127.0.0.1:{self.port}", "--storage", self.storage,
+                "--tracking-uri", f"http://mlflow:{self.mlflow_port}", "--no-log-checkpoints",
+                *extra]  # fmt: skip
 
     def ablation(self, study: Path, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "orchestrate.ablation", "--study", str(study),
-                "--preset", "tiny", "--address", f"127.0.0.1:{self.port}",
-                "--tracking-uri", self.uri, "--storage", str(self.folder / "storage"),
-                "--no-log-checkpoints", *extra]  # fmt: skip
+        return own_view([sys.executable, *self.args(study, *extra)], hosts=self.hosts)
 
     def stop(self) -> None:
-        for group in [self.mlflow, *self.workers, self.head]:
+        for group in [self.mlflow, *self.workers, self.head, self.s3]:
             group.stop()
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
-def study_file(folder: Path, name: str, epochs: int = 2) -> Path:
+def study_file(folder: Path, name: str, epochs: int = 2, cells: int = 4) -> Path:
+    body = "\n".join(f'[[cells]]\nname = "{n}"\nloss = "{loss}"\n{extra}'
+                     for n, loss, extra in CELLS[:cells])  # fmt: skip
     path = folder / f"{name}.toml"
-    path.write_text(STUDY.format(name=name, epochs=epochs))
+    path.write_text(STUDY.format(name=name, epochs=epochs, cells=body))
     return path
 
 
@@ -202,50 +254,77 @@ def wait_for(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def run(cmd: list[str], env: dict, cwd: Path, timeout: float = 600):
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
 @pytest.fixture(scope="module")
-def loopback(tmp_path_factory):
-    cluster = Loopback(tmp_path_factory.mktemp("loopback"), workers=1, dashboard=True)
+def rig(tmp_path_factory):
+    cluster = Rig(tmp_path_factory.mktemp("rig"), workers=1, dashboard=True)
     yield cluster
     cluster.stop()
 
 
-def test_a_study_runs_on_both_nodes_and_logs_through_the_mlflow_server(loopback):
-    study = study_file(loopback.folder, "twonodes")
-    done = subprocess.run(loopback.ablation(study), env=loopback.env, capture_output=True,
-                          text=True, timeout=600, cwd=loopback.folder)  # fmt: skip
+def test_a_study_on_nodes_that_share_no_disk_keeps_its_checkpoints_in_s3(rig):
+    study = study_file(rig.folder, "twonodes")
+    done = run(rig.ablation(study), rig.env, rig.folder)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    client, runs = children(loopback.uri, "twonodes")
+    client, runs = children(rig.uri, "twonodes")
     assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
     assert len({r.data.tags["ray_node_id"] for r in runs}) == 2  # both nodes trained
-    for run in runs:
-        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    for run_ in runs:
+        names = {a.path for a in client.list_artifacts(run_.info.run_id)}
         assert {"confusion_matrix.png", "predictions.json"} <= names
-        assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 2
+        assert len(client.get_metric_history(run_.info.run_id, "val_accuracy")) == 2
     exp = client.get_experiment_by_name("twonodes")
     parent = client.search_runs([exp.experiment_id], "tags.study_parent = 'true'")[0]
     assert parent.info.status == "FINISHED"
     assert "report.html" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "ce" in done.stdout and "browse: mlflow ui" in done.stdout
+    # the checkpoints and Tune's state are in the bucket, under the session's name ...
+    session = parent.data.tags["study_session"]
+    keys = rig.s3_keys(f"studies/{session}/")
+    assert any("/checkpoint_" in k for k in keys), keys[:20]
+    assert any(k.endswith("tuner.pkl") for k in keys)
+    for run_ in runs:  # every trial, from either node
+        assert any(run_.data.tags["ray_trial_id"] in k and "/checkpoint_" in k for k in keys)
+    # ... and nothing was written to a local folder named after the URI
+    assert not [p for p in rig.folder.iterdir() if p.name.startswith("s3:")]
+    assert not list(rig.s3_keys("studies/.fer-storage-check"))  # the checks leave no marker
 
 
-def test_the_same_study_submitted_as_a_ray_job_finishes(loopback):
-    study = study_file(loopback.folder, "asjob")
-    args = loopback.ablation(study)
-    entry = ["python", *args[1:]]  # the job's own python: the head's PATH has this venv
-    address = ["--address", f"http://127.0.0.1:{loopback.dashboard}"]
-    done = subprocess.run([str(BIN / "ray"), "job", "submit", *address, "--", *entry],
-                          env=loopback.env, capture_output=True, text=True, timeout=600,
-                          cwd=loopback.folder)  # fmt: skip
+def test_the_same_study_submitted_as_a_ray_job_finishes(rig):
+    study = study_file(rig.folder, "asjob", cells=2)
+    entry = ["python", *rig.args(study)]  # the job's own python: the head's PATH has this venv
+    address = ["--address", f"http://127.0.0.1:{rig.dashboard}"]
+    done = run([str(BIN / "ray"), "job", "submit", *address, "--", *entry], rig.env, rig.folder)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout
-    _, runs = children(loopback.uri, "asjob")
-    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    _, runs = children(rig.uri, "asjob")
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
 
 
-def test_the_mlflow_ui_shows_the_study_in_a_real_browser(loopback):
+def test_the_mlflow_server_admits_the_compose_host_names_and_refuses_others(rig):
+    def status(host: str) -> int:
+        request = urllib.request.Request(
+            f"{rig.uri}/api/2.0/mlflow/experiments/search?max_results=1", headers={"Host": host}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    assert status(f"mlflow:{rig.mlflow_port}") == 200
+    assert status("mlflow:5000") == 200  # as compose's clients send it
+    assert status(f"127.0.0.1:{rig.mlflow_port}") == 200  # the published port, from a browser
+    assert status(f"mlflow.evil.example:{rig.mlflow_port}") == 403
+
+
+def test_the_mlflow_ui_shows_the_study_in_a_real_browser(rig):
     from playwright.sync_api import sync_playwright
 
-    client, runs = children(loopback.uri, "twonodes")
+    client, runs = children(rig.uri, "twonodes")
     assert runs, "runs after test_a_study_runs_on_both_nodes"
     exp = client.get_experiment_by_name("twonodes")
     parent = client.search_runs([exp.experiment_id], "tags.study_parent = 'true'")[0]
@@ -254,17 +333,15 @@ def test_the_mlflow_ui_shows_the_study_in_a_real_browser(loopback):
     with sync_playwright() as p:
         browser = chromium(p)
         page = browser.new_page(viewport={"width": 1500, "height": 1000})
-        page.goto(loopback.uri)
+        page.goto(rig.uri)
         page.get_by_text("Model training").first.click()  # MLflow 3 opens in its GenAI mode
-        page.goto(f"{loopback.uri}/#/experiments/{exp.experiment_id}/runs")
+        page.goto(f"{rig.uri}/#/experiments/{exp.experiment_id}/runs")
         page.get_by_text(parent.info.run_name).first.wait_for(timeout=60_000)
         page.get_by_text(f"{1 + len(runs)} matching runs").wait_for(timeout=60_000)
         page.screenshot(path=str(ARTIFACTS / "mlflow_experiment.png"), full_page=True)
-        page.goto(f"{loopback.uri}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}")
+        page.goto(f"{rig.uri}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}")
         page.get_by_text(parent.info.run_name).first.wait_for(timeout=60_000)
-        page.goto(
-            f"{loopback.uri}/#/experiments/{exp.experiment_id}/runs/{child.info.run_id}/artifacts"
-        )
+        page.goto(f"{rig.uri}/#/experiments/{exp.experiment_id}/runs/{child.info.run_id}/artifacts")
         page.get_by_text("confusion_matrix.png").first.wait_for(timeout=60_000)
         page.get_by_text("confusion_matrix.png").first.click()
         page.locator("img").last.wait_for(timeout=60_000)
@@ -273,85 +350,216 @@ def test_the_mlflow_ui_shows_the_study_in_a_real_browser(loopback):
     assert (ARTIFACTS / "mlflow_confusion_matrix.png").stat().st_size > 10_000
 
 
-def test_a_killed_driver_is_resumed_without_duplicates(loopback):
-    study = study_file(loopback.folder, "driverkill", epochs=3)
-    cmd = loopback.ablation(study, "--max-concurrent", "1")
-    driver = subprocess.Popen(cmd, env=loopback.env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, cwd=loopback.folder)  # fmt: skip
+def test_a_local_storage_is_refused_on_nodes_that_share_no_disk(rig):
+    study = study_file(rig.folder, "localdisk")
+    local = rig.folder / "local-storage"
+    started = time.time()
+    cmd = [*rig.ablation(study)]
+    cmd[cmd.index(rig.storage)] = str(local)
+    done = run(cmd, rig.env, rig.folder, timeout=120)
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    assert time.time() - started < 60
+    err = done.stderr.strip()
+    assert err.startswith(f"error: --storage {local} is a local folder that 1 of 2 nodes")
+    assert "NFS" in err and "s3://" in err and err.count("\n") == 0
+    assert not local.exists()  # nothing half-written: no folder, no marker, no MLflow run
+    assert not [p.name for p in rig.folder.iterdir() if p.name.startswith(".fer-storage")]
+    assert children(rig.uri, "localdisk")[1] == []
+    assert MlflowClient(rig.uri).get_experiment_by_name("localdisk") is None
+
+
+@pytest.mark.parametrize(
+    ("flags", "asked"),
+    [
+        (["--gpus-per-trial", "1"], "1 CPU and 1 GPU"),
+        (["--cpus-per-trial", "4"], "4 CPU and 0 GPU"),
+    ],
+)
+def test_trials_that_fit_on_no_node_are_refused_within_seconds(rig, flags, asked):
+    study = study_file(rig.folder, "toobig")
+    started = time.time()
+    done = run(rig.ablation(study, *flags), rig.env, rig.folder, timeout=120)
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    assert time.time() - started < 60
+    assert done.stderr == (
+        f"error: a trial asks {asked}, but the largest node has 1 CPU and 0 GPU (2 nodes) and "
+        "no autoscaler: lower --cpus-per-trial / --gpus-per-trial or add a bigger node\n"
+    )
+    assert MlflowClient(rig.uri).get_experiment_by_name("toobig") is None
+
+
+def test_a_killed_driver_is_resumed_from_s3_without_duplicates(rig):
+    study = study_file(rig.folder, "driverkill", epochs=3, cells=3)
+    cmd = rig.ablation(study, "--max-concurrent", "1")
+    driver = subprocess.Popen(cmd, env=rig.env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, cwd=rig.folder)  # fmt: skip
 
     def one_finished():
-        return any(r.info.status == "FINISHED" for r in children(loopback.uri, "driverkill")[1])
+        return any(r.info.status == "FINISHED" for r in children(rig.uri, "driverkill")[1])
 
     wait_for(one_finished, 300, "a finished trial")
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
-    client, before = children(loopback.uri, "driverkill")
+    client, before = children(rig.uri, "driverkill")
     finished = {r.info.run_id for r in before if r.info.status == "FINISHED"}
-    assert 1 <= len(finished) < 4
-    done = subprocess.run([*cmd, "--resume"], env=loopback.env, capture_output=True, text=True,
-                          timeout=600, cwd=loopback.folder)  # fmt: skip
+    assert 1 <= len(finished) < 3
+    # a new working folder: the session can only be found in the bucket
+    elsewhere = rig.folder / "elsewhere"
+    elsewhere.mkdir()
+    done = run([*cmd, "--resume"], rig.env, elsewhere)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    client, after = children(loopback.uri, "driverkill")
-    assert len(after) == 4 and {r.info.status for r in after} == {"FINISHED"}
-    assert sorted(r.data.tags["cell"] for r in after) == ["ce", "center", "island", "island_eca"]
+    assert f"resuming {rig.storage}/driverkill__synthetic__tiny__" in done.stdout
+    client, after = children(rig.uri, "driverkill")
+    assert len(after) == 3 and {r.info.status for r in after} == {"FINISHED"}
+    assert sorted(r.data.tags["cell"] for r in after) == ["ce", "center", "island"]
     for run_id in finished:  # not trained again
         assert len(client.get_metric_history(run_id, "val_accuracy")) == 3
     exp = client.get_experiment_by_name("driverkill")
     parents = client.search_runs([exp.experiment_id], "tags.study_parent = 'true'")
     assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED"]
+    assert list(elsewhere.iterdir()) == []
 
 
-def test_a_short_mlflow_outage_loses_no_metric(loopback):
-    study = study_file(loopback.folder, "outage", epochs=3)
+def test_a_short_mlflow_outage_loses_no_metric(rig):
+    study = study_file(rig.folder, "outage", epochs=3, cells=2)
     # MLflow's client retries with exponential backoff; a small factor keeps the test short
-    env = {**loopback.env, "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    env = {**rig.env, "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "10"}  # fmt: skip
-    driver = subprocess.Popen(loopback.ablation(study), env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              cwd=loopback.folder)  # fmt: skip
+    driver = subprocess.Popen(rig.ablation(study), env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, cwd=rig.folder)  # fmt: skip
 
     def started() -> bool:
         if driver.poll() is not None:
             raise AssertionError(driver.communicate()[0].decode()[-3000:])
-        return len(children(loopback.uri, "outage")[1]) >= 1
+        return len(children(rig.uri, "outage")[1]) >= 1
 
     wait_for(started, 300, "a running trial")
-    loopback.mlflow.stop()
+    rig.mlflow.stop()
     time.sleep(6)
-    loopback.mlflow.start()
-    loopback.wait_mlflow()
+    rig.mlflow.start()
+    rig.wait_mlflow()
     output = driver.communicate(timeout=600)[0].decode()
     assert driver.returncode == 0, output[-3000:]
-    client, runs = children(loopback.uri, "outage")
-    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
-    for run in runs:
-        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy"))
-        assert steps[:3] == [1, 2, 3] and "test_accuracy" in run.data.metrics
+    client, runs = children(rig.uri, "outage")
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    for run_ in runs:
+        steps = sorted(m.step for m in client.get_metric_history(run_.info.run_id, "val_accuracy"))
+        assert steps[:3] == [1, 2, 3] and "test_accuracy" in run_.data.metrics
 
 
-def test_a_worker_node_killed_mid_study_does_not_stop_it(tmp_path):
-    cluster = Loopback(tmp_path, workers=1)
+def test_without_an_address_a_private_ray_starts_beside_a_running_cluster(rig, tmp_path):
+    # in this driver's view /tmp/ray/ray_current_cluster names the rig, as on a machine where
+    # `ray start --head` ran: a bare ray.init() would join it
+    seen = tmp_path / "ray-temp"
+    seen.mkdir()
+    (seen / "ray_current_cluster").write_text(f"127.0.0.1:{rig.port}")
+    study = study_file(tmp_path, "private", cells=1)
+    cmd = [sys.executable, "-m", "orchestrate.ablation", "--study", str(study), "--preset", "tiny",
+           "--storage", str(tmp_path / "ray"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+           "--no-log-checkpoints"]  # fmt: skip
+    script = f'mkdir -p /tmp/ray && mount --bind {seen} /tmp/ray && exec "$@"'
+    view = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *cmd]
+    done = run(view, rig.env, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _, runs = children(f"sqlite:///{tmp_path}/m.db", "private")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["ray_node_id"] not in rig.node_ids()
+
+
+AUTOSCALER = """
+cluster_name: fake
+max_workers: 1
+upscaling_speed: 1.0
+idle_timeout_minutes: 1
+provider: {type: fake_multinode, disable_launch_config_check: true, disable_node_updaters: true}
+auth: {ssh_user: ubuntu}
+available_node_types:
+  ray.head.default: {resources: {CPU: 1}, node_config: {}, max_workers: 0}
+  gpu: {resources: {CPU: 1, GPU: 1}, node_config: {}, min_workers: 0, max_workers: 1}
+head_node_type: ray.head.default
+file_mounts: {}
+cluster_synced_files: []
+file_mounts_sync_continuously: false
+rsync_exclude: []
+rsync_filter: []
+initialization_commands: []
+setup_commands: []
+head_setup_commands: []
+worker_setup_commands: []
+head_start_ray_commands: []
+worker_start_ray_commands: []
+"""
+
+
+def test_an_autoscaling_cluster_is_waited_for_up_to_the_node_timeout(tmp_path):
+    config = tmp_path / "autoscaler.yaml"
+    config.write_text(AUTOSCALER)
+    temp = Path(tempfile.mkdtemp(prefix="rta", dir="/tmp"))
+    port = free_port()
+    # Ray's own autoscaler with its local "fake" node provider: a GPU node type it may start
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+           "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}:{os.environ['PATH']}",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    head = Group([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
+                  f"--autoscaling-config={config}", "--num-cpus=1", f"--temp-dir={temp}",
+                  "--include-dashboard=false", "--disable-usage-stats",
+                  "--node-ip-address=127.0.0.1"], env, tmp_path / "head.log")  # fmt: skip
     try:
-        epochs = 5
-        study = study_file(tmp_path, "nodekill", epochs=epochs)
-        driver = subprocess.Popen(cluster.ablation(study, "--max-failures", "3"),
-                                  env=cluster.env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, cwd=tmp_path)  # fmt: skip
-
-        def trained_two_epochs():
-            client, runs = children(cluster.uri, "nodekill")
-            return any(len(client.get_metric_history(r.info.run_id, "val_accuracy")) >= 2
-                       for r in runs)  # fmt: skip
-
-        wait_for(trained_two_epochs, 300, "two epochs of a trial")
-        cluster.workers[0].stop(signal.SIGKILL)  # the node dies at once
-        output = driver.communicate(timeout=900)[0].decode()
-        assert driver.returncode == 0, output[-3000:]
-        client, runs = children(cluster.uri, "nodekill")
-        assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
-        for run in runs:
-            history = client.get_metric_history(run.info.run_id, "val_accuracy")
-            assert epochs <= len(history) <= epochs + 1  # at most one epoch redone
-            assert sorted({m.step for m in history}) == list(range(1, epochs + 1))
+        reporting = textwrap.dedent(f"""
+            import time, ray
+            from ray._private import ray_constants
+            from ray.experimental.internal_kv import _internal_kv_get
+            ray.init(address="127.0.0.1:{port}", logging_level="ERROR")
+            deadline = time.time() + 60
+            while not _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS):
+                assert time.time() < deadline, "the autoscaler never reported"
+                time.sleep(0.5)
+        """)
+        subprocess.run([sys.executable, "-c", reporting], env=env, check=True, timeout=120)
+        study = study_file(tmp_path, "autoscale", cells=1)
+        cmd = [sys.executable, "-m", "orchestrate.ablation", "--study", str(study),
+               "--preset", "tiny", "--address", f"127.0.0.1:{port}", "--gpus-per-trial", "1",
+               "--node-timeout", "3", "--storage", str(tmp_path / "ray"),
+               "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]  # fmt: skip
+        started = time.time()
+        done = run(cmd, env, tmp_path, timeout=120)
+        assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+        assert time.time() - started < 60
+        assert (
+            "a trial asks 1 CPU and 1 GPU and the largest node has 1 CPU and 0 GPU" in done.stdout
+        )
+        assert "waiting up to 3 s for the autoscaler" in done.stdout
+        assert done.stderr.startswith("error: a trial asks 1 CPU and 1 GPU")
+        assert "the autoscaler started no node that fits within --node-timeout 3 s" in done.stderr
+        assert not (tmp_path / "m.db").exists() and not (tmp_path / "ray").exists()
     finally:
-        cluster.stop()
+        head.stop()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_worker_node_killed_mid_study_has_its_trials_restored_from_s3(rig):
+    """Last: it takes the rig's worker away."""
+    epochs = 5
+    study = study_file(rig.folder, "nodekill", epochs=epochs, cells=2)
+    driver = subprocess.Popen(rig.ablation(study, "--max-failures", "3"), env=rig.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              cwd=rig.folder)  # fmt: skip
+
+    def both_trained_two_epochs():
+        client, runs = children(rig.uri, "nodekill")
+        return len(runs) == 2 and all(
+            len(client.get_metric_history(r.info.run_id, "val_accuracy")) >= 2 for r in runs
+        )
+
+    wait_for(both_trained_two_epochs, 300, "two epochs of both trials")
+    rig.workers[0].stop(signal.SIGKILL)  # the node dies at once, and its disk with it
+    output = driver.communicate(timeout=900)[0].decode()
+    assert driver.returncode == 0, output[-3000:]
+    client, runs = children(rig.uri, "nodekill")
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    for run_ in runs:  # restored from the bucket: at most one epoch redone, none skipped
+        history = client.get_metric_history(run_.info.run_id, "val_accuracy")
+        assert epochs <= len(history) <= epochs + 1
+        assert sorted({m.step for m in history}) == list(range(1, epochs + 1))
+    assert len({r.data.tags["ray_node_id"] for r in runs}) == 1  # both ended on the head
