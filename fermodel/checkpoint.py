@@ -1,7 +1,10 @@
 """Checkpoints: one file of tensors and plain values, written atomically, read safely.
 
 Everything a run needs to continue exactly sits in one ``state.pt``: model, optimiser, lr
-scheduler, loss centers, epoch, best-so-far model and metrics, history, and the RNG states.
+scheduler, loss centers, epoch, best-so-far metrics, history, the RNG states, and the best
+model. No weights are stored twice: when the best epoch is the checkpoint's own epoch,
+``best_model`` is the marker ``SAME_AS_MODEL`` and the reader takes ``model`` for it;
+otherwise it is the best epoch's weights alone (a state dict of tensors, no optimiser state).
 It is written to a temporary file beside the target and renamed, so a crash never leaves a
 half-written checkpoint, and read with ``weights_only=True``, so loading cannot run code.
 """
@@ -16,6 +19,7 @@ import torch
 from fermodel.files import write_atomically
 
 STATE_FILE = "state.pt"
+SAME_AS_MODEL = "model"  # ``best_model`` when the best epoch is the checkpointed one
 
 
 class CheckpointError(ValueError):
@@ -44,3 +48,9 @@ def load_checkpoint(path) -> dict:
     if not isinstance(state, dict) or "config" not in state or "epoch" not in state:
         raise CheckpointError(f"{file}: not a checkpoint of this project")
     return state
+
+
+def best_model(state: dict) -> dict | None:
+    """The best model's weights of a loaded checkpoint (``model`` itself when they are it)."""
+    best = state.get("best_model")
+    return state["model"] if isinstance(best, str) and best == SAME_AS_MODEL else best

@@ -7,12 +7,19 @@ validation accuracy, lower validation loss on ties) is kept, and the test split 
 once at the end with that model: nothing is ever selected on test.
 
 The engine knows nothing of Ray or MLflow: it calls ``report(metrics, checkpoint_dir)`` once an
-epoch, with a folder holding a full checkpoint (every ``checkpoint_every`` epochs and the last),
-and the caller persists it if it wants. Choices: the validation loss (for the plateau schedule
-and tie-breaks) is cross-entropy alone, since the Island term depends on the centers rather than
-on the model; a final training batch of a single image is dropped (BatchNorm cannot train on
-one); inputs are normalised with the mean and std of ImageNet's channels averaged (0.449,
-0.226), so ImageNet-initialised stems see familiar statistics.
+epoch, with a folder holding a full checkpoint on the epochs ``CheckpointCadence`` picks (None
+on the others), and the caller persists it if it wants. By default (``checkpoint_every = 0``)
+the cadence is measured: each checkpointing call is timed, writing and the caller's upload
+together, and the next checkpoint waits until the trial has spent ``(1 - s) / s`` times that
+long on other work since the last one, s = ``CHECKPOINT_SHARE`` (5%), so checkpoint I/O stays
+near 5% of the trial's time whatever the model, disk or storage; the first epoch (to measure)
+and the last are always checkpointed.
+
+Choices: the validation loss (for the plateau schedule and tie-breaks) is cross-entropy alone,
+since the Island term depends on the centers rather than on the model; a final training batch
+of a single image is dropped (BatchNorm cannot train on one); inputs are normalised with the
+mean and std of ImageNet's channels averaged (0.449, 0.226), so ImageNet-initialised stems see
+familiar statistics.
 """
 
 from __future__ import annotations
@@ -21,14 +28,15 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from fermodel.augment import AugmentConfig, augment, predict_tta, to_float
-from fermodel.checkpoint import load_checkpoint, save_checkpoint
+from fermodel.checkpoint import SAME_AS_MODEL, best_model, load_checkpoint, save_checkpoint
 from fermodel.config import TrialConfig
 from fermodel.data import FERDataset, load_dataset, make_splits
 from fermodel.losses import JointLoss
@@ -37,6 +45,7 @@ from fermodel.models import build_model
 
 MEAN, STD = 0.449, 0.226
 DIVERGENCE_CHECK_EVERY = 25  # steps between host syncs that look for a non-finite loss
+CHECKPOINT_SHARE = 0.05  # the share of a trial's time automatic checkpointing aims at
 
 Report = Callable[[dict, str | None], None]
 
@@ -62,6 +71,8 @@ class TrialResult:
     images_per_second: float
     train_seconds: float
     notes: list[str] = field(default_factory=list)
+    checkpoint_epochs: list[int] = field(default_factory=list)  # checkpointed in this call
+    checkpoint_seconds: float = 0.0  # spent on them: writing and the report calls
     model_state: dict | None = field(default=None, repr=False)  # the selected model (CPU)
 
     def to_dict(self) -> dict:
@@ -252,6 +263,91 @@ def evaluate(model: _Normalized, images, labels, classes, batch_size, autocast, 
     return metrics, cm.cpu(), pred.cpu()
 
 
+class CheckpointCadence:
+    """Which epochs of a run write a checkpoint.
+
+    ``every > 0``: every ``every`` epochs and the last. ``every == 0`` (auto): the first epoch
+    of this run, which measures what a checkpoint costs here (writing ``state.pt`` and the
+    caller's report call, a Tune upload included); then the first epoch by which the run has
+    spent at least ``(1 - share) / share`` times the last checkpoint's cost on everything else
+    since that checkpoint ended; and the last epoch. Checkpointing then takes about ``share`` of
+    the run's time (more in runs of few epochs, whose first and last are always written), and
+    a run that is lost redoes the work since its last checkpoint: up to ``(1 - share) / share``
+    times one checkpoint's cost (19 at 5%) plus one epoch.
+    """
+
+    clock = staticmethod(time.perf_counter)  # tests move their own
+
+    def __init__(self, every: int, last_epoch: int, share: float = CHECKPOINT_SHARE):
+        self.every, self.last_epoch, self.share = every, last_epoch, share
+        self.cost: float | None = None  # seconds the last checkpoint took
+        self.ended = 0.0  # clock when it ended
+        self.epochs: list[int] = []
+        self.seconds = 0.0
+
+    def due(self, epoch: int) -> bool:
+        if epoch == self.last_epoch:
+            return True
+        if self.every:
+            return epoch % self.every == 0
+        if self.cost is None:
+            return True
+        return self.clock() - self.ended >= self.cost * (1 - self.share) / self.share
+
+    @contextmanager
+    def timed(self, epoch: int) -> Iterator[None]:
+        """Around writing a checkpoint and reporting it: records what it cost."""
+        start = self.clock()
+        yield
+        self.ended = self.clock()
+        self.cost = self.ended - start
+        self.epochs.append(epoch)
+        self.seconds += self.cost
+
+
+def training_state(c: TrialConfig, epoch: int, parts: TrainingParts, shuffle_gen, augment_gen,
+                   history: list, best: dict, best_state: dict | None) -> dict:  # fmt: skip
+    """What a checkpoint holds after ``epoch``: everything to continue exactly, each set of
+    weights once (see fermodel.checkpoint)."""
+    device = next(parts.model.parameters()).device
+    return {
+        "config": c.to_dict(),
+        "epoch": epoch,
+        "model": parts.model.state_dict(),
+        "criterion": parts.criterion.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": None if parts.scheduler is None else parts.scheduler.state_dict(),
+        "shuffle_rng": shuffle_gen.get_state(),
+        "augment_rng": augment_gen.get_state().cpu(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "history": history,
+        "best": best,
+        "best_model": SAME_AS_MODEL if best["epoch"] == epoch else best_state,
+    }
+
+
+def _restore(c: TrialConfig, checkpoint, parts: TrainingParts, shuffle_gen, augment_gen):
+    """Load a checkpoint into the parts and generators; returns epoch, history, best, best
+    model weights."""
+    state = load_checkpoint(checkpoint)
+    if state["config"] != c.to_dict():
+        changed = sorted(k for k, v in c.to_dict().items() if state["config"].get(k) != v)
+        raise ValueError(f"checkpoint was written by a different config (keys: {changed})")
+    parts.model.load_state_dict(state["model"])
+    parts.criterion.load_state_dict(state["criterion"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    if parts.scheduler is not None:
+        parts.scheduler.load_state_dict(state["scheduler"])
+    shuffle_gen.set_state(state["shuffle_rng"])
+    augment_gen.set_state(state["augment_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    device = next(parts.model.parameters()).device
+    if device.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    return state["epoch"], state["history"], state["best"], best_model(state)
+
+
 def fit(
     config: TrialConfig,
     data: FERDataset | None = None,
@@ -298,22 +394,10 @@ def _fit(c: TrialConfig, data, report, checkpoint) -> TrialResult:
     start_epoch, history, best = 0, [], {"accuracy": -1.0, "loss": math.inf, "epoch": 0}
     best_state = None
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint)
-        if state["config"] != c.to_dict():
-            changed = sorted(k for k, v in c.to_dict().items() if state["config"].get(k) != v)
-            raise ValueError(f"checkpoint was written by a different config (keys: {changed})")
-        model.load_state_dict(state["model"])
-        criterion.load_state_dict(state["criterion"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        shuffle_gen.set_state(state["shuffle_rng"])
-        augment_gen.set_state(state["augment_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        start_epoch, history, best = state["epoch"], state["history"], state["best"]
-        best_state = state["best_model"]
+        start_epoch, history, best, best_state = _restore(
+            c, checkpoint, parts, shuffle_gen, augment_gen
+        )
+    cadence = CheckpointCadence(c.checkpoint_every, c.epochs)
 
     train_x, train_y = splits.train.images.to(device), splits.train.labels.to(device)
     val_x, val_y = splits.val.images.to(device), splits.val.labels.to(device)
@@ -372,32 +456,14 @@ def _fit(c: TrialConfig, data, report, checkpoint) -> TrialResult:
             "epoch_seconds": epoch_seconds,
         }
         history.append(metrics)
-        if report is not None:
-            if epoch % c.checkpoint_every == 0 or epoch == c.epochs:
-                with tempfile.TemporaryDirectory(prefix="fer-ckpt-") as folder:
-                    save_checkpoint(
-                        folder,
-                        {
-                            "config": c.to_dict(),
-                            "epoch": epoch,
-                            "model": model.state_dict(),
-                            "criterion": criterion.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": None if scheduler is None else scheduler.state_dict(),
-                            "shuffle_rng": shuffle_gen.get_state(),
-                            "augment_rng": augment_gen.get_state().cpu(),
-                            "torch_rng": torch.get_rng_state(),
-                            "cuda_rng": torch.cuda.get_rng_state(device)
-                            if device.type == "cuda"
-                            else None,
-                            "history": history,
-                            "best": best,
-                            "best_model": best_state,
-                        },
-                    )
-                    report(metrics, folder)
-            else:
-                report(metrics, None)
+        if report is not None and cadence.due(epoch):
+            with cadence.timed(epoch), tempfile.TemporaryDirectory(prefix="fer-ckpt-") as folder:
+                state = training_state(c, epoch, parts, shuffle_gen, augment_gen, history, best,
+                                       best_state)  # fmt: skip
+                save_checkpoint(folder, state)
+                report(metrics, folder)
+        elif report is not None:
+            report(metrics, None)
 
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -420,5 +486,7 @@ def _fit(c: TrialConfig, data, report, checkpoint) -> TrialResult:
         images_per_second=trained / train_seconds if train_seconds else float("nan"),
         train_seconds=train_seconds,
         notes=[*data.notes, *splits.notes],
+        checkpoint_epochs=cadence.epochs,
+        checkpoint_seconds=cadence.seconds,
         model_state=best_state,
     )

@@ -3,9 +3,10 @@
 Every key of ``TrialConfig`` is a flag (``--attention psa``, ``--loss island``, ``--lr 3e-4``,
 ``--no-augment``); ``--data`` is short for ``--data-path``. A ``--config`` file (flat JSON or
 TOML) sets keys first and flags override it. The output folder receives ``config.json``,
-``checkpoint/state.pt`` (every epoch, atomically), and at the end ``results.json``,
-``confusion_matrix.png`` and ``curves.png``. ``--resume DIR`` continues an interrupted run from
-its saved config and checkpoint. Bad flags, configs or data: one line on stderr, exit code 2.
+``checkpoint/state.pt`` (atomically; how often: ``checkpoint_every``), and at the end
+``results.json``, ``confusion_matrix.png`` and ``curves.png``. ``--resume DIR`` continues an
+interrupted run from its saved config and checkpoint. Bad flags, configs or data: one line on
+stderr, exit code 2.
 """
 
 from __future__ import annotations

@@ -107,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
         "MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db",
     )
     t.add_argument(
+        "--mlflow-retry-budget",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="how long MLflow may be unreachable mid-study: writes wait in a queue and are "
+        "retried (trials go on meanwhile); past this the study fails (default 1800)",
+    )
+    t.add_argument(
         "--no-log-checkpoints",
         action="store_true",
         help="do not log each trial's selected model weights as an MLflow artifact",
@@ -127,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # read when mlflow is first imported
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # the study's writer retries through outages itself (and reports them): MLflow's own
+    # retries (7, doubling up to minutes) would only hide how long the server was away
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     from fermodel.config import ConfigError
     from fermodel.data import DatasetError
     from orchestrate.cluster import ClusterError
@@ -153,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             address=args.address,
             storage=Storage.parse(args.storage).uri,
             node_timeout=_positive("--node-timeout", args.node_timeout),
+            mlflow_retry_budget=_positive("--mlflow-retry-budget", args.mlflow_retry_budget),
             tracking_uri=args.tracking_uri or default_tracking_uri(),
             max_failures=args.max_failures,
             resume=args.resume,
@@ -166,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: continue with the same command and --resume", file=sys.stderr)
+        again = " ".join(["python -m orchestrate.ablation", *(argv if argv is not None
+                                                             else sys.argv[1:])])  # fmt: skip
+        again += "" if "--resume" in again.split() else " --resume"
+        print(f"interrupted: the study's runs are marked KILLED; finished trials are kept. "
+              f"Continue with:\n  {again}", file=sys.stderr)  # fmt: skip
         return 130
     return 0
 

@@ -9,8 +9,11 @@ from ray.tune import Callback
 
 
 class Progress(Callback):
-    def __init__(self, planned: int, metric: str = "test_accuracy", out=None):
-        self.planned, self.metric, self.out = planned, metric, out
+    """One line per trial event. On ``--resume`` Tune restores this callback and the count
+    starts from the trials finished by earlier invocations (read from MLflow)."""
+
+    def __init__(self, planned: int, session: str, metric: str = "test_accuracy", out=None):
+        self.planned, self.session, self.metric, self.out = planned, session, metric, out
         self.started = time.monotonic()
         self.running: set[str] = set()
         self.done = self.failed = 0
@@ -22,8 +25,19 @@ class Progress(Callback):
     def setup(self, **info):
         self.out = self.out or sys.stdout
         self.started = time.monotonic()
+        self.running = set()
+        self.done = self.failed = 0
+        self.earlier = None  # finished before this invocation: known once MLflow is open
 
     def _line(self, event: str) -> None:
+        if self.earlier is None:
+            from orchestrate.tracking import OPENING
+
+            self.earlier = OPENING[self.session].result()[2]
+            self.done += self.earlier
+        self._print(event)
+
+    def _print(self, event: str) -> None:
         best = f"; best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
         elapsed = time.monotonic() - self.started
         print(
@@ -40,10 +54,6 @@ class Progress(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
         last = trial.last_result or {}
-        if "error" in last:
-            self.failed += 1
-            self._line(f"failed {_name(trial)}: {last['error']}")
-            return
         self.done += 1
         value = last.get(self.metric)
         if value is not None and (self.best is None or value > self.best[0]):
@@ -52,9 +62,11 @@ class Progress(Callback):
         self._line(f"finished {_name(trial)}{stopped}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        from orchestrate.tracking import _error_text
+
         self.running.discard(trial.trial_id)
         self.failed += 1
-        self._line(f"failed {_name(trial)}")
+        self._line(f"failed {_name(trial)}: {_error_text(trial)}")
 
 
 def _name(trial) -> str:

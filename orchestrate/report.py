@@ -290,10 +290,7 @@ def _tuning(done: pd.DataFrame, meta: dict) -> tuple[pd.DataFrame, dict]:
     study = optuna.create_study(direction="maximize")
     for values, score in zip(sampled, done[metric], strict=True):
         if all(n in values for n in always) and score == score:
-            params = {
-                n: (values[n] if space[n]["type"] == "categorical" else float(values[n]))
-                for n in always
-            }
+            params = {n: _sampled_value(space[n], values[n]) for n in always}
             study.add_trial(optuna.trial.create_trial(
                 params=params, distributions=distributions, value=float(score)
             ))  # fmt: skip
@@ -301,6 +298,13 @@ def _tuning(done: pd.DataFrame, meta: dict) -> tuple[pd.DataFrame, dict]:
     if len(study.trials) >= 2 and len(set(t.value for t in study.trials)) > 1:
         importances = dict(optuna.importance.get_param_importances(study))
     return best.reset_index(drop=True), importances
+
+
+def _sampled_value(param: dict, text: str):
+    """A sampled value as the study file typed it (MLflow tags hold text)."""
+    if param["type"] != "categorical":
+        return float(text)
+    return next((c for c in param["choices"] if str(c) == text), text)
 
 
 # ---------------------------------------------------------------------------------- format

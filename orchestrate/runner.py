@@ -13,17 +13,17 @@ reach the trials through Ray's object store (``tune.with_parameters``).
 
 from __future__ import annotations
 
+import math
+import signal
 import sys
 import tempfile
-import time
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from orchestrate.storage import Storage
 from search_spaces import Study
-
-SESSION_PREFIX_SEP = "__"
 
 
 @dataclass
@@ -37,6 +37,7 @@ class RunOptions:
     address: str | None = None
     storage: str = "ray_results"  # a folder, or a URI such as s3://bucket/prefix
     node_timeout: float = 600.0  # how long to wait for an autoscaler to start a big enough node
+    mlflow_retry_budget: float = 1800.0  # longest MLflow outage the writer waits through
     tracking_uri: str = ""
     max_failures: int = 2
     resume: bool = False
@@ -52,7 +53,6 @@ class Plan:
     trials: list  # TrialSpec for grids
     base: dict  # trial-config keys every trial shares (tuning studies sample on top)
     tune: object | None  # TuneSettings for tuning studies
-    session_prefix: str
 
     @property
     def size(self) -> int:
@@ -64,14 +64,12 @@ def make_plan(study: Study, options: RunOptions) -> Plan:
     if options.gpus_per_trial == 0:
         changes["device"] = "cpu"
     base = study.base_config(options.preset, **changes)
-    prefix = f"{study.name}{SESSION_PREFIX_SEP}{study.dataset}{SESSION_PREFIX_SEP}{options.preset}"
     if study.kind == "grid":
-        return Plan(study, options.preset, study.trials(options.preset, **changes), base, None,
-                    prefix)  # fmt: skip
+        return Plan(study, options.preset, study.trials(options.preset, **changes), base, None)
     settings = study.tune_settings(options.preset)
     if options.num_samples:
         settings = replace(settings, num_samples=options.num_samples)
-    return Plan(study, options.preset, [], base, settings, prefix)
+    return Plan(study, options.preset, [], base, settings)
 
 
 def describe_plan(plan: Plan, options: RunOptions) -> str:
@@ -90,11 +88,18 @@ def describe_plan(plan: Plan, options: RunOptions) -> str:
             lines.append(f"  {spec.key:34s} {c.backbone}/{c.attention}/{c.loss} "
                          f"epochs {c.epochs}, batch {c.batch_size}, lr {c.lr}")  # fmt: skip
     else:
+        from orchestrate.search import rungs
+
         t = plan.tune
+        epochs = int(plan.base.get("epochs", 200))
+        stops = rungs(epochs, t.grace_period, t.reduction_factor)
         lines.append(
-            f"{t.num_samples} trials sampled by Optuna TPE, ASHA on {t.metric} ({t.mode}), "
-            f"grace {t.grace_period} epochs, reduction {t.reduction_factor}"
-        )
+            f"{t.num_samples} trials sampled by Optuna TPE, "
+            f"{options.max_concurrent or default_concurrency(t.num_samples)} at a time; ASHA on "
+            f"{t.metric} ({t.mode}), grace {t.grace_period}, reduction {t.reduction_factor}: "
+            + (f"may stop trials after epochs {', '.join(map(str, stops))} of {epochs}"
+               if stops else f"no rung before the last of {epochs} epochs, no early stopping")
+        )  # fmt: skip
         for p in study.space:
             when = f" when {p.when}" if p.when else ""
             values = list(p.choices) if p.type == "categorical" else f"[{p.low}, {p.high}]"
@@ -141,29 +146,11 @@ def load_datasets(plan: Plan) -> dict:
     return datasets
 
 
-def _session(plan: Plan, storage, resume: bool) -> str:
-    if resume:
-        from ray.tune import Tuner
-
-        earlier = [
-            name for name in storage.sessions(plan.session_prefix + SESSION_PREFIX_SEP)
-            if Tuner.can_restore(storage.join(name))
-        ]  # fmt: skip
-        if not earlier:
-            raise FileNotFoundError(
-                f"--resume: no interrupted session of {plan.session_prefix} in {storage.uri}"
-            )
-        return earlier[-1]
-    return plan.session_prefix + SESSION_PREFIX_SEP + time.strftime("%Y%m%d-%H%M%S")
-
-
 def run_study(study: Study, options: RunOptions, out=None) -> dict:
-    """Run a study to the end; returns a summary (session, parent run id, table, counts)."""
+    """Run a study to the end; returns a summary (session, parent run id, table, counts).
+    An interrupted study (Ctrl-C) raises KeyboardInterrupt after marking its runs KILLED."""
     out = out or sys.stdout
-    from ray import tune
-    from ray.tune import CheckpointConfig, FailureConfig, RunConfig, Tuner
-
-    from orchestrate import tracking
+    from orchestrate import sessions
     from orchestrate.cluster import (
         alive_nodes,
         check_resources,
@@ -172,10 +159,8 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
         quiet_ray,
         start_ray,
     )
-    from orchestrate.progress import Progress
-    from orchestrate.report import build_report, format_table, write_report
-    from orchestrate.tracking import MLflowTrials, check_reachable
-    from orchestrate.trainable import run_trial
+    from orchestrate.report import format_table
+    from orchestrate.tracking import OPENING, WRITERS, Writer, check_reachable
 
     plan = make_plan(study, options)
     if options.dry_run:
@@ -185,12 +170,13 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
     # everything that can be wrong is found before an MLflow run or a trial exists
     storage = Storage.parse(options.storage)
     storage.check()
-    session = _session(plan, storage, options.resume)
+    session = sessions.resumable(plan, storage) if options.resume else sessions.new_session(plan)
     check_reachable(options.tracking_uri)
     datasets = load_datasets(plan)
     quiet_ray(options.verbose)
     started_ray = start_ray(options.address, options.verbose)
-    opening = tracker = None
+    writer = Writer(budget=options.mlflow_retry_budget)
+    opening = None
     status = "FAILED"
     try:
         if options.gpus_per_trial is None:
@@ -199,72 +185,117 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
         check_resources(options.cpus_per_trial, options.gpus_per_trial, options.node_timeout, out)
         if not started_ray or len(alive_nodes()) > 1:
             check_storage_shared(storage)
+        if not options.resume:
+            sessions.write_plan(storage, session, plan)
         # MLflow's import and a new store's migrations take seconds: open the store and the
         # parent run in a thread while Tune starts its workers; the trial callback waits for it
         distribution = _class_distribution(plan, datasets)
         opening = ThreadPoolExecutor(1, thread_name_prefix="mlflow-open").submit(
-            _open_tracking, options, study, plan, session, distribution
+            _open_tracking, options, study, plan, session, distribution, writer
         )
-        tracking.OPENING[session] = opening
-        trainable = tune.with_resources(
-            tune.with_parameters(
-                run_trial, datasets=datasets, base=plan.base, cpus=options.cpus_per_trial
-            ),
-            {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial},
-        )
-        callbacks = [
-            MLflowTrials(options.tracking_uri, study.name, session, Describe(study.name, plan.base),
-                         options.log_checkpoints),
-            Progress(plan.size, out=out),
-        ]  # fmt: skip
-        path = storage.join(session)
-        if options.resume:
-            print(f"resuming {path}", file=out)
-            tuner = Tuner.restore(path, trainable, resume_errored=True)
-        else:
-            tuner = Tuner(
-                trainable,
-                param_space=_param_space(plan),
-                tune_config=_tune_config(plan, options),
-                run_config=RunConfig(
-                    name=session,
-                    storage_path=storage.uri,
-                    failure_config=FailureConfig(max_failures=options.max_failures),
-                    checkpoint_config=CheckpointConfig(num_to_keep=1),
-                    callbacks=callbacks,
-                    verbose=0,
-                ),
-            )
-        results = tuner.fit()
-        tracker, parent = opening.result()
+        OPENING[session], WRITERS[session] = opening, writer
+        results = _tuner(plan, options, storage, session, datasets, out).fit()
+        tracker = opening.result()[0]
+        writer.flush()
         ended = results.num_terminated + results.num_errors
-        if ended < plan.size:  # Tune stops gracefully on Ctrl-C and returns what it has
+        if ended < plan.size:  # Tune stops gracefully on the first Ctrl-C and returns
             raise KeyboardInterrupt(f"{ended} of {plan.size} trials ended")
-        _close_leftovers(tracker, session, results)
-        report = build_report(tracker, session)
-        with tempfile.TemporaryDirectory(prefix="fer-report-") as folder:
-            write_report(report, folder)
-            tracker.client.log_artifacts(tracker.parent_id, folder)
+        writer.call(lambda: _close_leftovers(tracker, session, "FAILED"))
+        report = writer.call(lambda: _publish_report(tracker, session))
+        sessions.mark_finished(storage, session, {"parent_run_id": tracker.parent_id})
         print(f"\n{study.name} on {study.dataset} (preset {plan.preset}), test accuracy:", file=out)
         print(format_table(report), file=out)
+        if note := writer.summary():
+            print(f"\ntracking: {note}", file=out)
         print(f"\nbrowse: mlflow ui --backend-store-uri {options.tracking_uri}", file=out)
         status = "FINISHED"
-        return {"session": session, "parent_run_id": parent, "report": report,
+        return {"session": session, "parent_run_id": tracker.parent_id, "report": report,
                 "table": report.table, "frame": report.trials}  # fmt: skip
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        if opening is not None:
-            tracking.OPENING.pop(session, None)
-            if tracker is None and opening.exception() is None:
-                tracker = opening.result()[0]
-        if tracker is not None:
-            tracker.end_parent(status)
+        _end(opening, writer, session, status, out)
         if started_ray:
             import ray
 
             ray.shutdown()
+
+
+def _tuner(plan: Plan, options: RunOptions, storage, session: str, datasets: dict, out):
+    from ray import tune
+    from ray.tune import CheckpointConfig, FailureConfig, RunConfig, Tuner
+
+    from orchestrate.progress import Progress
+    from orchestrate.tracking import MLflowTrials
+    from orchestrate.trainable import run_trial
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, datasets=datasets, base=plan.base,
+                             cpus=options.cpus_per_trial, session_uri=storage.join(session)),
+        {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial},
+    )  # fmt: skip
+    path = storage.join(session)
+    if options.resume:
+        print(f"resuming {path}", file=out)
+        return Tuner.restore(path, trainable, resume_errored=True)
+    callbacks = [
+        MLflowTrials(options.tracking_uri, plan.study.name, session,
+                     Describe(plan.study.name, plan.base), options.log_checkpoints),
+        Progress(plan.size, session, out=out),
+    ]  # fmt: skip
+    if plan.study.kind == "tune" and not storage.local:
+        from orchestrate.search import JournalMirror
+
+        callbacks.append(JournalMirror(storage, session))
+    return Tuner(
+        trainable,
+        param_space=_param_space(plan),
+        tune_config=_tune_config(plan, options, storage, session),
+        run_config=RunConfig(
+            name=session,
+            storage_path=storage.uri,
+            failure_config=FailureConfig(max_failures=options.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            callbacks=callbacks,
+            verbose=0,
+        ),
+    )
+
+
+def _publish_report(tracker, session: str):
+    from orchestrate.report import build_report, write_report
+
+    report = build_report(tracker, session)
+    with tempfile.TemporaryDirectory(prefix="fer-report-") as folder:
+        write_report(report, folder)
+        tracker.client.log_artifacts(tracker.parent_id, folder)
+    return report
+
+
+def _end(opening, writer, session: str, status: str, out) -> None:
+    """The parent run and every child Tune no longer runs get their terminal state, also when
+    the study failed or was interrupted; what MLflow cannot take is said, not raised, so the
+    first error stays the one the user sees. A further Ctrl-C waits for these few writes."""
+    from orchestrate.tracking import OPENING, WRITERS
+
+    OPENING.pop(session, None)
+    WRITERS.pop(session, None)
+    if opening is None or opening.exception() is not None:
+        return
+    tracker = opening.result()[0]
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        if status != "FINISHED":
+            writer.submit("close children", lambda: _close_leftovers(tracker, session, "KILLED"))
+        writer.submit("close parent", lambda: tracker.end_parent(status))
+        writer.flush()
+    except Exception as err:  # the writer gave up: nothing more can reach MLflow
+        print(f"tracking: {err}; the runs of {session} may still show RUNNING", file=out)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _class_distribution(plan: Plan, datasets: dict) -> bytes:
@@ -290,13 +321,18 @@ def _class_distribution(plan: Plan, datasets: dict) -> bytes:
         return path.read_bytes()
 
 
-def _open_tracking(options: RunOptions, study: Study, plan: Plan, session: str, distribution):
+def _open_tracking(
+    options: RunOptions, study: Study, plan: Plan, session: str, distribution: bytes, writer
+):
+    """The experiment and the parent run: a new one, or on ``--resume`` the session's own,
+    reopened. Returns (tracker, parent run id, trials finished by earlier invocations)."""
     from orchestrate.report import DISTRIBUTION_ARTIFACT, STUDY_ARTIFACT
     from orchestrate.tracking import StudyTracker
 
-    tracker = StudyTracker(options.tracking_uri, study.name)
-    if options.resume:
-        tracker.close_stale(session)
+    tracker = writer.call(lambda: StudyTracker(options.tracking_uri, study.name))
+    if options.resume and writer.call(lambda: tracker.reopen_parent(session)):
+        done = writer.call(lambda: tracker.session_runs(session))
+        return tracker, tracker.parent_id, sum(r.info.status == "FINISHED" for r in done)
     parent = tracker.start_parent(
         session,
         tags={"study": study.name, "dataset": study.dataset, "preset": str(plan.preset),
@@ -312,7 +348,7 @@ def _open_tracking(options: RunOptions, study: Study, plan: Plan, session: str, 
         Path(folder, STUDY_ARTIFACT).write_text(study.path.read_text())
         Path(folder, DISTRIBUTION_ARTIFACT).write_bytes(distribution)
         tracker.client.log_artifacts(parent, folder)
-    return tracker, parent
+    return tracker, parent, 0
 
 
 def _param_space(plan: Plan) -> dict:
@@ -327,44 +363,40 @@ def _param_space(plan: Plan) -> dict:
     return {}
 
 
-def _tune_config(plan: Plan, options: RunOptions):
+def _tune_config(plan: Plan, options: RunOptions, storage, session: str):
     from ray.tune import TuneConfig
 
     if plan.study.kind == "grid":
         return TuneConfig(
             num_samples=1, max_concurrent_trials=options.max_concurrent, reuse_actors=True
         )
-    from ray.tune.schedulers import ASHAScheduler
-
-    from orchestrate.search import FinalOnlyOptunaSearch
+    from orchestrate.search import FinalOnlyOptunaSearch, asha, optuna_storage, tpe
 
     t = plan.tune
-    epochs = int(plan.base.get("epochs", 200))
     return TuneConfig(
         search_alg=FinalOnlyOptunaSearch(
-            space=plan.study.sample, metric=t.metric, mode=t.mode, seed=0
-        ),
-        scheduler=ASHAScheduler(
-            time_attr="epoch",
+            space=plan.study.sample,
             metric=t.metric,
             mode=t.mode,
-            # one past the last epoch: ASHA would otherwise stop every trial at its last epoch's
-            # report, before the trial evaluates its test split and reports it
-            max_t=epochs + 1,
-            grace_period=min(t.grace_period, epochs),
-            reduction_factor=t.reduction_factor,
+            sampler=tpe(seed=0),
+            study_name=session,
+            storage=optuna_storage(storage, session),
         ),
+        scheduler=asha(int(plan.base.get("epochs", 200)), t),
         num_samples=t.num_samples,
-        max_concurrent_trials=options.max_concurrent,
+        max_concurrent_trials=options.max_concurrent or default_concurrency(t.num_samples),
     )
 
 
-def _close_leftovers(tracker, session: str, results) -> None:
-    """No run stays RUNNING: a child whose trial Tune no longer runs is closed by its state."""
-    errored = {r.metrics.get("trial_id") for r in results if r.error is not None}
+def default_concurrency(num_samples: int) -> int:
+    """Trials of a tuning study running at once unless --max-concurrent says: a quarter of
+    them, so that TPE proposes most trials after seeing finished ones (all at once, it would
+    sample every trial blind, as random search does)."""
+    return max(1, math.ceil(num_samples / 4))
+
+
+def _close_leftovers(tracker, session: str, status: str) -> None:
+    """No run stays RUNNING: a child whose trial Tune no longer runs gets ``status``."""
     for run in tracker.session_runs(session):
         if run.info.status == "RUNNING":
-            trial = run.data.tags.get("ray_trial_id")
-            tracker.client.set_terminated(
-                run.info.run_id, "FAILED" if trial in errored else "KILLED"
-            )
+            tracker.client.set_terminated(run.info.run_id, status)

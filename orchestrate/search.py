@@ -1,15 +1,38 @@
-"""Optuna's TPE inside Ray Tune, told only what a finished trial really scored.
+"""How a tuning study searches: Optuna's TPE inside Ray Tune, ASHA early stopping, and the
+Optuna study kept in the study's storage.
 
-Ray's OptunaSearch reports each epoch's metric to Optuna as an intermediate value and, when a
-trial ends, tells Optuna its last value as COMPLETE, also when ASHA stopped it after a few
-epochs. TPE would then rank a low-fidelity score as if it were final. Here a trial that did not
-reach its final result (the trainable's ``completed`` flag) is told as PRUNED instead: TPE keeps
-it, ordered by its last intermediate value, below every completed trial.
+- Ray's OptunaSearch reports each epoch's metric to Optuna as an intermediate value and, when a
+  trial ends, tells Optuna its last value as COMPLETE, also when ASHA stopped it after a few
+  epochs. TPE would then rank a low-fidelity score as if it were final. Here a trial that did
+  not reach its final result (the trainable's ``completed`` flag) is told as PRUNED instead, and
+  a trial that failed (divergence, an exception) as FAIL: no metric is invented for either.
+- TPE is multivariate with ``group=True``, which models the parameters that are sampled
+  together (a ``when`` space is conditional: ``lam1`` exists only with Island loss) as their
+  own groups instead of treating absent values as independent draws; ``constant_liar`` keeps
+  concurrent trials from being proposed at the same point.
+- ASHA's rungs (grace * reduction**k epochs) all fall before a trial's last epoch: a rung on the
+  last epoch would stop a trial after its training and before its test evaluation, saving
+  nothing. Trials past the last rung run to the end (``stop_last_trials=False``).
+- The Optuna study is a journal file: ``<storage>/<session>/optuna.journal`` for a local
+  storage; for an object store, a local file under ``~/.cache/fer-ablation/optuna`` mirrored into
+  the session after every trial and fetched back on ``--resume``. Tune's own searcher
+  checkpoint restores the sampler, and the journal keeps the trials' history, numbered on,
+  for ``optuna-dashboard``.
 """
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
+import optuna
+from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers.async_hyperband import _Bracket
 from ray.tune.search.optuna import OptunaSearch
+
+JOURNAL = "optuna.journal"
+LOCAL_JOURNALS = Path.home() / ".cache" / "fer-ablation" / "optuna"
 
 
 class FinalOnlyOptunaSearch(OptunaSearch):
@@ -17,3 +40,74 @@ class FinalOnlyOptunaSearch(OptunaSearch):
         if result is not None and not error and not result.get("completed"):
             result = None  # with error False, OptunaSearch tells Optuna PRUNED
         super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def tpe(seed: int = 0) -> optuna.samplers.TPESampler:
+    with warnings.catch_warnings():  # group=True is marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, group=True, constant_liar=True
+        )
+
+
+def asha(epochs: int, settings) -> ASHAScheduler | None:
+    """ASHA on ``settings.metric`` with every rung before the last epoch, or None (no early
+    stopping) when the grace period leaves no such rung."""
+    if settings.grace_period > epochs - 1:
+        return None
+    return ASHAScheduler(
+        time_attr="epoch",
+        metric=settings.metric,
+        mode=settings.mode,
+        max_t=epochs - 1,  # rungs at or below max_t: all before the last epoch
+        grace_period=settings.grace_period,
+        reduction_factor=settings.reduction_factor,
+        stop_last_trials=False,
+    )
+
+
+def rungs(epochs: int, grace_period: int, reduction_factor: int) -> list[int]:
+    """The epochs at which ASHA may stop a trial, as the scheduler itself computes them."""
+    if grace_period > epochs - 1:
+        return []
+    bracket = _Bracket(grace_period, epochs - 1, reduction_factor, 0, stop_last_trials=False)
+    return sorted(int(milestone) for milestone, _ in bracket._rungs)
+
+
+def journal_path(storage, session: str) -> Path:
+    if storage.local:
+        path = Path(storage.join(session)) / JOURNAL
+    else:
+        path = LOCAL_JOURNALS / f"{session}.journal"
+        if not path.exists() and (text := storage.read_text(f"{session}/{JOURNAL}")):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def optuna_storage(storage, session: str) -> optuna.storages.JournalStorage:
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(journal_path(storage, session))))
+
+
+class JournalMirror(Callback):
+    """Copies the local Optuna journal into an object-store session after every trial."""
+
+    def __init__(self, storage, session: str):
+        self.storage, self.session = storage, session
+
+    def _copy(self) -> None:
+        path = LOCAL_JOURNALS / f"{self.session}.journal"
+        if path.exists():
+            self.storage.write_text(f"{self.session}/{JOURNAL}", path.read_text())
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._copy()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._copy()
+
+    def on_experiment_end(self, trials, **info):
+        self._copy()

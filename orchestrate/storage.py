@@ -102,6 +102,32 @@ class Storage:
             "s3://"
         ) else ""  # fmt: skip
 
+    # ------------------------------------------------------------------- small files
+
+    def write_text(self, relative: str, text: str) -> None:
+        """Write a small file below the storage (folders created as needed)."""
+        target = self.join(relative)
+        if self.local:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            Path(target).write_text(text)
+            return
+        filesystem, path = Storage(target).filesystem()
+        with filesystem.open_output_stream(path) as out:
+            out.write(text.encode())
+
+    def read_text(self, relative: str) -> str | None:
+        """A small file below the storage, or None when it is not there."""
+        filesystem, path = Storage(self.join(relative)).filesystem()
+        try:
+            with filesystem.open_input_stream(path) as f:
+                return f.read().decode()
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+        except OSError as err:
+            if "NoSuchKey" in str(err) or "not found" in str(err).lower():
+                return None
+            raise
+
     # ------------------------------------------------------------------- markers, sessions
 
     def write_marker(self) -> str:

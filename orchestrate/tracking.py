@@ -3,7 +3,10 @@ run per trial, all written from the driver process.
 
 Trials never talk to MLflow: a Tune callback in the driver turns their results into batched
 ``log_batch`` calls. One writer means a SQLite store never sees "database is locked", and a
-cluster needs no MLflow credentials on its workers. The default store needs no server:
+cluster needs no MLflow credentials on its workers. The callback only queues its writes: one
+``Writer`` thread performs them in order and, while a server is away, retries with backoff, so
+an outage delays no trial and loses nothing; how long it lasted and how many writes waited is
+reported at the end. The default store needs no server:
 ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<absolute cwd>/mlflow.db`` with artifacts in
 ``<cwd>/mlartifacts``; ``--tracking-uri http://host:5000`` logs through an MLflow server.
 """
@@ -11,14 +14,17 @@ cluster needs no MLflow credentials on its workers. The default store needs no s
 from __future__ import annotations
 
 import os
+import queue
 import re
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune import Callback
@@ -27,12 +33,106 @@ PARENT_TAG = "study_parent"  # "true" on a study's parent runs
 SESSION_TAG = "study_session"  # the Tune experiment folder: shared by an invocation and its resumes
 TRIAL_TAG = "ray_trial_id"
 MAX_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
-# session -> future of (StudyTracker, parent run id), set by the runner of this process
+# session -> what the runner of this process opened for it: the future of (StudyTracker, parent
+# run id) and the Writer; Tune pickles callbacks, so they find these here, not in themselves
 OPENING: dict = {}
+WRITERS: dict = {}
+# what a server that is away (or overloaded) looks like from MLflow's client
+TRANSIENT = re.compile(
+    r"Connection|connect|Max retries|timed out|Timeout|Temporary failure|Name or service|"
+    r"Remote end closed|status code 5\d\d|\b50[234]\b|\b429\b|database is locked|"
+    r"RESOURCE_EXHAUSTED|TEMPORARILY_UNAVAILABLE"
+)
 
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be reached or used."""
+
+
+class Writer:
+    """Every MLflow write of a study, performed in order by one thread.
+
+    ``submit`` queues a write and returns at once (it waits only when ``capacity`` writes are
+    already queued). A write that fails because the server cannot be reached is retried with
+    exponential backoff (0.5 s doubling to 10 s) for up to ``budget`` seconds of continuous
+    outage; then the writer gives up, drops what is queued, and ``flush`` raises a
+    ``TrackingError`` saying so. Other errors are retried twice, then counted as lost writes.
+    """
+
+    def __init__(self, budget: float = 1800.0, capacity: int = 10_000):
+        self.budget = budget
+        self.queue: queue.Queue = queue.Queue(capacity)
+        self.outages: list[float] = []  # seconds of each outage the writer waited through
+        self.retried = 0  # writes that needed at least one retry
+        self.lost: list[str] = []  # writes given up on, with the reason
+        self.error: TrackingError | None = None
+        self._thread = threading.Thread(target=self._drain, name="mlflow-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, what: str, write: Callable[[], object]) -> None:
+        self.queue.put((what, write))
+
+    def _drain(self) -> None:
+        while True:
+            what, write = self.queue.get()
+            try:
+                if self.error is None:
+                    self.call(write, what)
+            except Exception as err:  # recorded; the study reports it at the end
+                self.lost.append(f"{what}: {_short(err)}")
+            finally:
+                self.queue.task_done()
+
+    def call(self, write: Callable[[], object], what: str = "MLflow call"):
+        """Run one MLflow call now, in this thread, with the retry policy above."""
+        delay, attempts, down_since = 0.5, 0, None
+        while True:
+            try:
+                result = write()
+                if down_since is not None:
+                    self.outages.append(time.monotonic() - down_since)
+                if attempts:
+                    self.retried += 1
+                return result
+            except Exception as err:
+                attempts += 1
+                if not TRANSIENT.search(f"{type(err).__name__} {err}"):
+                    if attempts > 2:
+                        raise
+                else:
+                    down_since = down_since or time.monotonic()
+                    if time.monotonic() - down_since > self.budget:
+                        self.error = TrackingError(
+                            f"the MLflow server was unreachable for more than {self.budget:.0f} s "
+                            f"(--mlflow-retry-budget); gave up at {what}: {_short(err)}"
+                        )
+                        raise self.error from None
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def flush(self) -> None:
+        """Wait until every queued write is done; raise if the writer gave up."""
+        self.queue.join()
+        if self.error is not None:
+            raise self.error
+
+    def summary(self) -> str | None:
+        if not self.outages and not self.lost:
+            return None
+        parts = []
+        if self.outages:
+            parts.append(f"MLflow was unreachable {len(self.outages)} time(s), "
+                         f"{sum(self.outages):.0f} s in all (longest {max(self.outages):.0f} s); "
+                         f"{self.retried} write(s) waited and were retried, none lost")  # fmt: skip
+        if self.lost:
+            parts.append(f"{len(self.lost)} write(s) failed and were dropped, first: "
+                         f"{self.lost[0]}")  # fmt: skip
+        return "; ".join(parts)
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:300]
 
 
 def default_tracking_uri() -> str:
@@ -103,14 +203,18 @@ class StudyTracker:
             max_results=10_000,
         )
 
-    def close_stale(self, session: str) -> int:
-        """Runs of an interrupted earlier invocation left RUNNING: parents become KILLED now;
-        children are picked up again by their trial (or closed at the end)."""
-        stale = [r for r in self.session_runs(session, parents=True) if r.info.status == "RUNNING"]
-        for run in stale:
-            if run.info.run_id != self.parent_id:
-                self.client.set_terminated(run.info.run_id, "KILLED")
-        return len(stale)
+    def reopen_parent(self, session: str) -> str | None:
+        """On ``--resume``: the session's parent run, RUNNING again, so that every trial keeps
+        exactly one child run under one parent; None when this store has none."""
+        parents = self.session_runs(session, parents=True)
+        if not parents:
+            return None
+        parent = max(parents, key=lambda r: r.info.start_time)
+        self.parent_id = parent.info.run_id
+        self.client.update_run(self.parent_id, status="RUNNING")
+        resumes = int(parent.data.tags.get("resumes", "0")) + 1
+        self.client.set_tag(self.parent_id, "resumes", str(resumes))
+        return self.parent_id
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict, step: int) -> None:
@@ -126,50 +230,66 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict, step: int) -> 
 
 EPOCH_KEYS = re.compile(r"^(epoch|train_\w+|val_\w+|lr|images_per_second|epoch_seconds)$")
 FINAL_KEYS = re.compile(r"^(test_\w+|best_epoch|best_val_accuracy|trial_seconds|train_seconds|"
-                        r"mean_images_per_second)$")  # fmt: skip
+                        r"mean_images_per_second|checkpoints|checkpoint_seconds)$")  # fmt: skip
 
 
 class MLflowTrials(Callback):
     """Child runs of the trials, written from the driver as Tune reports them.
 
-    Tune pickles its callbacks with the experiment and restores them on ``--resume``, so this
-    one keeps no connection or run id across that: on its first event it takes the store and
-    parent run this invocation is opening (``OPENING``), or finds the session's running parent.
+    Every event only queues its writes on the session's ``Writer`` (``WRITERS``), so MLflow's
+    latency and outages never stall Tune's scheduling loop; the writes of one trial happen in
+    the order of its events. Tune pickles its callbacks with the experiment and restores them
+    on ``--resume``, so this one keeps no connection, writer or run id across that.
     """
 
     def __init__(self, uri: str, study: str, session: str, describe, log_checkpoints=True):
         self.uri, self.study, self.session = uri, study, session
         self.describe, self.log_checkpoints = describe, log_checkpoints
         self.client = self.tracker = None
-        self.runs: dict[str, str] = {}  # Ray trial id -> MLflow run id
+        self.runs: dict[str, str] = {}  # Ray trial id -> MLflow run id (writer thread only)
 
     def __getstate__(self):
         return {**self.__dict__, "client": None, "tracker": None, "runs": {}}
 
+    def _submit(self, what: str, write) -> None:
+        WRITERS[self.session].submit(what, write)
+
+    # ------------------------------------------------------------- Tune's events (loop)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        tid, config = trial.trial_id, dict(trial.config)
+        # Tune numbers a study's trials in creation order: the tag starts with that number
+        number = str(trial.experiment_tag).split("_", 1)[0]
+        self._submit(f"start {tid}", lambda: self._run_for(tid, config, number))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        tid, config, result = trial.trial_id, dict(trial.config), dict(result)
+        self._submit(f"result {tid}", lambda: self._log_result(tid, config, result))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        tid, config = trial.trial_id, dict(trial.config)
+        last, checkpoint = dict(trial.last_result or {}), trial.checkpoint
+        self._submit(f"end {tid}", lambda: self._complete(tid, config, last, checkpoint))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        tid, config, text = trial.trial_id, dict(trial.config), _error_text(trial)
+        self._submit(f"error {tid}", lambda: self._fail(tid, config, text))
+
+    # --------------------------------------------------------------- writes (writer thread)
+
     def _connect(self) -> None:
         if self.client is not None:
             return
-        opening = OPENING.get(self.session)
-        if opening is not None:  # this process is opening the store: wait for it
-            self.tracker = opening.result()[0]
-        else:
-            self.tracker = StudyTracker(self.uri, self.study)
-            running = [
-                r for r in self.tracker.session_runs(self.session, parents=True)
-                if r.info.status == "RUNNING"
-            ]  # fmt: skip
-            if not running:
-                raise TrackingError(f"no running parent run for study session {self.session}")
-            self.tracker.parent_id = max(running, key=lambda r: r.info.start_time).info.run_id
+        self.tracker = OPENING[self.session].result()[0]  # the runner is opening the store
         self.client = self.tracker.client
 
-    def _run_for(self, trial) -> str:
+    def _run_for(self, trial_id: str, config: dict, number: str = "") -> str:
         self._connect()
-        if trial.trial_id in self.runs:
-            return self.runs[trial.trial_id]
+        if trial_id in self.runs:
+            return self.runs[trial_id]
         existing = self.client.search_runs(
             [self.tracker.experiment_id],
-            filter_string=f"tags.{TRIAL_TAG} = '{trial.trial_id}' "
+            filter_string=f"tags.{TRIAL_TAG} = '{trial_id}' "
             f"and tags.{SESSION_TAG} = '{self.session}'",
             max_results=1,
         )
@@ -177,53 +297,49 @@ class MLflowTrials(Callback):
             run_id = existing[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
         else:
-            info = self.describe(trial.config)
+            info = self.describe(config)
+            name = info["name"]
+            if "spec" not in config:  # a tuning sample
+                name = f"tuned-{int(number):03d}" if number.isdigit() else f"tuned-{trial_id}"
             tags = {
                 MLFLOW_PARENT_RUN_ID: self.tracker.parent_id,
-                MLFLOW_RUN_NAME: info["name"],
+                MLFLOW_RUN_NAME: name,
                 SESSION_TAG: self.session,
                 PARENT_TAG: "false",
-                TRIAL_TAG: trial.trial_id,
+                TRIAL_TAG: trial_id,
                 **{k: str(v) for k, v in info["tags"].items()},
             }
             run_id = self.client.create_run(self.tracker.experiment_id, tags=tags).info.run_id
             params = [Param(k, mask(str(v))) for k, v in info["params"].items()]
             for start in range(0, len(params), 100):
                 self.client.log_batch(run_id, params=params[start : start + 100])
-        self.runs[trial.trial_id] = run_id
+        self.runs[trial_id] = run_id
         return run_id
 
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self._run_for(trial)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self._run_for(trial)
-        if result.get("completed") or "error" in result:
+    def _log_result(self, trial_id: str, config: dict, result: dict) -> None:
+        run_id = self._run_for(trial_id, config)
+        step = int(result.get("epoch", 0))
+        if result.get("completed"):
             final = {k: v for k, v in result.items() if FINAL_KEYS.match(k)}
-            log_metrics(self.client, run_id, final, step=int(result.get("epoch", 0)))
-            if "error" in result:
-                self.client.set_tag(run_id, "error", str(result["error"])[:5000])
+            log_metrics(self.client, run_id, final, step=step)
             if "node_id" in result:  # which Ray node ran the trial's last attempt
                 self.client.set_tag(run_id, "ray_node_id", str(result["node_id"]))
         else:
             epoch = {k: v for k, v in result.items() if EPOCH_KEYS.match(k)}
-            log_metrics(self.client, run_id, epoch, step=int(result.get("epoch", 0)))
+            log_metrics(self.client, run_id, epoch, step=step)
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self._run_for(trial)
-        last = trial.last_result or {}
-        if trial.checkpoint is not None and last.get("completed"):
-            self._log_artifacts(run_id, trial.checkpoint)
-        if "error" in last:
-            self.client.set_terminated(run_id, "FAILED")
-        else:
-            if not last.get("completed"):
-                self.client.set_tag(run_id, "stopped_early", "true")
-            self.client.set_terminated(run_id, "FINISHED")
+    def _complete(self, trial_id: str, config: dict, last: dict, checkpoint) -> None:
+        run_id = self._run_for(trial_id, config)
+        if checkpoint is not None and last.get("completed"):
+            self._log_artifacts(run_id, checkpoint)
+        if not last.get("completed"):
+            self.client.set_tag(run_id, "stopped_early", "true")
+        self.client.set_terminated(run_id, "FINISHED")
 
-    def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._run_for(trial)
-        self.client.set_tag(run_id, "error", _error_text(trial))
+    def _fail(self, trial_id: str, config: dict, text: str) -> None:
+        run_id = self._run_for(trial_id, config)
+        tags = {"error": text, "failure_reason": failure_reason(text)}
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.set_terminated(run_id, "FAILED")
 
     def _log_artifacts(self, run_id: str, checkpoint) -> None:
@@ -233,6 +349,15 @@ class MLflowTrials(Callback):
                 Path(folder, "best_model.pt").unlink(missing_ok=True)
             Path(folder, "state.pt").unlink(missing_ok=True)
             self.client.log_artifacts(run_id, folder)
+
+
+def failure_reason(text: str) -> str:
+    """``divergence``, ``out of memory`` or ``exception``, from a trial's error message."""
+    if "TrialDiverged" in text or "non-finite loss" in text:
+        return "divergence"
+    if re.search(r"OutOfMemoryError|out of memory|OOM|MemoryError", text):
+        return "out of memory"
+    return "exception"
 
 
 def _error_text(trial) -> str:

@@ -4,8 +4,12 @@ Per epoch it reports the engine's metrics with a checkpoint; at the end one more
 the test figures (``completed: 1``) and a checkpoint folder of artifacts: predictions (for
 paired statistics), the per-class report, the confusion matrix and curves, and the selected
 model's weights. A restarted trial continues from its last checkpoint; one restarted after its
-final result simply reports it again. A diverging trial reports ``error`` and ends, since
-retrying a deterministic divergence would diverge again.
+final result simply reports it again.
+
+A diverging trial raises ``TrialDiverged``: Tune marks it ERROR and tells the searcher and the
+scheduler it failed (no metric is invented for it). Tune retries failed trials (lost nodes
+need that); a divergence is deterministic, so the first attempt leaves a note in the study's
+storage and a retry that finds it fails again at once instead of training to the same NaN.
 """
 
 from __future__ import annotations
@@ -23,8 +27,14 @@ from fermodel.checkpoint import STATE_FILE
 from fermodel.config import TrialConfig
 from fermodel.engine import TrainingDiverged, data_key, fit
 from fermodel.plots import plot_trial
+from orchestrate.storage import Storage
 
 RESULTS_FILE = "results.json"
+FAILURES = "failures"  # folder of the session's storage: one note per diverged trial
+
+
+class TrialDiverged(RuntimeError):
+    """The trial's loss became NaN or inf (one message argument, so it pickles across Ray)."""
 
 
 def trial_config(params: dict, base: dict) -> tuple[TrialConfig, dict]:
@@ -49,6 +59,8 @@ def final_metrics(result, seconds: float) -> dict:
         best_val_accuracy=result.val.get("accuracy", float("nan")),
         train_seconds=result.train_seconds,
         mean_images_per_second=result.images_per_second,
+        checkpoints=len(result.checkpoint_epochs),  # written by this attempt
+        checkpoint_seconds=result.checkpoint_seconds,
         epoch=len(result.history),
         completed=1,
     )
@@ -70,9 +82,15 @@ def write_artifacts(folder: Path, final: dict, result) -> None:
         torch.save(result.model_state, folder / "best_model.pt")
 
 
-def run_trial(params: dict, datasets: dict, base: dict, cpus: float = 1.0) -> None:
+def run_trial(
+    params: dict, datasets: dict, base: dict, cpus: float = 1.0, session_uri: str | None = None
+) -> None:
     started = time.perf_counter()
     torch.set_num_threads(max(1, int(cpus)))
+    session = Storage(session_uri) if session_uri else None
+    note = f"{FAILURES}/{tune.get_context().get_trial_id()}.txt"
+    if session and (earlier := session.read_text(note)) is not None:  # a diverged trial's retry
+        raise TrialDiverged(earlier)
     config, _ = trial_config(params, base)
     data = datasets[data_key(config)]
     previous = tune.get_checkpoint()
@@ -93,8 +111,9 @@ def run_trial(params: dict, datasets: dict, base: dict, cpus: float = 1.0) -> No
         try:
             result = fit(config, data, report=report, checkpoint=start)
         except TrainingDiverged as err:
-            tune.report({"error": str(err), "epoch": err.epoch})
-            return
+            if session:
+                session.write_text(note, str(err))
+            raise TrialDiverged(str(err)) from None
 
     with tempfile.TemporaryDirectory(prefix="fer-final-") as folder:
         final = final_metrics(result, time.perf_counter() - started)

@@ -14,24 +14,52 @@ A study names its trials and how they run:
   config keys (and ``tune`` settings) of a named preset, ``paper`` and ``cpu`` in the shipped
   studies.
 
-Every key is checked on load; an error names the file, the key and the problem.
+Every key is checked on load, and every value Ray Tune or Optuna would refuse later is refused
+here instead, before anything runs; an error names the file, the key and the problem:
+
+- unknown keys, wrong TOML types, and trial configs that ``TrialConfig`` refuses, for every
+  combination of ``[defaults]``, each preset and every grid cell;
+- ``paper``: keys must be datasets this project knows (``fermodel.data.DATASETS``), values
+  accuracies in percent;
+- ``[tune]`` and ``[presets.NAME.tune]``: a metric the trainable reports, mode max or min,
+  ``num_samples`` and ``grace_period`` at least 1, ``reduction_factor`` at least 2 (ASHA asserts
+  it), and a grace period below the last epoch of every preset (ASHA's first rung is at the
+  grace period; one at or past the last epoch never stops anything); a grid study has no tune
+  settings;
+- ``[[space]]``: ``int`` bounds are TOML integers, ``uniform``/``loguniform`` bounds finite
+  numbers (``loguniform`` above 0) and not on an integer key, categorical choices distinct and
+  of the TOML type the key takes, ``when`` a non-empty list of an earlier parameter's choices;
+  a tuned key must not change the data every trial reads (``DATASET_KEYS``): a tuning study
+  loads its dataset once, on the driver, from the base config.
 """
 
 from __future__ import annotations
 
 import math
 import tomllib
+import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fermodel.config import ConfigError, TrialConfig
+from fermodel.data import DATASETS
+from fermodel.engine import DATA_KEYS
 
 STUDY_DIR = Path(__file__).parent / "studies"
 KINDS = ("grid", "tune")
 PARAM_TYPES = ("categorical", "uniform", "loguniform", "int")
 TRIAL_KEYS = {f for f in TrialConfig.__dataclass_fields__}
+FIELD_TYPES = typing.get_type_hints(TrialConfig)
+TYPE_NAMES = {int: "integers", float: "finite numbers", bool: "true or false", str: "strings"}
 # keys the study's [run] table and the command line own; cells and presets may not set them
 RUN_OWNED = {"dataset", "data_path", "protocol", "fold", "folds", "seed"}
+# what fermodel.engine._fit passes to make_splits (protocol, fold, folds, seed=split_seed,
+# balance); with fermodel.engine.DATA_KEYS (what data_key and load_trial_data read) these are
+# the keys that decide the data a trial sees. A tuning study reads its dataset once, on the
+# driver, from the base config, so none of them may be sampled per trial.
+SPLIT_KEYS = ("protocol", "fold", "folds", "split_seed", "balance")
+DATASET_KEYS = frozenset(DATA_KEYS) | frozenset(SPLIT_KEYS)
+METRICS = ("best_val_accuracy", "val_accuracy", "val_macro_f1")  # what the trainable reports
 
 
 class StudyError(ValueError):
@@ -256,6 +284,8 @@ def _parse(path: Path, raw: dict) -> Study:
     for preset, table in _table(raw, "presets", fail).items():
         if not isinstance(table, dict):
             raise fail(f"presets.{preset}", "must be a table of config keys")
+        if "tune" in table and kind != "tune":
+            raise fail(f"presets.{preset}.tune", "only a tune study has this")
         tune_changes = table.get("tune", {})
         keys = {k: v for k, v in table.items() if k != "tune"}
         presets[preset] = {
@@ -284,8 +314,30 @@ def _parse(path: Path, raw: dict) -> Study:
         if kind == "grid":
             study.trials(preset)
         else:
-            study.base_config(preset)
+            _check_rungs(study, preset, raw, fail)
     return study
+
+
+def _check_rungs(study: Study, preset: str | None, raw: dict, fail) -> None:
+    """ASHA's rungs lie at grace_period * reduction_factor**k epochs; a first rung at or past
+    the last epoch stops nothing, so the study would pay for ASHA and get no early stopping."""
+    epochs = _config(study.path, "[run]", study.base_config(preset)).epochs
+    grace = study.tune_settings(preset).grace_period
+    if grace < epochs:
+        return
+    preset_table = raw.get("presets", {}).get(preset, {}) if preset else {}
+    if "grace_period" in preset_table.get("tune", {}):
+        key = f"presets.{preset}.tune.grace_period"
+    else:
+        key = "tune.grace_period"
+    if "epochs" in preset_table:
+        source = f" in preset {preset}"
+    elif "epochs" in study.defaults:
+        source = " in [defaults]"
+    else:
+        source = ", TrialConfig's default"
+    raise fail(key, f"{grace} leaves no ASHA rung before the last epoch (epochs = {epochs}"
+               f"{source})")  # fmt: skip
 
 
 def _grid(study: Study, raw: dict, fail) -> Study:
@@ -304,10 +356,15 @@ def _grid(study: Study, raw: dict, fail) -> Study:
             raise fail(f"{where}.name", f"{name!r} is used twice")
         names.add(name)
         paper = entry.get("paper", {})
-        if not isinstance(paper, dict) or not all(
-            isinstance(v, (int, float)) and 0 <= v <= 100 for v in paper.values()
-        ):
+        if not isinstance(paper, dict):
             raise fail(f"{where}.paper", "must map datasets to accuracies in percent")
+        for dataset, accuracy in paper.items():
+            if dataset not in DATASETS:
+                raise fail(f"{where}.paper.{dataset}",
+                           f"not a dataset; known: {', '.join(DATASETS)}")  # fmt: skip
+            if not _number(accuracy) or not 0 <= accuracy <= 100:
+                problem = f"must be an accuracy in percent (0 to 100), got {accuracy!r}"
+                raise fail(f"{where}.paper.{dataset}", problem)
         keys = {k: v for k, v in entry.items() if k not in ("name", "label", "paper")}
         cells.append(
             Cell(
@@ -341,6 +398,12 @@ def _tune(study: Study, raw: dict, fail) -> Study:
         name = _typed(entry, "name", str, fail, f"{where}.", required=True)
         if name not in TRIAL_KEYS or name in RUN_OWNED:
             raise fail(f"{where}.name", f"{name!r} is not a trial-config key that can be tuned")
+        if name in DATASET_KEYS:
+            what = "the dataset every trial reads; tuning studies load it once"
+            if name not in DATA_KEYS:
+                what = "the splits every trial reads; tuning studies fix them once"
+            raise fail(f"{where}.name", f"{name!r} changes {what} (set it in [defaults] or a "
+                       f"preset)")  # fmt: skip
         if any(p.name == name for p in params):
             raise fail(f"{where}.name", f"{name!r} is sampled twice")
         kind = _typed(entry, "type", str, fail, f"{where}.", required=True)
@@ -353,29 +416,62 @@ def _tune(study: Study, raw: dict, fail) -> Study:
             earlier = next((p for p in params if p.name == other), None)
             if earlier is None:
                 raise fail(f"{where}.when.{other}", "names no earlier parameter of the space")
-            if not isinstance(values, list) or not all(v in earlier.choices for v in values):
+            # an empty list would never sample the parameter
+            listed = isinstance(values, list) and values
+            if not listed or not all(v in earlier.choices for v in values):
                 raise fail(f"{where}.when.{other}", f"must be a list of {other}'s choices")
+        takes = FIELD_TYPES[name]
         if kind == "categorical":
-            choices = entry.get("choices")
-            if not isinstance(choices, list) or not choices:
-                raise fail(f"{where}.choices", "a categorical parameter needs a list of choices")
-            for choice in choices:
-                _config(study.path, f"{where}.choices", {**study.defaults, name: choice})
-            param = Param(name, kind, choices=tuple(choices), when=when)
+            param = Param(name, kind, choices=_choices(study, entry, name, where, fail), when=when)
         else:
+            if takes not in (int, float):
+                raise fail(f"{where}.type", f"{kind!r} samples numbers; {name!r} takes "
+                           f"{TYPE_NAMES[takes]} (use categorical)")  # fmt: skip
+            if takes is int and kind != "int":
+                raise fail(f"{where}.type", f"{kind!r} samples fractions; {name!r} takes "
+                           f"integers (use int)")  # fmt: skip
             low, high = entry.get("low"), entry.get("high")
-            numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                          for v in (low, high))  # fmt: skip
-            if not numbers or not low < high or (kind == "loguniform" and low <= 0):
+            for key, value in (("low", low), ("high", high)):
+                if kind == "int" and not _of_type(value, int):
+                    raise fail(f"{where}.{key}", f"an int parameter needs integer bounds, "
+                               f"got {value!r}")  # fmt: skip
+                if _number(value) and not math.isfinite(value):
+                    raise fail(f"{where}.{key}", f"must be finite, got {value!r}")
+            if (
+                not (_number(low) and _number(high))
+                or not low < high
+                or (kind == "loguniform" and low <= 0)
+            ):
                 raise fail(f"{where}.low", f"needs numbers low < high (> 0 for loguniform), "
                            f"got {low!r}, {high!r}")  # fmt: skip
             for v in (low, high):
                 _config(study.path, f"{where}", {**study.defaults, name: v})
-            param = Param(name, kind, low=float(low), high=float(high), when=when)
+            if kind != "int":
+                low, high = float(low), float(high)
+            param = Param(name, kind, low=low, high=high, when=when)
         params.append(param)
-    if settings.metric not in ("best_val_accuracy", "val_accuracy", "val_macro_f1"):
-        raise fail("tune.metric", "must be best_val_accuracy, val_accuracy or val_macro_f1")
     return replace(study, space=tuple(params), tune=settings)
+
+
+def _choices(study: Study, entry: dict, name: str, where: str, fail) -> tuple:
+    """A categorical parameter's choices: distinct values of the TOML type the key takes
+    (``from_dict`` also parses strings, as MLflow returns params, but Optuna would then sample
+    ``"32"`` and ``32`` as different values), each a valid trial config."""
+    choices = entry.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise fail(f"{where}.choices", "a categorical parameter needs a list of choices")
+    takes = FIELD_TYPES[name]
+    seen = []
+    for choice in choices:
+        if not _of_type(choice, takes):
+            raise fail(f"{where}.choices", f"{name!r} takes {TYPE_NAMES[takes]}, "
+                       f"got {choice!r}")  # fmt: skip
+        _config(study.path, f"{where}.choices", {**study.defaults, name: choice})
+        value = float(choice) if takes is float else choice
+        if value in seen:
+            raise fail(f"{where}.choices", f"{choice!r} is listed twice")
+        seen.append(value)
+    return tuple(choices)
 
 
 def _tune_keys(table, where: str, fail) -> dict:
@@ -394,6 +490,13 @@ def _tune_keys(table, where: str, fail) -> dict:
         out[key] = value
     if out.get("mode", "max") not in ("max", "min"):
         raise fail(f"{where}.mode", "must be max or min")
+    if out.get("metric", METRICS[0]) not in METRICS:
+        raise fail(f"{where}.metric", f"must be one of {', '.join(METRICS)}, "
+                   f"got {out['metric']!r}")  # fmt: skip
+    factor = out.get("reduction_factor", 2)
+    if factor < 2:  # ASHAScheduler asserts reduction_factor > 1
+        raise fail(f"{where}.reduction_factor", f"must be at least 2 (ASHA keeps 1 in "
+                   f"reduction_factor trials at each rung), got {factor}")  # fmt: skip
     return out
 
 
@@ -406,6 +509,19 @@ def _trial_keys(table: dict, where: str, fail) -> dict:
         if isinstance(value, float) and not math.isfinite(value):
             raise fail(f"{where}.{key}", "must be finite")
     return dict(table)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _of_type(value, kind) -> bool:
+    """Whether a TOML value is of a trial-config key's type (an integer is a float too)."""
+    if kind is float:
+        return _number(value) and math.isfinite(value)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 def _table(raw: dict, key: str, fail) -> dict:

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -53,12 +54,12 @@ attention = "none"
 {cells}
 [presets.tiny]
 epochs = {epochs}
+checkpoint_every = 1  # the fault tests count epochs redone after a checkpoint
 batch_size = 16
 synthetic_subjects = 5
 synthetic_images_per_class = 2
 """
-CELLS = [("ce", "ce", ""), ("center", "center", ""), ("island", "island", ""),
-         ("island_eca", "island", 'backbone = "resnet50"\nattention = "eca"')]  # fmt: skip
+CELLS = [("ce", "ce"), ("center", "center")]
 ARTIFACTS = ROOT / "test-artifacts"
 
 
@@ -229,9 +230,8 @@ class Rig:
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
-def study_file(folder: Path, name: str, epochs: int = 2, cells: int = 4) -> Path:
-    body = "\n".join(f'[[cells]]\nname = "{n}"\nloss = "{loss}"\n{extra}'
-                     for n, loss, extra in CELLS[:cells])  # fmt: skip
+def study_file(folder: Path, name: str, epochs: int = 2, cells: int = 2) -> Path:
+    body = "\n".join(f'[[cells]]\nname = "{n}"\nloss = "{loss}"' for n, loss in CELLS[:cells])
     path = folder / f"{name}.toml"
     path.write_text(STUDY.format(name=name, epochs=epochs, cells=body))
     return path
@@ -270,7 +270,7 @@ def test_a_study_on_nodes_that_share_no_disk_keeps_its_checkpoints_in_s3(rig):
     done = run(rig.ablation(study), rig.env, rig.folder)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     client, runs = children(rig.uri, "twonodes")
-    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
     assert len({r.data.tags["ray_node_id"] for r in runs}) == 2  # both nodes trained
     for run_ in runs:
         names = {a.path for a in client.list_artifacts(run_.info.run_id)}
@@ -294,14 +294,14 @@ def test_a_study_on_nodes_that_share_no_disk_keeps_its_checkpoints_in_s3(rig):
 
 
 def test_the_same_study_submitted_as_a_ray_job_finishes(rig):
-    study = study_file(rig.folder, "asjob", cells=2)
+    study = study_file(rig.folder, "asjob", cells=1)
     entry = ["python", *rig.args(study)]  # the job's own python: the head's PATH has this venv
     address = ["--address", f"http://127.0.0.1:{rig.dashboard}"]
     done = run([str(BIN / "ray"), "job", "submit", *address, "--", *entry], rig.env, rig.folder)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout
     _, runs = children(rig.uri, "asjob")
-    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    assert len(runs) == 1 and {r.info.status for r in runs} == {"FINISHED"}
 
 
 def test_the_mlflow_server_admits_the_compose_host_names_and_refuses_others(rig):
@@ -389,7 +389,7 @@ def test_trials_that_fit_on_no_node_are_refused_within_seconds(rig, flags, asked
 
 
 def test_a_killed_driver_is_resumed_from_s3_without_duplicates(rig):
-    study = study_file(rig.folder, "driverkill", epochs=3, cells=3)
+    study = study_file(rig.folder, "driverkill", epochs=3)
     cmd = rig.ablation(study, "--max-concurrent", "1")
     driver = subprocess.Popen(cmd, env=rig.env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, cwd=rig.folder)  # fmt: skip
@@ -402,7 +402,7 @@ def test_a_killed_driver_is_resumed_from_s3_without_duplicates(rig):
     driver.wait()
     client, before = children(rig.uri, "driverkill")
     finished = {r.info.run_id for r in before if r.info.status == "FINISHED"}
-    assert 1 <= len(finished) < 3
+    assert len(finished) == 1
     # a new working folder: the session can only be found in the bucket
     elsewhere = rig.folder / "elsewhere"
     elsewhere.mkdir()
@@ -410,41 +410,54 @@ def test_a_killed_driver_is_resumed_from_s3_without_duplicates(rig):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"resuming {rig.storage}/driverkill__synthetic__tiny__" in done.stdout
     client, after = children(rig.uri, "driverkill")
-    assert len(after) == 3 and {r.info.status for r in after} == {"FINISHED"}
-    assert sorted(r.data.tags["cell"] for r in after) == ["ce", "center", "island"]
+    assert len(after) == 2 and {r.info.status for r in after} == {"FINISHED"}
+    assert sorted(r.data.tags["cell"] for r in after) == ["ce", "center"]
     for run_id in finished:  # not trained again
         assert len(client.get_metric_history(run_id, "val_accuracy")) == 3
     exp = client.get_experiment_by_name("driverkill")
     parents = client.search_runs([exp.experiment_id], "tags.study_parent = 'true'")
-    assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED"]
+    assert [r.info.status for r in parents] == ["FINISHED"]  # one study, reopened
+    assert {r.data.tags["mlflow.parentRunId"] for r in after} == {parents[0].info.run_id}
+    progress = [ln for ln in done.stdout.splitlines() if " done, " in ln]
+    assert progress[0].split("] ")[1].startswith("1/2 done")  # counts the earlier trial
     assert list(elsewhere.iterdir()) == []
 
 
-def test_a_short_mlflow_outage_loses_no_metric(rig):
-    study = study_file(rig.folder, "outage", epochs=3, cells=2)
-    # MLflow's client retries with exponential backoff; a small factor keeps the test short
-    env = {**rig.env, "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "10"}  # fmt: skip
-    driver = subprocess.Popen(rig.ablation(study), env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, cwd=rig.folder)  # fmt: skip
-
-    def started() -> bool:
-        if driver.poll() is not None:
-            raise AssertionError(driver.communicate()[0].decode()[-3000:])
-        return len(children(rig.uri, "outage")[1]) >= 1
-
-    wait_for(started, 300, "a running trial")
+def test_a_minute_long_mlflow_outage_delays_no_trial_and_loses_nothing(rig):
+    study = study_file(rig.folder, "outage", epochs=3)
+    cmd = [a for a in rig.ablation(study) if a != "--no-log-checkpoints"]
+    driver = subprocess.Popen(cmd, env=rig.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              cwd=rig.folder, text=True)  # fmt: skip
+    lines: list[tuple[float, str]] = []  # (when it was printed, line)
+    reader = threading.Thread(
+        target=lambda: lines.extend((time.monotonic(), ln) for ln in driver.stdout), daemon=True
+    )
+    reader.start()
+    wait_for(lambda: any("<- started" in ln for _, ln in lines) or driver.poll() is not None,
+             300, "a running trial")  # fmt: skip
+    stopped = time.monotonic()
     rig.mlflow.stop()
-    time.sleep(6)
+    time.sleep(60)
+    back = time.monotonic()
     rig.mlflow.start()
     rig.wait_mlflow()
-    output = driver.communicate(timeout=600)[0].decode()
-    assert driver.returncode == 0, output[-3000:]
+    down = time.monotonic() - stopped  # what clients saw: the minute and the server's restart
+    assert driver.wait(timeout=600) == 0, "".join(ln for _, ln in lines)[-3000:]
+    reader.join(timeout=30)
+    # both trials trained to the end while the server was away: Tune's loop never waited
+    finished = [t for t, ln in lines if "<- finished" in ln]
+    assert len(finished) == 2 and max(finished) < back
     client, runs = children(rig.uri, "outage")
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
-    for run_ in runs:
+    for run_ in runs:  # every epoch's metrics, the final ones and the artifacts arrived
         steps = sorted(m.step for m in client.get_metric_history(run_.info.run_id, "val_accuracy"))
-        assert steps[:3] == [1, 2, 3] and "test_accuracy" in run_.data.metrics
+        assert steps == [1, 2, 3] and "test_accuracy" in run_.data.metrics
+        names = {a.path for a in client.list_artifacts(run_.info.run_id)}
+        assert {"best_model.pt", "confusion_matrix.png", "predictions.json"} <= names
+    report = next(ln for _, ln in lines if ln.startswith("tracking: "))
+    assert "MLflow was unreachable" in report and "none lost" in report
+    # measured from the first failed write to the first that got through after the restart
+    assert down - 10 <= float(report.split("longest ")[1].split(" s")[0]) <= down + 15
 
 
 def test_without_an_address_a_private_ray_starts_beside_a_running_cluster(rig, tmp_path):
@@ -541,7 +554,7 @@ def test_an_autoscaling_cluster_is_waited_for_up_to_the_node_timeout(tmp_path):
 def test_a_worker_node_killed_mid_study_has_its_trials_restored_from_s3(rig):
     """Last: it takes the rig's worker away."""
     epochs = 5
-    study = study_file(rig.folder, "nodekill", epochs=epochs, cells=2)
+    study = study_file(rig.folder, "nodekill", epochs=epochs)
     driver = subprocess.Popen(rig.ablation(study, "--max-failures", "3"), env=rig.env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               cwd=rig.folder)  # fmt: skip

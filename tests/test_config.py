@@ -13,6 +13,13 @@ def test_defaults_are_the_papers():
     assert (c.optimizer, c.lr, c.batch_size, c.epochs) == ("adam", 0.001, 32, 200)
     assert (c.schedule, c.plateau_factor, c.plateau_patience) == ("plateau", 0.1, 30)
     assert (c.lam, c.lam1, c.alpha) == (0.01, 10.0, 0.5)
+    assert c.checkpoint_every == 0  # auto: checkpoint time near 5% of the trial's
+
+
+@pytest.mark.parametrize("every", [0, 1, 7])
+def test_checkpoint_every_is_auto_or_a_number_of_epochs(every):
+    assert TrialConfig(checkpoint_every=every).checkpoint_every == every
+    assert TrialConfig.from_dict({"checkpoint_every": str(every)}).checkpoint_every == every
 
 
 def test_round_trip_through_a_flat_dict_of_plain_values():
@@ -43,6 +50,8 @@ def test_round_trip_through_a_flat_dict_of_plain_values():
         ({"device": "tpu"}, "device: 'tpu' is not auto, cpu, cuda or cuda:N"),
         ({"tta": "fivecrop"}, "tta: 'fivecrop' is not one of none, flip, tencrop"),
         ({"image_size": 24}, "image_size: at least 32"),
+        ({"checkpoint_every": -1}, "checkpoint_every: must be non-negative, got -1"),
+        ({"checkpoint_every": 1.5}, "checkpoint_every: expected int, got 1.5"),
     ],
 )
 def test_bad_configs_name_the_key(values, message):

@@ -1,13 +1,14 @@
 """The training engine: selection on validation only, exact resume, divergence, every model."""
 
 import shutil
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from fermodel import ATTENTIONS, LOSS_KINDS
-from fermodel.checkpoint import CheckpointError, load_checkpoint
+from fermodel import ATTENTIONS, LOSS_KINDS, engine
+from fermodel.checkpoint import SAME_AS_MODEL, CheckpointError, load_checkpoint
 from fermodel.config import TrialConfig
 from fermodel.data import make_synthetic
 from fermodel.engine import TrainingDiverged, fit
@@ -43,7 +44,7 @@ def test_fit_reports_every_epoch_and_tests_once(tiny):
     reports = []
     result = fit(quick(), tiny, report=lambda m, d: reports.append((m, d)))
     assert [m["epoch"] for m, _ in reports] == [1, 2]
-    assert all(d is not None for _, d in reports)  # checkpoint_every=1
+    assert all(d is not None for _, d in reports)  # auto: the first epoch and the last
     for key in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr",
                 "val_recall_happy", "images_per_second"):  # fmt: skip
         assert key in reports[0][0]
@@ -75,17 +76,94 @@ def test_resuming_from_a_checkpoint_gives_the_same_run(tiny, tmp_path):
     def keep(metrics, folder):
         saved[metrics["epoch"]] = shutil.copytree(folder, tmp_path / f"epoch{metrics['epoch']}")
 
-    config = quick(epochs=3, attention="psa", loss="island")
+    config = quick(epochs=3, attention="psa", loss="island", checkpoint_every=1)
     straight = fit(config, tiny, report=keep)
-    state = load_checkpoint(saved[1])
-    assert state["epoch"] == 1 and state["config"] == config.to_dict()
-    assert "centers" in "".join(state["criterion"])
-    resumed = fit(config, tiny, checkpoint=saved[1])
-    assert timeless(resumed.history) == timeless(straight.history)
-    assert resumed.test_predictions == straight.test_predictions
-    assert resumed.best_epoch == straight.best_epoch
+    assert sorted(saved) == [1, 2, 3]
+    states = {k: load_checkpoint(saved[k]) for k in (1, 2)}
+    assert states[1]["epoch"] == 1 and states[1]["config"] == config.to_dict()
+    assert "centers" in "".join(states[1]["criterion"])
+    # epoch 1 is the best one of its checkpoint, epoch 2 is not the best of its own
+    assert [s["best"]["epoch"] for s in states.values()] == [1, 1], "need both cases"
+    for k in (1, 2):
+        resumed = fit(config, tiny, checkpoint=saved[k])
+        assert timeless(resumed.history) == timeless(straight.history)
+        assert resumed.test_predictions == straight.test_predictions  # the best model's
+        assert resumed.best_epoch == straight.best_epoch
     with pytest.raises(ValueError, match=r"different config \(keys: \['lr'\]\)"):
         fit(config.replace(lr=0.01), tiny, checkpoint=saved[1])
+
+    # and each set of weights is stored once: the best model of epoch 1 is a marker, not a
+    # second copy of the model; epoch 2's is epoch 1's weights alone, a state dict of tensors
+    current, older = states[1], states[2]
+    assert current["best_model"] == SAME_AS_MODEL
+    assert older["best_model"].keys() == current["model"].keys()
+    for key, weights in older["best_model"].items():
+        assert torch.equal(weights, current["model"][key])
+    model_bytes = sum(t.numel() * t.element_size() for t in current["model"].values())
+    size = {k: (saved[k] / "state.pt").stat().st_size for k in (1, 2)}
+    assert size[2] - size[1] == pytest.approx(model_bytes, rel=0.02)
+    assert size[1] < 3.05 * model_bytes  # the model and Adam's two moments; the rest is small
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """The checkpoint cadence's clock, moved by the test alone: each epoch's evaluation takes
+    30 s, and a report takes what the test's callback adds."""
+    now = [0.0]
+    monkeypatch.setattr(engine.CheckpointCadence, "clock", staticmethod(lambda: now[0]))
+    evaluate = engine.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        now[0] += 30
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", slow_evaluate)
+    return now
+
+
+def small(**changes):
+    return quick(backbone="resnet18", attention="none", **changes)
+
+
+def test_auto_checkpoints_keep_a_slow_upload_near_5_percent_of_the_time(tiny, fake_clock):
+    written = []
+
+    def upload(metrics, folder):
+        if folder is not None:  # 2 s, then 4 s: the next waits for 19 x that of training
+            fake_clock[0] += 2 if not written else 4
+            written.append(metrics["epoch"])
+
+    result = fit(small(epochs=7), tiny, report=upload)
+    # epoch 1 measures (2 s); 30 s after it ends is < 38 s, 60 s is not: epoch 3 (4 s); then
+    # 30 and 60 s are < 76 s, 90 s is not: epoch 6; and the last epoch
+    assert written == result.checkpoint_epochs == [1, 3, 6, 7]
+    assert result.checkpoint_seconds == 2 + 4 + 4 + 4
+    assert len(result.history) == 7
+
+
+def test_a_real_slow_upload_is_not_repeated_every_epoch(tiny):
+    written = []
+
+    def upload(metrics, folder):
+        if folder is not None:
+            time.sleep(1.0)  # the next checkpoint waits for ~19 s of training
+            written.append(metrics["epoch"])
+
+    result = fit(small(epochs=3), tiny, report=upload)
+    assert written == result.checkpoint_epochs == [1, 3]
+    assert result.checkpoint_seconds >= 2.0
+
+
+def test_checkpoint_every_n_epochs_and_the_last_whatever_they_cost(tiny, fake_clock):
+    written = []
+
+    def upload(metrics, folder):
+        if folder is not None:
+            fake_clock[0] += 1000
+            written.append(metrics["epoch"])
+
+    result = fit(small(epochs=5, checkpoint_every=2), tiny, report=upload)
+    assert written == result.checkpoint_epochs == [2, 4, 5]
 
 
 class Payload:

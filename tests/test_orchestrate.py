@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrate.ablation import main
 from orchestrate.runner import RunOptions, run_study
-from orchestrate.search import FinalOnlyOptunaSearch
+from orchestrate.search import JOURNAL, FinalOnlyOptunaSearch
 from search_spaces import load_study
 
 GRID = """
@@ -163,13 +163,91 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_study_finishes(
         'name = "joint"\nattention = "none"\nloss = "island"',
         'name = "joint"\nattention = "none"\nloss = "center"\nlam = 1e38',
     )
+    body = body[: body.index('[[cells]]\nname = "psa"')]  # Basic and the diverging cell
     run_study(load_study(study_file(body)), options(tmp_path), out=io.StringIO())
     _, all_runs = runs(tmp_path, "diverge")
     children = {r.data.tags["cell"]: r for r in all_runs if r.data.tags.get("cell")}
     assert children["joint"].info.status == "FAILED"
     assert "non-finite loss at epoch 1, step 1" in children["joint"].data.tags["error"]
-    assert {children[c].info.status for c in ("basic", "psa", "psa_joint")} == {"FINISHED"}
+    assert children["joint"].data.tags["failure_reason"] == "divergence"
+    assert children["basic"].info.status == "FINISHED" and len(children) == 2
     assert all(r.info.status != "RUNNING" for r in all_runs)
+
+
+DIVERGING_HPO = """
+name = "divhpo"
+kind = "tune"
+[run]
+dataset = "synthetic"
+[defaults]
+backbone = "resnet18"
+attention = "none"
+loss = "center"
+[tune]
+num_samples = 4
+grace_period = 1
+reduction_factor = 2
+[[space]]
+name = "lam"
+type = "categorical"
+choices = [0.01, 1e38]
+"""
+
+
+@pytest.mark.slow
+def test_a_tuning_study_with_a_diverging_trial_finishes_and_tells_optuna_it_failed(
+    ray_cluster, tmp_path, study_file, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--study", study_file(DIVERGING_HPO), "--preset", "tiny", "--epochs", "3",
+            "--storage", str(tmp_path / "ray"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
+            "--max-failures", "2", "--no-log-checkpoints"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr()
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    exp = client.get_experiment_by_name("divhpo")
+    all_runs = client.search_runs([exp.experiment_id])
+    children = [r for r in all_runs if r.data.tags["study_parent"] == "false"]
+    assert len(children) == 4 and all(r.info.status != "RUNNING" for r in all_runs)
+    assert sorted(r.info.run_name for r in children) == [f"tuned-{i:03d}" for i in range(1, 5)]
+    diverged = [r for r in children if float(r.data.params["lam"]) > 1]
+    assert diverged and len(diverged) < 4  # seed 0 samples both choices
+    for run in children:
+        if run in diverged:
+            assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == "divergence"
+            assert "non-finite loss at epoch 1, step 1" in run.data.tags["error"]
+            assert "val_accuracy" not in run.data.metrics  # no metric was invented for it
+        else:
+            assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+    # Optuna was told FAIL for each diverged trial, and its history lives in the storage
+    import optuna
+
+    session = next(r for r in all_runs if r.data.tags["study_parent"] == "true").info.run_name
+    journal = tmp_path / "ray" / session / "optuna.journal"
+    history = optuna.load_study(
+        study_name=session,
+        storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(journal))
+        ),
+    ).trials
+    failed = [t for t in history if t.state == optuna.trial.TrialState.FAIL]
+    assert len(history) == 4 and len(failed) == len(diverged)
+    assert all(t.params["lam"] > 1 for t in failed)
+
+
+@pytest.mark.parametrize(
+    ("epochs", "grace", "reduction", "expected"),
+    [(30, 10, 3, [10]), (30, 1, 3, [1, 3, 9, 27]), (27, 1, 3, [1, 3, 9]), (10, 1, 2, [1, 2, 4, 8]),
+     (9, 1, 2, [1, 2, 4, 8]), (8, 1, 2, [1, 2, 4]), (2, 1, 2, [1]), (5, 5, 3, []), (3, 10, 3, []),
+     (1, 1, 2, [])],
+)  # fmt: skip
+def test_asha_rungs_fall_before_the_last_epoch(epochs, grace, reduction, expected):
+    from orchestrate.search import asha, rungs
+    from search_spaces.study import TuneSettings
+
+    assert rungs(epochs, grace, reduction) == expected
+    assert all(r < epochs for r in rungs(epochs, grace, reduction))
+    settings = TuneSettings(grace_period=grace, reduction_factor=reduction)
+    assert (asha(epochs, settings) is None) == (expected == [])
 
 
 @pytest.mark.parametrize(
@@ -258,38 +336,87 @@ def _children(db):
     return client, found
 
 
-@pytest.mark.slow
-def test_an_interrupted_study_resumes_without_rerunning_finished_trials(tmp_path, study_file):
-    path = study_file(GRID)
-    db = tmp_path / "mlflow.db"
-    cmd = [sys.executable, "-m", "orchestrate.ablation", "--study", path, "--preset", "tiny",
-           "--storage", str(tmp_path / "ray"), "--tracking-uri", f"sqlite:///{db}",
-           "--max-concurrent", "1", "--no-log-checkpoints"]  # fmt: skip
+# the Ctrl-C tests' grid: four quick ResNet-18 trials (their names are what _children reads)
+QUICK = GRID.replace('backbone = "resnet50"', 'backbone = "resnet18"').replace(
+    'attention = "psa"', 'attention = "none"\nlr = 0.002'
+)
+
+
+def _parents(client):
+    exp = client.get_experiment_by_name("mini4")
+    return client.search_runs([exp.experiment_id], "tags.study_parent = 'true'")
+
+
+def _interrupt(cmd, tmp_path, db, signals: int, finished: int):
+    """Ctrl-C (``signals`` SIGINTs) once ``finished`` trials have finished and one runs."""
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         _, found = _children(db)
-        if sum(r.info.status == "FINISHED" for r in found) >= 1:
+        done = sum(r.info.status == "FINISHED" for r in found)
+        if done >= finished and any(r.info.status == "RUNNING" for r in found):
             break
-        time.sleep(1)
-    proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+    for _ in range(signals):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
     output = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode == 130, output
-    client, before = _children(db)
-    finished = {r.info.run_id: r for r in before if r.info.status == "FINISHED"}
+    client, runs = _children(db)
+    assert [r.info.status for r in _parents(client)] == ["KILLED"]
+    assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"}  # none left RUNNING
+    return output, client, runs
+
+
+@pytest.mark.slow
+def test_ctrl_c_marks_the_study_killed_and_resume_finishes_it_once(tmp_path, study_file):
+    path = study_file(QUICK)
+    db = tmp_path / "mlflow.db"
+    cmd = [sys.executable, "-m", "orchestrate.ablation", "--study", path, "--preset", "tiny",
+           "--storage", str(tmp_path / "ray"), "--tracking-uri", f"sqlite:///{db}",
+           "--max-concurrent", "1", "--no-log-checkpoints"]  # fmt: skip
+    output, client, before = _interrupt(cmd, tmp_path, db, signals=1, finished=1)
+    hint = output.splitlines()
+    at = next(i for i, line in enumerate(hint) if "Continue with:" in line)
+    assert hint[at + 1].strip().startswith("python -m orchestrate.ablation --study")
+    assert hint[at + 1].strip().endswith("--resume")
+    finished = {r.info.run_id for r in before if r.info.status == "FINISHED"}
     assert 1 <= len(finished) < 4
+
+    # a changed plan is refused with what changed, before anything starts
+    changed = subprocess.run([*cmd, "--resume", "--epochs", "3"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert changed.returncode == 2
+    assert "planned other trials; changed: epochs: 2 -> 3" in changed.stderr
 
     done = subprocess.run([*cmd, "--resume"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
+    progress = [ln for ln in done.stdout.splitlines() if " done, " in ln]
+    assert progress[0].split("] ")[1].startswith(f"{len(finished)}/4 done")  # counts earlier ones
     client, after = _children(db)
     assert len(after) == 4 and {r.info.status for r in after} == {"FINISHED"}
-    assert len({r.data.tags["cell"] for r in after}) == 4  # no duplicate runs
+    assert len({r.data.tags["cell"] for r in after}) == 4  # exactly one run per trial
     for run_id in finished:  # finished trials were not run again
         assert len(client.get_metric_history(run_id, "val_accuracy")) == 2
-    exp = client.get_experiment_by_name("mini4")
-    parents = client.search_runs([exp.experiment_id], "tags.study_parent = 'true'")
-    assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED"]
+    parents = _parents(client)  # the resumed study is one study: one parent, finished
+    assert [r.info.status for r in parents] == ["FINISHED"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in after} == {parents[0].info.run_id}
+
+    again = subprocess.run([*cmd, "--resume"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=120)  # fmt: skip
+    assert again.returncode == 2 and "has finished" in again.stderr
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_and_leaves_the_same_state(tmp_path, study_file):
+    path = study_file(QUICK)
+    db = tmp_path / "mlflow.db"
+    cmd = [sys.executable, "-m", "orchestrate.ablation", "--study", path, "--preset", "tiny",
+           "--storage", str(tmp_path / "ray"), "--tracking-uri", f"sqlite:///{db}",
+           "--max-concurrent", "1", "--no-log-checkpoints"]  # fmt: skip
+    _, _, runs = _interrupt(cmd, tmp_path, db, signals=2, finished=0)
+    assert "KILLED" in {r.info.status for r in runs}
 
 
 def test_credentials_never_reach_params_or_tags(tmp_path):
@@ -309,3 +436,76 @@ def test_credentials_never_reach_params_or_tags(tmp_path):
     assert run.data.params["tracking_uri"] == "http://alice:***@mlflow.internal:5000"
     assert "hunter2" not in str(run.data.tags) and "s3cret" not in str(run.data.params)
     tracker.end_parent("FINISHED")
+
+
+RESUMED_HPO = """
+name = "resumehpo"
+kind = "tune"
+[run]
+dataset = "synthetic"
+[defaults]
+backbone = "resnet18"
+attention = "none"
+[tune]
+num_samples = 3
+grace_period = 1
+reduction_factor = 2
+[[space]]
+name = "lr"
+type = "loguniform"
+low = 0.0001
+high = 0.01
+"""
+
+
+@pytest.mark.slow
+def test_a_resumed_tuning_study_continues_its_optuna_history(tmp_path, study_file):
+    import optuna
+
+    db = tmp_path / "m.db"
+    cmd = [sys.executable, "-m", "orchestrate.ablation", "--study", study_file(RESUMED_HPO),
+           "--preset", "tiny", "--epochs", "3", "--storage", str(tmp_path / "ray"),
+           "--tracking-uri", f"sqlite:///{db}", "--max-concurrent", "1",
+           "--no-log-checkpoints"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def children():
+        client = MlflowClient(f"sqlite:///{db}")
+        exp = client.get_experiment_by_name("resumehpo") if db.exists() else None
+        if exp is None:
+            return []
+        return client.search_runs([exp.experiment_id], "tags.study_parent = 'false'")
+
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        found = children()
+        if any(r.info.status == "FINISHED" for r in found) and any(
+            r.info.status == "RUNNING" for r in found
+        ):
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    (session,) = [p.name for p in (tmp_path / "ray").iterdir()]
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "ray" / session / JOURNAL))
+    )
+    before = {t.number: t.params for t in optuna.load_study(study_name=session,
+                                                             storage=storage).trials}  # fmt: skip
+    assert len(before) in (2, 3)  # one finished, one running, maybe one more sampled
+
+    done = subprocess.run([*cmd, "--resume"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "ray" / session / JOURNAL))
+    )
+    after = optuna.load_study(study_name=session, storage=storage).trials
+    assert [t.number for t in after] == [0, 1, 2]  # numbered on, nothing sampled twice
+    assert {t.number: t.params for t in after if t.number in before} == before
+    assert {t.state for t in after} <= {optuna.trial.TrialState.COMPLETE,
+                                        optuna.trial.TrialState.PRUNED}  # fmt: skip
+    runs = children()
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
+    sampled = sorted(float(r.data.params["lr"]) for r in runs)
+    assert sampled == pytest.approx(sorted(t.params["lr"] for t in after))
