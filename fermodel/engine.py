@@ -353,22 +353,25 @@ def fit(
     data: FERDataset | None = None,
     report: Report | None = None,
     checkpoint=None,
+    checkpoint_now: Callable[[], bool] | None = None,
 ) -> TrialResult:
     """Train and evaluate one trial. ``data`` is the dataset the config names (read here when
-    None); ``checkpoint`` is a checkpoint folder or file to continue from."""
+    None); ``checkpoint`` is a checkpoint folder or file to continue from; ``checkpoint_now``,
+    asked once an epoch, makes that epoch write a checkpoint whatever the cadence (a driver
+    about to stop uses it)."""
     previous = torch.are_deterministic_algorithms_enabled()
     benchmark = torch.backends.cudnn.benchmark
     torch.use_deterministic_algorithms(config.deterministic or previous)
     # every batch has the same shape: let cuDNN pick its fastest kernels once
     torch.backends.cudnn.benchmark = not config.deterministic
     try:
-        return _fit(config, data, report, checkpoint)
+        return _fit(config, data, report, checkpoint, checkpoint_now)
     finally:
         torch.use_deterministic_algorithms(previous)
         torch.backends.cudnn.benchmark = benchmark
 
 
-def _fit(c: TrialConfig, data, report, checkpoint) -> TrialResult:
+def _fit(c: TrialConfig, data, report, checkpoint, checkpoint_now=None) -> TrialResult:
     device = resolve_device(c.device)
     torch.manual_seed(c.seed)
     data = load_trial_data(c) if data is None else data
@@ -456,7 +459,7 @@ def _fit(c: TrialConfig, data, report, checkpoint) -> TrialResult:
             "epoch_seconds": epoch_seconds,
         }
         history.append(metrics)
-        if report is not None and cadence.due(epoch):
+        if report is not None and (cadence.due(epoch) or (checkpoint_now and checkpoint_now())):
             with cadence.timed(epoch), tempfile.TemporaryDirectory(prefix="fer-ckpt-") as folder:
                 state = training_state(c, epoch, parts, shuffle_gen, augment_gen, history, best,
                                        best_state)  # fmt: skip

@@ -53,6 +53,12 @@ def start_ray(address: str | None, verbose: bool = False) -> bool:
     return True
 
 
+def ray_is_up() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
 def alive_nodes() -> list[dict]:
     import ray
 

@@ -150,13 +150,14 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
     """Run a study to the end; returns a summary (session, parent run id, table, counts).
     An interrupted study (Ctrl-C) raises KeyboardInterrupt after marking its runs KILLED."""
     out = out or sys.stdout
-    from orchestrate import sessions
+    from orchestrate import interrupt, sessions
     from orchestrate.cluster import (
         alive_nodes,
         check_resources,
         check_storage_shared,
         cluster_has_gpus,
         quiet_ray,
+        ray_is_up,
         start_ray,
     )
     from orchestrate.report import format_table
@@ -185,6 +186,7 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
         check_resources(options.cpus_per_trial, options.gpus_per_trial, options.node_timeout, out)
         if not started_ray or len(alive_nodes()) > 1:
             check_storage_shared(storage)
+        interrupt.clear(session)  # a flag left by an interrupted earlier invocation
         if not options.resume:
             sessions.write_plan(storage, session, plan)
         # MLflow's import and a new store's migrations take seconds: open the store and the
@@ -216,6 +218,8 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
         raise
     finally:
         _end(opening, writer, session, status, out)
+        if ray_is_up():
+            interrupt.clear(session)
         if started_ray:
             import ray
 
@@ -226,6 +230,7 @@ def _tuner(plan: Plan, options: RunOptions, storage, session: str, datasets: dic
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, Tuner
 
+    from orchestrate.interrupt import GracefulStop
     from orchestrate.progress import Progress
     from orchestrate.tracking import MLflowTrials
     from orchestrate.trainable import run_trial
@@ -243,6 +248,7 @@ def _tuner(plan: Plan, options: RunOptions, storage, session: str, datasets: dic
         MLflowTrials(options.tracking_uri, plan.study.name, session,
                      Describe(plan.study.name, plan.base), options.log_checkpoints),
         Progress(plan.size, session, out=out),
+        GracefulStop(session),
     ]  # fmt: skip
     if plan.study.kind == "tune" and not storage.local:
         from orchestrate.search import JournalMirror
@@ -366,9 +372,14 @@ def _param_space(plan: Plan) -> dict:
 def _tune_config(plan: Plan, options: RunOptions, storage, session: str):
     from ray.tune import TuneConfig
 
+    from orchestrate.interrupt import PausableFIFO
+
     if plan.study.kind == "grid":
         return TuneConfig(
-            num_samples=1, max_concurrent_trials=options.max_concurrent, reuse_actors=True
+            num_samples=1,
+            max_concurrent_trials=options.max_concurrent,
+            reuse_actors=True,
+            scheduler=PausableFIFO(session),
         )
     from orchestrate.search import FinalOnlyOptunaSearch, asha, optuna_storage, tpe
 
@@ -382,7 +393,7 @@ def _tune_config(plan: Plan, options: RunOptions, storage, session: str):
             study_name=session,
             storage=optuna_storage(storage, session),
         ),
-        scheduler=asha(int(plan.base.get("epochs", 200)), t),
+        scheduler=asha(int(plan.base.get("epochs", 200)), t, session) or PausableFIFO(session),
         num_samples=t.num_samples,
         max_concurrent_trials=options.max_concurrent or default_concurrency(t.num_samples),
     )

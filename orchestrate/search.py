@@ -50,12 +50,16 @@ def tpe(seed: int = 0) -> optuna.samplers.TPESampler:
         )
 
 
-def asha(epochs: int, settings) -> ASHAScheduler | None:
-    """ASHA on ``settings.metric`` with every rung before the last epoch, or None (no early
-    stopping) when the grace period leaves no such rung."""
+def asha(epochs: int, settings, session: str = "") -> ASHAScheduler | None:
+    """ASHA on ``settings.metric`` with every rung before the last epoch (pausable on Ctrl-C,
+    see orchestrate.interrupt), or None (no early stopping) when the grace period leaves no
+    such rung."""
+    from orchestrate.interrupt import PausableASHA
+
     if settings.grace_period > epochs - 1:
         return None
-    return ASHAScheduler(
+    return PausableASHA(
+        session,
         time_attr="epoch",
         metric=settings.metric,
         mode=settings.mode,

@@ -27,6 +27,7 @@ from fermodel.checkpoint import STATE_FILE
 from fermodel.config import TrialConfig
 from fermodel.engine import TrainingDiverged, data_key, fit
 from fermodel.plots import plot_trial
+from orchestrate.interrupt import checkpoint_requested
 from orchestrate.storage import Storage
 
 RESULTS_FILE = "results.json"
@@ -108,8 +109,10 @@ def run_trial(
             checkpoint = tune.Checkpoint.from_directory(folder) if folder else None
             tune.report(metrics, checkpoint=checkpoint)
 
+        name = session_uri.rstrip("/").rsplit("/", 1)[-1] if session_uri else None
+        asked = (lambda: checkpoint_requested(name)) if name else None
         try:
-            result = fit(config, data, report=report, checkpoint=start)
+            result = fit(config, data, report=report, checkpoint=start, checkpoint_now=asked)
         except TrainingDiverged as err:
             if session:
                 session.write_text(note, str(err))

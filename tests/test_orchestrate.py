@@ -337,9 +337,10 @@ def _children(db):
 
 
 # the Ctrl-C tests' grid: four quick ResNet-18 trials (their names are what _children reads)
-QUICK = GRID.replace('backbone = "resnet50"', 'backbone = "resnet18"').replace(
-    'attention = "psa"', 'attention = "none"\nlr = 0.002'
-)
+# that checkpoint only at their last epoch unless asked
+QUICK = GRID.replace(
+    'backbone = "resnet50"', 'backbone = "resnet18"\ncheckpoint_every = 10'
+).replace('attention = "psa"', 'attention = "none"\nlr = 0.002')
 
 
 def _parents(client):
@@ -348,15 +349,19 @@ def _parents(client):
 
 
 def _interrupt(cmd, tmp_path, db, signals: int, finished: int):
-    """Ctrl-C (``signals`` SIGINTs) once ``finished`` trials have finished and one runs."""
+    """Ctrl-C (``signals`` SIGINTs) once ``finished`` trials have finished and a running one
+    has reported an epoch."""
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        _, found = _children(db)
+        client, found = _children(db)
         done = sum(r.info.status == "FINISHED" for r in found)
-        if done >= finished and any(r.info.status == "RUNNING" for r in found):
+        running = [r for r in found if r.info.status == "RUNNING"]
+        if done >= finished and any(
+            client.get_metric_history(r.info.run_id, "val_accuracy") for r in running
+        ):
             break
-        time.sleep(0.5)
+        time.sleep(0.3)
     for _ in range(signals):
         proc.send_signal(signal.SIGINT)
         time.sleep(0.3)
@@ -373,9 +378,11 @@ def test_ctrl_c_marks_the_study_killed_and_resume_finishes_it_once(tmp_path, stu
     path = study_file(QUICK)
     db = tmp_path / "mlflow.db"
     cmd = [sys.executable, "-m", "orchestrate.ablation", "--study", path, "--preset", "tiny",
-           "--storage", str(tmp_path / "ray"), "--tracking-uri", f"sqlite:///{db}",
-           "--max-concurrent", "1", "--no-log-checkpoints"]  # fmt: skip
+           "--epochs", "4", "--storage", str(tmp_path / "ray"),
+           "--tracking-uri", f"sqlite:///{db}", "--max-concurrent", "1",
+           "--no-log-checkpoints"]  # fmt: skip
     output, client, before = _interrupt(cmd, tmp_path, db, signals=1, finished=1)
+    assert "waiting for 1 running trial(s) to checkpoint" in output
     hint = output.splitlines()
     at = next(i for i, line in enumerate(hint) if "Continue with:" in line)
     assert hint[at + 1].strip().startswith("python -m orchestrate.ablation --study")
@@ -387,7 +394,7 @@ def test_ctrl_c_marks_the_study_killed_and_resume_finishes_it_once(tmp_path, stu
     changed = subprocess.run([*cmd, "--resume", "--epochs", "3"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=120)  # fmt: skip
     assert changed.returncode == 2
-    assert "planned other trials; changed: epochs: 2 -> 3" in changed.stderr
+    assert "planned other trials; changed: epochs: 4 -> 3" in changed.stderr
 
     done = subprocess.run([*cmd, "--resume"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
@@ -397,8 +404,9 @@ def test_ctrl_c_marks_the_study_killed_and_resume_finishes_it_once(tmp_path, stu
     client, after = _children(db)
     assert len(after) == 4 and {r.info.status for r in after} == {"FINISHED"}
     assert len({r.data.tags["cell"] for r in after}) == 4  # exactly one run per trial
-    for run_id in finished:  # finished trials were not run again
-        assert len(client.get_metric_history(run_id, "val_accuracy")) == 2
+    for run in after:  # every epoch once: the interrupted trial checkpointed before stopping
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+        assert sorted(steps) == [1, 2, 3, 4], (run.data.tags["cell"], steps)
     parents = _parents(client)  # the resumed study is one study: one parent, finished
     assert [r.info.status for r in parents] == ["FINISHED"]
     assert {r.data.tags["mlflow.parentRunId"] for r in after} == {parents[0].info.run_id}
