@@ -135,6 +135,8 @@ def test_the_tuning_study_samples_its_conditional_space_with_asha(
     for run in children:
         sampled = dict(kv.split("=") for kv in run.data.tags["sampled"].split(","))
         assert ("lam1" in sampled) == (sampled["loss"] == "island")
+        if run.data.tags.get("stopped_early") != "true":  # trained to the end: tested
+            assert "test_accuracy" in run.data.metrics and run.data.metrics["best_epoch"] >= 1
         assert run.data.params["loss"] == sampled["loss"]
         assert float(run.data.params["lr"]) == pytest.approx(float(sampled["lr"]))
 
