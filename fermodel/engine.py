@@ -71,6 +71,8 @@ class TrialResult:
     images_per_second: float
     train_seconds: float
     notes: list[str] = field(default_factory=list)
+    # the independent unit of each test image (its subject, CK+ and synthetic), or None
+    test_groups: list[str] | None = None
     checkpoint_epochs: list[int] = field(default_factory=list)  # checkpointed in this call
     checkpoint_seconds: float = 0.0  # spent on them: writing and the report calls
     model_state: dict | None = field(default=None, repr=False)  # the selected model (CPU)
@@ -134,15 +136,20 @@ class _Normalized(torch.nn.Module):
     larger input gives ResNet-50's last stages more than a 2x2 map, at about the square of
     the cost)."""
 
-    def __init__(self, model: torch.nn.Module, channels_last: bool, image_size: int = 48):
+    def __init__(
+        self, model: torch.nn.Module, channels_last: bool, image_size: int = 48, in_chans: int = 1
+    ):
         super().__init__()
         self.model, self.channels_last, self.image_size = model, channels_last, image_size
+        self.in_chans = in_chans
 
     def forward(self, x: torch.Tensor, return_embedding: bool = False):
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
                               align_corners=False)  # fmt: skip
         x = (x - MEAN) / STD
+        if x.shape[1] != self.in_chans:  # the gray image on each channel of an RGB stem
+            x = x.expand(-1, self.in_chans, -1, -1)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x, return_embedding=return_embedding)
@@ -202,7 +209,7 @@ def build_parts(c: TrialConfig, num_classes: int, device: torch.device) -> Train
     model = model.to(device)
     if c.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    net = _Normalized(model, c.channels_last, c.image_size)
+    net = _Normalized(model, c.channels_last, c.image_size, c.in_chans)
     criterion = JointLoss(c.loss, num_classes, model.num_features, c.lam, c.lam1, c.alpha)
     optimizer = _optimizer(c, model.parameters())
     return TrainingParts(
@@ -435,7 +442,8 @@ def _fit(c: TrialConfig, data, report, checkpoint, checkpoint_now=None) -> Trial
         epoch_seconds = time.perf_counter() - started
         train_seconds += epoch_seconds
 
-        val, _, _ = evaluate(net, val_x, val_y, classes, c.eval_batch_size, autocast)
+        # the same predictor as the test (its TTA): the selected epoch is judged as it is tested
+        val, _, _ = evaluate(net, val_x, val_y, classes, c.eval_batch_size, autocast, c.tta)
         lr = optimizer.param_groups[0]["lr"]
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(val["loss"])
@@ -486,6 +494,9 @@ def _fit(c: TrialConfig, data, report, checkpoint, checkpoint_now=None) -> Trial
         test_predictions=pred.tolist(),
         test_labels=splits.test.labels.tolist(),
         test_ids=[str(i) for i in splits.test.ids],
+        test_groups=None
+        if splits.test.subjects is None
+        else [str(g) for g in splits.test.subjects],
         images_per_second=trained / train_seconds if train_seconds else float("nan"),
         train_seconds=train_seconds,
         notes=[*data.notes, *splits.notes],

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 from torch import nn
 
 from fermodel.backbones import TIMM_PREFIX, TORCHVISION_BACKBONES, build_timm
-from fermodel.pretrained import load_pretrained
+from fermodel.pretrained import load_pretrained, weights_file
 from fermodel.resnet import RESNET50_LAYERS, ResNet
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
@@ -42,9 +43,10 @@ def build_model(
     ``in_chans=1`` takes FER's grayscale images directly; with ImageNet weights the stem (the
     model's ``stem_key``, conv1 for ResNets) is the RGB filter summed over channels, which equals
     feeding the gray image replicated to RGB. ``pretrained`` is a path to a torchvision state
-    dict of the same architecture, a torchvision weights enum, or a ResNet-50 weights name
-    (``"ResNet50_Weights.IMAGENET1K_V1"``); what was transferred is logged and kept as
-    ``model.transfer_report``.
+    dict of the same architecture, a folder of torchvision's files (the backbone's own is
+    taken: ``fermodel.pretrained.weights_file``), a torchvision weights enum, or a ResNet-50
+    weights name (``"ResNet50_Weights.IMAGENET1K_V1"``); what was transferred is logged and kept
+    as ``model.transfer_report``.
     """
     if isinstance(backbone, str) and backbone.startswith(TIMM_PREFIX):
         builder = partial(build_timm, backbone[len(TIMM_PREFIX) :])
@@ -65,5 +67,7 @@ def build_model(
         in_chans=in_chans,
         attention_kwargs=attention_kwargs,
     )
+    if isinstance(pretrained, (str, Path)) and Path(pretrained).expanduser().is_dir():
+        pretrained = weights_file(pretrained, backbone)
     model.transfer_report = load_pretrained(model, pretrained) if pretrained is not None else None
     return model

@@ -87,6 +87,41 @@ def read_state_dict(source) -> tuple[dict[str, torch.Tensor], str]:
     return obj, str(path)
 
 
+def weights_file(folder, backbone: str) -> Path:
+    """The ImageNet file of ``backbone`` in ``folder``, a copy of torchvision's checkpoint folder
+    (``~/.cache/torch/hub/checkpoints``): the file names are those of torchvision's weights,
+    e.g. ``resnet50-0676ba61.pth`` or ``resnet50-11ad3fa6.pth`` for ResNet-50."""
+    from torchvision.models import get_model_weights
+
+    folder = Path(folder).expanduser()
+    try:
+        names = [Path(w.url).name for w in get_model_weights(backbone)]
+    except (ValueError, KeyError):
+        raise PretrainedError(
+            f"{folder}: a folder of torchvision files has no file for {backbone!r}; give that "
+            "backbone's file itself"
+        ) from None
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise PretrainedError(
+        f"{folder}: no ImageNet file of {backbone} (looked for {', '.join(names)}); "
+        f"{download_hint(backbone)}"
+    )
+
+
+def download_hint(backbone: str = "resnet50") -> str:
+    """How to get torchvision's ImageNet file of ``backbone`` (this machine may have no
+    internet: the file is made where there is, and copied)."""
+    return (
+        f'on a machine with internet, `python -c "import torchvision; '
+        f"torchvision.models.get_model('{backbone}', weights='IMAGENET1K_V1')\"` saves "
+        "torchvision's file in ~/.cache/torch/hub/checkpoints (for ResNet-50: "
+        "resnet50-0676ba61.pth, also at https://download.pytorch.org/models/"
+        "resnet50-0676ba61.pth); give that file or folder"
+    )
+
+
 def load_pretrained(model: nn.Module, source) -> TransferReport:
     """Copy every matching tensor of ``source`` into ``model`` and report what moved.
 

@@ -12,12 +12,13 @@ import sys
 from pathlib import Path
 
 from fermodel.cli import OneLineParser
+from fermodel.pretrained import PretrainedError
 
 EXAMPLES = """examples:
   python -m orchestrate.ablation                              # table4, synthetic, cpu preset
   python -m orchestrate.ablation --study table3 --seeds 3 --dry-run
   python -m orchestrate.ablation --study table4 --dataset fer2013 --data /data/fer2013 \\
-      --preset paper --gpus-per-trial 0.25 --cpus-per-trial 2
+      --preset paper --pretrained /data/weights --gpus-per-trial 0.25 --cpus-per-trial 2
   python -m orchestrate.ablation --study table3 --dataset ckplus --data /data/CK+ --seeds 3
   python -m orchestrate.ablation --study hpo --num-samples 60 --gpus-per-trial 0.5
   python -m orchestrate.ablation --study my_study.toml --address auto \\
@@ -53,6 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
         "the synthetic set) or paper (the paper's 200 epochs; the default otherwise)",
     )
     s.add_argument("--epochs", type=int, help="epochs per trial, e.g. 30 (overrides the preset)")
+    s.add_argument(
+        "--protocol",
+        choices=("auto", "official", "kfold", "paper"),
+        help="how the data is split: auto (the study's; kfold on CK+, official elsewhere), "
+        "official (FER2013's Training/PublicTest/PrivateTest), kfold (subject-independent "
+        "folds), paper (the paper's CK+ split: augmented copies split 2:1 per class, subjects "
+        "on both sides)",
+    )
+    s.add_argument(
+        "--pretrained",
+        metavar="FILE|FOLDER|none",
+        help="ImageNet initialisation: torchvision's weights file (resnet50-0676ba61.pth), "
+        "torchvision's checkpoint folder (each backbone takes its own file), or none; the "
+        "paper preset requires it",
+    )
     s.add_argument("--num-samples", type=int, help="trials of a tuning study, e.g. 60")
     r = p.add_argument_group("resources and cluster")
     r.add_argument(
@@ -151,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         study = load_study(args.study)
         data = str(Path(args.data).expanduser().resolve()) if args.data else None
         dataset = args.dataset or ("fer2013" if data and study.dataset == "synthetic" else None)
-        study = study.with_run(dataset=dataset, data_path=data, seeds=args.seeds)
+        study = study.with_run(
+            dataset=dataset, data_path=data, seeds=args.seeds, protocol=args.protocol
+        )
         preset = args.preset or ("cpu" if study.dataset == "synthetic" else "paper")
         if args.preset is None and preset not in study.presets:
             preset = None
@@ -166,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             storage=Storage.parse(args.storage).uri,
             node_timeout=_positive("--node-timeout", args.node_timeout),
             mlflow_retry_budget=_positive("--mlflow-retry-budget", args.mlflow_retry_budget),
+            pretrained=_pretrained(args.pretrained),
             tracking_uri=args.tracking_uri or default_tracking_uri(),
             max_failures=args.max_failures,
             resume=args.resume,
@@ -175,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         run_study(study, options)
     except (StudyError, ConfigError, DatasetError, TrackingError, StorageError, ClusterError,
-            FileNotFoundError, ValueError) as err:  # fmt: skip
+            PretrainedError, FileNotFoundError, ValueError) as err:  # fmt: skip
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -192,6 +211,17 @@ def _positive(flag: str, value):
     if value is not None and value <= 0:
         raise ValueError(f"{flag} must be positive, got {value}")
     return value
+
+
+def _pretrained(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if value.lower() == "none":
+        return ""
+    path = Path(value).expanduser().resolve()
+    if not path.exists():
+        raise ValueError(f"--pretrained {value}: no such file or folder")
+    return str(path)
 
 
 def _gpus(value: float | None) -> float | None:

@@ -38,6 +38,7 @@ class RunOptions:
     storage: str = "ray_results"  # a folder, or a URI such as s3://bucket/prefix
     node_timeout: float = 600.0  # how long to wait for an autoscaler to start a big enough node
     mlflow_retry_budget: float = 1800.0  # longest MLflow outage the writer waits through
+    pretrained: str | None = None  # replaces the study's: a file, a folder, or "" (none)
     tracking_uri: str = ""
     max_failures: int = 2
     resume: bool = False
@@ -63,6 +64,8 @@ def make_plan(study: Study, options: RunOptions) -> Plan:
     changes = {"epochs": options.epochs} if options.epochs else {}
     if options.gpus_per_trial == 0:
         changes["device"] = "cpu"
+    if options.pretrained is not None:
+        changes["pretrained"] = options.pretrained
     base = study.base_config(options.preset, **changes)
     if study.kind == "grid":
         return Plan(study, options.preset, study.trials(options.preset, **changes), base, None)
@@ -80,7 +83,10 @@ def describe_plan(plan: Plan, options: RunOptions) -> str:
         f"preset {plan.preset}, seeds {study.seeds}",
         f"resources per trial: {options.cpus_per_trial:g} CPU, {_gpus_text(options)}; "
         f"max concurrent: {options.max_concurrent or 'as resources allow'}",
-    ]
+        "initialisation: " + {IMAGENET: "ImageNet (give --pretrained FILE|FOLDER, or none)",
+                              "": "random (no pretrained weights)"}.get(
+            plan.base.get("pretrained", ""), f"from {plan.base.get('pretrained')}"),
+    ]  # fmt: skip
     if study.kind == "grid":
         lines.append(f"{len(plan.trials)} trials:")
         for spec in plan.trials:
@@ -105,6 +111,38 @@ def describe_plan(plan: Plan, options: RunOptions) -> str:
             values = list(p.choices) if p.type == "categorical" else f"[{p.low}, {p.high}]"
             lines.append(f"  {p.name}: {p.type} {values}{when}")
     return "\n".join(lines)
+
+
+IMAGENET = "imagenet"  # a preset's "ImageNet weights, the user says where": --pretrained
+
+
+def check_pretrained(plan: Plan) -> None:
+    """Every trial's pretrained source is given and readable, before anything starts."""
+    from fermodel.config import ConfigError
+    from fermodel.pretrained import download_hint, read_state_dict, weights_file
+
+    configs = [s.config for s in plan.trials] or [plan.base]
+    sources = {}
+    for c in configs:
+        source, backbone = _get(c, "pretrained"), _get(c, "backbone")
+        if source == IMAGENET:
+            raise ConfigError(
+                f"pretrained: preset {plan.preset} starts from ImageNet weights, as the paper "
+                f"does: give --pretrained FILE (torchvision's {backbone} file) or FOLDER "
+                f"(torchvision's checkpoint folder), or --pretrained none to train from "
+                f"scratch; {download_hint(backbone)}"
+            )
+        if source:
+            path = Path(source).expanduser()
+            if path.is_dir():
+                path = weights_file(path, backbone)
+            sources.setdefault(str(path), backbone)
+    for source in sources:
+        read_state_dict(source)  # raises PretrainedError naming the file
+
+
+def _get(config, key: str):
+    return config[key] if isinstance(config, dict) else getattr(config, key)
 
 
 def _gpus_text(options: RunOptions) -> str:
@@ -169,6 +207,7 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
         return {"planned": plan.size}
 
     # everything that can be wrong is found before an MLflow run or a trial exists
+    check_pretrained(plan)
     storage = Storage.parse(options.storage)
     storage.check()
     session = sessions.resumable(plan, storage) if options.resume else sessions.new_session(plan)

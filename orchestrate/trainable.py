@@ -71,7 +71,7 @@ def final_metrics(result, seconds: float) -> dict:
 def write_artifacts(folder: Path, final: dict, result) -> None:
     (folder / RESULTS_FILE).write_text(json.dumps(final) + "\n")
     (folder / "predictions.json").write_text(json.dumps({
-        "classes": list(result.classes), "ids": result.test_ids,
+        "classes": list(result.classes), "ids": result.test_ids, "groups": result.test_groups,
         "labels": result.test_labels, "predictions": result.test_predictions,
     }) + "\n")  # fmt: skip
     report = {"classes": list(result.classes), "test": result.test, "val": result.val,

@@ -122,7 +122,7 @@ class Study:
     folds: int
     seeds: int
     defaults: dict
-    presets: dict  # preset -> {"config": {...}, "tune": {...}}
+    presets: dict  # preset -> {"config": {...}, "tune": {...}, "datasets": {dataset: {...}}}
     cells: tuple[Cell, ...] = ()
     reference: str | None = None
     space: tuple[Param, ...] = ()
@@ -136,15 +136,17 @@ class Study:
         data_path: str | None = None,
         seeds: int | None = None,
         folds: int | None = None,
+        protocol: str | None = None,
     ) -> Study:
         """The study with its [run] values replaced (the command line's --dataset, --data,
-        --seeds); the result is validated like a file."""
+        --seeds, --protocol); the result is validated like a file."""
         changed = replace(
             self,
             dataset=dataset if dataset is not None else self.dataset,
             data_path=data_path if data_path is not None else self.data_path,
             seeds=seeds if seeds is not None else self.seeds,
             folds=folds if folds is not None else self.folds,
+            protocol=protocol if protocol is not None else self.protocol,
         )
         if changed.seeds < 1:
             raise StudyError(f"{self.path}: seeds: must be at least 1, got {changed.seeds}")
@@ -174,9 +176,11 @@ class Study:
                 f"{self.path}: preset {preset!r} is not defined; "
                 f"defined: {', '.join(self.presets) or 'none'}"
             )
+        chosen = self.presets[preset] if preset else {}
         values = {
             **self.defaults,
-            **(self.presets[preset]["config"] if preset else {}),
+            **chosen.get("config", {}),
+            **chosen.get("datasets", {}).get(self.dataset, {}),
             "dataset": self.dataset,
             "data_path": self.data_path,
             "protocol": self.resolved_protocol,
@@ -287,11 +291,21 @@ def _parse(path: Path, raw: dict) -> Study:
         if "tune" in table and kind != "tune":
             raise fail(f"presets.{preset}.tune", "only a tune study has this")
         tune_changes = table.get("tune", {})
-        keys = {k: v for k, v in table.items() if k != "tune"}
+        # [presets.NAME.<dataset>]: keys applied only when the study runs on that dataset
+        per_dataset = {k: v for k, v in table.items() if k in DATASETS and isinstance(v, dict)}
+        keys = {k: v for k, v in table.items() if k != "tune" and k not in per_dataset}
         presets[preset] = {
             "config": _trial_keys(keys, f"presets.{preset}", fail),
             "tune": _tune_keys(tune_changes, f"presets.{preset}.tune", fail),
+            "datasets": {
+                dataset: _trial_keys(values, f"presets.{preset}.{dataset}", fail)
+                for dataset, values in per_dataset.items()
+            },
         }
+        for dataset, values in presets[preset]["datasets"].items():
+            merged = {**defaults, **presets[preset]["config"], **values, "dataset": dataset,
+                      "data_path": "" if dataset == "synthetic" else "/"}  # fmt: skip
+            _config(path, f"presets.{preset}.{dataset}", merged)
 
     study = Study(
         name=name,

@@ -216,3 +216,35 @@ def test_image_size_upsamples_every_batch_on_the_device(tiny):
                torch.Generator().manual_seed(0))  # fmt: skip
     assert seen == [(8, 1, 64, 64)]
     assert fit(quick(epochs=1, image_size=64, backbone="resnet18", attention="none"), tiny).test
+
+
+def test_an_rgb_stem_sees_the_gray_image_on_each_channel(tiny):
+    config = quick(in_chans=3, backbone="resnet18", attention="none", epochs=1)
+    result = fit(config, tiny)
+    assert len(result.test_predictions) == 14
+    parts = engine.build_parts(config, 7, torch.device("cpu"))
+    parts.net.eval()
+    gray = torch.rand(4, 1, 48, 48)
+    normalized = (gray - engine.MEAN) / engine.STD
+    with torch.no_grad():
+        expected = parts.model(normalized.repeat(1, 3, 1, 1))
+        assert torch.allclose(parts.net(gray), expected, atol=1e-6)
+
+
+def test_the_test_images_carry_their_subjects_for_clustered_statistics(tiny):
+    result = fit(quick(epochs=1, backbone="resnet18", attention="none"), tiny)
+    test = tiny.subset(np.flatnonzero(tiny.split == "test"))
+    assert result.test_groups == [str(s) for s in test.subjects]  # held-out subjects
+
+
+def test_validation_judges_the_same_predictor_as_the_test(tiny, monkeypatch):
+    calls = []
+    evaluate = engine.evaluate
+
+    def recording(*args, **kwargs):
+        calls.append(args[6] if len(args) > 6 else kwargs.get("tta", "none"))
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", recording)
+    fit(quick(epochs=2, tta="flip", backbone="resnet18", attention="none"), tiny)
+    assert calls == ["flip", "flip", "flip"]  # two validations and the test

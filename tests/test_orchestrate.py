@@ -257,7 +257,10 @@ def test_asha_rungs_fall_before_the_last_epoch(epochs, grace, reduction, expecte
     [
         (["--study", "table9"], "unknown study 'table9'; shipped: hpo, table3, table4, table5"),
         (["--dataset", "fer2013"], "data_path: dataset 'fer2013' needs the path"),
-        (["--dataset", "ckplus", "--data", "/no/such/ck"], "/no/such/ck: no such"),
+        (
+            ["--dataset", "ckplus", "--data", "/no/such/ck", "--pretrained", "none"],
+            "/no/such/ck: no such",
+        ),
         (["--seeds", "0"], "seeds: must be at least 1"),
         (["--epochs", "-3"], "--epochs must be positive"),
         (["--preset", "gpu8"], "preset 'gpu8' is not defined; defined: paper, cpu"),
@@ -321,7 +324,7 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path)
     assert main(["--study", "table3", "--seeds", "2", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "12 trials:" in out and "psa-seed1-fold0" in out and "resnet50/aff/island" in out
+    assert "14 trials:" in out and "psa-seed1-fold0" in out and "resnet50/aff/island" in out
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()
     assert main(["--study", "table4", "--dataset", "ckplus", "--data", str(tmp_path),
                  "--seeds", "2", "--dry-run"]) == 0  # fmt: skip
