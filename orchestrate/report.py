@@ -2,11 +2,16 @@
 
 Rows come from the FINISHED child runs of one study session (an invocation and its resumes, each
 trial counted once). Per cell: test accuracy over seeds and folds (mean, std, 95% t interval),
-the paired difference to the reference cell on the same test images with its bootstrap interval
-and a sign-flip permutation p-value, Holm-adjusted across cells (``orchestrate.statistics``),
 macro F1 and per-class recall, the paper's number, and the cost (trial hours, GPU hours,
-images/s). Tuning studies get the best configs, Optuna's parameter importances, and the compute
-that ASHA's early stopping saved. Outputs: the terminal table, Markdown, CSV and one
+images/s). Against the reference cell, two questions answered separately
+(``orchestrate.statistics``), each Holm-adjusted across cells on its own: ``testset_*``, "on
+this test set" (paired over the test images, resampling the independent unit: the subject where
+the predictions name one, else the image), and ``runs_*``, "across training runs" (a paired
+t-test over the (seed, fold) runs both cells have; n/a with one seed and one fold), each with its
+noise floor (the smallest difference detectable at 80% power, and the seeds needed to detect the
+observed one). ``LEGEND_*`` say what every column means; the Markdown and HTML pages print them
+below the table. Tuning studies get the best configs, Optuna's parameter importances, and the
+compute that ASHA's early stopping saved. Outputs: the terminal table, Markdown, CSV and one
 self-contained HTML page with the figures, all logged to the parent run.
 
 ``python -m orchestrate.report --study NAME`` (or ``--run PARENT_ID``) rebuilds it without
@@ -30,12 +35,85 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from orchestrate.statistics import Predictions, holm, paired_comparison, summarize_accuracies
+from orchestrate.statistics import (
+    ALPHA,
+    POWER,
+    Predictions,
+    compare_cells,
+    holm,
+    summarize_accuracies,
+)
 from orchestrate.tracking import PARENT_TAG, SESSION_TAG, StudyTracker
 
-ALPHA = 0.05
 STUDY_ARTIFACT = "study.toml"
 DISTRIBUTION_ARTIFACT = "class_distribution.png"
+
+# the two questions' columns, in table order; "testset_" answers "on this test set", "runs_"
+# (and seeds_needed) "across training runs"
+TESTSET_COLUMNS = [
+    "testset_unit",
+    "testset_n",
+    "testset_diff",
+    "testset_ci_low",
+    "testset_ci_high",
+    "testset_p_holm",
+    "testset_significant",
+    "testset_mde",
+]
+RUNS_COLUMNS = ["runs_n", "runs_diff", "runs_ci_low", "runs_ci_high", "runs_p_holm",
+                "runs_significant", "runs_sd", "runs_mde", "seeds_needed"]  # fmt: skip
+QUESTIONS = {"testset": "on this test set", "runs": "across training runs"}
+COUNT_COLUMNS = {"trials", "testset_n", "runs_n", "seeds_needed"}
+P_COLUMNS = {"testset_p_holm", "runs_p_holm"}
+
+# what each column of the study table means: printed below the table (Markdown, HTML) and
+# summarised under the terminal table; the README's "The study report" says the same
+LEGEND_CELL = [
+    ("trials", "finished trials of the cell (seeds x folds)"),
+    (
+        "accuracy, std, ci95_low, ci95_high",
+        "mean test accuracy (%) over the cell's trials, "
+        "its sample standard deviation (run-to-run spread) and the 95% Student-t interval of the "
+        "mean",
+    ),
+    ("macro_f1, paper", "mean macro F1 (%); the paper's accuracy for this cell and dataset"),
+]
+LEGEND_COMPARISON = [
+    ("testset_*", "ON THIS TEST SET: do these trained models differ on these test images? "
+     "Paired against the reference cell on the same images, each image's correctness averaged "
+     "over seeds first. Says nothing about another training seed"),
+    ("testset_unit, testset_n", "the independent unit that is resampled and how many there "
+     "are: the subject where the predictions name one (CK+, synthetic: the frames and "
+     "sequences of one person are not independent), else the image (FER2013)"),
+    ("testset_diff", "cell minus reference accuracy on the shared test images (points)"),
+    ("testset_ci_low, testset_ci_high", "95% percentile bootstrap interval resampling whole "
+     "units (a cluster bootstrap over subjects)"),
+    ("testset_p_holm", "two-sided sign-flip permutation test over units (the datum of a unit is "
+     "the sum of its images' differences), Holm-adjusted across cells"),
+    ("testset_significant", f"yes when testset_p_holm < {ALPHA}"),
+    ("testset_mde", f"noise floor: the smallest difference this test detects with "
+     f"{POWER:.0%} power at two-sided {ALPHA} with these units, "
+     "(z_0.975 + z_0.80) x sqrt(sum of squared unit sums) / images; on images with one seed "
+     "the paired-proportions (McNemar) normal approximation with the observed discordant "
+     "share, (z_0.975 + z_0.80) x sqrt(discordant share / images)"),
+    ("runs_*", "ACROSS TRAINING RUNS: does the gain survive another seed? The cell's trials "
+     "against the reference's trials with the same seed and fold"),
+    ("runs_n", "paired (seed, fold) runs K"),
+    ("runs_diff, runs_ci_low, runs_ci_high", "mean over the K runs of cell minus reference "
+     "test accuracy (points) and its 95% Student-t interval"),
+    ("runs_p_holm", "paired t-test over the K runs, Holm-adjusted across cells separately "
+     "from testset_p_holm"),
+    ("runs_significant", f"yes when runs_p_holm < {ALPHA}; 'n/a: 1 seed x 1 fold' when "
+     "there is one paired run: without run-to-run spread this cannot be judged"),
+    ("runs_sd", "standard deviation of the K paired run differences (the gain's run-to-run "
+     "noise)"),
+    ("runs_mde", f"noise floor: the smallest mean difference a paired t-test over K runs "
+     f"detects with {POWER:.0%} power at two-sided {ALPHA}, "
+     "(t_0.975,K-1 + t_0.80,K-1) x runs_sd / sqrt(K)"),
+    ("seeds_needed", "seeds (each with this study's folds) at which runs_mde falls to "
+     "|runs_diff|: to detect the observed difference with 80% power given runs_sd; inf when "
+     "runs_diff is 0"),
+]  # fmt: skip
 
 
 @dataclass
@@ -146,7 +224,10 @@ def build_report(tracker: StudyTracker, session: str, n_resamples: int = 10_000)
 
     trial_preds = {
         cell: [
-            Predictions(row.seed, row.fold, p["ids"], p["labels"], p["predictions"])
+            # "groups" (the subject of each test image) is absent in older artifacts
+            Predictions(
+                row.seed, row.fold, p["ids"], p["labels"], p["predictions"], p.get("groups")
+            )
             for row in done[done.cell == cell].itertuples()
             if (p := predictions.get(row.run_id)) is not None
         ]
@@ -176,23 +257,14 @@ def build_report(tracker: StudyTracker, session: str, n_resamples: int = 10_000)
         if kind == "grid" and reference and cell != reference:
             ref, other = trial_preds.get(reference, []), trial_preds.get(cell, [])
             if ref and other:
-                comparisons[cell] = paired_comparison(ref, other, n_resamples=n_resamples)
+                comparisons[cell] = compare_cells(ref, other, n_resamples=n_resamples)
         rows.append(row)
     table = pd.DataFrame(rows)
     if len(table):
-        keys = [k for k in table.key if k in comparisons]
-        adjusted = dict(zip(keys, holm([comparisons[k]["p_value"] for k in keys]), strict=True))
-        table["diff"] = [comparisons.get(k, {}).get("difference", math.nan) for k in table.key]
-        table["diff_ci_low"] = [comparisons.get(k, {}).get("ci_low", math.nan) for k in table.key]
-        table["diff_ci_high"] = [comparisons.get(k, {}).get("ci_high", math.nan)
-                                 for k in table.key]  # fmt: skip
-        table["p_holm"] = [adjusted.get(k, math.nan) for k in table.key]
-        table["significant"] = [
-            ("yes" if adjusted[k] < ALPHA else "no") if k in adjusted else "" for k in table.key
-        ]
-        leading = ["cell", "key", "trials", "accuracy", "std", "ci95_low", "ci95_high", "diff",
-                 "diff_ci_low", "diff_ci_high", "p_holm", "significant", "macro_f1",
-                 "paper"]  # fmt: skip
+        columns = comparison_columns(list(table.key), comparisons)
+        table = pd.concat([table, columns.reset_index(drop=True)], axis=1)
+        leading = ["cell", "key", "trials", "accuracy", "std", "ci95_low", "ci95_high",
+                   "macro_f1", "paper", *TESTSET_COLUMNS, *RUNS_COLUMNS]  # fmt: skip
         table = table[leading + [c for c in table.columns if c not in leading]]
 
     classes = next(iter(predictions.values()), {}).get("classes", [])
@@ -220,11 +292,15 @@ def build_report(tracker: StudyTracker, session: str, n_resamples: int = 10_000)
     best, importances = (None, {})
     if kind == "tune" and len(done):
         best, importances = _tuning(done, meta)
-    method = (
-        comparisons[next(iter(comparisons))]["method"]
-        if comparisons
-        else "no paired comparison (a tuning study, or no reference trials)"
-    )
+    if comparisons:
+        first_comparison = comparisons[next(iter(comparisons))]
+        method = (
+            f"{first_comparison['test_set']['method']}; {first_comparison['runs']['method']}; "
+            f"p-values Holm-adjusted across cells for each question separately (Holm 1979), "
+            f"alpha {ALPHA}; noise floors at {POWER:.0%} power"
+        )
+    else:
+        method = "no paired comparison (a tuning study, or no reference trials)"
     return StudyReport(
         study=first.data.tags.get("study", ""),
         description=meta.get("description", ""),
@@ -234,7 +310,7 @@ def build_report(tracker: StudyTracker, session: str, n_resamples: int = 10_000)
         reference=labels.get(reference, reference) if reference else None,
         table=table,
         trials=frame,
-        method=f"{method}; p-values Holm-adjusted across cells (Holm 1979), alpha {ALPHA}",
+        method=method,
         cost=cost,
         classes=classes,
         confusion={labels.get(k, k): v for k, v in confusion.items()},
@@ -243,6 +319,42 @@ def build_report(tracker: StudyTracker, session: str, n_resamples: int = 10_000)
         importances=importances,
         distribution_png=distribution,
     )
+
+
+def comparison_columns(keys: list[str], comparisons: dict[str, dict]) -> pd.DataFrame:
+    """The statistics columns of both questions for the cells ``keys``, in that order, from
+    ``compare_cells`` results by cell key (NaN and "" where a cell, such as the reference, has
+    none). Each question's p-values are Holm-adjusted across the cells on their own."""
+    done = [k for k in keys if k in comparisons]
+    test_p = dict(zip(done, holm([comparisons[k]["test_set"]["p_value"] for k in done]),
+                      strict=True))  # fmt: skip
+    runs_p = dict(zip(done, holm([comparisons[k]["runs"]["p_value"] for k in done]),
+                      strict=True))  # fmt: skip
+    rows = []
+    for key in keys:
+        if key not in comparisons:
+            rows.append({c: "" if c.endswith(("_unit", "_significant")) else math.nan
+                         for c in TESTSET_COLUMNS + RUNS_COLUMNS})  # fmt: skip
+            continue
+        t, r = comparisons[key]["test_set"], comparisons[key]["runs"]
+        if r["judged"]:
+            runs_verdict = "yes" if runs_p[key] < ALPHA else "no"
+        else:
+            runs_verdict = r["note"]  # "n/a: 1 seed x 1 fold": no p-value to print
+        rows.append({
+            "testset_unit": t["unit"], "testset_n": t["n_units"],
+            "testset_diff": t["difference"], "testset_ci_low": t["ci_low"],
+            "testset_ci_high": t["ci_high"], "testset_p_holm": test_p[key],
+            "testset_significant": "yes" if test_p[key] < ALPHA else "no",
+            "testset_mde": t["mde"],
+            "runs_n": r["n_runs"], "runs_diff": r["difference"], "runs_ci_low": r["ci_low"],
+            "runs_ci_high": r["ci_high"], "runs_p_holm": runs_p[key],
+            "runs_significant": runs_verdict, "runs_sd": r["sd"], "runs_mde": r["mde"],
+            "seeds_needed": r["seeds_needed"],
+        })  # fmt: skip
+    # counts stay integers in the CSV, with an empty cell for the reference
+    frame = pd.DataFrame(rows, columns=TESTSET_COLUMNS + RUNS_COLUMNS)
+    return frame.astype({"testset_n": "Int64", "runs_n": "Int64"})
 
 
 def _cost(frame: pd.DataFrame, gpus: float) -> dict:
@@ -310,28 +422,96 @@ def _sampled_value(param: dict, text: str):
 # ---------------------------------------------------------------------------------- format
 
 
+def _missing(v) -> bool:
+    return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
+
+
 def _num(v, fmt: str = "6.2f") -> str:
-    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+    return "" if _missing(v) else format(v, fmt)
+
+
+def _text(column: str, value) -> str:
+    """A table value as the Markdown and HTML pages print it (CSV keeps full precision)."""
+    if _missing(value):
+        return ""
+    if not isinstance(value, float):
+        return str(value)
+    if column in COUNT_COLUMNS:
+        return _num(value, ".0f")
+    return _num(value, ".4f" if column in P_COLUMNS else ".2f")
+
+
+def _compared(report: StudyReport) -> pd.DataFrame:
+    """The rows that were compared with the reference."""
+    t = report.table
+    if not len(t) or "testset_diff" not in t:
+        return t.iloc[:0]
+    return t[t.testset_diff.notna()]
+
+
+def _diff_ci(diff: float, low: float, high: float, mark: bool) -> str:
+    if math.isnan(diff):
+        return ""
+    text = f"{diff:+.2f}" + ("" if math.isnan(low) else f" [{low:+.2f}, {high:+.2f}]")
+    return text + (" *" if mark else "  ")
+
+
+def legend(report: StudyReport) -> list[tuple[str, str]]:
+    """(columns, meaning) for the columns of this report's table."""
+    return LEGEND_CELL + (LEGEND_COMPARISON if len(_compared(report)) else [])
 
 
 def format_table(report: StudyReport) -> str:
     t = report.table
     header = (
         f"{'cell':26s} {'n':>3s} {'acc %':>6s} {'std':>5s} {'95% CI':>13s} "
-        f"{'diff vs ref [95% CI]':>24s} {'p Holm':>7s} {'F1 %':>6s} {'paper':>6s}"
+        f"{'F1 %':>6s} {'paper':>6s}"
     )
     lines = [header]
     for row in t.itertuples():
         ci = f"{_num(row.ci95_low, '.2f')}-{_num(row.ci95_high, '.2f')}" if row.trials > 1 else ""
-        diff = ""
-        if not math.isnan(getattr(row, "diff", math.nan)):
-            diff = f"{row.diff:+.2f} [{row.diff_ci_low:+.2f}, {row.diff_ci_high:+.2f}]"
-            diff += " *" if row.significant == "yes" else "  "
         lines.append(
             f"{row.cell[:26]:26s} {row.trials:3d} {_num(row.accuracy)} {_num(row.std, '5.2f'):>5s} "
-            f"{ci:>13s} {diff:>24s} {_num(getattr(row, 'p_holm', math.nan), '7.4f'):>7s} "
-            f"{_num(row.macro_f1)} {_num(row.paper):>6s}"
+            f"{ci:>13s} {_num(row.macro_f1)} {_num(row.paper):>6s}"
         )
+    compared = _compared(report)
+    if len(compared):
+        unit = next(u for u in compared.testset_unit if u)
+        testset = f"on this test set (unit: {unit})"
+        lines += [
+            "",
+            f"{'vs ' + str(report.reference):26s} {testset:48s} | across training runs",
+            f"{'cell':26s} {'diff vs ref [95% CI]':>24s} {'p Holm':>7s} {'MDE':>6s} "
+            f"{'units':>8s} | {'diff vs ref [95% CI]':>24s} {'p Holm':>7s} {'MDE':>6s} "
+            f"{'seeds':>6s}",
+        ]
+        for row in compared.itertuples():
+            test = _diff_ci(row.testset_diff, row.testset_ci_low, row.testset_ci_high,
+                            row.testset_significant == "yes")  # fmt: skip
+            line = (
+                f"{row.cell[:26]:26s} {test:>24s} {_num(row.testset_p_holm, '7.4f'):>7s} "
+                f"{_num(row.testset_mde, '6.2f'):>6s} {_num(row.testset_n, '8.0f'):>8s} | "
+            )
+            runs = _diff_ci(row.runs_diff, row.runs_ci_low, row.runs_ci_high,
+                            row.runs_significant == "yes")  # fmt: skip
+            if row.runs_significant.startswith("n/a"):  # no p-value: cannot be judged
+                line += f"{runs:>24s} {row.runs_significant}"
+            else:
+                line += (
+                    f"{runs:>24s} {_num(row.runs_p_holm, '7.4f'):>7s} "
+                    f"{_num(row.runs_mde, '6.2f'):>6s} {_num(row.seeds_needed, '6.0f'):>6s}"
+                )
+            lines.append(line.rstrip())
+        lines += [
+            f"on this test set: do these trained models differ on these images? (bootstrap CI "
+            f"and sign-flip p over {unit}s)",
+            "across training runs: does the gain survive another seed? (paired t-test over "
+            "(seed, fold) runs)",
+            f"p Holm-adjusted per question, * below {ALPHA}; MDE: smallest difference detectable "
+            f"with {POWER:.0%} power;",
+            f"seeds: seeds needed to detect the observed diff with {POWER:.0%} power "
+            "(every column: study_table.md, report.html)",
+        ]
     if report.reference:
         lines.append(f"reference: {report.reference}; * significant at {ALPHA} after Holm")
     c = report.cost
@@ -350,11 +530,14 @@ def format_table(report: StudyReport) -> str:
 
 
 def markdown_table(report: StudyReport) -> str:
+    """The table as Markdown, with the legend of its columns below it."""
     cols = [c for c in report.table.columns if c != "key"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in report.table[cols].itertuples(index=False):
-        cells = [_num(v, ".2f") if isinstance(v, float) else str(v) for v in row]
+        cells = [_text(c, v) for c, v in zip(cols, row, strict=True)]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Columns (accuracies and differences in percentage points):", ""]
+    lines += [f"- `{names}`: {meaning}." for names, meaning in legend(report)]
     return "\n".join(lines)
 
 
@@ -420,16 +603,37 @@ def to_html(report: StudyReport) -> str:
         encoded = base64.b64encode(data).decode()
         return f'<figure><img alt="{alt}" src="data:image/png;base64,{encoded}"><figcaption>{alt}</figcaption></figure>'  # noqa: E501
 
-    def table_html(frame: pd.DataFrame) -> str:
-        head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    def table_html(frame: pd.DataFrame, questions: bool = False) -> str:
+        head = "<tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+        head += "</tr>"
+        if questions:  # a row above naming the question each group of columns answers
+            spans: list[list] = []
+            for c in frame.columns:
+                group = c.split("_")[0] if c.startswith(("testset_", "runs_")) else ""
+                group = "runs" if c == "seeds_needed" else group
+                if spans and spans[-1][0] == group:
+                    spans[-1][1] += 1
+                else:
+                    spans.append([group, 1])
+            head = "<tr>" + "".join(
+                f"<th colspan={n} class=question>{html.escape(QUESTIONS[g])}</th>"
+                if g
+                else f"<th colspan={n}></th>"
+                for g, n in spans
+            ) + "</tr>" + head  # fmt: skip
         body = "".join(
             "<tr>" + "".join(
-                f"<td>{html.escape(_num(v, '.2f') if isinstance(v, float) else str(v))}</td>"
-                for v in row
+                f"<td>{html.escape(_text(c, v))}</td>"
+                for c, v in zip(frame.columns, row, strict=True)
             ) + "</tr>"
             for row in frame.itertuples(index=False)
         )  # fmt: skip
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        return f"<table><thead>{head}</thead><tbody>{body}</tbody></table>"
+
+    legend_html = "<dl class=legend>" + "".join(
+        f"<dt><code>{html.escape(names)}</code></dt><dd>{html.escape(meaning)}.</dd>"
+        for names, meaning in legend(report)
+    ) + "</dl>"  # fmt: skip
 
     cols = [c for c in report.table.columns if c != "key"]
     parts = [
@@ -438,7 +642,13 @@ def to_html(report: StudyReport) -> str:
         f"<code>{html.escape(report.session)}</code>, reference "
         f"<b>{html.escape(str(report.reference))}</b></p>",
         "<h2>Test accuracy per cell (%)</h2>",
-        table_html(report.table[cols]) if len(report.table) else "<p>no finished trials</p>",
+        table_html(report.table[cols], questions=True)
+        if len(report.table)
+        else "<p>no finished trials</p>",
+        "<h3>What the columns mean</h3><p>Accuracies and differences in percentage points.</p>"
+        if len(report.table)
+        else "",
+        legend_html if len(report.table) else "",
         f"<p class=method>Statistics: {html.escape(report.method)}.</p>",
         "<h2>Cost</h2>",
         table_html(pd.DataFrame([report.cost])),
@@ -451,7 +661,9 @@ def to_html(report: StudyReport) -> str:
         parts.append(img(_importance_figure(report), "parameter importances"))
     style = ("body{font-family:sans-serif;margin:2em;max-width:75em}table{border-collapse:"
              "collapse}td,th{border:1px solid #bbb;padding:3px 7px;font-size:13px}"
-             "img{max-width:100%}figure{margin:1.5em 0}")  # fmt: skip
+             "img{max-width:100%}figure{margin:1.5em 0}th.question{background:#eef}"
+             "dl.legend dt{margin-top:.4em}"
+             "dl.legend dd{margin-left:2em;font-size:13px}")  # fmt: skip
     title = html.escape(report.study)
     head = f"<meta charset=utf-8><title>{title} report</title><style>{style}</style>"
     return f"<!doctype html><html><head>{head}</head><body>{''.join(parts)}</body></html>"

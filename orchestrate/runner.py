@@ -118,13 +118,13 @@ IMAGENET = "imagenet"  # a preset's "ImageNet weights, the user says where": --p
 
 def check_pretrained(plan: Plan) -> None:
     """Every trial's pretrained source is given and readable, before anything starts."""
-    from fermodel.config import ConfigError
+    from fermodel.config import ConfigError, TrialConfig
     from fermodel.pretrained import download_hint, read_state_dict, weights_file
 
-    configs = [s.config for s in plan.trials] or [plan.base]
+    configs = [s.config for s in plan.trials] or [TrialConfig.from_dict(plan.base)]
     sources = {}
     for c in configs:
-        source, backbone = _get(c, "pretrained"), _get(c, "backbone")
+        source, backbone = c.pretrained, c.backbone
         if source == IMAGENET:
             raise ConfigError(
                 f"pretrained: preset {plan.preset} starts from ImageNet weights, as the paper "
@@ -139,10 +139,6 @@ def check_pretrained(plan: Plan) -> None:
             sources.setdefault(str(path), backbone)
     for source in sources:
         read_state_dict(source)  # raises PretrainedError naming the file
-
-
-def _get(config, key: str):
-    return config[key] if isinstance(config, dict) else getattr(config, key)
 
 
 def _gpus_text(options: RunOptions) -> str:

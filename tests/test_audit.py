@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fermodel.data import audit, load_dataset, make_synthetic
-from fermodel.data.audit import leaked
+from fermodel.data.audit import content_groups, leaked
 from fermodel.data.fer2013 import write_fer2013_csv
 
 
@@ -64,3 +64,46 @@ def test_drop_leaked_removes_exactly_the_planted_copies(planted, tmp_path):
 def test_every_load_carries_its_audit():
     data = load_dataset("synthetic", num_subjects=3, images_per_class=1)
     assert data.audit is not None and data.audit.images == 21 and data.audit.blank == 0
+
+
+def test_the_audit_counts_val_test_cross_duplicates_with_examples(tmp_path):
+    data = make_synthetic(num_subjects=10, images_per_class=2, seed=3)
+    val = np.flatnonzero(data.split == "val")
+    test = np.flatnonzero(data.split == "test")
+    images = data.images.clone()
+    # PublicTest images identical to PrivateTest ones: val[0] once, val[1] twice
+    for src, dst in [(val[0], test[0]), (val[1], test[4]), (val[1], test[7])]:
+        images[dst] = images[src]
+    data.images = images
+    write_fer2013_csv(data, tmp_path / "fer2013.csv")
+    loaded = load_dataset("fer2013", tmp_path, drop_leaked=True)
+    report = loaded.audit
+    assert report.val_test == {"val": 2, "test": 3}
+    assert report.cross_split == {"val": 0, "test": 0}  # not leakage into train
+    assert report.within_split["test"] == 2 and report.within_split["val"] == 0  # test[4], [7]
+    assert report.duplicate_groups == 2 and report.duplicate_images == 3
+    line = lambda row: f"fer2013.csv:line {row + 2}"  # noqa: E731
+    assert report.examples["val/test duplicate"] == [
+        f"{line(val[0])} = {line(test[0])}",
+        f"{line(val[1])} = {line(test[4])}",
+    ]
+    summary = report.summary()
+    assert "2 val images have an identical copy in test (val/test cross-duplicates)" in summary
+    assert "3 test images have an identical copy in val (val/test cross-duplicates)" in summary
+    assert len(loaded) == len(data)  # drop_leaked drops copies in train only
+
+
+def test_no_val_test_count_without_both_splits():
+    data = make_synthetic(num_subjects=6, images_per_class=1, seed=0)
+    assert audit(data).val_test == {"val": 0, "test": 0}
+    assert audit(data.subset(data.split != "val")).val_test == {}
+
+
+def test_content_groups_are_exact_pixel_equality():
+    images = torch.zeros(5, 1, 48, 48, dtype=torch.uint8)
+    images[1, 0, 47, 47] = 1  # one pixel differs
+    images[3] = images[1]
+    images[4, 0, 0, 0] = 255
+    group = content_groups(images)
+    assert group[0] == group[2] and group[1] == group[3]
+    assert len({group[0], group[1], group[4]}) == 3

@@ -555,13 +555,36 @@ def test_ck48_neutral_requested_but_absent(tree48):
         read_ckplus(tree48, include_neutral=True)
 
 
+def test_ck48_refuses_more_than_its_three_frames_per_sequence(tree48):
+    with raises_naming(str(tree48), "k=4", "only the last 3 frames of each sequence"):
+        read_ckplus(tree48, k=4)
+    assert len(read_ckplus(tree48, k=3)) == 3 * len(read_ckplus(tree48, k=1))
+
+
+def test_ck48_sequence_with_fewer_frames_than_k_says_so(tree48):
+    victim = sorted((tree48 / "anger").iterdir())[0]
+    victim.unlink()
+    ds = read_ckplus(tree48)
+    subject, sequence = victim.name.split("_")[:2]
+    note = f"{subject}/{sequence}: 2 frames in anger/, so 2 frames instead of 3"
+    assert any(note in n for n in ds.notes)
+    assert len(ds) == len(read_ckplus(tree48, k=1)) * 3 - 1
+
+
 def test_ck48_has_no_whole_sequences_for_paper_frames(tree48):
     with raises_naming(str(tree48), "frames='paper'"):
         read_ckplus(tree48, frames="paper")
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"frames": "first"}, {"k": 0}, {"k": 2.5}, {"frames": "paper", "seed": -1}]
+    "kwargs",
+    [
+        {"frames": "first"},
+        {"k": 0},
+        {"k": 2.5},
+        {"frames": "paper", "seed": -1},
+        {"frames": "paper", "k": 4},
+    ],
 )
 def test_bad_arguments(small_original, kwargs):
     with pytest.raises(ValueError, match="frames|k|seed"):

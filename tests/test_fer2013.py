@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fermodel.data import DatasetError, load_dataset, make_synthetic
+from fermodel.data import DatasetError, load_dataset, make_splits, make_synthetic
 from fermodel.data.fer2013 import (
     FERPLUS_CLASSES,
     ferplus_majority,
@@ -107,10 +107,16 @@ def test_ferplus_majority_rule_on_a_hand_written_table():
     assert FERPLUS_CLASSES[7] == "contempt" and FERPLUS_CLASSES[4] == "anger"
 
 
+UNKNOWN = [5, 0, 0, 0, 0, 0, 0, 5, 0, 0]  # 5 of 10: no majority
+NONFACE = [0, 0, 0, 0, 0, 0, 0, 0, 2, 8]  # NF holds the majority
+
+
 @pytest.fixture
 def with_ferplus(tmp_path):
     """35 rows: training rows vote clearly for FER+ class k % 8, the hand table sits on val/test
-    rows, and one val/test row is a non-face (empty image name)."""
+    rows, and one val/test row is a non-face (empty image name). Every split has flagged rows:
+    two training rows (a non-face by its empty image name, an unknown), and in val and in test
+    a non-face (one by name, one by NF votes) and an unknown."""
     base = make_synthetic(num_subjects=5, images_per_class=1, seed=2)
     train, other = np.flatnonzero(base.split == "train"), np.flatnonzero(base.split != "train")
     votes = np.zeros((len(base), 10), dtype=int)
@@ -121,6 +127,11 @@ def with_ferplus(tmp_path):
     votes[other[8:], 0], expected[other[8:]] = 10, 0
     nonface = np.zeros(len(base), dtype=bool)
     nonface[other[0]], expected[other[0]] = True, -1
+    val, test = np.flatnonzero(base.split == "val"), np.flatnonzero(base.split == "test")
+    nonface[[train[0], val[-1]]] = True
+    votes[[train[1], val[-2], test[-2]]] = UNKNOWN
+    votes[test[-1]] = NONFACE
+    expected[[train[0], train[1], val[-1], val[-2], test[-1], test[-2]]] = -1
     write_fer2013_csv(base, tmp_path / "fer2013.csv")
     usage = ["Training" if s == "train" else "PublicTest" if s == "val" else "PrivateTest"
              for s in base.split]  # fmt: skip
@@ -147,11 +158,56 @@ def test_ferplus_mapped_to_seven_classes_drops_contempt(with_ferplus):
     assert torch.equal(got.images, base.images[torch.from_numpy(keep)])
 
 
-def test_paper_cleaning_keeps_fer2013_labels(with_ferplus):
+def test_paper_cleaning_drops_flagged_training_rows_and_keeps_every_val_and_test_image(
+    with_ferplus,
+):
     path, base, expected = with_ferplus
+    train = base.split == "train"
+    flagged = expected < 0
+    assert flagged[train].sum() == 2
+    assert flagged[base.split == "val"].sum() >= 2 and flagged[base.split == "test"].sum() >= 2
     got = read_fer2013(path, clean=True)
-    same(got, base.subset(expected >= 0))
-    assert any(f"dropped {int((expected < 0).sum())} non-face" in n for n in got.notes)
+    # FER2013's labels, the two flagged training rows gone, val and test untouched
+    same(got, base.subset(~(flagged & train)))
+    assert (got.split == "train").sum() == train.sum() - 2
+    for part in ("val", "test"):
+        rows = np.flatnonzero(base.split == part)
+        assert got.ids[got.split == part].tolist() == [f"fer2013.csv:line {r + 2}" for r in rows]
+    assert any(
+        "dropped 2 non-face/unknown training images; val and test kept whole "
+        f"({int(flagged[~train].sum())} of their images are flagged)" in n
+        for n in got.notes
+    )
+    # balancing after cleaning adds to train only: val and test stay the full sets
+    splits = make_splits(got, "official", balance="minority")
+    assert len(splits.val) == (base.split == "val").sum()
+    assert len(splits.test) == (base.split == "test").sum()
+
+
+def test_ferplus_rows_in_another_order_are_refused_with_the_line(with_ferplus):
+    path, base, _ = with_ferplus
+    ferplus = path / "fer2013new.csv"
+    lines = ferplus.read_text().splitlines(keepends=True)
+    a = int(np.flatnonzero(base.split == "train")[3])  # row a is file line a + 2
+    b = int(np.flatnonzero(base.split == "val")[0])
+    assert a < b  # so line a + 2 is the first that differs
+    lines[a + 1], lines[b + 1] = lines[b + 1], lines[a + 1]
+    ferplus.write_text("".join(lines))
+    message = (
+        f"fer2013new.csv, line {a + 2}: Usage 'PublicTest', but line {a + 2} of fer2013.csv "
+        f"has Usage 'Training'"
+    )
+    for options in ({"clean": True}, {"labels": "ferplus"}, {"labels": "ferplus7"}):
+        with pytest.raises(DatasetError, match=message):
+            read_fer2013(path, **options)
+
+
+def test_ferplus_needs_a_csv_with_usage(with_ferplus):
+    path, base, _ = with_ferplus
+    (path / "fer2013.csv").unlink()
+    write_fer2013_csv(base, path / "train.csv", "kaggle")
+    with pytest.raises(DatasetError, match=r"train\.csv: has no Usage column"):
+        read_fer2013(path, clean=True)
 
 
 HEADER = "emotion,pixels,Usage\n"

@@ -1,22 +1,35 @@
 """orchestrate.statistics on planted data with hand-computed answers: per-cell t intervals,
-the paired image-level comparison (difference, bootstrap CI, sign-flip and McNemar p-values),
-trial pairing and Holm's correction."""
+question 1 "on this test set" (difference, bootstrap CI, sign-flip and McNemar p-values, over
+images or over subjects), question 2 "across training runs" (paired t-test over (seed, fold)
+runs), both noise floors, trial pairing and Holm's correction."""
 
 import math
 
+import numpy as np
 import pytest
+from scipy import stats
 
-from orchestrate.statistics import Predictions, holm, paired_comparison, summarize_accuracies
+from orchestrate.statistics import (
+    Predictions,
+    compare_cells,
+    holm,
+    minimum_detectable_runs_difference,
+    paired_comparison,
+    run_accuracies,
+    run_comparison,
+    runs_needed,
+    summarize_accuracies,
+)
 
 CLASSES = 7
 
 
-def trial(correct, seed=0, fold=0, ids=None, labels=None):
+def trial(correct, seed=0, fold=0, ids=None, labels=None, groups=None):
     """A trial whose prediction is right exactly where ``correct`` is truthy."""
     ids = ids if ids is not None else [f"img{i:04d}" for i in range(len(correct))]
     labels = labels if labels is not None else [i % CLASSES for i in range(len(correct))]
     predictions = [y if ok else (y + 1) % CLASSES for y, ok in zip(labels, correct, strict=True)]
-    return Predictions(seed, fold, list(ids), list(labels), predictions)
+    return Predictions(seed, fold, list(ids), list(labels), predictions, groups)
 
 
 # summarize_accuracies
@@ -211,3 +224,220 @@ def test_a_single_changed_image_gives_p_one():
     result = paired_comparison(ref, other, n_resamples=1000)
     assert result["difference"] == pytest.approx(-5.0) and result["p_value"] == 1.0
     assert result["mcnemar_p"] == pytest.approx(1.0)
+
+
+# question 1 with groups: the subject is the unit
+
+
+def clustered_case():
+    """30 subjects of 10 images, one seed. 12 subjects gain on all their images (the other cell
+    right, the reference wrong), 6 lose on all of them, 12 are the same in both cells: the images
+    of a subject are perfectly correlated. Image-level difference (120 - 60) / 300 = 20 points
+    either way; what changes is how many independent units carry it (180 images or 18
+    subjects)."""
+    ref, oth = [], []
+    for subject in range(30):
+        for i in range(10):
+            same = i % 2 == 0
+            ref.append(same if subject >= 18 else 12 <= subject < 18)
+            oth.append(same if subject >= 18 else subject < 12)
+    groups = [f"S{k // 10:03d}" for k in range(300)]
+    return ref, oth, groups
+
+
+def test_clustered_units_widen_the_interval_and_raise_the_noise_floor():
+    ref, oth, groups = clustered_case()
+    images = paired_comparison([trial(ref)], [trial(oth)], n_resamples=4000)
+    subjects = paired_comparison(
+        [trial(ref, groups=groups)], [trial(oth, groups=groups)], n_resamples=4000
+    )
+    assert images["difference"] == subjects["difference"] == 20.0
+    assert (images["unit"], images["n_units"], images["n_units_changed"]) == ("image", 300, 180)
+    assert (subjects["unit"], subjects["n_units"], subjects["n_units_changed"]) == (
+        "subject",
+        30,
+        18,
+    )
+    # per-unit means are +1, -1, 0 in the same proportions (12:6:12) at both levels, so the
+    # bootstrap SE grows by sqrt(300 / 30) = sqrt(10) = 3.16: the interval widens about that much
+    width_images = images["ci_high"] - images["ci_low"]
+    width_subjects = subjects["ci_high"] - subjects["ci_low"]
+    assert 2.6 < width_subjects / width_images < 3.8
+    assert subjects["ci_low"] < 0 < images["ci_low"]  # clear on images, not on 30 subjects
+    assert images["p_value"] < 0.001 < 0.05 < subjects["p_value"]
+    # noise floor: sum of squared unit sums is 180 (images) and 18 * 10**2 = 1800 (subjects)
+    assert subjects["mde"] / images["mde"] == pytest.approx(math.sqrt(10))
+    # McNemar assumes independent images: not reported for subjects
+    assert images["mcnemar_p"] < 0.001 and math.isnan(subjects["mcnemar_p"])
+    assert "cluster bootstrap" in subjects["method"] and "over subjects" in subjects["method"]
+
+
+def test_without_groups_an_image_is_its_own_unit():
+    # old artifacts (no groups), FER2013 (groups of None) and one subject per image all give the
+    # image-level comparison, to the last digit
+    correct_r = [i < 180 for i in range(300)]
+    correct_o = [i < 150 or 180 <= i < 215 for i in range(300)]
+    results = [
+        paired_comparison([trial(correct_r, groups=g)], [trial(correct_o, groups=g)],
+                          n_resamples=2000)
+        for g in (None, [None] * 300, [f"s{i}" for i in range(300)])
+    ]  # fmt: skip
+    assert results[0] == results[1]
+    numbers = {k: v for k, v in results[2].items() if k not in ("unit", "method")}
+    assert numbers == {k: v for k, v in results[0].items() if k not in ("unit", "method")}
+    assert results[0]["unit"] == "image" and results[2]["unit"] == "subject"
+
+
+def test_a_trial_without_groups_takes_them_from_the_other_cell():
+    ref, oth, groups = clustered_case()
+    old = paired_comparison([trial(ref)], [trial(oth, groups=groups)], n_resamples=500)
+    assert (old["unit"], old["n_units"]) == ("subject", 30)
+    # only some images name a subject: the rest are their own units
+    partial = groups[:150] + [None] * 150
+    mixed = paired_comparison([trial(ref, groups=partial)], [trial(oth)], n_resamples=500)
+    assert (mixed["unit"], mixed["n_units"]) == ("subject or image", 15 + 150)
+
+
+def test_conflicting_or_misaligned_groups_are_errors():
+    with pytest.raises(ValueError, match="img0001.*group"):
+        paired_comparison([trial([1, 1], groups=["a", "a"])], [trial([1, 0], groups=["a", "b"])])
+    with pytest.raises(ValueError, match="differ in length"):
+        trial([1, 1], groups=["a"])
+
+
+# question 2: across training runs
+
+
+def contradicting_seeds():
+    """Three seeds on one fixed test set of 300 images; both cells are right on images 0-149.
+    Seed 0: the other cell is also right on 36 more images (+12 points). Seed 1: the reference is
+    right on 12 images the other misses (-4). Seed 2: the other gains 12 images (+4). The images
+    each seed moves are disjoint, so each of those 60 images has d_i = +-1/3 after averaging over
+    the seeds."""
+    moves = {0: (range(150, 186), ()), 1: ((), range(186, 198)), 2: (range(198, 210), ())}
+    ref, oth = [], []
+    for seed, (gained, lost) in moves.items():
+        ref.append(trial([i < 150 or i in lost for i in range(300)], seed=seed))
+        oth.append(trial([i < 150 or i in gained for i in range(300)], seed=seed))
+    return ref, oth
+
+
+def test_a_gain_on_this_test_set_that_does_not_survive_another_seed():
+    """The two questions are consistent and still disagree. The seed-averaged image-level
+    difference is the mean of the per-seed differences (the same 300 images in every seed):
+    (12 - 4 + 4) / 3 = 4 points either way. But their noise differs. On this test set, 48 images
+    moved up and 12 down (each by 1/3): a sign-flip test over 60 changed images sees a z of about
+    (48 - 12) / sqrt(60) = 4.6, so these three trained models of the other cell are, on average,
+    better on these images. Across runs, the three run differences +12, -4, +4 have mean 4 and
+    SD 8: t = 4 / (8 / sqrt(3)) = 0.87 with 2 degrees of freedom, p = 0.48. One lucky seed
+    carries the image-level result; another training seed may as well lose."""
+    ref, oth = contradicting_seeds()
+    result = compare_cells(ref, oth, n_resamples=4000)
+    test_set, runs = result["test_set"], result["runs"]
+    assert test_set["difference"] == pytest.approx(4.0)
+    assert (test_set["n_changed"], test_set["n_units"], test_set["n_pairs"]) == (60, 300, 3)
+    assert test_set["p_value"] < 0.001 and test_set["ci_low"] > 0
+    assert runs["difference"] == pytest.approx(4.0) and runs["sd"] == pytest.approx(8.0)
+    t = 4.0 / (8.0 / math.sqrt(3))
+    assert runs["p_value"] == pytest.approx(2 * stats.t.sf(t, df=2))
+    assert runs["p_value"] > 0.4
+    half = stats.t.ppf(0.975, df=2) * 8.0 / math.sqrt(3)
+    assert (runs["ci_low"], runs["ci_high"]) == pytest.approx((4.0 - half, 4.0 + half))
+    assert runs["judged"] and runs["ci_low"] < 0 < runs["ci_high"]
+    assert (runs["n_runs"], runs["n_seeds"], runs["n_folds"]) == (3, 3, 1)
+
+
+def test_run_accuracies_are_taken_on_the_shared_images():
+    ref, oth = contradicting_seeds()
+    # seed 2 of the other cell was tested on the first 200 images only, right on 162 of them
+    oth[2] = trial([i < 162 for i in range(200)], seed=2, ids=[f"img{i:04d}" for i in range(200)])
+    r, o = run_accuracies(ref, oth)
+    # seeds 0, 1 on 300 images: 150 and 162 right; seed 2 on the 200 shared: 150 and 162
+    assert r == {(0, 0): 50.0, (1, 0): 54.0, (2, 0): 75.0}
+    assert o == {(0, 0): 62.0, (1, 0): 50.0, (2, 0): 81.0}
+
+
+def test_one_seed_and_one_fold_cannot_be_judged_across_runs():
+    runs = run_comparison({(0, 0): 70.0}, {(0, 0): 75.0})
+    assert runs["note"] == "n/a: 1 seed x 1 fold" and not runs["judged"]
+    assert runs["difference"] == 5.0 and runs["n_runs"] == 1
+    for key in ("p_value", "ci_low", "ci_high", "sd", "mde", "runs_needed", "seeds_needed"):
+        assert math.isnan(runs[key]), key
+    # through compare_cells, one trial per cell: question 1 still answers (McNemar), 2 does not
+    result = compare_cells(
+        [trial([i < 30 for i in range(40)])], [trial([i < 35 for i in range(40)])]
+    )
+    assert result["runs"]["note"] == "n/a: 1 seed x 1 fold"
+    assert result["test_set"]["mcnemar_p"] == pytest.approx(2 / 32)
+    # Holm does not count a question that was not asked
+    assert holm([result["runs"]["p_value"], 0.02]) == [pytest.approx(math.nan, nan_ok=True), 0.02]
+    assert run_comparison({(0, 0): 70.0}, {(1, 0): 75.0})["note"] == "n/a: no paired runs"
+
+
+def test_identical_run_differences_fall_back_on_the_exact_sign_flip():
+    same = run_comparison({(s, 0): 70.0 for s in range(3)}, {(s, 0): 71.0 for s in range(3)})
+    assert same["p_value"] == pytest.approx(2 / 8)  # all three +1: 2 of 8 sign vectors
+    assert (same["ci_low"], same["ci_high"]) == (1.0, 1.0) and math.isnan(same["mde"])
+    none = run_comparison({(s, 0): 70.0 for s in range(2)}, {(s, 0): 70.0 for s in range(2)})
+    assert none["p_value"] == 1.0 and none["difference"] == 0.0
+
+
+# noise floors
+
+
+def test_test_set_noise_floor_matches_the_paired_proportions_formula():
+    """400 images, one seed: b = 30 images only the reference gets right, c = 18 only the other.
+    The paired-proportions normal approximation with the observed discordance p = 48 / 400 gives
+    the smallest detectable difference (z_0.975 + z_0.80) * sqrt(p / 400); an exact binomial
+    calculation of McNemar's test's power at that difference comes out near 80% too."""
+    n, b, c = 400, 30, 18
+    ref = [i < 100 or 100 <= i < 130 for i in range(n)]
+    oth = [i < 100 or 130 <= i < 148 for i in range(n)]
+    result = paired_comparison([trial(ref)], [trial(oth)], n_resamples=500)
+    discordance = (b + c) / n
+    z = stats.norm.ppf(0.975) + stats.norm.ppf(0.80)  # 1.959964 + 0.841621
+    expected = 100 * z * math.sqrt(discordance / n)
+    assert expected == pytest.approx(4.8525, abs=1e-4)
+    assert result["mde"] == pytest.approx(expected)
+    assert result["difference"] == pytest.approx(100 * (c - b) / n)
+    # power of the exact two-sided McNemar test at delta = mde, discordance p: the discordant
+    # count D ~ Binomial(n, p), and given D the gains c ~ Binomial(D, (1 + delta / p) / 2)
+    delta = expected / 100
+    power = 0.0
+    for d, weight in enumerate(stats.binom.pmf(np.arange(n + 1), n, discordance)):
+        if d == 0 or weight < 1e-12:
+            continue
+        gains = np.arange(d + 1)
+        tail = np.minimum(stats.binom.cdf(gains, d, 0.5), stats.binom.sf(gains - 1, d, 0.5))
+        reject = np.minimum(1.0, 2 * tail) <= 0.05
+        power += weight * stats.binom.pmf(gains, d, (1 + delta / discordance) / 2)[reject].sum()
+    assert 0.74 < power < 0.84  # 0.777: the exact test is discrete, the floor a normal one
+
+
+def test_noise_floor_on_seed_averaged_images_is_the_sign_flip_null_sd():
+    # contradicting_seeds: 60 images with d = +-1/3, the rest 0: sum of d**2 = 60 / 9
+    ref, oth = contradicting_seeds()
+    result = paired_comparison(ref, oth, n_resamples=500)
+    z = stats.norm.ppf(0.975) + stats.norm.ppf(0.80)
+    assert result["mde"] == pytest.approx(100 * z * math.sqrt(60 / 9) / 300)
+
+
+def test_runs_noise_floor_and_seeds_needed_match_the_t_formula():
+    # two seeds x two folds; differences 1, 3, 2, 6: mean 3, squared deviations 4 + 0 + 1 + 9
+    reference = {(0, 0): 70.0, (0, 1): 70.0, (1, 0): 70.0, (1, 1): 70.0}
+    other = {(0, 0): 71.0, (0, 1): 73.0, (1, 0): 72.0, (1, 1): 76.0}
+    runs = run_comparison(reference, other)
+    sd = math.sqrt(14 / 3)
+    assert runs["sd"] == pytest.approx(sd)
+    assert runs["p_value"] == pytest.approx(2 * stats.t.sf(3 / (sd / 2), df=3))
+    expected = (stats.t.ppf(0.975, 3) + stats.t.ppf(0.80, 3)) * sd / 2
+    assert runs["mde"] == pytest.approx(expected)
+    assert minimum_detectable_runs_difference(sd, 4) == pytest.approx(expected)
+    # the smallest K whose floor reaches the observed 3 points, by direct search
+    k = 2
+    while (stats.t.ppf(0.975, k - 1) + stats.t.ppf(0.80, k - 1)) * sd / math.sqrt(k) > 3:
+        k += 1
+    assert runs["runs_needed"] == k == 7
+    assert runs["seeds_needed"] == math.ceil(k / 2) == 4  # two folds per seed
+    assert runs_needed(0.0, sd) == math.inf and math.isnan(runs_needed(1.0, 0.0))
+    assert math.isnan(minimum_detectable_runs_difference(sd, 1))

@@ -1,16 +1,24 @@
 """A data audit run on every load: exact duplicates, cross-split copies, label conflicts, blanks.
 
 FER2013 holds hundreds of PrivateTest images with a byte-identical copy in Training (some under
-another label) and a few blank frames; a model can score such test images by memory. The audit
-counts them and gives examples, and ``drop_leaked`` removes every val/test image that has an
-identical copy in the training split, so accuracy can be measured without that leakage.
+another label), PublicTest images identical to PrivateTest ones, thousands of duplicates within
+Training, and a few blank frames; a model can score such test images by memory. The audit
+counts them and gives examples. ``leaked`` marks the val/test images that have an identical
+copy in the train split; ``load_dataset(..., drop_leaked=True)`` removes them from the source's
+own splits, and ``make_splits`` removes them again from the final splits (carved ones and folds
+included), so accuracy can be measured without that leakage.
+
+Images are grouped by content: a 64-bit BLAKE2 digest of the pixels, with the copies of every
+digest compared byte for byte, so two images share a group exactly when their pixels are equal.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from fermodel.data.dataset import FERDataset
 
@@ -27,6 +35,9 @@ class DataAudit:
     cross_split: dict[str, int]  # per val/test split: images with an identical copy in train
     conflicting_groups: int  # duplicate groups whose copies carry different labels
     blank: int
+    # "val": val images with an identical copy in test; "test": test images with one in val
+    # (FER2013: PublicTest images identical to PrivateTest ones); only where both splits exist
+    val_test: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -41,23 +52,46 @@ class DataAudit:
         for split, n in self.cross_split.items():
             if n:
                 lines.append(f"  {n} {split} images have an identical copy in train (leakage)")
+        for split, n in self.val_test.items():
+            other = "test" if split == "val" else "val"
+            if n:
+                lines.append(
+                    f"  {n} {split} images have an identical copy in {other} "
+                    f"(val/test cross-duplicates)"
+                )
         for kind, ids in self.examples.items():
             if ids:
                 lines.append(f"  e.g. {kind}: {', '.join(ids)}")
         return "\n".join(lines)
 
 
-def _groups(dataset: FERDataset) -> tuple[np.ndarray, np.ndarray]:
-    """For every image the id of its identical-bytes group, and each group's size."""
-    flat = np.ascontiguousarray(dataset.images.reshape(len(dataset), -1).numpy())
-    rows = flat.view(np.dtype((np.void, flat.shape[1]))).ravel()
-    _, inverse, counts = np.unique(rows, return_inverse=True, return_counts=True)
-    return inverse.ravel(), counts
+def content_groups(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """For every image the id (0..groups-1) of its group of identical images: two images share
+    an id exactly when all of their pixels are equal."""
+    if isinstance(images, torch.Tensor):
+        images = images.numpy()
+    flat = np.ascontiguousarray(images.reshape(len(images), -1))
+    if len(flat) == 0:
+        return np.zeros(0, dtype=np.int64)
+    digests = b"".join(hashlib.blake2b(row, digest_size=8).digest() for row in flat)
+    _, first, inverse, counts = np.unique(
+        np.frombuffer(digests, dtype=np.uint64),
+        return_index=True,
+        return_inverse=True,
+        return_counts=True,
+    )
+    inverse = inverse.ravel()
+    shared = np.flatnonzero(counts[inverse] > 1)
+    if not (flat[shared] == flat[first[inverse[shared]]]).all():
+        # a digest collision (never seen in practice): group by the bytes themselves
+        rows = flat.view(np.dtype((np.void, flat.shape[1]))).ravel()
+        _, inverse = np.unique(rows, return_inverse=True)
+    return inverse.ravel().astype(np.int64)
 
 
 def leaked(dataset: FERDataset) -> np.ndarray:
     """Mask of val/test images that have an identical copy in the train split."""
-    group, _ = _groups(dataset)
+    group = content_groups(dataset.images)
     in_train = np.zeros(group.max() + 1 if len(group) else 0, dtype=bool)
     in_train[group[dataset.split == "train"]] = True
     return (dataset.split != "train") & (dataset.split != "") & in_train[group]
@@ -67,7 +101,8 @@ def audit(dataset: FERDataset) -> DataAudit:
     n = len(dataset)
     if n == 0:
         return DataAudit(0, 0, 0, {}, {}, 0, 0)
-    group, counts = _groups(dataset)
+    group = content_groups(dataset.images)
+    counts = np.bincount(group)
     labels = dataset.labels.numpy()
     duplicated = counts[group] > 1
 
@@ -78,19 +113,31 @@ def audit(dataset: FERDataset) -> DataAudit:
     np.maximum.at(hi, group, labels)
     conflicting = (counts > 1) & (lo != hi)
 
-    within, cross = {}, {}
+    within, cross, val_test = {}, {}, {}
+    in_split = {}
     for split in [str(s) for s in np.unique(dataset.split) if s]:
-        in_split = dataset.split == split
-        per_group = np.bincount(group[in_split], minlength=len(counts))
-        within[split] = int((in_split & (per_group[group] > 1)).sum())
+        mask = dataset.split == split
+        per_group = np.bincount(group[mask], minlength=len(counts))
+        in_split[split] = per_group > 0
+        within[split] = int((mask & (per_group[group] > 1)).sum())
     leak = leaked(dataset)
     for split in ("val", "test"):
-        if (dataset.split == split).any():
+        if split in in_split:
             cross[split] = int((leak & (dataset.split == split)).sum())
+    ids = dataset.ids
+    pairs: list[str] = []
+    if "val" in in_split and "test" in in_split:
+        val, test = dataset.split == "val", dataset.split == "test"
+        val_copied = val & in_split["test"][group]
+        test_copied = test & in_split["val"][group]
+        val_test = {"val": int(val_copied.sum()), "test": int(test_copied.sum())}
+        # each example names a val image and a test image identical to it
+        for i in np.flatnonzero(val_copied)[:EXAMPLES]:
+            j = np.flatnonzero(test_copied & (group == group[i]))[0]
+            pairs.append(f"{ids[i]} = {ids[j]}")
 
     flat = dataset.images.reshape(n, -1)
     blank = (flat.amax(dim=1).int() - flat.amin(dim=1).int() <= BLANK_RANGE).numpy()
-    ids = dataset.ids
     return DataAudit(
         images=n,
         duplicate_groups=int((counts > 1).sum()),
@@ -99,9 +146,11 @@ def audit(dataset: FERDataset) -> DataAudit:
         cross_split=cross,
         conflicting_groups=int(conflicting.sum()),
         blank=int(blank.sum()),
+        val_test=val_test,
         examples={
             "duplicate": ids[duplicated][:EXAMPLES].tolist(),
             "leaked": ids[leak][:EXAMPLES].tolist(),
+            "val/test duplicate": pairs,
             "conflicting labels": ids[conflicting[group]][:EXAMPLES].tolist(),
             "blank": ids[blank][:EXAMPLES].tolist(),
         },

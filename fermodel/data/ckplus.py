@@ -55,6 +55,7 @@ NUM_LANDMARKS = 68
 CROP_MARGIN = 0.1  # of the landmark box side, added on each side
 _PASTE = 1.5  # synthetic frames: the pasted head square over the face square
 PAPER_FRAMES = 4
+CK48_FRAMES = 3  # CK+48 holds the last 3 frames of each labeled sequence
 FRAME_SIZE = (640, 490)  # width, height of most CK+ frames
 
 _SUBJECT_RE = re.compile(r"S\d{3}")
@@ -227,6 +228,11 @@ def _check_frames_arg(frames: str, k: int, seed: int) -> None:
         raise ValueError(f"frames must be 'last' or 'paper', got {frames!r}")
     if frames == "last" and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
         raise ValueError(f"k must be a positive integer, got {k!r}")
+    if frames == "paper" and k != 3:
+        raise ValueError(
+            f"k={k!r} applies to frames='last' only; frames='paper' takes {PAPER_FRAMES} random "
+            f"frames per sequence (leave k at its default, 3)"
+        )
     if frames == "paper" and (
         isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0
     ):
@@ -447,6 +453,17 @@ def _read_ck48(root: Path, frames: str, k: int, include_neutral: bool) -> tuple[
                         f"{seen[key]}/ and {name}/"
                     )
                 seen[key] = name
+                if len(files) < k:
+                    if k > CK48_FRAMES:
+                        raise DatasetError(
+                            f"{root}: k={k}, but CK+48 holds only the last {CK48_FRAMES} frames "
+                            f"of each sequence ({key[0]}/{key[1]} has {len(files)} in "
+                            f"{name}/); use k <= {CK48_FRAMES}, or the original layout for more"
+                        )
+                    notes.append(
+                        f"{key[0]}/{key[1]}: {len(files)} frames in {name}/, so "
+                        f"{len(files)} frames instead of {k}"
+                    )
                 files = sorted(files)[-k:]
             for _, f in files:
                 img = read_gray(f)
@@ -469,9 +486,11 @@ def read_ckplus(
 ) -> FERDataset:
     """CK+ from the original tree or CK+48 folders, as a FERDataset named "ckplus".
 
-    frames           "last": the last ``k`` frames of each labeled sequence (the standard, k = 3);
+    frames           "last": the last ``k`` frames of each labeled sequence (the standard, k = 3;
+                     CK+48 holds only 3 frames a sequence, so k > 3 there is a DatasetError);
                      "paper": 4 random frames per labeled sequence from its second half, drawn
-                     with ``seed`` (Gu & Jin's protocol; original layout only)
+                     with ``seed`` (Gu & Jin's protocol; original layout only; ``k`` must stay
+                     at its default, 3, since it does not apply)
     include_neutral  add class 0 "neutral": the first frame of each labeled sequence (original)
                      or the neutral/ folder (CK+48)
 

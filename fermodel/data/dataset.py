@@ -27,7 +27,10 @@ class FERDataset:
     split     str [N], "train" / "val" / "test" where the source defines it, "" where it does not
               (CK+: the protocol assigns folds)
     subjects  str [N] or None: who is in the image (CK+, synthetic), for subject-independent folds
-    ids       str [N]: where each image came from ("fer2013.csv:row 7", a file path), for reports
+    ids       str [N]: where each image came from ("fer2013.csv:line 9", a file path), for reports
+    drop_leaked  set by ``load_dataset(..., drop_leaked=True)``: ``make_splits`` then drops every
+              val/test image with an identical copy in the final train split (carved splits and
+              folds included)
     """
 
     name: str
@@ -39,6 +42,7 @@ class FERDataset:
     subjects: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)  # what loading did (cleaning, relabelling)
     audit: object | None = None  # a fermodel.data.audit.DataAudit, filled in by load_dataset
+    drop_leaked: bool = False
 
     def __post_init__(self):
         n = len(self.labels)

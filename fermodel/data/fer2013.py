@@ -12,6 +12,10 @@ Forms read, detected from what the path holds:
 
 Usage maps to splits: Training -> train, PublicTest -> val (model selection), PrivateTest ->
 test (reported once). Pixel strings are parsed for the whole file at once by numpy's C parser.
+
+FER+ (``fer2013new.csv``) lists the rows of fer2013.csv in the same order; its Usage column is
+checked against the CSV's row by row, so a file in another order is refused rather than
+relabelling the wrong images.
 """
 
 from __future__ import annotations
@@ -77,9 +81,11 @@ def read_fer2013(
     labels  ``fer2013``: the original 7 labels; ``ferplus``: FER+'s 8 majority labels;
             ``ferplus7``: FER+ labels mapped to FER2013's 7 classes (contempt dropped).
             Both FER+ forms need ``fer2013new.csv`` beside the CSV and drop non-faces and
-            images without a majority (the official rule).
-    clean   keep FER2013's labels but drop the images FER+ marks as non-face or unknown
-            (the paper's cleaning of mislabeled and non-face images).
+            images without a majority (the official rule) from every split: such images have
+            no FER+ label to train on or to score (FER+'s own test set, not FER2013's).
+    clean   keep FER2013's labels but drop the training images FER+ marks as non-face or
+            unknown (the paper's cleaning of mislabeled and non-face images). Val and test
+            are kept whole, so test accuracy is measured on the full PrivateTest.
     cache_dir  where to keep a parsed copy of a CSV (keyed on its path, size and mtime, written
             atomically); ``None`` parses every time.
     """
@@ -96,11 +102,25 @@ def read_fer2013(
     if labels != "fer2013" or clean:
         if source.is_dir():
             raise DatasetError(f"{source}: FER+ labels need the CSV form (row order), not folders")
-        votes = read_ferplus(source.parent / "fer2013new.csv", expected_rows=len(y))
+        if not (split != "train").any():
+            raise DatasetError(
+                f"{source}: has no Usage column, so its rows cannot be matched to FER+'s "
+                f"fer2013new.csv; FER+ labels need fer2013.csv or icml_face_data.csv"
+            )
+        votes = read_ferplus(
+            source.parent / "fer2013new.csv",
+            usage=np.array([SPLIT_TO_USAGE[s] for s in split]),
+            source=source,
+        )
         plus = ferplus_majority(votes)
         if labels == "fer2013":
-            keep = plus >= 0
-            notes.append(f"FER+ cleaning dropped {int((~keep).sum())} non-face/unknown images")
+            train = split == "train"
+            keep = (plus >= 0) | ~train
+            notes.append(
+                f"FER+ cleaning dropped {int((~keep).sum())} non-face/unknown training images; "
+                f"val and test kept whole ({int(((plus < 0) & ~train).sum())} of their images "
+                f"are flagged)"
+            )
         elif labels == "ferplus":
             keep, y, classes = plus >= 0, plus, FERPLUS_CLASSES
             notes.append(f"FER+ labels (8 classes); dropped {int((~keep).sum())} images")
@@ -252,20 +272,35 @@ def _read_image(file: Path) -> np.ndarray:
         raise DatasetError(f"{file}: unreadable image ({err.__class__.__name__})") from None
 
 
-def read_ferplus(path: Path, expected_rows: int) -> np.ndarray:
+def read_ferplus(path: Path, usage: np.ndarray, source: Path) -> np.ndarray:
     """FER+ votes [rows, 10] in FERPLUS_COLUMNS order; a non-face row (empty Image name) gets
-    all of its weight on NF."""
+    all of its weight on NF.
+
+    ``usage`` is the Usage of every row of the FER2013 CSV ``source``: FER+ must have as many
+    rows, with the same Usage on each line (the files share one row order)."""
     if not path.is_file():
         raise DatasetError(f"{path}: not found (FER+ labels must sit beside the FER2013 CSV)")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
+        raise DatasetError(f"{path}: not a readable CSV ({err})") from None
     frame.columns = [c.strip() for c in frame.columns]
     expected = ["Usage", "Image name", *FERPLUS_COLUMNS]
     if list(frame.columns) != expected:
         raise DatasetError(f"{path}: wrong header {list(frame.columns)}; expected {expected}")
-    if len(frame) != expected_rows:
+    if len(frame) != len(usage):
         raise DatasetError(
-            f"{path}: {len(frame)} rows, but the FER2013 CSV has {expected_rows} "
+            f"{path}: {len(frame)} rows, but the FER2013 CSV has {len(usage)} "
             f"(FER+ rows must be in the same order)"
+        )
+    plus_usage = frame["Usage"].str.strip().to_numpy()
+    bad = np.flatnonzero(plus_usage != usage)
+    if bad.size:
+        i = bad[0]
+        raise DatasetError(
+            f"{path}, line {i + 2}: Usage {str(plus_usage[i])!r}, but line {i + 2} of "
+            f"{source.name} has Usage {str(usage[i])!r}; fer2013new.csv must list the rows "
+            f"in {source.name}'s order"
         )
     votes = frame[list(FERPLUS_COLUMNS)].apply(pd.to_numeric, errors="coerce")
     bad = np.argwhere(votes.isna().to_numpy() | (votes.to_numpy() < 0))

@@ -16,8 +16,11 @@ def load_dataset(name: str, path=None, drop_leaked: bool = False, **options) -> 
     detected from what the path holds; ``options`` go to the reader
     (``read_fer2013``, ``read_ckplus``, ``make_synthetic``).
 
-    The audit (``dataset.audit``) is computed and logged on every load; ``drop_leaked``
-    then removes val/test images that have an identical copy in the train split.
+    The audit (``dataset.audit``) is computed and logged on every load, on the source's own
+    splits. ``drop_leaked`` removes the val/test images that have an identical copy in the
+    train split and marks the dataset (``dataset.drop_leaked``), so that ``make_splits`` drops
+    them again from the final splits: those carved from train (Kaggle's train.csv, folders
+    without Usage prefixes), CK+ folds, balanced training sets.
     """
     if name == "synthetic":
         from fermodel.data.synthetic import make_synthetic
@@ -41,6 +44,7 @@ def load_dataset(name: str, path=None, drop_leaked: bool = False, **options) -> 
         mask = leaked(dataset)
         dataset = dataset.subset(~mask)
         dataset.notes.append(f"dropped {int(mask.sum())} val/test images with a copy in train")
+        dataset.drop_leaked = True
     dataset.audit = report
     return dataset
 

@@ -2,8 +2,9 @@
 
 - ``official`` (FER2013, synthetic): the dataset's own splits. FER2013 trains on Training,
   selects on PublicTest, and reports PrivateTest once; nothing is ever selected on test. A
-  source without a val (or test) split, such as Kaggle's train.csv, gets one carved from train,
-  stratified by class, and a note says so.
+  source without a val (or test) split, such as Kaggle's train.csv, gets one carved from train:
+  10% of each class, stratified, and grouped by content, so that every copy of an image (FER2013's
+  Training holds thousands of exact duplicates) falls on one side; a note says so.
 - ``kfold`` (CK+, synthetic): subject-independent k-fold cross-validation, stratified by class as
   far as the subjects allow (scikit-learn's StratifiedGroupKFold); no subject is in two folds.
   Fold f is the test set, fold f+1 (mod k) the validation set, the rest is trained on.
@@ -13,7 +14,12 @@
 
 ``balance`` adds augmented copies of under-represented classes to the training split only
 (the paper balances FER2013's disgust class): each named class, or with ``"minority"`` every
-class, below the median training class count is topped up to it.
+class, below the median training class count is topped up to it. Validation and test images
+are never added or removed by it.
+
+``drop_leaked`` (or a dataset loaded with ``drop_leaked=True``) removes, from the final val and
+test splits, every image with an identical copy in the final train split, whatever the splits'
+origin (the source's, carved, folds, balanced); without it a note counts such images.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import numpy as np
 import torch
 
 from fermodel.augment import AugmentConfig, augment_copies
+from fermodel.data.audit import content_groups
 from fermodel.data.dataset import DatasetError, FERDataset
 
 PROTOCOLS = ("official", "kfold", "paper")
@@ -46,8 +53,22 @@ def make_splits(
     seed: int = 0,
     balance: str | tuple[str, ...] | None = None,
     paper_copies: int = 3,
+    drop_leaked: bool | None = None,
 ) -> Splits:
-    """Split ``dataset`` by ``protocol`` (see the module docstring); deterministic per seed."""
+    """Split ``dataset`` by ``protocol`` (see the module docstring); deterministic per seed.
+
+    ``balance`` tops up the training split only. ``drop_leaked`` drops val/test images with an
+    identical copy in the final train split; ``None`` follows ``dataset.drop_leaked`` (set by
+    ``load_dataset(..., drop_leaked=True)``).
+    """
+    if (
+        isinstance(paper_copies, bool)
+        or not isinstance(paper_copies, (int, np.integer))
+        or (paper_copies < 0)
+    ):
+        raise ValueError(f"paper_copies must be a non-negative integer, got {paper_copies!r}")
+    if drop_leaked is None:
+        drop_leaked = dataset.drop_leaked
     if protocol == "official":
         splits = _official(dataset, seed)
     elif protocol == "kfold":
@@ -58,6 +79,7 @@ def make_splits(
         raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     if balance is not None:
         splits.train = _balance(splits.train, balance, seed, splits.notes)
+    _leaks(splits, drop_leaked)
     for part in ("train", "val", "test"):
         if len(getattr(splits, part)) == 0:
             raise DatasetError(f"{dataset.name}: the {part} split of protocol {protocol} is empty")
@@ -74,20 +96,56 @@ def _stratified_holdout(labels: np.ndarray, fraction: float, rng: np.random.Gene
     return np.sort(np.concatenate(chosen)) if chosen else np.array([], dtype=int)
 
 
+def _grouped_holdout(
+    labels: np.ndarray, groups: np.ndarray, fraction: float, rng: np.random.Generator
+):
+    """Indices (into ``labels``) of a class-stratified random ``fraction`` made of whole
+    groups: every image of a group (the copies of one image) is held out or none is.
+
+    A group counts for the class of its first image. Per class, the groups are shuffled and
+    taken while they fit within ``fraction`` of the class's images (at least one group, none
+    when the class has a single group). Without duplicates this is ``_stratified_holdout``,
+    draw for draw.
+    """
+    _, first, inverse, sizes = np.unique(
+        groups, return_index=True, return_inverse=True, return_counts=True
+    )
+    inverse = inverse.ravel()
+    order = np.argsort(first, kind="stable")  # groups in the order of their first image
+    group_label = labels[first]
+    chosen = []
+    for c in np.unique(labels):
+        members = order[group_label[order] == c]
+        shuffled = rng.permutation(members)
+        if len(members) <= 1:
+            continue
+        target = max(1, round(fraction * int(sizes[members].sum())))
+        take = max(1, int(np.searchsorted(np.cumsum(sizes[shuffled]), target, side="right")))
+        chosen.append(shuffled[:take])
+    if not chosen:
+        return np.array([], dtype=int)
+    return np.flatnonzero(np.isin(inverse, np.concatenate(chosen)))
+
+
 def _official(dataset: FERDataset, seed: int) -> Splits:
     split = dataset.split.copy()
     notes = []
     if not (split == "train").any():
         raise DatasetError(f"{dataset.name}: no train split; use protocol 'kfold' or 'paper'")
     rng = np.random.default_rng(seed)
+    groups = None
     for part in ("test", "val"):
         if not (split == part).any():
+            if groups is None:
+                groups = content_groups(dataset.images)
             train = np.flatnonzero(split == "train")
-            carved = train[_stratified_holdout(dataset.labels.numpy()[train], 0.1, rng)]
+            held = _grouped_holdout(dataset.labels.numpy()[train], groups[train], 0.1, rng)
+            carved = train[held]
             split[carved] = part
             notes.append(
                 f"{dataset.name} has no {part} split: {len(carved)} train images "
-                f"(10%, stratified, seed {seed}) held out as {part}"
+                f"(10%, stratified, every copy of an image on one side, seed {seed}) "
+                f"held out as {part}"
             )
     return Splits(
         dataset.subset(split == "train"),
@@ -180,12 +238,25 @@ def _balance(train: FERDataset, balance, seed: int, notes: list[str]) -> FERData
     if unknown:
         raise ValueError(f"cannot balance unknown class {unknown[0]!r}; classes: {list(counts)}")
     target = int(np.median(list(counts.values())))
+    empty = [c for c in names if counts[c] == 0 and target > 0]
+    if empty and balance != "minority":
+        raise DatasetError(
+            f"{train.name}: cannot balance {empty[0]!r}: the train split has no image of it to copy"
+        )
     g = torch.Generator().manual_seed(seed + 1)
     parts = [train]
     labels = train.labels
     for c in names:
         missing = target - counts[c]
-        if missing <= 0 or counts[c] == 0:
+        if counts[c] == 0 and missing > 0:
+            notes.append(f"balance: the train split has no {c} image to copy; {c} stays at 0")
+            continue
+        if missing <= 0:
+            if balance != "minority":
+                notes.append(
+                    f"balance {c}: {counts[c]} training images, at or above the median "
+                    f"{target}; unchanged"
+                )
             continue
         members = torch.nonzero(labels == train.classes.index(c)).flatten().numpy()
         source = train.subset(members)
@@ -194,3 +265,26 @@ def _balance(train: FERDataset, balance, seed: int, notes: list[str]) -> FERData
         parts.append(replace(source.subset(pick), images=copies))
         notes.append(f"balanced {c}: {counts[c]} -> {target} training images (augmented copies)")
     return _concat(parts, "balanced") if len(parts) > 1 else train
+
+
+def _leaks(splits: Splits, drop: bool) -> None:
+    """Drop (or, without ``drop``, count) val/test images with a copy in the final train."""
+    parts = (splits.train, splits.val, splits.test)
+    group = content_groups(torch.cat([p.images for p in parts]))
+    n_train, n_val = len(splits.train), len(splits.val)
+    in_train = np.zeros(group.max() + 1 if len(group) else 0, dtype=bool)
+    in_train[group[:n_train]] = True
+    masks = {
+        "val": in_train[group[n_train : n_train + n_val]],
+        "test": in_train[group[n_train + n_val :]],
+    }
+    counts = f"{int(masks['val'].sum())} val and {int(masks['test'].sum())} test images"
+    if drop:
+        for part, mask in masks.items():
+            if mask.any():
+                setattr(splits, part, getattr(splits, part).subset(~mask))
+        splits.notes.append(f"drop_leaked: dropped {counts} with an identical copy in train")
+    elif any(mask.any() for mask in masks.values()):
+        splits.notes.append(
+            f"{counts} have an identical copy in train (drop_leaked would drop them)"
+        )

@@ -268,6 +268,17 @@ def make_synthetic(
             f"split_fractions must be three non-negative numbers summing to 1, "
             f"got {split_fractions}"
         )
+    if not 0 <= min_intensity <= 1:
+        raise ValueError(f"min_intensity must be in 0..1 (neutral..peak), got {min_intensity}")
+    # every split with a share gets at least one subject; train takes the rest
+    n_val = max(1, round(split_fractions[1] * num_subjects)) if split_fractions[1] else 0
+    n_test = max(1, round(split_fractions[2] * num_subjects)) if split_fractions[2] else 0
+    n_train = num_subjects - n_val - n_test
+    if n_train < (1 if split_fractions[0] else 0):
+        raise ValueError(
+            f"split_fractions {tuple(split_fractions)} with num_subjects={num_subjects} give "
+            f"{n_val} val and {n_test} test subjects, leaving {n_train} for train"
+        )
     g = torch.Generator().manual_seed(seed)
     k = len(classes)
     per_subject = k * images_per_class
@@ -281,10 +292,6 @@ def make_synthetic(
     images = render_in_chunks(identity, expression, sample_nuisance(n, g))
 
     order = torch.randperm(num_subjects, generator=g).numpy()
-    # every split with a share gets at least one subject; train takes the rest
-    n_val = max(1, round(split_fractions[1] * num_subjects)) if split_fractions[1] else 0
-    n_test = max(1, round(split_fractions[2] * num_subjects)) if split_fractions[2] else 0
-    n_train = num_subjects - n_val - n_test
     subject_split = np.empty(num_subjects, dtype=object)
     subject_split[order[:n_train]] = "train"
     subject_split[order[n_train : n_train + n_val]] = "val"
