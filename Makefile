@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS ?= dev
 
-.PHONY: install deps test demo lint clean
+.PHONY: install deps browser test demo lint clean
 
 # the one install step of CI (make test): the project and its EXTRAS, editable
 $(BIN)/activate: pyproject.toml
@@ -31,7 +31,20 @@ deps:
 	      *(d for e in names for d in extras[e]), sep="\n")' "$(EXTRAS)" > $(VENV)/deps.txt
 	$(BIN)/pip install -r $(VENV)/deps.txt
 
-test: $(BIN)/activate
+# the browser tests drive Debian's chromium (Playwright's own browser download needs internet
+# that CI machines lack): installed with apt-get when missing and make runs as root, else make
+# stops with one line saying what to install
+browser:
+ifeq ($(shell command -v chromium),)
+ifeq ($(shell id -u)$(if $(shell command -v apt-get),+apt),0+apt)
+	@echo "make: installing chromium for the browser tests (apt-get install chromium)"
+	apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+else
+	$(error make test needs chromium for its browser tests: install it (Debian/Ubuntu: sudo apt-get install chromium) and run make test again)
+endif
+endif
+
+test: $(BIN)/activate browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

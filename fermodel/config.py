@@ -1,18 +1,22 @@
 """The trial config: everything one training run depends on, as one flat, typed record.
 
 It is what MLflow logs as params and what a checkpoint stores, so a run can be repeated from
-its logged params alone. Defaults are the paper's (Gu & Jin 2025): PSA-ResNet-50, softmax +
-Island loss, Adam at lr 0.001, batch 32, 200 epochs, lr x0.1 when the validation loss has not
-fallen for 30 epochs; on the built-in synthetic set unless a dataset is named.
+its logged params alone. Every key is declared once, with its meaning and allowed values as
+field metadata (``key(...)``): validation, both command lines' help and the README read them
+from here. Defaults follow the paper (Gu & Jin 2025) where it states a value: PSA-ResNet-50,
+softmax + Island loss, Adam at lr 0.001, batch 32, 200 epochs, lr x0.1 when the validation loss
+has not fallen for 30 epochs; the loss weight is the README's documented deviation. Without a
+named dataset a trial runs on the built-in synthetic set.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from fermodel.attention import ATTENTIONS
@@ -32,124 +36,138 @@ class ConfigError(ValueError):
     """A config key that is unknown, of the wrong type, or out of range."""
 
 
+def key(default, help: str, choices=(), low=None, high=None, open_low=False, open_high=False,
+        allowed: str = ""):  # fmt: skip
+    """A config field: its default, what it means, and the values it may take (``choices``, or
+    the interval from ``low`` to ``high``, ends included unless ``open_*``; ``allowed`` says it
+    in words where neither fits)."""
+    return field(default=default, metadata={
+        "help": help, "choices": tuple(choices), "low": low, "high": high,
+        "open_low": open_low, "open_high": open_high, "allowed": allowed,
+    })  # fmt: skip
+
+
 @dataclass(frozen=True)
 class TrialConfig:
     # data: which images, read how, split how
-    dataset: str = "synthetic"
-    data_path: str = ""  # the user's copy (absolute); empty for the synthetic set
-    protocol: str = "official"  # official | kfold | paper
-    fold: int = 0
-    folds: int = 10
-    split_seed: int = 0  # fixes folds and carved splits across training seeds
-    labels: str = "fer2013"  # FER2013: fer2013 | ferplus | ferplus7
-    clean: bool = False  # FER2013: drop FER+ non-face / unknown images
-    balance: str = ""  # "" | "minority" | comma-separated class names, training split only
-    drop_leaked: bool = False  # drop val/test images with an identical copy in train
-    ck_frames: str = "last"  # CK+: last k frames per sequence, or the paper's 4 random
-    ck_k: int = 3
-    synthetic_subjects: int = 60
-    synthetic_images_per_class: int = 4
+    dataset: str = key("synthetic", "which images: the built-in synthetic set, or your copy of "
+                       "FER2013 or CK+ (named by data_path)", DATASETS)  # fmt: skip
+    data_path: str = key("", "your copy of the dataset: FER2013's fer2013.csv, Kaggle's "
+                         "train.csv or image folders; CK+'s extracted folders",
+                         allowed="a file or folder; empty for the synthetic set")  # fmt: skip
+    protocol: str = key("official", "how the data is split: official (FER2013's Training / "
+                        "PublicTest / PrivateTest; the synthetic set's subject split), kfold "
+                        "(subject-independent folds, CK+'s standard), paper (the paper's CK+ "
+                        "split: augmented copies split 2:1 per class)", PROTOCOLS)  # fmt: skip
+    fold: int = key(0, "the test fold of the kfold protocol", low=0,
+                    allowed="0 to folds - 1")  # fmt: skip
+    folds: int = key(10, "number of folds of the kfold protocol", low=2)
+    split_seed: int = key(0, "seed of folds and carved splits (and of the synthetic set), kept "
+                          "fixed across training seeds", allowed="any integer")  # fmt: skip
+    labels: str = key("fer2013", "FER2013's labels: fer2013 (the original 7), ferplus (FER+'s 8 "
+                      "majority labels, from fer2013new.csv), ferplus7 (FER+'s labels on the 7 "
+                      "classes, contempt dropped)", LABEL_SETS)  # fmt: skip
+    clean: bool = key(False, "FER2013: drop the training images FER+'s votes call non-face or "
+                      "unknown (needs fer2013new.csv); val and test stay whole")  # fmt: skip
+    balance: str = key("", "top up training classes with augmented copies: minority (every "
+                       "class up to the median) or comma-separated class names, e.g. disgust",
+                       allowed="empty (none), minority or class names")  # fmt: skip
+    drop_leaked: bool = key(False, "drop val/test images that have an identical copy in train")
+    ck_frames: str = key("last", "CK+ frames of each sequence: last (the last ck_k) or paper "
+                         "(the paper's 4 random frames)", CK_FRAMES)  # fmt: skip
+    ck_k: int = key(3, "CK+: frames taken from the end of each sequence (ck_frames last)", low=1)
+    synthetic_subjects: int = key(60, "synthetic set: number of subjects (70/15/15% go to "
+                                  "train/val/test)", low=3)  # fmt: skip
+    synthetic_images_per_class: int = key(4, "synthetic set: images of each expression per "
+                                          "subject", low=1)  # fmt: skip
+    synthetic_difficulty: float = key(1.0, "synthetic set: how much pose, light, noise and "
+                                      "occlusion hide the expression, and how subtle it may be "
+                                      "(1 the full range, 0.5 half the nuisance)",
+                                      low=0, high=1, open_low=True)  # fmt: skip
     # model
-    backbone: str = "resnet50"
-    attention: str = "psa"
-    pretrained: str = ""  # path to a torchvision state dict, or e.g. ResNet50_Weights.IMAGENET1K_V1
-    in_chans: int = 1
-    image_size: int = 48  # model input; the 48x48 images are upsampled on the device
+    backbone: str = key("resnet50", "the network: resnet50 (takes every attention), or a Table 5 "
+                        "baseline (resnet18, resnet34, vgg16, vgg16_bn, mobilenet_v2, densenet121) "
+                        "or timm:<model name> (with attention none)",
+                        allowed="a backbone name or timm:<name>")  # fmt: skip
+    attention: str = key("psa", "attention in every ResNet-50 bottleneck (none is the plain "
+                         "ResNet-50, the paper's Basic)", tuple(ATTENTIONS))  # fmt: skip
+    pretrained: str = key("", "ImageNet initialisation of the backbone",
+                          allowed="a torchvision weights file or a folder of them, or a weights "
+                          "name such as ResNet50_Weights.IMAGENET1K_V1 (downloads); empty: "
+                          "random initialisation")  # fmt: skip
+    in_chans: int = key(1, "input channels of the stem: 1 (grey) or 3 (RGB, fed the grey image)",
+                        (1, 3))  # fmt: skip
+    image_size: int = key(48, "model input size; the 48x48 images are upsampled on the device",
+                          low=32)  # fmt: skip
     # loss: L = CE + lam * (center | island term)
-    loss: str = "island"
-    lam: float = 0.01
-    lam1: float = 10.0
-    alpha: float = 0.5
+    loss: str = key("island", "ce (softmax cross-entropy), center (+ center loss) or island "
+                    "(+ Island loss, the paper's joint loss)", LOSS_KINDS)  # fmt: skip
+    lam: float = key(0.01, "weight of the center or Island term in the joint loss", low=0)
+    lam1: float = key(10.0, "Island loss: weight of the pairwise center-cosine term", low=0)
+    alpha: float = key(0.5, "learning rate of the class centers", low=0, high=1, open_low=True)
     # optimisation
-    optimizer: str = "adam"
-    lr: float = 0.001
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd only
-    batch_size: int = 32
-    epochs: int = 200
-    schedule: str = "plateau"
-    plateau_patience: int = 30
-    plateau_factor: float = 0.1
+    optimizer: str = key("adam", "the optimiser of the network's weights", OPTIMIZERS)
+    lr: float = key(0.001, "initial learning rate", low=0, open_low=True)
+    weight_decay: float = key(0.0, "L2 weight decay", low=0)
+    momentum: float = key(0.9, "SGD momentum (sgd only)", low=0)
+    batch_size: int = key(32, "training images per step", low=1)
+    epochs: int = key(200, "training epochs", low=1)
+    schedule: str = key("plateau", "learning-rate schedule: plateau (x plateau_factor after "
+                        "plateau_patience epochs without a lower validation loss), cosine, none",
+                        SCHEDULES)  # fmt: skip
+    plateau_patience: int = key(30, "plateau schedule: epochs without a lower validation loss "
+                                "before the lr drops", low=1)  # fmt: skip
+    plateau_factor: float = key(0.1, "plateau schedule: factor the lr is multiplied by",
+                                low=0, high=1, open_low=True, open_high=True)  # fmt: skip
     # augmentation of training batches, and test-time augmentation
-    augment: bool = True
-    hflip: float = 0.5
-    rotation: float = 10.0
-    translate: float = 0.1
-    scale_min: float = 0.9
-    scale_max: float = 1.1
-    brightness: float = 0.2
-    contrast: float = 0.2
-    tta: str = "none"  # none | flip | tencrop
+    augment: bool = key(True, "augment training batches (flip, rotation, shift, scale, "
+                        "brightness, contrast)")  # fmt: skip
+    hflip: float = key(0.5, "augmentation: probability of a horizontal flip", low=0, high=1)
+    rotation: float = key(10.0, "augmentation: largest rotation, degrees", low=0)
+    translate: float = key(0.1, "augmentation: largest shift, fraction of the image", low=0)
+    scale_min: float = key(0.9, "augmentation: smallest zoom factor", low=0, open_low=True,
+                           allowed="> 0 and <= scale_max")  # fmt: skip
+    scale_max: float = key(1.1, "augmentation: largest zoom factor", low=0, open_low=True,
+                           allowed=">= scale_min")  # fmt: skip
+    brightness: float = key(0.2, "augmentation: largest brightness change, fraction", low=0)
+    contrast: float = key(0.2, "augmentation: largest contrast change, fraction", low=0)
+    tta: str = key("none", "test-time augmentation, also used on validation: none, flip (the "
+                   "image and its mirror) or tencrop (ten 42x42 crops)", TTA_MODES)  # fmt: skip
     # runtime
-    seed: int = 0
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    channels_last: bool = True
-    compile: bool = False  # torch.compile the model (CUDA)
-    deterministic: bool = False  # deterministic kernels, for exact resume checks
-    eval_batch_size: int = 256
-    # Epochs between checkpoints. A checkpoint holds the model, the optimiser's state (two more
-    # copies of the weights for Adam) and an older best model's weights, ~330 MB for
-    # PSA-ResNet-50, written and uploaded by the caller (Tune: to the study's storage); a run
-    # that is lost (a node, a kill) redoes every epoch since its last checkpoint. 0 = auto: the
-    # first epoch, then as often as keeps checkpoint time near 5% of the trial's time (measured
-    # per trial, so slow storage means rarer checkpoints and more epochs to redo), and the last.
-    # N > 0: every N epochs and the last.
-    checkpoint_every: int = 0
+    seed: int = key(0, "training seed (initialisation, shuffling, augmentation)",
+                    allowed="any integer")  # fmt: skip
+    precision: str = key("auto", "arithmetic: auto (bf16 autocast on CUDA, fp32 on CPU), fp32, "
+                         "bf16", PRECISIONS)  # fmt: skip
+    device: str = key("auto", "where to train: auto (CUDA if present), cpu, cuda or cuda:N",
+                      allowed="auto, cpu, cuda or cuda:N")  # fmt: skip
+    channels_last: bool = key(True, "channels-last memory format (faster convolutions on GPUs)")
+    compile: bool = key(False, "torch.compile the model (CUDA; slow first epoch)")
+    deterministic: bool = key(False, "deterministic kernels, for exact resume checks (slower)")
+    eval_batch_size: int = key(256, "images per evaluation batch", low=1)
+    # A checkpoint holds the model, the optimiser's state (two more copies of the weights for
+    # Adam) and an older best model's weights, ~330 MB for PSA-ResNet-50, written and uploaded
+    # by the caller (Tune: to the study's storage); a lost run redoes every epoch since its last
+    # checkpoint. Auto measures the checkpoint time per trial, so slow storage means rarer
+    # checkpoints and more epochs to redo.
+    checkpoint_every: int = key(0, "epochs between checkpoints; 0: automatic (the first epoch, "
+                                "then as often as keeps checkpoint time near 5% of the trial's, "
+                                "and the last); N: every N epochs and the last", low=0)  # fmt: skip
 
     def __post_init__(self):
-        self._check_choices()
-        self._check_ranges()
+        for f in fields(self):
+            _check(f, getattr(self, f.name))
+        self._check_together()
 
-    def _check_choices(self) -> None:
-        choices = {
-            "dataset": DATASETS,
-            "protocol": PROTOCOLS,
-            "labels": LABEL_SETS,
-            "ck_frames": CK_FRAMES,
-            "attention": tuple(ATTENTIONS),
-            "loss": LOSS_KINDS,
-            "optimizer": OPTIMIZERS,
-            "schedule": SCHEDULES,
-            "tta": TTA_MODES,
-            "precision": PRECISIONS,
-        }
-        for key, allowed in choices.items():
-            value = getattr(self, key)
-            if value not in allowed:
-                raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    def _check_together(self) -> None:
         if self.dataset != "synthetic" and not self.data_path:
             raise ConfigError(f"data_path: dataset {self.dataset!r} needs the path of your copy")
         if self.device != "auto" and not (
             self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
         ):
             raise ConfigError(f"device: {self.device!r} is not auto, cpu, cuda or cuda:N")
-
-    def _check_ranges(self) -> None:
-        positive = ("folds", "ck_k", "image_size", "synthetic_subjects",
-                    "synthetic_images_per_class", "batch_size", "epochs", "eval_batch_size",
-                    "lr", "plateau_patience")  # fmt: skip
-        for key in positive:
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
-        non_negative = ("fold", "lam", "lam1", "weight_decay", "momentum", "rotation",
-                        "translate", "brightness", "contrast", "hflip",
-                        "checkpoint_every")  # fmt: skip
-        for key in non_negative:
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key}: must be non-negative, got {getattr(self, key)}")
         if self.fold >= self.folds:
             raise ConfigError(f"fold: {self.fold} is not below folds ({self.folds})")
-        if not 0 < self.alpha <= 1:
-            raise ConfigError(f"alpha: must be in (0, 1], got {self.alpha}")
-        if not 0 < self.plateau_factor < 1:
-            raise ConfigError(f"plateau_factor: must be in (0, 1), got {self.plateau_factor}")
-        if self.image_size < 32:
-            raise ConfigError(f"image_size: at least 32 (ResNet-50 halves it five times), "
-                              f"got {self.image_size}")  # fmt: skip
-        if self.in_chans not in (1, 3):
-            raise ConfigError(f"in_chans: must be 1 or 3, got {self.in_chans}")
-        if not 0 < self.scale_min <= self.scale_max:
+        if self.scale_min > self.scale_max:
             raise ConfigError(
                 f"scale_min/scale_max: need 0 < scale_min <= scale_max, "
                 f"got {self.scale_min}, {self.scale_max}"
@@ -194,6 +212,53 @@ class TrialConfig:
             return cls.from_dict(values)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
+
+
+FIELDS = {f.name: f for f in fields(TrialConfig)}
+
+
+def _check(f: dataclasses.Field, value) -> None:
+    m = f.metadata
+    if m["choices"] and value not in m["choices"]:
+        raise ConfigError(f"{f.name}: {value!r} is not one of {', '.join(map(str, m['choices']))}")
+    low, high = m["low"], m["high"]
+    below = low is not None and (value <= low if m["open_low"] else value < low)
+    above = high is not None and (value >= high if m["open_high"] else value > high)
+    if below or above or (isinstance(value, float) and math.isnan(value)):
+        raise ConfigError(f"{f.name}: must be {_interval(m)}, got {value}")
+
+
+def _interval(m) -> str:
+    low, high = m["low"], m["high"]
+    if high is None:
+        return f"{'>' if m['open_low'] else '>='} {low}"
+    return f"in {'(' if m['open_low'] else '['}{low}, {high}{')' if m['open_high'] else ']'}"
+
+
+def allowed_values(f: dataclasses.Field) -> str:
+    """What a key may be, in words: its choices, interval or stated rule."""
+    m = f.metadata
+    if m["allowed"]:
+        return m["allowed"]
+    if m["choices"]:
+        return "one of " + ", ".join(map(str, m["choices"]))
+    if f.type in (bool, "bool"):
+        return "on or off"
+    if m["low"] is not None:
+        return _interval(m).removeprefix("in ")
+    return "any value"
+
+
+def describe(name: str, default=None, allowed: str | None = None) -> str:
+    """A key's help line: meaning, allowed values, default. Both CLIs print these; a CLI that
+    fills the key otherwise (a study's preset) names its own ``default`` or ``allowed``."""
+    f = FIELDS[name]
+    if default is None:
+        default = f.default if f.default != "" else "none"
+    if isinstance(default, bool):
+        default = "on" if default else "off"
+    allowed = allowed_values(f) if allowed is None else allowed
+    return f"{f.metadata['help']}. Allowed: {allowed}. Default: {default}."
 
 
 def _coerce(key: str, value, kind):

@@ -85,7 +85,8 @@ class TrialResult:
 
 
 DATA_KEYS = ("dataset", "data_path", "labels", "clean", "drop_leaked", "ck_frames", "ck_k",
-             "split_seed", "synthetic_subjects", "synthetic_images_per_class")  # fmt: skip
+             "split_seed", "synthetic_subjects", "synthetic_images_per_class",
+             "synthetic_difficulty")  # fmt: skip
 
 
 def data_key(config: TrialConfig) -> str:
@@ -100,6 +101,7 @@ def load_trial_data(config: TrialConfig, cache_dir=None) -> FERDataset:
             "synthetic",
             num_subjects=config.synthetic_subjects,
             images_per_class=config.synthetic_images_per_class,
+            difficulty=config.synthetic_difficulty,
             seed=config.split_seed,
         )
     if config.dataset == "fer2013":

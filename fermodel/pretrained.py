@@ -87,6 +87,16 @@ def read_state_dict(source) -> tuple[dict[str, torch.Tensor], str]:
     return obj, str(path)
 
 
+def check_source(source: str, backbone: str) -> None:
+    """Raise the ``PretrainedError`` that building ``backbone`` from ``source`` (a file, a
+    folder of torchvision's files or a weights name) would raise for a missing or unreadable
+    file, before anything is built or written."""
+    if re.fullmatch(r"\w+_Weights\.\w+", source):
+        return  # a torchvision weights name, downloaded (and checked) when the model is built
+    path = Path(source).expanduser()
+    read_state_dict(weights_file(path, backbone) if path.is_dir() else path)
+
+
 def weights_file(folder, backbone: str) -> Path:
     """The ImageNet file of ``backbone`` in ``folder``, a copy of torchvision's checkpoint folder
     (``~/.cache/torch/hub/checkpoints``): the file names are those of torchvision's weights,

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from fermodel.checkpoint import STATE_FILE, CheckpointError
 from fermodel.cli import OneLineParser
-from fermodel.config import ConfigError, TrialConfig
+from fermodel.config import ConfigError, TrialConfig, describe
 from fermodel.data import DatasetError
-from fermodel.pretrained import PretrainedError
+from fermodel.pretrained import PretrainedError, check_source
 
 USER_ERRORS = (ConfigError, DatasetError, PretrainedError, CheckpointError, ValueError)
 
@@ -37,19 +37,29 @@ def build_parser() -> argparse.ArgumentParser:
         "Island loss, on the built-in synthetic set).",
         argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--config", type=Path, help="flat JSON or TOML file of config keys")
-    parser.add_argument("--out", type=Path, help="output folder (default runs/<time>-<model>)")
-    parser.add_argument("--resume", type=Path, help="continue the run in this output folder")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help="a flat JSON or TOML file of config keys, applied first; flags "
+                        "override it. Default: none")  # fmt: skip
+    parser.add_argument("--out", type=Path, metavar="FOLDER",
+                        help="output folder, new or empty; made once the first epoch ends. "
+                        "Default: runs/<time>-<dataset>-<backbone>-<attention>-<loss>")  # fmt: skip
+    parser.add_argument("--resume", type=Path, metavar="FOLDER",
+                        help="continue the interrupted run in this output folder, with its "
+                        "saved config (no other keys). Default: a new run")  # fmt: skip
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar. Default: a progress bar on stderr")  # fmt: skip
     hints = typing.get_type_hints(TrialConfig)
     for f in fields(TrialConfig):
         flag = "--" + f.name.replace("_", "-")
         names = [flag, "--data"] if f.name == "data_path" else [flag]
-        kind = hints[f.name]
+        kind, text = hints[f.name], describe(f.name).replace("%", "%%")  # argparse formats help
         if kind is bool:
-            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction)
+            parser.add_argument(
+                *names, dest=f.name, action=argparse.BooleanOptionalAction, help=text
+            )
         else:
-            parser.add_argument(*names, dest=f.name, type=str, metavar=kind.__name__.upper())
+            metavar = "|".join(map(str, f.metadata["choices"])) or kind.__name__.upper()
+            parser.add_argument(*names, dest=f.name, type=str, metavar=metavar, help=text)
     return parser
 
 
@@ -72,13 +82,17 @@ def _config(args: dict) -> tuple[TrialConfig, Path]:
     return config, args.get("out", Path("runs") / name)
 
 
-def _keep_checkpoint(out: Path):
+def _keep_checkpoint(out: Path, config: TrialConfig):
     """A report callback that moves each epoch's checkpoint into ``out/checkpoint`` (the engine
-    deletes its temporary folder after the report, so the file need not be copied)."""
+    deletes its temporary folder after the report, so the file need not be copied). The folder
+    and its ``config.json`` are made at the first report: by then data, model and pretrained
+    weights have all been read, so a bad input leaves no half-made run folder behind."""
     target = out / "checkpoint" / STATE_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
 
     def keep(folder: str | None) -> None:
+        if not target.parent.is_dir():
+            target.parent.mkdir(parents=True)
+            (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         if folder is not None:
             tmp = target.with_suffix(".tmp")
             shutil.move(Path(folder) / STATE_FILE, tmp)  # a rename on one filesystem
@@ -108,10 +122,12 @@ def run(config: TrialConfig, out: Path, resume: bool = False, quiet: bool = Fals
         checkpoint = out / "checkpoint"
         if not (checkpoint / STATE_FILE).is_file():
             raise CheckpointError(f"{checkpoint}: no checkpoint to resume from")
+    elif out.is_file() or (out.is_dir() and any(out.iterdir())):
+        raise ConfigError(f"--out {out}: already exists and is not empty; name a new folder")
+    if config.pretrained:
+        check_source(config.pretrained, config.backbone)  # before a data cache is written
     data = load_trial_data(config, cache_dir=Path.home() / ".cache" / "fer-ablation")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    keep = _keep_checkpoint(out)
+    keep = _keep_checkpoint(out, config)
     bar = tqdm(total=config.epochs, desc="epochs", unit="ep", disable=quiet, file=sys.stderr)
 
     def report(metrics: dict, folder: str | None) -> None:

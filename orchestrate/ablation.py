@@ -28,6 +28,13 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every flag says what it means, what it takes and its default; flags that set a trial
+    config key take their meaning from the config's field metadata."""
+    from fermodel.config import describe
+
+    def key(name: str, **overrides) -> str:
+        return describe(name, **overrides).replace("%", "%%")  # argparse formats help
+
     p = OneLineParser(
         prog="python -m orchestrate.ablation",
         description="Plan a study's trials (a paper table or a tuning study), run them on Ray Tune "
@@ -36,111 +43,98 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s = p.add_argument_group("study (override the study file)")
+    s.add_argument("--study", default="table4", metavar="NAME|FILE",
+                   help="the study: a paper table or tuning study of search_spaces/studies, or "
+                   "the path of your own .toml. Allowed: table3, table4, table5, hpo or a "
+                   "path. Default: table4")  # fmt: skip
+    s.add_argument("--dataset", choices=("synthetic", "fer2013", "ckplus"),
+                   help=key("dataset", default="the study's (synthetic; fer2013 when only "
+                            "--data is given)"))  # fmt: skip
+    s.add_argument("--data", metavar="PATH", help=key("data_path"))
+    s.add_argument("--seeds", type=int, metavar="N",
+                   help="training seeds per cell (each seed is a trial). Allowed: >= 1. "
+                   "Default: the study's (1)")  # fmt: skip
+    s.add_argument("--preset", metavar="NAME",
+                   help="settings preset of the study file: cpu (minutes on a laptop) or paper "
+                   "(the paper's setup, 200 epochs). Allowed: a preset the study defines. "
+                   "Default: cpu on the synthetic set, paper otherwise")  # fmt: skip
+    s.add_argument("--epochs", type=int, metavar="N",
+                   help=key("epochs", default="the preset's"))  # fmt: skip
+    s.add_argument("--protocol", choices=("auto", "official", "kfold", "paper"),
+                   help=key("protocol", allowed="auto (kfold on CK+, official elsewhere), "
+                            "official, kfold or paper", default="the study's (auto)"))  # fmt: skip
+    s.add_argument("--pretrained", metavar="FILE|FOLDER|none",
+                   help=key("pretrained", allowed="torchvision's weights file "
+                            "(resnet50-0676ba61.pth), torchvision's checkpoint folder (each "
+                            "backbone takes its own file), or none",
+                            default="the preset's (paper: required)"))  # fmt: skip
     s.add_argument(
-        "--study",
-        default="table4",
-        help="table3, table4, table5, hpo, or the path of a .toml study (default table4)",
+        "--num-samples",
+        type=int,
+        metavar="N",
+        help="trials of a tuning study. Allowed: >= 1. Default: the study's",
     )
-    s.add_argument(
-        "--dataset",
-        choices=("synthetic", "fer2013", "ckplus"),
-        help="dataset of every trial (default: the study's, synthetic)",
-    )
-    s.add_argument("--data", help="path of your FER2013 or CK+ copy, e.g. /data/fer2013")
-    s.add_argument("--seeds", type=int, help="training seeds per cell, e.g. 3")
-    s.add_argument(
-        "--preset",
-        help="settings preset: cpu (minutes on a laptop; the default on "
-        "the synthetic set) or paper (the paper's 200 epochs; the default otherwise)",
-    )
-    s.add_argument("--epochs", type=int, help="epochs per trial, e.g. 30 (overrides the preset)")
-    s.add_argument(
-        "--protocol",
-        choices=("auto", "official", "kfold", "paper"),
-        help="how the data is split: auto (the study's; kfold on CK+, official elsewhere), "
-        "official (FER2013's Training/PublicTest/PrivateTest), kfold (subject-independent "
-        "folds), paper (the paper's CK+ split: augmented copies split 2:1 per class, subjects "
-        "on both sides)",
-    )
-    s.add_argument(
-        "--pretrained",
-        metavar="FILE|FOLDER|none",
-        help="ImageNet initialisation: torchvision's weights file (resnet50-0676ba61.pth), "
-        "torchvision's checkpoint folder (each backbone takes its own file), or none; the "
-        "paper preset requires it",
-    )
-    s.add_argument("--num-samples", type=int, help="trials of a tuning study, e.g. 60")
     r = p.add_argument_group("resources and cluster")
-    r.add_argument(
-        "--gpus-per-trial",
-        type=float,
-        help="GPUs per trial, fractions allowed, e.g. 0.25 runs four trials per GPU "
-        "(default 1 when the cluster has GPUs, else 0)",
-    )
+    r.add_argument("--gpus-per-trial", type=float, metavar="GPUS",
+                   help="GPUs per trial; 0.25 runs four trials per GPU. Allowed: >= 0, "
+                   "fractions included. Default: 1 when the cluster has GPUs, else 0")  # fmt: skip
     r.add_argument(
         "--cpus-per-trial",
         type=float,
         default=1.0,
-        help="CPUs per trial, also its torch threads (default 1)",
+        metavar="CPUS",
+        help="CPUs per trial, also its torch threads. Allowed: > 0. Default: 1",
     )
-    r.add_argument("--max-concurrent", type=int, help="cap on trials running at once, e.g. 4")
-    r.add_argument(
-        "--address",
-        help="join a running Ray cluster (or set RAY_ADDRESS): auto (the one started on "
-        "this machine with ray start) or HOST:6379; default: start a private local Ray and "
-        "stop it at the end",
-    )
-    r.add_argument(
-        "--storage",
-        default="ray_results",
-        help="where checkpoints and Tune's state live: a folder (default ./ray_results; on a "
-        "cluster one that every node mounts, e.g. NFS) or a URI such as s3://bucket/prefix "
-        "(endpoint from AWS_ENDPOINT_URL); checked before anything starts",
-    )
-    r.add_argument(
-        "--node-timeout",
-        type=float,
-        default=600.0,
-        help="on an autoscaling cluster with no node big enough for one trial yet: seconds "
-        "to wait for the autoscaler to start one before giving up (default 600)",
-    )
-    r.add_argument(
-        "--max-failures",
-        type=int,
-        default=2,
-        help="retries of a failed trial from its last checkpoint (default 2)",
-    )
+    r.add_argument("--max-concurrent", type=int, metavar="N",
+                   help="cap on trials running at once. Allowed: >= 1. Default: as many as "
+                   "fit (a tuning study: a quarter of its trials, so TPE learns from finished "
+                   "ones)")  # fmt: skip
+    r.add_argument("--address", metavar="auto|HOST:PORT",
+                   help="join a running Ray cluster (or set RAY_ADDRESS). Allowed: auto (the "
+                   "one started on this machine with ray start) or HOST:6379. Default: start a "
+                   "private local Ray and stop it at the end")  # fmt: skip
+    r.add_argument("--storage", default="ray_results", metavar="FOLDER|URI",
+                   help="where checkpoints and Tune's state live, checked before anything "
+                   "starts. Allowed: a folder (on a cluster one every node mounts, e.g. NFS) or a URI "
+                   "such as s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL). Default: "
+                   "./ray_results")  # fmt: skip
+    r.add_argument("--node-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="on an autoscaling cluster with no node big enough for one trial yet: "
+                   "how long to wait for the autoscaler to start one. Allowed: > 0. Default: "
+                   "600")  # fmt: skip
+    r.add_argument("--max-failures", type=int, default=2, metavar="N",
+                   help="retries of a failed trial from its last checkpoint. Allowed: >= 0. "
+                   "Default: 2")  # fmt: skip
     r.add_argument(
         "--resume",
         action="store_true",
         help="continue the latest interrupted session of this study, dataset and "
-        "preset without re-running finished trials",
+        "preset without re-running finished trials. Default: a new session",
     )
     t = p.add_argument_group("tracking and output")
-    t.add_argument(
-        "--tracking-uri",
-        help="MLflow store: http://host:5000 for a server (clusters), default "
-        "MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db",
-    )
-    t.add_argument(
-        "--mlflow-retry-budget",
-        type=float,
-        default=1800.0,
-        metavar="SECONDS",
-        help="how long MLflow may be unreachable mid-study: writes wait in a queue and are "
-        "retried (trials go on meanwhile); past this the study fails (default 1800)",
-    )
+    t.add_argument("--tracking-uri", metavar="URI",
+                   help="the MLflow store every run is logged to. Allowed: http://host:5000 "
+                   "for a server (clusters) or sqlite:///FILE. Default: MLFLOW_TRACKING_URI if set, else "
+                   "sqlite:///<cwd>/mlflow.db")  # fmt: skip
+    t.add_argument("--mlflow-retry-budget", type=float, default=1800.0, metavar="SECONDS",
+                   help="how long MLflow may be unreachable mid-study: writes wait in a queue "
+                   "and are retried (trials go on meanwhile); past this the study fails. "
+                   "Allowed: > 0. Default: 1800")  # fmt: skip
     t.add_argument(
         "--no-log-checkpoints",
         action="store_true",
-        help="do not log each trial's selected model weights as an MLflow artifact",
+        help="do not log each trial's selected model to MLflow. Default: logged",
     )
     t.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the planned trials and resources, start nothing",
+        help="print the planned trials and resources, start nothing. Default: run",
     )
-    t.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    t.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's own logs. Default: only the study's progress",
+    )
     return p
 
 
@@ -186,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             mlflow_retry_budget=_positive("--mlflow-retry-budget", args.mlflow_retry_budget),
             pretrained=_pretrained(args.pretrained),
             tracking_uri=args.tracking_uri or default_tracking_uri(),
-            max_failures=args.max_failures,
+            max_failures=_at_least_zero("--max-failures", args.max_failures),
             resume=args.resume,
             dry_run=args.dry_run,
             verbose=args.verbose,
@@ -210,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
 def _positive(flag: str, value):
     if value is not None and value <= 0:
         raise ValueError(f"{flag} must be positive, got {value}")
+    return value
+
+
+def _at_least_zero(flag: str, value: int) -> int:
+    if value < 0:
+        raise ValueError(f"{flag} must not be negative, got {value}")
     return value
 
 

@@ -63,7 +63,8 @@ def test_zero_intensity_is_neutral_for_every_class():
         ({"num_subjects": 2}, "num_subjects must be at least 3"),
         ({"images_per_class": 0}, "images_per_class must be at least 1"),
         ({"split_fractions": (0.5, 0.5, 0.5)}, "split_fractions must be three"),
-        ({"min_intensity": 1.5}, "min_intensity must be in 0..1"),
+        ({"difficulty": 0}, r"difficulty must be in \(0, 1\]"),
+        ({"difficulty": 1.5}, r"difficulty must be in \(0, 1\]"),
         (
             {"num_subjects": 3, "split_fractions": (0.0, 0.5, 0.5)},
             r"give 2 val and 2 test subjects, leaving -1 for train",

@@ -50,6 +50,7 @@ def test_a_config_file_with_flags_on_top(tmp_path):
             "error: /no/such/place: no such file",
         ),
         (["--dataset", "ckplus"], "error: data_path: dataset 'ckplus' needs the path"),
+        (["--pretrained", "/no/such/weights.pth"], "error: pretrained file not found"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(argv, message, tmp_path):
@@ -61,6 +62,18 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, message, tmp_path):
     assert done.stderr.startswith(message) and done.stderr.count("\n") == 1
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_inputs_found_bad_after_parsing_leave_no_run_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights.pth").write_bytes(b"not a torch file")
+    assert main([*TINY, "--epochs", "1", "--pretrained", str(tmp_path / "weights.pth")]) == 2
+    assert "weights.pth: not a file saved by torch.save" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "results.json").write_text("{}")
+    assert main([*TINY, "--out", str(tmp_path / "used")]) == 2
+    assert "used: already exists and is not empty" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -250,11 +250,17 @@ def make_synthetic(
     classes: tuple[str, ...] = FER2013_CLASSES,
     seed: int = 0,
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-    min_intensity: float = 0.45,
+    difficulty: float = 1.0,
 ) -> FERDataset:
     """Every subject shows every class ``images_per_class`` times (so classes are balanced);
     subjects are split train/val/test by ``split_fractions`` (no subject in two splits).
-    Deterministic for a given seed: the same arguments give the same bytes."""
+    Deterministic for a given seed: the same arguments give the same bytes.
+
+    ``difficulty`` in (0, 1] scales what hides the expression: the nuisance (pose, light,
+    noise, occlusion, expression jitter) is multiplied by it, and expressions range from
+    ``1 - 0.55 * difficulty`` of their peak to the peak (1: from 0.45, subtle to peak; 0.5:
+    from 0.725, half the nuisance). Identities and resting biases are the same at every
+    difficulty."""
     if num_subjects < 3:
         raise ValueError(f"num_subjects must be at least 3 (one per split), got {num_subjects}")
     if images_per_class < 1:
@@ -268,8 +274,8 @@ def make_synthetic(
             f"split_fractions must be three non-negative numbers summing to 1, "
             f"got {split_fractions}"
         )
-    if not 0 <= min_intensity <= 1:
-        raise ValueError(f"min_intensity must be in 0..1 (neutral..peak), got {min_intensity}")
+    if not 0 < difficulty <= 1:
+        raise ValueError(f"difficulty must be in (0, 1], got {difficulty}")
     # every split with a share gets at least one subject; train takes the rest
     n_val = max(1, round(split_fractions[1] * num_subjects)) if split_fractions[1] else 0
     n_test = max(1, round(split_fractions[2] * num_subjects)) if split_fractions[2] else 0
@@ -287,9 +293,9 @@ def make_synthetic(
     label = torch.arange(k).repeat_interleave(images_per_class).repeat(num_subjects)
 
     identity = _rows(sample_identities(num_subjects, g), subject)
-    intensity = _uniform(g, n, min_intensity, 1.0)
+    intensity = _uniform(g, n, 1 - 0.55 * difficulty, 1.0)
     expression = expression_params([classes[i] for i in label.tolist()], intensity)
-    images = render_in_chunks(identity, expression, sample_nuisance(n, g))
+    images = render_in_chunks(identity, expression, sample_nuisance(n, g, difficulty))
 
     order = torch.randperm(num_subjects, generator=g).numpy()
     subject_split = np.empty(num_subjects, dtype=object)
@@ -307,5 +313,6 @@ def make_synthetic(
         subjects=names[subject.numpy()],
         notes=[
             f"synthetic: {num_subjects} subjects x {k} classes x {images_per_class}, seed {seed}"
+            + ("" if difficulty == 1 else f", difficulty {difficulty}")
         ],
     )
