@@ -9,10 +9,12 @@ this test set" (paired over the test images, resampling the independent unit: th
 the predictions name one, else the image), and ``runs_*``, "across training runs" (a paired
 t-test over the (seed, fold) runs both cells have; n/a with one seed and one fold), each with its
 noise floor (the smallest difference detectable at 80% power, and the seeds needed to detect the
-observed one). ``LEGEND_*`` say what every column means; the Markdown and HTML pages print them
-below the table. Tuning studies get the best configs, Optuna's parameter importances, and the
-compute that ASHA's early stopping saved. Outputs: the terminal table, Markdown, CSV and one
-self-contained HTML page with the figures, all logged to the parent run.
+observed one). Those are the raw columns of ``StudyReport.table`` and of the CSV; the readable
+table (``columns``: each column's header with its unit, its text and its meaning in words)
+prints the same rows as text, Markdown, LaTeX (booktabs) and HTML, with a legend of every column
+and significance mark. Tuning studies get the best configs, Optuna's parameter importances, and
+the compute that ASHA's early stopping saved. Outputs: the terminal table, Markdown, LaTeX, CSV
+and one self-contained HTML page with the figures, all logged to the parent run.
 
 ``python -m orchestrate.report --study NAME`` (or ``--run PARENT_ID``) rebuilds it without
 re-running anything.
@@ -26,10 +28,14 @@ import io
 import json
 import logging
 import math
+import re
 import tempfile
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -48,8 +54,8 @@ from orchestrate.tracking import PARENT_TAG, SESSION_TAG, StudyTracker
 STUDY_ARTIFACT = "study.toml"
 DISTRIBUTION_ARTIFACT = "class_distribution.png"
 
-# the two questions' columns, in table order; "testset_" answers "on this test set", "runs_"
-# (and seeds_needed) "across training runs"
+# the two questions' raw columns (the CSV's), in table order; "testset_" answers "on this test
+# set", "runs_" (and seeds_needed) "across training runs"
 TESTSET_COLUMNS = [
     "testset_unit",
     "testset_n",
@@ -63,57 +69,6 @@ TESTSET_COLUMNS = [
 RUNS_COLUMNS = ["runs_n", "runs_diff", "runs_ci_low", "runs_ci_high", "runs_p_holm",
                 "runs_significant", "runs_sd", "runs_mde", "seeds_needed"]  # fmt: skip
 QUESTIONS = {"testset": "on this test set", "runs": "across training runs"}
-COUNT_COLUMNS = {"trials", "testset_n", "runs_n", "seeds_needed"}
-P_COLUMNS = {"testset_p_holm", "runs_p_holm"}
-
-# what each column of the study table means: printed below the table (Markdown, HTML) and
-# summarised under the terminal table; the README's "The study report" says the same
-LEGEND_CELL = [
-    ("trials", "finished trials of the cell (seeds x folds)"),
-    (
-        "accuracy, std, ci95_low, ci95_high",
-        "mean test accuracy (%) over the cell's trials, "
-        "its sample standard deviation (run-to-run spread) and the 95% Student-t interval of the "
-        "mean",
-    ),
-    ("macro_f1, paper", "mean macro F1 (%); the paper's accuracy for this cell and dataset"),
-]
-LEGEND_COMPARISON = [
-    ("testset_*", "ON THIS TEST SET: do these trained models differ on these test images? "
-     "Paired against the reference cell on the same images, each image's correctness averaged "
-     "over seeds first. Says nothing about another training seed"),
-    ("testset_unit, testset_n", "the independent unit that is resampled and how many there "
-     "are: the subject where the predictions name one (CK+, synthetic: the frames and "
-     "sequences of one person are not independent), else the image (FER2013)"),
-    ("testset_diff", "cell minus reference accuracy on the shared test images (points)"),
-    ("testset_ci_low, testset_ci_high", "95% percentile bootstrap interval resampling whole "
-     "units (a cluster bootstrap over subjects)"),
-    ("testset_p_holm", "two-sided sign-flip permutation test over units (the datum of a unit is "
-     "the sum of its images' differences), Holm-adjusted across cells"),
-    ("testset_significant", f"yes when testset_p_holm < {ALPHA}"),
-    ("testset_mde", f"noise floor: the smallest difference this test detects with "
-     f"{POWER:.0%} power at two-sided {ALPHA} with these units, "
-     "(z_0.975 + z_0.80) x sqrt(sum of squared unit sums) / images; on images with one seed "
-     "the paired-proportions (McNemar) normal approximation with the observed discordant "
-     "share, (z_0.975 + z_0.80) x sqrt(discordant share / images)"),
-    ("runs_*", "ACROSS TRAINING RUNS: does the gain survive another seed? The cell's trials "
-     "against the reference's trials with the same seed and fold"),
-    ("runs_n", "paired (seed, fold) runs K"),
-    ("runs_diff, runs_ci_low, runs_ci_high", "mean over the K runs of cell minus reference "
-     "test accuracy (points) and its 95% Student-t interval"),
-    ("runs_p_holm", "paired t-test over the K runs, Holm-adjusted across cells separately "
-     "from testset_p_holm"),
-    ("runs_significant", f"yes when runs_p_holm < {ALPHA}; 'n/a: 1 seed x 1 fold' when "
-     "there is one paired run: without run-to-run spread this cannot be judged"),
-    ("runs_sd", "standard deviation of the K paired run differences (the gain's run-to-run "
-     "noise)"),
-    ("runs_mde", f"noise floor: the smallest mean difference a paired t-test over K runs "
-     f"detects with {POWER:.0%} power at two-sided {ALPHA}, "
-     "(t_0.975,K-1 + t_0.80,K-1) x runs_sd / sqrt(K)"),
-    ("seeds_needed", "seeds (each with this study's folds) at which runs_mde falls to "
-     "|runs_diff|: to detect the observed difference with 80% power given runs_sd; inf when "
-     "runs_diff is 0"),
-]  # fmt: skip
 
 
 @dataclass
@@ -421,24 +376,74 @@ def _sampled_value(param: dict, text: str):
 
 # ---------------------------------------------------------------------------------- format
 
+# the mark after a difference whose Holm-adjusted p-value is below the level
+MARKS = ((0.01, "**"), (ALPHA, "*"))
+# below the legend of the Markdown and HTML pages: where the rest of the numbers are
+DATA_NOTE = "every number at full precision, with per-class recall and the cost per cell"
+STATISTICS_NOTE = "; the Holm-adjusted p-values (testset_p_holm, runs_p_holm)"
+
+LATEX_ESCAPES = {
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+    "±": r"$\pm$", "Δ": r"$\Delta$",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of the readable table, the one source of its terminal, Markdown, HTML and LaTeX
+    forms: the question it answers ("" for the cell's own numbers), its header with its unit,
+    the text of a row, and its meaning in words (the legend)."""
+
+    group: str
+    header: str
+    text: Callable[[Any], str]
+    meaning: str
+
+    @property
+    def name(self) -> str:
+        """The header with its question: unique, for a legend or a format without a row of
+        questions above the headers."""
+        return f"{self.header}, {self.group}" if self.group else self.header
+
 
 def _missing(v) -> bool:
     return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
 
 
-def _num(v, fmt: str = "6.2f") -> str:
+def _num(v, fmt: str = ".2f") -> str:
     return "" if _missing(v) else format(v, fmt)
 
 
-def _text(column: str, value) -> str:
-    """A table value as the Markdown and HTML pages print it (CSV keeps full precision)."""
-    if _missing(value):
+def _mean_std(mean: float, std: float) -> str:
+    return "" if _missing(mean) else _num(mean) + ("" if _missing(std) else f" ± {std:.2f}")
+
+
+def _interval(low: float, high: float, fmt: str = ".2f") -> str:
+    return "" if _missing(low) else f"[{low:{fmt}}, {high:{fmt}}]"
+
+
+def _marked(diff: float, p: float) -> str:
+    """A difference in points with its significance mark."""
+    if _missing(diff):
         return ""
-    if not isinstance(value, float):
-        return str(value)
-    if column in COUNT_COLUMNS:
-        return _num(value, ".0f")
-    return _num(value, ".4f" if column in P_COLUMNS else ".2f")
+    mark = next((m for level, m in MARKS if not _missing(p) and p < level), "")
+    return f"{diff:+.2f}{mark}"
+
+
+def _runs_interval(row) -> str:
+    if row.runs_significant.startswith("n/a"):  # one paired run: no spread to judge it by
+        return row.runs_significant
+    return _interval(row.runs_ci_low, row.runs_ci_high, "+.2f")
+
+
+def _count(values: pd.Series, noun: str) -> str:
+    """'30 subjects', or 'subjects (28 to 30 per cell)' where the compared cells differ."""
+    low, high = int(values.min()), int(values.max())
+    plural = " or ".join(f"{n}s" for n in noun.split(" or "))
+    if low != high:
+        return f"{plural} ({low} to {high} per cell)"
+    return f"{high} {noun if high == 1 else plural}"
 
 
 def _compared(report: StudyReport) -> pd.DataFrame:
@@ -449,72 +454,137 @@ def _compared(report: StudyReport) -> pd.DataFrame:
     return t[t.testset_diff.notna()]
 
 
-def _diff_ci(diff: float, low: float, high: float, mark: bool) -> str:
-    if math.isnan(diff):
-        return ""
-    text = f"{diff:+.2f}" + ("" if math.isnan(low) else f" [{low:+.2f}, {high:+.2f}]")
-    return text + (" *" if mark else "  ")
+def _sizes(compared: pd.DataFrame) -> tuple[str, str]:
+    """What the two questions count: the test set's units and the paired runs."""
+    units = _count(compared.testset_n, compared.testset_unit.iloc[0])
+    return units, _count(compared.runs_n, "paired (seed, fold) run")
+
+
+def _question_columns(compared: pd.DataFrame) -> list[Column]:
+    units, runs = _sizes(compared)
+    testset, across = QUESTIONS["testset"], QUESTIONS["runs"]
+    return [
+        Column(testset, "Δ (points)", lambda r: _marked(r.testset_diff, r.testset_p_holm),
+               "the cell's minus the reference's accuracy on the same test images, in percentage "
+               "points, each image's correctness averaged over the seeds first; it answers whether "
+               "these trained models differ on these test images, not whether the gain survives "
+               "another training seed"),
+        Column(testset, "95% CI (points)",
+               lambda r: _interval(r.testset_ci_low, r.testset_ci_high, "+.2f"),
+               f"95% percentile bootstrap interval of that difference, in percentage points, "
+               f"resampling the {units} of the test set: the independent unit is the subject "
+               f"where the predictions name one (a person's frames are not independent), else "
+               f"the image"),
+        Column(testset, "MDE (points)", lambda r: _num(r.testset_mde),
+               f"noise floor: the smallest difference this test detects with {POWER:.0%} power "
+               f"at two-sided {ALPHA} with these {units}, in percentage points; a smaller "
+               f"difference cannot be told from noise at this size"),
+        Column(across, "Δ (points)", lambda r: _marked(r.runs_diff, r.runs_p_holm),
+               f"the mean over the {runs} of the cell's minus the reference's test accuracy, in "
+               f"percentage points, each trial of the cell paired with the reference's trial of "
+               f"the same seed and fold; it answers whether the gain survives another seed"),
+        Column(across, "95% CI (points)", _runs_interval,
+               "95% Student-t interval of that mean, in percentage points; 'n/a: 1 seed x 1 "
+               "fold' where a single paired run leaves no run-to-run spread to judge it by"),
+        Column(across, "MDE (points)", lambda r: _num(r.runs_mde),
+               f"noise floor: the smallest mean difference the paired t-test detects with "
+               f"{POWER:.0%} power at two-sided {ALPHA} with this run-to-run spread and these "
+               f"{runs}, in percentage points"),
+        Column(across, "Seeds needed", lambda r: _num(r.seeds_needed, ".0f"),
+               f"how many training seeds (each with the study's folds) would detect the observed "
+               f"difference across training runs with {POWER:.0%} power"),
+    ]  # fmt: skip
+
+
+def columns(report: StudyReport) -> list[Column]:
+    """The readable table's columns for this report: the paper's only where it gives a number,
+    the two questions only where cells were compared with the reference."""
+    t = report.table
+    cell = "the configuration, by its label in the study file"
+    if report.reference:
+        cell += f"; differences are taken against the reference cell, {report.reference}"
+    cols = [
+        Column("", "Cell", lambda r: str(r.cell), cell),
+        Column("", "n", lambda r: str(r.trials),
+               "finished trials of the cell (seeds x folds), each a model trained and tested "
+               "once"),
+        Column("", "Accuracy (%)", lambda r: _mean_std(r.accuracy, r.std),
+               "test accuracy in percent, mean ± sample standard deviation over the cell's "
+               "trials (the run-to-run spread; no ± with one trial)"),
+        Column("", "95% CI (%)", lambda r: _interval(r.ci95_low, r.ci95_high),
+               "95% Student-t interval of the mean test accuracy, in percent (none with one "
+               "trial)"),
+        Column("", "Macro F1 (%)", lambda r: _num(r.macro_f1),
+               "macro F1 on the test set (the unweighted mean of the classes' F1), mean over "
+               "the trials, in percent"),
+    ]  # fmt: skip
+    if "paper" in t and t.paper.notna().any():
+        paper = (f"the test accuracy the paper reports for this cell on {report.dataset}, in "
+                 f"percent; empty where it reports none")  # fmt: skip
+        cols.append(Column("", "Paper (%)", lambda r: _num(r.paper), paper))
+    compared = _compared(report)
+    return cols + (_question_columns(compared) if len(compared) else [])
+
+
+def _cells(report: StudyReport) -> tuple[list[Column], list[list[str]]]:
+    cols = columns(report)
+    return cols, [[c.text(row) for c in cols] for row in report.table.itertuples()]
+
+
+def _spans(cols: list[Column]) -> list[tuple[str, int]]:
+    """(question, number of columns) for each run of adjacent columns answering it."""
+    return [(group, len(list(run))) for group, run in groupby(cols, key=lambda c: c.group)]
 
 
 def legend(report: StudyReport) -> list[tuple[str, str]]:
-    """(columns, meaning) for the columns of this report's table."""
-    return LEGEND_CELL + (LEGEND_COMPARISON if len(_compared(report)) else [])
+    """(column or mark, meaning in words) for this report's readable table."""
+    cols = columns(report)
+    marks = [
+        ("* and **", f"after a difference: its two-sided p-value, Holm-adjusted across the "
+         f"compared cells for each question on its own, is below {ALPHA} and below 0.01; on "
+         f"this test set a sign-flip permutation test over the units (the sum of a unit's "
+         f"image differences; exact McNemar with one seed and images as units), across "
+         f"training runs a paired t-test over the runs"),
+    ] if any(c.group for c in cols) else []  # fmt: skip
+    return [(c.name, c.meaning) for c in cols] + marks
 
 
-def format_table(report: StudyReport) -> str:
-    t = report.table
-    header = (
-        f"{'cell':26s} {'n':>3s} {'acc %':>6s} {'std':>5s} {'95% CI':>13s} "
-        f"{'F1 %':>6s} {'paper':>6s}"
-    )
-    lines = [header]
-    for row in t.itertuples():
-        ci = f"{_num(row.ci95_low, '.2f')}-{_num(row.ci95_high, '.2f')}" if row.trials > 1 else ""
-        lines.append(
-            f"{row.cell[:26]:26s} {row.trials:3d} {_num(row.accuracy)} {_num(row.std, '5.2f'):>5s} "
-            f"{ci:>13s} {_num(row.macro_f1)} {_num(row.paper):>6s}"
-        )
-    compared = _compared(report)
-    if len(compared):
-        unit = next(u for u in compared.testset_unit if u)
-        testset = f"on this test set (unit: {unit})"
-        lines += [
-            "",
-            f"{'vs ' + str(report.reference):26s} {testset:48s} | across training runs",
-            f"{'cell':26s} {'diff vs ref [95% CI]':>24s} {'p Holm':>7s} {'MDE':>6s} "
-            f"{'units':>8s} | {'diff vs ref [95% CI]':>24s} {'p Holm':>7s} {'MDE':>6s} "
-            f"{'seeds':>6s}",
-        ]
-        for row in compared.itertuples():
-            test = _diff_ci(row.testset_diff, row.testset_ci_low, row.testset_ci_high,
-                            row.testset_significant == "yes")  # fmt: skip
-            line = (
-                f"{row.cell[:26]:26s} {test:>24s} {_num(row.testset_p_holm, '7.4f'):>7s} "
-                f"{_num(row.testset_mde, '6.2f'):>6s} {_num(row.testset_n, '8.0f'):>8s} | "
-            )
-            runs = _diff_ci(row.runs_diff, row.runs_ci_low, row.runs_ci_high,
-                            row.runs_significant == "yes")  # fmt: skip
-            if row.runs_significant.startswith("n/a"):  # no p-value: cannot be judged
-                line += f"{runs:>24s} {row.runs_significant}"
-            else:
-                line += (
-                    f"{runs:>24s} {_num(row.runs_p_holm, '7.4f'):>7s} "
-                    f"{_num(row.runs_mde, '6.2f'):>6s} {_num(row.seeds_needed, '6.0f'):>6s}"
-                )
-            lines.append(line.rstrip())
-        lines += [
-            f"on this test set: do these trained models differ on these images? (bootstrap CI "
-            f"and sign-flip p over {unit}s)",
-            "across training runs: does the gain survive another seed? (paired t-test over "
-            "(seed, fold) runs)",
-            f"p Holm-adjusted per question, * below {ALPHA}; MDE: smallest difference detectable "
-            f"with {POWER:.0%} power;",
-            f"seeds: seeds needed to detect the observed diff with {POWER:.0%} power "
-            "(every column: study_table.md, report.html)",
-        ]
-    if report.reference:
-        lines.append(f"reference: {report.reference}; * significant at {ALPHA} after Holm")
-    c = report.cost
+def _full_legend(report: StudyReport) -> list[tuple[str, str]]:
+    """The legend and where the numbers the table leaves out are."""
+    note = DATA_NOTE + (STATISTICS_NOTE if len(_compared(report)) else "")
+    return [*legend(report), ("study_table.csv", note)]
+
+
+def _width(widths: list[int]) -> int:
+    return sum(widths) + 2 * (len(widths) - 1)
+
+
+def _text_table(cols: list[Column], rows: list[list[str]]) -> list[str]:
+    """Aligned columns, the cell label left, the numbers right, each question's label centred
+    above its columns."""
+    widths = [max([len(c.header), *(len(r[i]) for r in rows)]) for i, c in enumerate(cols)]
+    spans, first = _spans(cols), 0
+    for group, n in spans:  # a label wider than its columns widens the last of them
+        widths[first + n - 1] += max(0, len(group) + 6 - _width(widths[first : first + n]))
+        first += n
+
+    def line(texts) -> str:
+        return "  ".join(t.ljust(w) if i == 0 else t.rjust(w)
+                         for i, (t, w) in enumerate(zip(texts, widths, strict=True)))  # fmt: skip
+
+    lines = [line([c.header for c in cols]), *map(line, rows)]
+    if len(spans) > 1:
+        above, first = [], 0
+        for group, n in spans:
+            width = _width(widths[first : first + n])
+            above.append(f" {group} ".center(width, "-") if group else " " * width)
+            first += n
+        lines.insert(0, "  ".join(above))
+    return [x.rstrip() for x in lines]
+
+
+def _cost_lines(report: StudyReport) -> list[str]:
+    c, lines = report.cost, []
     if c.get("trials"):
         lines.append(
             f"cost: {c['trials']} trials ({c['finished']} finished, {c['failed']} failed), "
@@ -526,18 +596,100 @@ def format_table(report: StudyReport) -> str:
             f"early stopping: {c['stopped_early']} trials stopped, {c['saved_hours']:.2f} "
             f"trial-hours saved ({100 * c['saved_fraction']:.0f}% of running all to the end)"
         )
-    return "\n".join(lines)
+    return lines
+
+
+def format_table(report: StudyReport) -> str:
+    """The readable table for the terminal with a short legend (the whole one: study_table.md,
+    report.html, report.tex)."""
+    cols, rows = _cells(report)
+    if not rows:
+        return "\n".join(["no finished trials", *_cost_lines(report)])
+    lines = _text_table(cols, rows)
+    lines.append("Accuracy: test accuracy in %, mean ± std over the n trials; CI: 95% interval")
+    compared = _compared(report)
+    if len(compared):
+        units, runs = _sizes(compared)
+        lines += [
+            f"Δ: cell minus reference ({report.reference}) in percentage points",
+            f"on this test set: do these models differ on these images? (bootstrap and "
+            f"sign-flip test over {units})",
+            f"across training runs: does the gain survive another seed? (paired t-test over "
+            f"{runs})",
+            f"* / **: Holm-adjusted p < {ALPHA} / 0.01, each question on its own; every column "
+            f"explained in study_table.md, report.html, report.tex",
+        ]
+    return "\n".join(lines + _cost_lines(report))
+
+
+def _markdown_escape(text: str) -> str:
+    return re.sub(r"([\\|*_])", r"\\\1", text)
 
 
 def markdown_table(report: StudyReport) -> str:
-    """The table as Markdown, with the legend of its columns below it."""
-    cols = [c for c in report.table.columns if c != "key"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in report.table[cols].itertuples(index=False):
-        cells = [_text(c, v) for c, v in zip(cols, row, strict=True)]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Columns (accuracies and differences in percentage points):", ""]
-    lines += [f"- `{names}`: {meaning}." for names, meaning in legend(report)]
+    """The readable table as Markdown (each header names its question), the legend below."""
+    cols, rows = _cells(report)
+    if not rows:
+        return "no finished trials"
+    esc = _markdown_escape
+    lines = [
+        "| " + " | ".join(esc(c.name) for c in cols) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(cols))) + "|",
+        *("| " + " | ".join(map(esc, row)) + " |" for row in rows),
+        "",
+        *(f"- **{esc(name)}**: {esc(meaning)}." for name, meaning in _full_legend(report)),
+    ]
+    return "\n".join(lines)
+
+
+def latex_escape(text: str) -> str:
+    # one character at a time, so the braces a replacement brings are not escaped again
+    return "".join(LATEX_ESCAPES.get(ch, ch) for ch in text)
+
+
+def _latex_row(texts) -> str:
+    return " & ".join(texts) + r" \\"
+
+
+def _latex_cells(row: list[str]) -> str:
+    """A table row, a minus sign in the numbers (not a hyphen)."""
+    label, *numbers = map(latex_escape, row)
+    return _latex_row([label, *(n.replace("-", "$-$") for n in numbers)])
+
+
+def latex_table(report: StudyReport) -> str:
+    """The readable table as a LaTeX float with booktabs rules (``\\usepackage{booktabs}``),
+    each question's label over its columns, the legend in the caption."""
+    cols, rows = _cells(report)
+    title = f"Test accuracy on {report.dataset} ({report.study})"
+    caption = title + ". " + " ".join(f"{name}: {meaning}." for name, meaning in legend(report))
+    lines = [
+        r"\begin{table}[htbp]",
+        r"\centering",
+        rf"\caption[{latex_escape(title)}]{{{latex_escape(caption)}}}",
+        rf"\label{{tab:{re.sub(r'[^A-Za-z0-9]+', '-', report.study)}}}",
+        rf"\begin{{tabular}}{{l{'r' * (len(cols) - 1)}}}",
+        r"\toprule",
+    ]
+    spans = _spans(cols)
+    if len(spans) > 1:
+        above, rules, first = [], [], 1
+        for group, n in spans:
+            if group:
+                above.append(rf"\multicolumn{{{n}}}{{c}}{{{latex_escape(group)}}}")
+                rules.append(rf"\cmidrule(lr){{{first}-{first + n - 1}}}")
+            else:
+                above += [""] * n
+            first += n
+        lines += [_latex_row(above), " ".join(rules)]
+    lines += [
+        _latex_row(latex_escape(c.header) for c in cols),
+        r"\midrule",
+        *map(_latex_cells, rows),
+        r"\bottomrule",
+        r"\end{tabular}",
+        r"\end{table}",
+    ]
     return "\n".join(lines)
 
 
@@ -596,6 +748,32 @@ def _importance_figure(report: StudyReport) -> bytes | None:
     return _png(fig)
 
 
+def _html_table(headers: list[str], rows: list[list[str]], spans=()) -> str:
+    """A table, the first column left and the others right, ``spans`` (question, columns) a
+    header row above naming the question each group of columns answers."""
+    esc = html.escape
+    above = "".join(
+        f"<th colspan={n} class=question>{esc(g)}</th>" if g else f"<th colspan={n}></th>"
+        for g, n in spans
+    )  # fmt: skip
+    head = (f"<tr>{above}</tr>" if above else "") + "<tr>" + "".join(
+        f"<th>{esc(h)}</th>" for h in headers
+    ) + "</tr>"  # fmt: skip
+    body = "".join(
+        "<tr>" + "".join(f"<td>{esc(t)}</td>" if i == 0 else f"<td class=num>{esc(t)}</td>"
+                         for i, t in enumerate(row)) + "</tr>"
+        for row in rows
+    )  # fmt: skip
+    return f"<table><thead>{head}</thead><tbody>{body}</tbody></table>"
+
+
+def _best_html(best: pd.DataFrame) -> str:
+    headers = ["Sampled parameters", "Best validation accuracy (%)", "Test accuracy (%)"]
+    rows = [[params, _num(100 * val), _num(100 * test)]
+            for params, val, test in best.itertuples(index=False)]  # fmt: skip
+    return _html_table(headers, rows)
+
+
 def to_html(report: StudyReport) -> str:
     def img(data: bytes | None, alt: str) -> str:
         if data is None:
@@ -603,82 +781,55 @@ def to_html(report: StudyReport) -> str:
         encoded = base64.b64encode(data).decode()
         return f'<figure><img alt="{alt}" src="data:image/png;base64,{encoded}"><figcaption>{alt}</figcaption></figure>'  # noqa: E501
 
-    def table_html(frame: pd.DataFrame, questions: bool = False) -> str:
-        head = "<tr>" + "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-        head += "</tr>"
-        if questions:  # a row above naming the question each group of columns answers
-            spans: list[list] = []
-            for c in frame.columns:
-                group = c.split("_")[0] if c.startswith(("testset_", "runs_")) else ""
-                group = "runs" if c == "seeds_needed" else group
-                if spans and spans[-1][0] == group:
-                    spans[-1][1] += 1
-                else:
-                    spans.append([group, 1])
-            head = "<tr>" + "".join(
-                f"<th colspan={n} class=question>{html.escape(QUESTIONS[g])}</th>"
-                if g
-                else f"<th colspan={n}></th>"
-                for g, n in spans
-            ) + "</tr>" + head  # fmt: skip
-        body = "".join(
-            "<tr>" + "".join(
-                f"<td>{html.escape(_text(c, v))}</td>"
-                for c, v in zip(frame.columns, row, strict=True)
-            ) + "</tr>"
-            for row in frame.itertuples(index=False)
-        )  # fmt: skip
-        return f"<table><thead>{head}</thead><tbody>{body}</tbody></table>"
-
-    legend_html = "<dl class=legend>" + "".join(
-        f"<dt><code>{html.escape(names)}</code></dt><dd>{html.escape(meaning)}.</dd>"
-        for names, meaning in legend(report)
-    ) + "</dl>"  # fmt: skip
-
-    cols = [c for c in report.table.columns if c != "key"]
+    esc = html.escape
+    cols, rows = _cells(report)
+    spans = _spans(cols)
+    table = [
+        _html_table([c.header for c in cols], rows, spans if len(spans) > 1 else ()),
+        "<h3>Legend</h3><dl class=legend>" + "".join(
+            f"<dt>{esc(name)}</dt><dd>{esc(meaning)}.</dd>"
+            for name, meaning in _full_legend(report)
+        ) + "</dl>",
+    ] if rows else ["<p>no finished trials</p>"]  # fmt: skip
     parts = [
-        f"<h1>{html.escape(report.study)}: {html.escape(report.description)}</h1>",
-        f"<p>dataset <b>{html.escape(report.dataset)}</b>, session "
-        f"<code>{html.escape(report.session)}</code>, reference "
-        f"<b>{html.escape(str(report.reference))}</b></p>",
-        "<h2>Test accuracy per cell (%)</h2>",
-        table_html(report.table[cols], questions=True)
-        if len(report.table)
-        else "<p>no finished trials</p>",
-        "<h3>What the columns mean</h3><p>Accuracies and differences in percentage points.</p>"
-        if len(report.table)
-        else "",
-        legend_html if len(report.table) else "",
-        f"<p class=method>Statistics: {html.escape(report.method)}.</p>",
+        f"<h1>{esc(report.study)}: {esc(report.description)}</h1>",
+        f"<p>dataset <b>{esc(report.dataset)}</b>, session <code>{esc(report.session)}</code>, "
+        f"reference <b>{esc(str(report.reference))}</b></p>",
+        "<h2>Test accuracy per cell</h2>",
+        *table,
+        f"<p class=method>Statistics: {esc(report.method)}.</p>",
         "<h2>Cost</h2>",
-        table_html(pd.DataFrame([report.cost])),
+        "".join(f"<p>{esc(line)}</p>" for line in _cost_lines(report)),
         img(_confusion_figure(report), "confusion matrices (test, rows normalised, all trials)"),
         img(_curves_figure(report), "validation accuracy per epoch"),
         img(report.distribution_png, "class distribution of the training split"),
     ]
     if report.best is not None:
-        parts += ["<h2>Best configurations</h2>", table_html(report.best)]
+        parts += ["<h2>Best configurations</h2>", _best_html(report.best)]
         parts.append(img(_importance_figure(report), "parameter importances"))
     style = ("body{font-family:sans-serif;margin:2em;max-width:75em}table{border-collapse:"
              "collapse}td,th{border:1px solid #bbb;padding:3px 7px;font-size:13px}"
+             "td.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}"
              "img{max-width:100%}figure{margin:1.5em 0}th.question{background:#eef}"
-             "dl.legend dt{margin-top:.4em}"
+             "dl.legend dt{margin-top:.4em;font-weight:bold}"
              "dl.legend dd{margin-left:2em;font-size:13px}")  # fmt: skip
-    title = html.escape(report.study)
+    title = esc(report.study)
     head = f"<meta charset=utf-8><title>{title} report</title><style>{style}</style>"
     return f"<!doctype html><html><head>{head}</head><body>{''.join(parts)}</body></html>"
 
 
 def write_report(report: StudyReport, folder) -> list[Path]:
+    """The readable table (terminal text, Markdown, LaTeX, the HTML page) and the data (the
+    table's raw columns and the trials as CSV) in ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / "study_table.csv", folder / "study_table.md", folder / "study_table.txt",
-             folder / "report.html", folder / "trials.csv"]  # fmt: skip
+    texts = {"study_table.md": markdown_table(report), "study_table.txt": format_table(report),
+             "report.tex": latex_table(report), "report.html": to_html(report)}  # fmt: skip
+    paths = [folder / "study_table.csv", folder / "trials.csv", *(folder / n for n in texts)]
     report.table.to_csv(paths[0], index=False)
-    paths[1].write_text(markdown_table(report) + "\n")
-    paths[2].write_text(format_table(report) + "\n")
-    paths[3].write_text(to_html(report))
-    report.trials.to_csv(paths[4], index=False)
+    report.trials.to_csv(paths[1], index=False)
+    for name, text in texts.items():
+        (folder / name).write_text(text + "\n")
     return paths
 
 
