@@ -95,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "private local Ray and stop it at the end")  # fmt: skip
     r.add_argument("--storage", default="ray_results", metavar="FOLDER|URI",
                    help="where checkpoints and Tune's state live, checked before anything "
-                   "starts. Allowed: a folder (on a cluster one every node mounts, e.g. NFS) or a URI "
-                   "such as s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL). Default: "
-                   "./ray_results")  # fmt: skip
+                   "starts. Allowed: a folder (on a cluster one every node mounts, e.g. "
+                   "NFS) or a URI such as s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL). "
+                   "Default: ./ray_results")  # fmt: skip
     r.add_argument("--node-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="on an autoscaling cluster with no node big enough for one trial yet: "
                    "how long to wait for the autoscaler to start one. Allowed: > 0. Default: "
@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("tracking and output")
     t.add_argument("--tracking-uri", metavar="URI",
                    help="the MLflow store every run is logged to. Allowed: http://host:5000 "
-                   "for a server (clusters) or sqlite:///FILE. Default: MLFLOW_TRACKING_URI if set, else "
-                   "sqlite:///<cwd>/mlflow.db")  # fmt: skip
+                   "for a server (clusters) or sqlite:///FILE. Default: MLFLOW_TRACKING_URI "
+                   "if set, else sqlite:///<cwd>/mlflow.db")  # fmt: skip
     t.add_argument("--mlflow-retry-budget", type=float, default=1800.0, metavar="SECONDS",
                    help="how long MLflow may be unreachable mid-study: writes wait in a queue "
                    "and are retried (trials go on meanwhile); past this the study fails. "

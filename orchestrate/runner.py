@@ -8,7 +8,9 @@ with a low-fidelity value, which would bias TPE toward configurations that merel
 
 Everything that can be wrong with the input (study file, dataset path, tracking server) is
 checked before a single MLflow run is created. Datasets are read once here, on the driver, and
-reach the trials through Ray's object store (``tune.with_parameters``).
+reach the trials through Ray's object store (``tune.with_parameters``). A finished study writes
+its report to ``reports/<session>/`` and to its parent run, registers its best model on
+validation as ``models:/<study>@best``, and ends with the URL of its runs in MLflow's UI.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ class RunOptions:
     resume: bool = False
     dry_run: bool = False
     verbose: bool = False
-    log_checkpoints: bool = True
+    log_checkpoints: bool = True  # each trial's selected model, as an MLflow model
+    reports: str = "reports"  # the study report goes to <reports>/<session>/
 
 
 @dataclass
@@ -58,6 +61,12 @@ class Plan:
     @property
     def size(self) -> int:
         return len(self.trials) if self.study.kind == "grid" else self.tune.num_samples
+
+    def configs(self) -> list:
+        """The trials' configs (grids), or the base config that tuning samples on."""
+        from fermodel.config import TrialConfig
+
+        return [s.config for s in self.trials] or [TrialConfig.from_dict(self.base)]
 
 
 def make_plan(study: Study, options: RunOptions) -> Plan:
@@ -118,12 +127,11 @@ IMAGENET = "imagenet"  # a preset's "ImageNet weights, the user says where": --p
 
 def check_pretrained(plan: Plan) -> None:
     """Every trial's pretrained source is given and readable, before anything starts."""
-    from fermodel.config import ConfigError, TrialConfig
+    from fermodel.config import ConfigError
     from fermodel.pretrained import download_hint, read_state_dict, weights_file
 
-    configs = [s.config for s in plan.trials] or [TrialConfig.from_dict(plan.base)]
     sources = {}
-    for c in configs:
+    for c in plan.configs():
         source, backbone = c.pretrained, c.backbone
         if source == IMAGENET:
             raise ConfigError(
@@ -161,17 +169,15 @@ class Describe:
         tags = {"study": self.study, **place}
         if "spec" not in params:
             tags["sampled"] = ",".join(f"{k}={v}" for k, v in sorted(params.items()))
-        return {"name": name, "tags": tags, "params": config.to_dict()}
+        return {"name": name, "tags": tags, "params": config.to_dict(), "config": config}
 
 
 def load_datasets(plan: Plan) -> dict:
     """Every distinct dataset the plan's trials read, loaded once (errors surface here)."""
-    from fermodel.config import TrialConfig
     from fermodel.engine import data_key, load_trial_data
 
-    configs = [s.config for s in plan.trials] or [TrialConfig.from_dict(plan.base)]
     datasets = {}
-    for config in configs:
+    for config in plan.configs():
         key = data_key(config)
         if key not in datasets:
             datasets[key] = load_trial_data(
@@ -195,7 +201,7 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
         start_ray,
     )
     from orchestrate.report import format_table
-    from orchestrate.tracking import OPENING, WRITERS, Writer, check_reachable
+    from orchestrate.tracking import OPENING, WRITERS, Writer, check_reachable, register_best
 
     plan = make_plan(study, options)
     if options.dry_run:
@@ -228,7 +234,7 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
         # parent run in a thread while Tune starts its workers; the trial callback waits for it
         distribution = _class_distribution(plan, datasets)
         opening = ThreadPoolExecutor(1, thread_name_prefix="mlflow-open").submit(
-            _open_tracking, options, study, plan, session, distribution, writer
+            _open_tracking, options, study, plan, session, datasets, distribution, writer
         )
         OPENING[session], WRITERS[session] = opening, writer
         results = _tuner(plan, options, storage, session, datasets, out).fit()
@@ -238,16 +244,20 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
         if ended < plan.size:  # Tune stops gracefully on the first Ctrl-C and returns
             raise KeyboardInterrupt(f"{ended} of {plan.size} trials ended")
         writer.call(lambda: _close_leftovers(tracker, session, "FAILED"))
-        report = writer.call(lambda: _publish_report(tracker, session))
+        folder = Path(options.reports) / session
+        report, paths = writer.call(lambda: _publish_report(tracker, session, folder))
+        best = None
+        if options.log_checkpoints:
+            best = writer.call(lambda: register_best(tracker, session))
         sessions.mark_finished(storage, session, {"parent_run_id": tracker.parent_id})
         print(f"\n{study.name} on {study.dataset} (preset {plan.preset}), test accuracy:", file=out)
         print(format_table(report), file=out)
         if note := writer.summary():
             print(f"\ntracking: {note}", file=out)
-        print(f"\nbrowse: mlflow ui --backend-store-uri {options.tracking_uri}", file=out)
+        print(_next_steps(options, tracker.experiment_id, paths, best), file=out)
         status = "FINISHED"
         return {"session": session, "parent_run_id": tracker.parent_id, "report": report,
-                "table": report.table, "frame": report.trials}  # fmt: skip
+                "table": report.table, "frame": report.trials, "model": best}  # fmt: skip
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -304,14 +314,33 @@ def _tuner(plan: Plan, options: RunOptions, storage, session: str, datasets: dic
     )
 
 
-def _publish_report(tracker, session: str):
+def _publish_report(tracker, session: str, folder: Path):
+    """The study report, written to ``folder`` and to the parent run; returns it and its files."""
     from orchestrate.report import build_report, write_report
 
     report = build_report(tracker, session)
-    with tempfile.TemporaryDirectory(prefix="fer-report-") as folder:
-        write_report(report, folder)
-        tracker.client.log_artifacts(tracker.parent_id, folder)
-    return report
+    paths = write_report(report, folder)
+    tracker.client.log_artifacts(tracker.parent_id, str(folder))
+    return report, paths
+
+
+def _next_steps(options: RunOptions, experiment_id: str, paths: list, best: str | None) -> str:
+    """Where to look next: the runs in MLflow's UI, the report, the registered best model."""
+    from orchestrate.tracking import default_tracking_uri
+    from orchestrate.ui import runs_url, ui_base
+
+    uri = options.tracking_uri
+    url = runs_url(ui_base(uri), experiment_id)
+    lines = [f"\nnext: browse the runs: open {url}"]
+    if not uri.startswith(("http://", "https://")):
+        flag = "" if uri == default_tracking_uri() else f" --tracking-uri {uri}"
+        lines[0] += f" (start the UI with: python -m orchestrate.ui{flag})"
+    html = next(p for p in paths if p.name == "report.html")
+    lines.append(f"report: {html}")
+    if not options.log_checkpoints:
+        best = "not logged (--no-log-checkpoints)"
+    lines.append(f"best model: {best or 'none (the best trial on validation logged no model)'}")
+    return "\n".join(lines)
 
 
 def _end(opening, writer, session: str, status: str, out) -> None:
@@ -341,12 +370,11 @@ def _end(opening, writer, session: str, status: str, out) -> None:
 
 def _class_distribution(plan: Plan, datasets: dict) -> bytes:
     """The training split's classes before and after balancing (the paper's Figures 7, 8)."""
-    from fermodel.config import TrialConfig
     from fermodel.data import make_splits
     from fermodel.engine import _balance_arg, data_key
     from fermodel.plots import plot_class_distribution
 
-    c = plan.trials[0].config if plan.trials else TrialConfig.from_dict(plan.base)
+    c = plan.configs()[0]
     data = datasets[data_key(c)]
     before = make_splits(data, c.protocol, c.fold, c.folds, seed=c.split_seed).train
     after = None
@@ -362,15 +390,15 @@ def _class_distribution(plan: Plan, datasets: dict) -> bytes:
         return path.read_bytes()
 
 
-def _open_tracking(
-    options: RunOptions, study: Study, plan: Plan, session: str, distribution: bytes, writer
-):
+def _open_tracking(options: RunOptions, study: Study, plan: Plan, session: str, datasets: dict,
+                   distribution: bytes, writer):  # fmt: skip
     """The experiment and the parent run: a new one, or on ``--resume`` the session's own,
     reopened. Returns (tracker, parent run id, trials finished by earlier invocations)."""
     from orchestrate.report import DISTRIBUTION_ARTIFACT, STUDY_ARTIFACT
-    from orchestrate.tracking import StudyTracker
+    from orchestrate.tracking import DatasetInputs, StudyTracker
 
-    tracker = writer.call(lambda: StudyTracker(options.tracking_uri, study.name))
+    inputs = DatasetInputs(datasets)
+    tracker = writer.call(lambda: StudyTracker(options.tracking_uri, study.name, inputs))
     if options.resume and writer.call(lambda: tracker.reopen_parent(session)):
         done = writer.call(lambda: tracker.session_runs(session))
         return tracker, tracker.parent_id, sum(r.info.status == "FINISHED" for r in done)
@@ -384,6 +412,7 @@ def _open_tracking(
                 "cpus_per_trial": options.cpus_per_trial,
                 "gpus_per_trial": options.gpus_per_trial, "storage": options.storage,
                 "tracking_uri": options.tracking_uri, "ray_address": options.address or "local"},
+        config=plan.configs()[0],
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
         Path(folder, STUDY_ARTIFACT).write_text(study.path.read_text())

@@ -9,30 +9,52 @@ an outage delays no trial and loses nothing; how long it lasted and how many wri
 reported at the end. The default store needs no server:
 ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<absolute cwd>/mlflow.db`` with artifacts in
 ``<cwd>/mlartifacts``; ``--tracking-uri http://host:5000`` logs through an MLflow server.
+
+Runs are what MLflow users expect: every run names its source and git commit and has its
+dataset as an input; each finished trial's selected model is an MLflow PyTorch model (with a
+signature, an input example and its class names); the study's best model on validation is a
+version of the registered model named after the study, alias ``best``.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
 import queue
 import re
+import subprocess
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag, SourceType
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_NAME,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+)
 from ray.tune import Callback
 
 PARENT_TAG = "study_parent"  # "true" on a study's parent runs
 SESSION_TAG = "study_session"  # the Tune experiment folder: shared by an invocation and its resumes
 TRIAL_TAG = "ray_trial_id"
 MAX_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
+MODEL_NAME = "model"  # a trial's logged model: runs:/<run id>/model
+BEST_ALIAS = "best"  # models:/<study>@best, the study's best model on validation
+KIND_TAG = "mlflow.experimentKind"
+# MLflow 3's UI opens an experiment of this kind on its runs, not on GenAI traces
+MODEL_DEVELOPMENT = "custom_model_development"
 # session -> what the runner of this process opened for it: the future of (StudyTracker, parent
 # run id) and the Writer; Tune pickles callbacks, so they find these here, not in themselves
 OPENING: dict = {}
@@ -159,10 +181,13 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 
 class StudyTracker:
-    """The MLflow side of one invocation: experiment, parent run, child-run lookup."""
+    """The MLflow side of one invocation: experiment, parent run, child-run lookup.
 
-    def __init__(self, uri: str, study: str):
-        self.uri = uri
+    ``inputs`` gives a trial config's dataset input (``DatasetInputs``); the report, which
+    only reads, goes without."""
+
+    def __init__(self, uri: str, study: str, inputs: DatasetInputs | None = None):
+        self.uri, self.study, self.inputs = uri, study, inputs
         self.client = MlflowClient(tracking_uri=uri)
         experiment = self.client.get_experiment_by_name(study)
         if experiment is None:
@@ -170,26 +195,31 @@ class StudyTracker:
             if uri.startswith("sqlite:"):
                 location = (Path.cwd() / "mlartifacts").as_uri()
             self.experiment_id = self.client.create_experiment(
-                study,
-                artifact_location=location,
-                # MLflow 3's UI opens an experiment of this kind on its runs, not on GenAI traces
-                tags={"mlflow.experimentKind": "custom_model_development"},
+                study, artifact_location=location, tags={KIND_TAG: MODEL_DEVELOPMENT}
             )
         else:
             self.experiment_id = experiment.experiment_id
+            if KIND_TAG not in experiment.tags:  # made by an earlier version of this project
+                self.client.set_experiment_tag(self.experiment_id, KIND_TAG, MODEL_DEVELOPMENT)
         self.parent_id: str | None = None
 
-    def start_parent(self, session: str, tags: dict, params: dict) -> str:
+    def start_parent(self, session: str, tags: dict, params: dict, config) -> str:
+        """The session's parent run; ``config`` (a trial's) names the dataset it reads."""
         run = self.client.create_run(
             self.experiment_id,
             tags={PARENT_TAG: "true", SESSION_TAG: session, MLFLOW_RUN_NAME: session,
-                  **{k: mask(v) for k, v in tags.items()}},
+                  **source_tags(), **{k: mask(v) for k, v in tags.items()}},
         )  # fmt: skip
         self.parent_id = run.info.run_id
         self.client.log_batch(
             self.parent_id, params=[Param(k, mask(str(v))) for k, v in params.items()]
         )
+        self.log_input(self.parent_id, config)
         return self.parent_id
+
+    def log_input(self, run_id: str, config) -> None:
+        if self.inputs is not None:
+            self.client.log_inputs(run_id, datasets=[self.inputs(config)])
 
     def end_parent(self, status: str) -> None:
         if self.parent_id is not None:
@@ -215,6 +245,177 @@ class StudyTracker:
         resumes = int(parent.data.tags.get("resumes", "0")) + 1
         self.client.set_tag(self.parent_id, "resumes", str(resumes))
         return self.parent_id
+
+
+@functools.cache
+def source_tags() -> dict[str, str]:
+    """Where the runs' code comes from: the study command's file and, when this code is a git
+    checkout, its commit (the driver's checkout: the workers run what the driver shipped)."""
+    root = Path(__file__).resolve().parents[1]
+    tags = {MLFLOW_SOURCE_NAME: str(root / "orchestrate" / "ablation.py"),
+            MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL)}  # fmt: skip
+    top = _git(root, "rev-parse", "--show-toplevel")
+    if top and Path(top).resolve() == root and (commit := _git(root, "rev-parse", "HEAD")):
+        tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
+
+
+def _git(folder: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True,
+                              timeout=10, check=False)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):  # no git here
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+SPLIT_KEYS = ("protocol", "fold", "folds", "split_seed", "balance")
+
+
+class DatasetInputs:
+    """The MLflow dataset input of a trial config: the train, validation and test images it
+    reads, split on the driver once per distinct split (in the writer thread, off Tune's loop).
+    ``datasets`` maps ``fermodel.engine.data_key`` to the dataset the runner loaded."""
+
+    def __init__(self, datasets: dict):
+        self.datasets = datasets
+        self.made: dict[str, DatasetInput] = {}
+
+    def __call__(self, config) -> DatasetInput:
+        from fermodel.engine import data_key
+
+        key = json.dumps([data_key(config), *(getattr(config, k) for k in SPLIT_KEYS)])
+        if key not in self.made:
+            self.made[key] = dataset_input(self.datasets[data_key(config)], config)
+        return self.made[key]
+
+
+def dataset_input(data, config) -> DatasetInput:
+    """Name, content digest (the splits' images and labels), source (the data path, or the
+    synthetic set's settings), schema and split sizes of the images a trial reads."""
+    import numpy as np
+    from mlflow.data.schema import TensorDatasetSchema
+    from mlflow.types import Schema, TensorSpec
+
+    from fermodel.data import make_splits
+    from fermodel.engine import _balance_arg
+
+    c = config
+    splits = make_splits(data, c.protocol, c.fold, c.folds, seed=c.split_seed,
+                         balance=_balance_arg(c.balance))  # fmt: skip
+    parts = {"train": splits.train, "val": splits.val, "test": splits.test}
+    digest = hashlib.sha256()
+    for name, part in parts.items():
+        for value in (name.encode(), part.images.numpy().tobytes(), part.labels.numpy().tobytes()):
+            digest.update(value)
+    source_type, source = "local", c.data_path
+    if c.dataset == "synthetic":
+        source_type = "code"
+        source = (f"synthetic:subjects={c.synthetic_subjects},images_per_class="
+                  f"{c.synthetic_images_per_class},difficulty={c.synthetic_difficulty},"
+                  f"seed={c.split_seed}")  # fmt: skip
+    schema = TensorDatasetSchema(
+        features=Schema([TensorSpec(np.dtype(np.uint8), (-1, 1, 48, 48), "image")]),
+        targets=Schema([TensorSpec(np.dtype(np.int64), (-1,), "label")]),
+    )
+    profile = {**{name: len(part) for name, part in parts.items()}, "classes": list(data.classes),
+               "protocol": c.protocol, "fold": c.fold, "balance": c.balance or "none"}  # fmt: skip
+    dataset = Dataset(
+        name=data.name,
+        digest=digest.hexdigest()[:16],
+        source_type=source_type,
+        source=json.dumps({"uri": source}),
+        schema=json.dumps(schema.to_dict()),
+        profile=json.dumps(profile),
+    )
+    return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])
+
+
+@contextmanager
+def _on_run(uri: str, run_id: str) -> Iterator[None]:
+    """MLflow's fluent model API, aimed at ``run_id`` from this thread. Its active run is this
+    thread's alone, but its store is the process's (MLflow 3 keeps the tracking URI global and
+    mirrors it in MLFLOW_TRACKING_URI): set for the call and put back, so that nothing else in
+    the process is pointed at it."""
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.start_run(run_id=run_id)
+        try:
+            yield
+        finally:
+            mlflow.end_run()  # FINISHED, as the trial is, even if its model could not be logged
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def log_model(uri: str, run_id: str, config, classes: list[str], weights: dict, step: int):
+    """A trial's selected model as an MLflow PyTorch model of its run: the engine's wrapper
+    (float32 grey images [N, 1, 48, 48] in [0, 1] -> logits [N, K]) on the CPU, in eval mode,
+    with a signature, an input example and its class names. MLflow 3 saves it with
+    ``torch.export`` (its default): a graph, no pickle, so loading needs torch alone, runs no
+    code, and gives a module already in eval mode. ``step`` is the selected epoch: its
+    validation metrics are the model's. Returns MLflow's ModelInfo."""
+    from importlib.metadata import version
+
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+
+    from fermodel.predict import selected_model
+
+    net = selected_model(config, len(classes), weights)
+    # two images: the exported batch size stays free only where the example's is above 1
+    example = np.random.default_rng(0).random((2, 1, 48, 48), dtype=np.float32)
+    with torch.inference_mode():
+        signature = infer_signature(example, net(torch.from_numpy(example)).numpy())
+    with _on_run(uri, run_id):
+        return mlflow.pytorch.log_model(
+            net,
+            name=MODEL_NAME,
+            signature=signature,
+            input_example=example,
+            metadata={"classes": list(classes), "input": "float32 [N, 1, 48, 48] grey, 0-1",
+                      "output": "logits [N, K] in the order of classes"},
+            # what loading needs; MLflow's own inference would start a Python per trial for it
+            pip_requirements=[f"torch=={version('torch').split('+')[0]}"],
+            step=step,
+        )  # fmt: skip
+
+
+def register_best(tracker: StudyTracker, session: str) -> str | None:
+    """Register the session's best trial on validation accuracy (never test; ties: the trial
+    that started first) as a new version of the registered model named after the study, and
+    point its alias ``best`` at it. Returns ``models:/<study>@best``, or None when that trial
+    has no logged model."""
+    client, name = tracker.client, tracker.study
+    done = [r for r in tracker.session_runs(session)
+            if r.info.status == "FINISHED" and "best_val_accuracy" in r.data.metrics]  # fmt: skip
+    if not done:
+        return None
+    best = min(done, key=lambda r: (-r.data.metrics["best_val_accuracy"], r.info.start_time))
+    models = client.search_logged_models(
+        [tracker.experiment_id], filter_string=f"source_run_id = '{best.info.run_id}'"
+    )
+    if not models:
+        return None
+    model = max(models, key=lambda m: m.creation_timestamp)  # a retried write logs it again
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        about = f"Study {name}'s best model on validation accuracy; alias {BEST_ALIAS}: the newest"
+        client.create_registered_model(name, description=about)
+    tags = {"session": session, "trial": best.info.run_name,
+            "best_val_accuracy": best.data.metrics["best_val_accuracy"]}  # fmt: skip
+    # the model's own location: MLflow's SQL registry looks a models:/<id> source up in the
+    # process's global store, not in this client's
+    version = client.create_model_version(
+        name, source=model.artifact_location, run_id=best.info.run_id, tags=tags,
+        model_id=model.model_id,
+    )  # fmt: skip
+    client.set_registered_model_alias(name, BEST_ALIAS, version.version)
+    return f"models:/{name}@{BEST_ALIAS}"
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict, step: int) -> None:
@@ -307,12 +508,14 @@ class MLflowTrials(Callback):
                 SESSION_TAG: self.session,
                 PARENT_TAG: "false",
                 TRIAL_TAG: trial_id,
+                **source_tags(),
                 **{k: str(v) for k, v in info["tags"].items()},
             }
             run_id = self.client.create_run(self.tracker.experiment_id, tags=tags).info.run_id
             params = [Param(k, mask(str(v))) for k, v in info["params"].items()]
             for start in range(0, len(params), 100):
                 self.client.log_batch(run_id, params=params[start : start + 100])
+            self.tracker.log_input(run_id, info["config"])
         self.runs[trial_id] = run_id
         return run_id
 
@@ -331,7 +534,7 @@ class MLflowTrials(Callback):
     def _complete(self, trial_id: str, config: dict, last: dict, checkpoint) -> None:
         run_id = self._run_for(trial_id, config)
         if checkpoint is not None and last.get("completed"):
-            self._log_artifacts(run_id, checkpoint)
+            self._log_artifacts(run_id, config, checkpoint, int(last.get("best_epoch", 0)))
         if not last.get("completed"):
             self.client.set_tag(run_id, "stopped_early", "true")
         self.client.set_terminated(run_id, "FINISHED")
@@ -342,13 +545,26 @@ class MLflowTrials(Callback):
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.set_terminated(run_id, "FAILED")
 
-    def _log_artifacts(self, run_id: str, checkpoint) -> None:
+    def _log_artifacts(self, run_id: str, config: dict, checkpoint, best_epoch: int) -> None:
+        """The final checkpoint's files as artifacts, then its selected weights as the run's
+        MLflow model (unless --no-log-checkpoints); a model that cannot be logged leaves the
+        rest logged and the run FINISHED."""
+        import torch
+
+        from orchestrate.trainable import BEST_MODEL_FILE
+
         with tempfile.TemporaryDirectory(prefix="fer-artifacts-") as folder:
             checkpoint.to_directory(folder)
-            if not self.log_checkpoints:
-                Path(folder, "best_model.pt").unlink(missing_ok=True)
+            weights, state = Path(folder, BEST_MODEL_FILE), None
+            if self.log_checkpoints and weights.is_file():
+                state = torch.load(weights, map_location="cpu", weights_only=True)
+            weights.unlink(missing_ok=True)
             Path(folder, "state.pt").unlink(missing_ok=True)
             self.client.log_artifacts(run_id, folder)
+            if state is not None:
+                classes = json.loads(Path(folder, "predictions.json").read_text())["classes"]
+                log_model(self.uri, run_id, self.describe(config)["config"], classes, state,
+                          step=best_epoch)  # fmt: skip
 
 
 def failure_reason(text: str) -> str:

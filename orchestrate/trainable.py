@@ -31,6 +31,7 @@ from orchestrate.interrupt import checkpoint_requested
 from orchestrate.storage import Storage
 
 RESULTS_FILE = "results.json"
+BEST_MODEL_FILE = "best_model.pt"  # the selected weights (the driver logs them as an MLflow model)
 FAILURES = "failures"  # folder of the session's storage: one note per diverged trial
 
 
@@ -80,7 +81,7 @@ def write_artifacts(folder: Path, final: dict, result) -> None:
     (folder / "per_class_report.json").write_text(json.dumps(report, indent=1) + "\n")
     plot_trial(result, folder)
     if result.model_state is not None:
-        torch.save(result.model_state, folder / "best_model.pt")
+        torch.save(result.model_state, folder / BEST_MODEL_FILE)
 
 
 def run_trial(

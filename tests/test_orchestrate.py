@@ -46,7 +46,8 @@ loss = "island"
 
 def options(tmp_path, **changes):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    values = dict(preset="tiny", storage=str(tmp_path / "ray"), tracking_uri=uri)
+    values = dict(preset="tiny", storage=str(tmp_path / "ray"), tracking_uri=uri,
+                  reports=str(tmp_path / "reports"))  # fmt: skip
     values["log_checkpoints"] = False
     return RunOptions(**{**values, **changes})
 
@@ -87,6 +88,10 @@ def test_a_four_trial_ablation_is_fully_tracked(ray_cluster, tmp_path, study_fil
         printed = f"{100 * run.data.metrics['test_accuracy']:.2f}"
         assert printed in out.getvalue()
     assert table.loc["basic"].paper == 50.0 and math.isnan(table.loc["joint"].paper)
+    # the report is also written locally; no model was logged, so none is registered
+    assert (tmp_path / "reports" / summary["session"] / "report.html").is_file()
+    assert out.getvalue().rstrip().endswith("best model: not logged (--no-log-checkpoints)")
+    assert not client.search_logged_models([parents[0].info.experiment_id])
 
 
 HPO = """
@@ -443,7 +448,7 @@ def test_credentials_never_reach_params_or_tags(tmp_path):
     tracker = StudyTracker(f"sqlite:///{tmp_path / 'm.db'}", "masking")
     run_id = tracker.start_parent(
         "session", tags={"note": "https://bob:hunter2@example.org/x"},
-        params={"tracking_uri": "http://alice:s3cret@mlflow.internal:5000"},
+        params={"tracking_uri": "http://alice:s3cret@mlflow.internal:5000"}, config=None,
     )  # fmt: skip
     run = tracker.client.get_run(run_id)
     assert run.data.params["tracking_uri"] == "http://alice:***@mlflow.internal:5000"

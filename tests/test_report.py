@@ -65,7 +65,7 @@ def finished(ray_cluster, tmp_path_factory):
                     "synthetic_subjects = 5\nsynthetic_images_per_class = 2\n")  # fmt: skip
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     options = RunOptions(preset="tiny", storage=str(tmp / "ray"), tracking_uri=uri,
-                         log_checkpoints=False)  # fmt: skip
+                         log_checkpoints=False, reports=str(tmp / "reports"))  # fmt: skip
     out = io.StringIO()
     summary = run_study(load_study(path), options, out=out)
     return tmp, uri, summary, out.getvalue()
