@@ -1,4 +1,5 @@
-"""fermodel: PSA-ResNet-50 and its attention variants, Center/Island loss (no ray, no mlflow)."""
+"""fermodel: PSA-ResNet-50 and its attention variants, Center/Island loss, data, the training
+engine (no ray; mlflow only in fermodel.predict, to load runs:/ and models:/ URIs)."""
 
 from fermodel.attention import ATTENTIONS, create_attention
 from fermodel.losses import LOSS_KINDS, CenterLoss, IslandLoss, JointLoss

@@ -29,7 +29,7 @@ from fermodel.cli import OneLineParser
 from fermodel.config import ConfigError, TrialConfig
 from fermodel.data import DatasetError
 from fermodel.data.dataset import IMAGE_SIZE
-from fermodel.data.fer2013 import IMAGE_SUFFIXES, _read_image
+from fermodel.data.fer2013 import IMAGE_SUFFIXES, read_image
 
 MLFLOW_SCHEMES = ("runs:/", "models:/")
 BATCH = 256
@@ -113,14 +113,14 @@ def read_images(sources: list[str]) -> tuple[list[str], torch.Tensor]:
             if not files:
                 raise DatasetError(f"{source}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             names += map(str, files)
-            images += map(_read_image, files)
+            images += map(read_image, files)
         elif source.suffix.lower() == ".csv":
             ids, pixels = read_pixels_csv(source)
             names += ids
             images += list(pixels)
         elif source.is_file():
             names.append(str(source))
-            images.append(_read_image(source))
+            images.append(read_image(source))
         else:
             raise DatasetError(f"{source}: no such file or folder")
     stacked = np.stack(images).reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE)

@@ -21,23 +21,43 @@ def test_the_demo_cells_are_clearly_above_chance(ray_cluster, tmp_path):
                          reports=str(tmp_path / "reports"))  # fmt: skip
     out = io.StringIO()
     summary = run_study(study, options, out=out)
-    table = summary["table"].set_index("cell")
-    assert list(table.index) == ["basic", "basic_joint", "basic_psa", "basic_psa_joint"]
+    table = summary["table"].set_index("cell")  # by the cells' labels
+    labels = {c.name: c.label for c in study.cells}
+    assert list(table.index) == list(labels.values())
     # the targets of the demo (issue 13): best cell >= 60%, mean of the cells >= 50%
     assert table.accuracy.max() >= 60 and table.accuracy.mean() >= 50, table.accuracy
     assert table.accuracy.min() > 2 * CHANCE
     # every compared cell has its difference with an interval, on this test set
-    compared = table.drop(index="basic")
+    compared = table.drop(index=labels["basic"])
     assert compared.testset_ci_low.notna().all() and compared.testset_ci_high.notna().all()
     assert (compared.testset_ci_low <= compared.testset_diff).all()
     assert (compared.testset_diff <= compared.testset_ci_high).all()
-    # the printed accuracies are MLflow's
+    # every trial fully tracked, under the study's one parent run
     client = MlflowClient(options.tracking_uri)
     experiment = client.get_experiment_by_name("table4").experiment_id
-    for run in client.search_runs([experiment], "tags.study_parent = 'false'"):
+    all_runs = client.search_runs([experiment])
+    parents = [r for r in all_runs if r.data.tags["study_parent"] == "true"]
+    children = [r for r in all_runs if r.data.tags["study_parent"] == "false"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 4 and {r.info.status for r in children} == {"FINISHED"}
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    epochs = study.presets["cpu"]["config"]["epochs"]
+    for run in children:
+        assert run.data.params["epochs"] == str(epochs)
+        assert run.data.params["synthetic_difficulty"] == "0.3"
+        for metric in ("val_accuracy", "train_loss", "lr"):
+            assert len(client.get_metric_history(run.info.run_id, metric)) == epochs
+        assert "test_macro_f1" in run.data.metrics
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"confusion_matrix.png", "curves.png", "per_class_report.json",
+                "predictions.json"} <= names  # fmt: skip
+        # the printed accuracies are MLflow's
         accuracy = 100 * run.data.metrics["test_accuracy"]
-        assert table.loc[run.data.tags["cell"]].accuracy == pytest.approx(accuracy)
+        assert table.loc[labels[run.data.tags["cell"]]].accuracy == pytest.approx(accuracy)
         assert f"{accuracy:.2f}" in out.getvalue()
+    parent_files = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"study_table.csv", "study_table.md", "report.html", "report.tex"} <= parent_files
+    assert "paper" not in table or table.paper.isna().all()  # no paper number on this set
     # the output ends with what to look at next
     tail = out.getvalue().rstrip().splitlines()[-3:]
     assert tail[0].startswith("next: browse the runs: open http")

@@ -72,6 +72,17 @@ def finished(ray_cluster, tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_the_report_is_written_locally_and_no_model_is_registered_when_none_was_logged(finished):
+    tmp, uri, summary, printed = finished
+    local = tmp / "reports" / summary["session"]
+    assert {"report.html", "report.tex", "study_table.md"} <= {p.name for p in local.iterdir()}
+    assert printed.rstrip().endswith("best model: not logged (--no-log-checkpoints)")
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("minireport").experiment_id
+    assert not client.search_logged_models([experiment]) and summary["model"] is None
+
+
+@pytest.mark.slow
 def test_the_report_rebuilt_from_mlflow_equals_the_one_of_the_run(finished, capsys):
     tmp, uri, summary, printed = finished
     client = MlflowClient(uri)

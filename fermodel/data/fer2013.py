@@ -240,7 +240,7 @@ def _read_folders(root: Path):
             if not files and part == "train":
                 raise DatasetError(f"{folder / name}: empty class folder (no images)")
             for file in files:
-                images.append(_read_image(file))
+                images.append(read_image(file))
                 labels.append(label)
                 split.append(_split_of(file.name, part))
                 ids.append(str(file.relative_to(root)))
@@ -261,7 +261,9 @@ def _split_of(filename: str, part: str) -> str:
     return "train" if part == "train" else "test"
 
 
-def _read_image(file: Path) -> np.ndarray:
+def read_image(file: Path) -> np.ndarray:
+    """One image file as a 48x48 grey uint8 array, converted to grey and resized if it is not;
+    a file that is not a readable image is a ``DatasetError`` naming it."""
     try:
         with Image.open(file) as im:
             gray = im.convert("L")
