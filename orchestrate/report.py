@@ -792,7 +792,7 @@ def to_html(report: StudyReport) -> str:
         ) + "</dl>",
     ] if rows else ["<p>no finished trials</p>"]  # fmt: skip
     parts = [
-        f"<h1>{esc(report.study)}: {esc(report.description)}</h1>",
+        f"<h1>{esc(': '.join(filter(None, (report.study, report.description))))}</h1>",
         f"<p>dataset <b>{esc(report.dataset)}</b>, session <code>{esc(report.session)}</code>, "
         f"reference <b>{esc(str(report.reference))}</b></p>",
         "<h2>Test accuracy per cell</h2>",

@@ -20,6 +20,8 @@ from mlflow.tracking import MlflowClient
 
 from orchestrate.tracking import TrackingError, Writer, failure_reason
 
+ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
+
 
 class Server:
     """Refuses connections until ``up_at`` (monotonic seconds), then records writes in order."""
@@ -297,6 +299,18 @@ def test_the_printed_url_shows_the_study_runs_in_mlflow_ui(study):
                 page.get_by_text(child.info.run_name).wait_for(timeout=30_000)
             digest = parent.inputs.dataset_inputs[0].dataset.digest
             assert page.get_by_text(f"synthetic ({digest})").count() == 3
+            # the study report as the UI shows it: the parent's report.html, in MLflow's viewer
+            experiment = study.experiment.experiment_id
+            page.goto(f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs/"
+                      f"{parent.info.run_id}/artifacts")  # fmt: skip
+            page.get_by_text("report.html").first.click()
+            report = page.frame_locator("iframe").first
+            report.locator("thead").first.wait_for(timeout=60_000)
+            headers = report.locator("thead tr").last.locator("th").all_inner_texts()
+            assert headers[:3] == ["Cell", "n", "Accuracy (%)"]
+            assert report.locator("dl.legend").is_visible()
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "mlflow_report.png"), full_page=True)
             browser.close()
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
