@@ -89,6 +89,10 @@ DATA_KEYS = ("dataset", "data_path", "labels", "clean", "drop_leaked", "ck_frame
              "synthetic_difficulty")  # fmt: skip
 
 
+# what decides how a trial's dataset is split (``trial_splits``)
+SPLIT_KEYS = ("protocol", "fold", "folds", "split_seed", "balance")
+
+
 def data_key(config: TrialConfig) -> str:
     """What decides which images a config reads: trials with equal keys share one dataset."""
     return json.dumps({k: getattr(config, k) for k in DATA_KEYS}, sort_keys=True)
@@ -238,6 +242,12 @@ def train_step(parts: TrainingParts, images, labels, aug: AugmentConfig, generat
     return logits, out
 
 
+def trial_splits(c: TrialConfig, data: FERDataset, balanced: bool = True):
+    """The train / val / test splits a config trains on (its balancing only if ``balanced``)."""
+    balance = _balance_arg(c.balance) if balanced else None
+    return make_splits(data, c.protocol, c.fold, c.folds, seed=c.split_seed, balance=balance)
+
+
 def _balance_arg(balance: str):
     if not balance:
         return None
@@ -384,9 +394,7 @@ def _fit(c: TrialConfig, data, report, checkpoint, checkpoint_now=None) -> Trial
     device = resolve_device(c.device)
     torch.manual_seed(c.seed)
     data = load_trial_data(c) if data is None else data
-    splits = make_splits(
-        data, c.protocol, c.fold, c.folds, seed=c.split_seed, balance=_balance_arg(c.balance)
-    )
+    splits = trial_splits(c, data)
     classes = data.classes
 
     parts = build_parts(c, len(classes), device)

@@ -128,9 +128,9 @@ IMAGENET = "imagenet"  # a preset's "ImageNet weights, the user says where": --p
 def check_pretrained(plan: Plan) -> None:
     """Every trial's pretrained source is given and readable, before anything starts."""
     from fermodel.config import ConfigError
-    from fermodel.pretrained import download_hint, read_state_dict, weights_file
+    from fermodel.pretrained import check_source, download_hint
 
-    sources = {}
+    checked = set()
     for c in plan.configs():
         source, backbone = c.pretrained, c.backbone
         if source == IMAGENET:
@@ -140,13 +140,11 @@ def check_pretrained(plan: Plan) -> None:
                 f"(torchvision's checkpoint folder), or --pretrained none to train from "
                 f"scratch; {download_hint(backbone)}"
             )
-        if source:
-            path = Path(source).expanduser()
-            if path.is_dir():
-                path = weights_file(path, backbone)
-            sources.setdefault(str(path), backbone)
-    for source in sources:
-        read_state_dict(source)  # raises PretrainedError naming the file
+        # a file is read once; a folder once per backbone (each takes its own file from it)
+        key = (source, backbone if Path(source).expanduser().is_dir() else None)
+        if source and key not in checked:
+            checked.add(key)
+            check_source(source, backbone)  # raises PretrainedError naming the file
 
 
 def _gpus_text(options: RunOptions) -> str:
@@ -370,18 +368,13 @@ def _end(opening, writer, session: str, status: str, out) -> None:
 
 def _class_distribution(plan: Plan, datasets: dict) -> bytes:
     """The training split's classes before and after balancing (the paper's Figures 7, 8)."""
-    from fermodel.data import make_splits
-    from fermodel.engine import _balance_arg, data_key
+    from fermodel.engine import data_key, trial_splits
     from fermodel.plots import plot_class_distribution
 
     c = plan.configs()[0]
     data = datasets[data_key(c)]
-    before = make_splits(data, c.protocol, c.fold, c.folds, seed=c.split_seed).train
-    after = None
-    if c.balance:
-        balanced = make_splits(data, c.protocol, c.fold, c.folds, seed=c.split_seed,
-                               balance=_balance_arg(c.balance))  # fmt: skip
-        after = balanced.train.class_counts()
+    before = trial_splits(c, data, balanced=False).train
+    after = trial_splits(c, data).train.class_counts() if c.balance else None
     with tempfile.TemporaryDirectory() as folder:
         path = plot_class_distribution(
             before.class_counts(), Path(folder) / "d.png", after=after,

@@ -269,9 +269,6 @@ def _git(folder: Path, *args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-SPLIT_KEYS = ("protocol", "fold", "folds", "split_seed", "balance")
-
-
 class DatasetInputs:
     """The MLflow dataset input of a trial config: the train, validation and test images it
     reads, split on the driver once per distinct split (in the writer thread, off Tune's loop).
@@ -282,7 +279,7 @@ class DatasetInputs:
         self.made: dict[str, DatasetInput] = {}
 
     def __call__(self, config) -> DatasetInput:
-        from fermodel.engine import data_key
+        from fermodel.engine import SPLIT_KEYS, data_key
 
         key = json.dumps([data_key(config), *(getattr(config, k) for k in SPLIT_KEYS)])
         if key not in self.made:
@@ -297,12 +294,10 @@ def dataset_input(data, config) -> DatasetInput:
     from mlflow.data.schema import TensorDatasetSchema
     from mlflow.types import Schema, TensorSpec
 
-    from fermodel.data import make_splits
-    from fermodel.engine import _balance_arg
+    from fermodel.engine import trial_splits
 
     c = config
-    splits = make_splits(data, c.protocol, c.fold, c.folds, seed=c.split_seed,
-                         balance=_balance_arg(c.balance))  # fmt: skip
+    splits = trial_splits(c, data)
     parts = {"train": splits.train, "val": splits.val, "test": splits.test}
     digest = hashlib.sha256()
     for name, part in parts.items():

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from fermodel.config import ConfigError, TrialConfig
 from fermodel.data import DATASETS
-from fermodel.engine import DATA_KEYS
+from fermodel.engine import DATA_KEYS, SPLIT_KEYS
 
 STUDY_DIR = Path(__file__).parent / "studies"
 KINDS = ("grid", "tune")
@@ -53,11 +53,9 @@ FIELD_TYPES = typing.get_type_hints(TrialConfig)
 TYPE_NAMES = {int: "integers", float: "finite numbers", bool: "true or false", str: "strings"}
 # keys the study's [run] table and the command line own; cells and presets may not set them
 RUN_OWNED = {"dataset", "data_path", "protocol", "fold", "folds", "seed"}
-# what fermodel.engine._fit passes to make_splits (protocol, fold, folds, seed=split_seed,
-# balance); with fermodel.engine.DATA_KEYS (what data_key and load_trial_data read) these are
-# the keys that decide the data a trial sees. A tuning study reads its dataset once, on the
-# driver, from the base config, so none of them may be sampled per trial.
-SPLIT_KEYS = ("protocol", "fold", "folds", "split_seed", "balance")
+# fermodel.engine's DATA_KEYS (what data_key and load_trial_data read) and SPLIT_KEYS (what
+# trial_splits reads) decide the data a trial sees. A tuning study reads its dataset once, on
+# the driver, from the base config, so none of them may be sampled per trial.
 DATASET_KEYS = frozenset(DATA_KEYS) | frozenset(SPLIT_KEYS)
 METRICS = ("best_val_accuracy", "val_accuracy", "val_macro_f1")  # what the trainable reports
 
