@@ -69,10 +69,16 @@ class TrialConfig:
                       "classes, contempt dropped)", LABEL_SETS)  # fmt: skip
     clean: bool = key(False, "FER2013: drop the training images FER+'s votes call non-face or "
                       "unknown (needs fer2013new.csv); val and test stay whole")  # fmt: skip
+    drop_mislabeled: bool = key(False, "FER2013: drop the training images whose FER+ majority "
+                                "label disagrees with their FER2013 label (the paper's "
+                                "mislabeled images; needs fer2013new.csv); val and test stay "
+                                "whole")  # fmt: skip
     balance: str = key("", "top up training classes with augmented copies: minority (every "
                        "class up to the median) or comma-separated class names, e.g. disgust",
                        allowed="empty (none), minority or class names")  # fmt: skip
-    drop_leaked: bool = key(False, "drop val/test images that have an identical copy in train")
+    drop_leaked: bool = key(False, "drop val images with an identical copy in train or test, and "
+                            "test images with one in train (the whole test split is still "
+                            "reported beside)")  # fmt: skip
     ck_frames: str = key("last", "CK+ frames of each sequence: last (the last ck_k) or paper "
                          "(the paper's 4 random frames)", CK_FRAMES)  # fmt: skip
     ck_k: int = key(3, "CK+: frames taken from the end of each sequence (ck_frames last)", low=1)

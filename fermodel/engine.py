@@ -75,6 +75,10 @@ class TrialResult:
     test_groups: list[str] | None = None
     checkpoint_epochs: list[int] = field(default_factory=list)  # checkpointed in this call
     checkpoint_seconds: float = 0.0  # spent on them: writing and the report calls
+    # with drop_leaked: the metrics on the whole test split, leaked images included (the
+    # field's figure, FER2013's full PrivateTest), beside ``test`` on its deduplicated part
+    test_full: dict | None = None
+    split_sizes: dict = field(default_factory=dict)  # images of train, val and test
     model_state: dict | None = field(default=None, repr=False)  # the selected model (CPU)
 
     def to_dict(self) -> dict:
@@ -84,7 +88,8 @@ class TrialResult:
         return out
 
 
-DATA_KEYS = ("dataset", "data_path", "labels", "clean", "drop_leaked", "ck_frames", "ck_k",
+DATA_KEYS = ("dataset", "data_path", "labels", "clean", "drop_mislabeled", "drop_leaked",
+             "ck_frames", "ck_k",
              "split_seed", "synthetic_subjects", "synthetic_images_per_class",
              "synthetic_difficulty")  # fmt: skip
 
@@ -115,6 +120,7 @@ def load_trial_data(config: TrialConfig, cache_dir=None) -> FERDataset:
             drop_leaked=config.drop_leaked,
             labels=config.labels,
             clean=config.clean,
+            mislabeled=config.drop_mislabeled,
             cache_dir=cache_dir,
         )
     return load_dataset(
@@ -245,7 +251,8 @@ def train_step(parts: TrainingParts, images, labels, aug: AugmentConfig, generat
 def trial_splits(c: TrialConfig, data: FERDataset, balanced: bool = True):
     """The train / val / test splits a config trains on (its balancing only if ``balanced``)."""
     balance = _balance_arg(c.balance) if balanced else None
-    return make_splits(data, c.protocol, c.fold, c.folds, seed=c.split_seed, balance=balance)
+    return make_splits(data, c.protocol, c.fold, c.folds, seed=c.split_seed, balance=balance,
+                       drop_leaked=c.drop_leaked)  # fmt: skip
 
 
 def _balance_arg(balance: str):
@@ -490,6 +497,13 @@ def _fit(c: TrialConfig, data, report, checkpoint, checkpoint_now=None) -> Trial
         model.load_state_dict(best_state)
     test_x, test_y = splits.test.images.to(device), splits.test.labels.to(device)
     test, cm, pred = evaluate(net, test_x, test_y, classes, c.eval_batch_size, autocast, c.tta)
+    test_full = None
+    if c.drop_leaked:
+        test_full = test
+        if splits.full_test is not None:
+            full = splits.full_test
+            test_full, _, _ = evaluate(net, full.images.to(device), full.labels.to(device),
+                                       classes, c.eval_batch_size, autocast, c.tta)  # fmt: skip
     trained = sum(h["images_per_second"] * h["epoch_seconds"] for h in history)
     return TrialResult(
         config=c.to_dict(),
@@ -512,5 +526,7 @@ def _fit(c: TrialConfig, data, report, checkpoint, checkpoint_now=None) -> Trial
         notes=[*data.notes, *splits.notes],
         checkpoint_epochs=cadence.epochs,
         checkpoint_seconds=cadence.seconds,
+        test_full=test_full,
+        split_sizes={p: len(getattr(splits, p)) for p in ("train", "val", "test")},
         model_state=best_state,
     )

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", metavar="PATH", help=key("data_path"))
     s.add_argument("--seeds", type=int, metavar="N",
                    help="training seeds per cell (each seed is a trial). Allowed: >= 1. "
-                   "Default: the study's (1)")  # fmt: skip
+                   "Default: the preset's (paper: 3), else the study's (1)")  # fmt: skip
     s.add_argument("--preset", metavar="NAME",
                    help="settings preset of the study file: cpu (minutes on a laptop) or paper "
                    "(the paper's setup, 200 epochs). Allowed: a preset the study defines. "

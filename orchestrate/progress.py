@@ -1,4 +1,5 @@
-"""Compact progress of a study: trials done, running, failed, and the best so far."""
+"""Compact progress of a study: trials done, running, failed, and the best so far on validation
+(the selection metric; a study never picks by test, so its progress does not show test)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ class Progress(Callback):
     """One line per trial event. On ``--resume`` Tune restores this callback and the count
     starts from the trials finished by earlier invocations (read from MLflow)."""
 
-    def __init__(self, planned: int, session: str, metric: str = "test_accuracy", out=None):
-        self.planned, self.session, self.metric, self.out = planned, session, metric, out
+    def __init__(self, planned: int, session: str, out=None):
+        self.planned, self.session, self.out = planned, session, out
         self.started = time.monotonic()
         self.running: set[str] = set()
         self.done = self.failed = 0
@@ -38,7 +39,7 @@ class Progress(Callback):
         self._print(event)
 
     def _print(self, event: str) -> None:
-        best = f"; best {self.metric} {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
+        best = f"; best validation {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
         elapsed = time.monotonic() - self.started
         print(
             f"[{elapsed:6.0f}s] {self.done}/{self.planned} done, {len(self.running)} running, "
@@ -55,7 +56,7 @@ class Progress(Callback):
         self.running.discard(trial.trial_id)
         last = trial.last_result or {}
         self.done += 1
-        value = last.get(self.metric)
+        value = last.get("best_val_accuracy")
         if value is not None and (self.best is None or value > self.best[0]):
             self.best = (value, _name(trial))
         stopped = "" if last.get("completed") else " (stopped early)"

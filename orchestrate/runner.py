@@ -89,7 +89,7 @@ def describe_plan(plan: Plan, options: RunOptions) -> str:
     lines = [
         f"study {study.name} ({study.kind}): {study.description}",
         f"dataset {study.dataset} {study.data_path or ''}, protocol {study.resolved_protocol}, "
-        f"preset {plan.preset}, seeds {study.seeds}",
+        f"preset {plan.preset}, seeds {study.seeds_for(plan.preset)}",
         f"resources per trial: {options.cpus_per_trial:g} CPU, {_gpus_text(options)}; "
         f"max concurrent: {options.max_concurrent or 'as resources allow'}",
         "initialisation: " + {IMAGENET: "ImageNet (give --pretrained FILE|FOLDER, or none)",
@@ -198,7 +198,7 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
         ray_is_up,
         start_ray,
     )
-    from orchestrate.report import format_table
+    from orchestrate.render import format_table
     from orchestrate.tracking import OPENING, WRITERS, Writer, check_reachable, register_best
 
     plan = make_plan(study, options)
@@ -248,8 +248,7 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
         if options.log_checkpoints:
             best = writer.call(lambda: register_best(tracker, session))
         sessions.mark_finished(storage, session, {"parent_run_id": tracker.parent_id})
-        print(f"\n{study.name} on {study.dataset} (preset {plan.preset}), test accuracy:", file=out)
-        print(format_table(report), file=out)
+        print("\n" + format_table(report), file=out)
         if note := writer.summary():
             print(f"\ntracking: {note}", file=out)
         print(_next_steps(options, tracker.experiment_id, paths, best), file=out)
@@ -314,9 +313,10 @@ def _tuner(plan: Plan, options: RunOptions, storage, session: str, datasets: dic
 
 def _publish_report(tracker, session: str, folder: Path):
     """The study report, written to ``folder`` and to the parent run; returns it and its files."""
+    from orchestrate.collect import collect
     from orchestrate.report import build_report, write_report
 
-    report = build_report(tracker, session)
+    report = build_report(collect(tracker, session))
     paths = write_report(report, folder)
     tracker.client.log_artifacts(tracker.parent_id, str(folder))
     return report, paths
@@ -387,7 +387,7 @@ def _open_tracking(options: RunOptions, study: Study, plan: Plan, session: str, 
                    distribution: bytes, writer):  # fmt: skip
     """The experiment and the parent run: a new one, or on ``--resume`` the session's own,
     reopened. Returns (tracker, parent run id, trials finished by earlier invocations)."""
-    from orchestrate.report import DISTRIBUTION_ARTIFACT, STUDY_ARTIFACT
+    from orchestrate.collect import DISTRIBUTION_ARTIFACT, STUDY_ARTIFACT
     from orchestrate.tracking import DatasetInputs, StudyTracker
 
     inputs = DatasetInputs(datasets)
@@ -399,7 +399,8 @@ def _open_tracking(options: RunOptions, study: Study, plan: Plan, session: str, 
         session,
         tags={"study": study.name, "dataset": study.dataset, "preset": str(plan.preset),
               "resumed": str(options.resume).lower(), "kind": study.kind},
-        params={"study_file": study.path, "preset": plan.preset, "seeds": study.seeds,
+        params={"study_file": study.path, "preset": plan.preset,
+                "seeds": study.seeds_for(plan.preset),
                 "dataset": study.dataset, "data_path": study.data_path,
                 "protocol": study.resolved_protocol, "planned_trials": plan.size,
                 "cpus_per_trial": options.cpus_per_trial,

@@ -39,7 +39,8 @@ def plan_record(plan) -> dict:
         return {k: v for k, v in config.items() if k != "device"}
 
     record = {"study": study.name, "kind": study.kind, "dataset": study.dataset,
-              "data_path": study.data_path, "preset": plan.preset, "seeds": study.seeds,
+              "data_path": study.data_path, "preset": plan.preset,
+              "seeds": study.seeds_for(plan.preset),
               "folds": study.folds, "base": science(plan.base)}  # fmt: skip
     if study.kind == "grid":
         record["trials"] = {s.key: science(s.config.to_dict()) for s in plan.trials}

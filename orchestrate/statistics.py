@@ -1,93 +1,96 @@
-"""Which ablation gains are real: two paired questions about one cell against the reference cell.
+"""Which ablation gains are real: contrasts of cells, each asked two questions.
 
 Gu & Jin (2025) report ablation gains of 0.6 to 4 points, each measured once on a test set of a
-few hundred images. "Is the gain real?" is two different questions, and this module answers them
-separately, from the trials' test predictions alone (pure numpy/scipy; nothing here knows of Ray
-or MLflow):
+few hundred images. A study compares cells through *contrasts*: weights +1 / -1 on cells whose
+weights sum to zero. "Basic + PSA vs Basic" is ``{basic_psa: +1, basic: -1}``; the interaction of
+a 2x2 design (does PSA add more with the joint loss than without it?) is ``{psa_joint: +1,
+basic: +1, psa: -1, joint: -1}``. "Is the contrast real?" is two different questions, answered
+separately from the trials' test predictions alone (numpy, scipy, statsmodels; nothing here
+knows of Ray or MLflow):
 
-1. **On this test set** (``paired_comparison``): do *these trained models* of the two cells differ
-   on *these test images*? The noise is which images each cell happens to get right.
-2. **Across training runs** (``run_comparison``): does the gain survive another training seed
-   (and fold)? The noise is how much a run's accuracy moves when the seed changes, which is what
-   "does attention X help" asks. A gain can be certain on one test set and not reproduce: one
-   lucky seed is enough to make question 1 significant.
+1. **On this test set** (``on_test_set``): do *these trained models* differ on *these test
+   images*? The noise is which images each cell happens to get right.
+2. **Across training runs** (``across_runs``): does the contrast survive another training seed
+   (and, on k-fold cross-validation, another training set)? A contrast can be certain on one test
+   set and not reproduce: one lucky seed is enough to make question 1 significant.
 
-Each comes with its noise floor (``testset_mde``, ``runs_mde``, ``seeds_needed``): the smallest
-difference the test detects with 80% power at two-sided alpha 0.05, and for question 2 how many
-seeds would detect the difference observed.
+Each comes with its noise floor (MDE): the true difference the test detects with 80% power at
+two-sided alpha 0.05, before any multiplicity adjustment; and for question 2 how many seeds
+would detect the observed difference. An *observed* difference below the MDE can still be
+significant: the smallest significant one is about z_0.975 / (z_0.975 + z_0.80) = 0.70 of it.
 
-**Question 1: the independent unit is resampled, not the image.** Two cells are compared on the
-same test images, so the comparison is paired. Trials are paired by (seed, fold) and images within
-a pair by id. Every image gets its correctness in each cell averaged over the seeds in which it was
-tested (on k-fold CV an image sits in one fold; on a fixed split it is tested once per seed), and
-``d_i = acc_other(i) - acc_reference(i)`` is the per-image datum; the seeds of one image are not
-independent evidence (the same face, the same label, mostly the same prediction). Images are not
-independent either when they share a subject: the three frames of a CK+ sequence and the sequences
-of one person succeed or fail together. A trial's predictions may therefore name each image's
-*group* (``Predictions.groups``: the subject on CK+ and the synthetic set; absent or None on
+**Question 1: the independent unit is resampled, not the image.** The cells of a contrast are
+compared on the same test images. Trials are joined by (seed, fold) and images within a join by
+id. Every image gets the contrast of its correctness, ``d_i = sum_c w_c hit_c(i)``, averaged over
+the seeds in which it was tested (on k-fold CV an image sits in one fold; on a fixed split it is
+tested once per seed): the seeds of one image are not independent evidence. Images are not
+independent either when they share a subject: the three frames of a CK+ sequence and the
+sequences of one person succeed or fail together. A trial's predictions may therefore name each
+image's *group* (``Predictions.groups``: the subject on CK+ and the synthetic set; None on
 FER2013, where the image is its own unit). The unit g is the group, or the image where there is
-none, and its datum is the **sum** ``U_g`` of its images' d_i, so that the statistic
-``sum_g U_g / N`` (N images) is exactly the image-level mean difference, each image weighing the
-same whatever its subject's size:
+none, and its datum is the **sum** ``U_g`` of its images' d_i, so that ``sum_g U_g / N`` (N
+images) is exactly the image-level contrast, each image weighing the same:
 
-- *test*: a two-sided sign-flip permutation test over units (``scipy.stats.permutation_test``,
-  ``permutation_type='samples'``): under the null hypothesis that the two cells are exchangeable
-  within every unit, each U_g is as likely to be +|U_g| as -|U_g|. Units with U_g = 0 cannot change
-  the distribution and are left out of the permutation step (the statistic still divides by all N),
-  which makes the test exact whenever ``2**(changed units) <= n_resamples``; otherwise scipy counts
-  the observed statistic as one of the random resamples, so p is never 0. With one seed, one fold
-  and images as units every d_i is -1, 0 or +1 and the exact test *is* McNemar's (1947) exact test,
-  reported as ``mcnemar_p`` in that setting only (``scipy.stats.binomtest`` on the discordant
-  counts; NaN with several seeds, whose pooled counts are not independent, or with groups);
+- *test*: the two-sided sign-flip permutation test over units: under the null hypothesis that
+  the cells with weight +1 and those with weight -1 are exchangeable within every unit, each U_g
+  is as likely to be +|U_g| as -|U_g|. The p-value is **exact**: the U_g are multiples of
+  1 / L (L the least common multiple of how often the images were tested), and the null
+  distribution of ``L * sum U_g`` is computed by convolving the units' two-point distributions
+  (``sign_flip_p``). That costs (changed units) x (sum of L |U_g|) additions, which stays under
+  ``EXACT_LIMIT`` for every study of this project (FER2013 with several seeds is a few million);
+  beyond it the p-value is Monte Carlo over ``n_resamples`` random sign vectors
+  (``scipy.stats.permutation_test``), and the result says so with the 95% error bound
+  ``1.96 * sqrt(p (1 - p) / n_resamples)``. With one seed, one fold, images as units and a
+  pairwise contrast every d_i is -1, 0 or +1 and the exact test *is* McNemar's (1947) exact test
+  (the binomial test on the discordant images).
 - *interval*: a percentile bootstrap over units (``scipy.stats.bootstrap``, ``paired=True`` over
-  (U_g, images in g)): resample units with replacement, take the ratio ``sum U* / sum n*``; with
-  groups this is the cluster bootstrap. Percentile rather than BCa: the statistic is a smooth mean
-  over many units, and BCa's jackknife turns NaN on two nearly identical cells. When every unit
-  has the same mean difference (identical cells, or a single unit) the interval is that point.
-  With a handful of subjects the cluster bootstrap is rough (it undercovers); read the p-value.
-- *noise floor*: ``mde = (z_{1-alpha/2} + z_{power}) * sqrt(sum_g U_g**2) / N``, with z the
-  standard normal quantiles (1.960 + 0.842). ``sqrt(sum U_g**2) / N`` is the standard deviation of
-  the sign-flip statistic's null distribution, so this is the normal approximation of that test.
-  With one seed and images as units, sum d_i**2 is the number of discordant images and the formula
-  is the paired-proportions (McNemar) normal approximation with the observed discordance
-  ``p_disc = (b + c) / N``: ``mde = (z_{1-alpha/2} + z_{power}) * sqrt(p_disc / N)`` (Connor's
-  1987 formula with the observed discordance under both hypotheses). It is an approximation: the
-  exact test, being discrete, has a little less power there (about 0.77 for a few hundred
-  images). With clustered units the same N images count as fewer, larger units, and the floor
-  rises. NaN when no unit changed (no observed spread to scale by).
+  (U_g, images in g)): resample units with replacement, take ``sum U* / sum n*``; with groups this
+  is the cluster bootstrap. Percentile rather than BCa: the statistic is a smooth mean over many
+  units, and BCa's jackknife turns NaN on two nearly identical cells. When every unit has the
+  same mean (identical cells, or a single unit) the interval is that point. With a handful of
+  subjects the cluster bootstrap is rough (it undercovers); read the p-value. The interval is not
+  adjusted for multiple comparisons.
+- *noise floor*: ``mde = (z_{1-alpha/2} + z_{power}) * sqrt(sum_g U_g**2) / N``, the normal
+  approximation of the sign-flip test (``sqrt(sum U_g**2) / N`` is its null distribution's
+  standard deviation). With one seed and images as units this is the paired-proportions
+  (McNemar) formula with the observed discordance. NaN when no unit changed.
 
-**Question 2: the (seed, fold) run is the unit.** ``run_accuracies`` gives every trial of the two
-cells its accuracy on the images the paired trials share; ``run_comparison`` takes the paired
-differences ``D_k = acc_other(k) - acc_reference(k)`` over the K (seed, fold) pairs:
+**Question 2: the (seed, fold) run is the unit, and folds are not independent.**
+``run_differences`` gives every joined (seed, fold) run the contrast of its cells' test
+accuracies on the images they share, ``D_k``; ``across_runs`` tests their mean:
 
-- *test*: the paired t-test (``scipy.stats.ttest_1samp`` on D, equivalently ``ttest_rel``) and
-  its 95% Student-t interval of the mean of D. Chosen over the exact sign-flip or Wilcoxon
-  signed-rank tests because with the usual 3 to 5 seeds those cannot reach 0.05 at all (their
-  smallest two-sided p is 2 / 2**K = 0.0625 at K = 5), so they could never call a gain
-  reproducible; a run's accuracy is a mean over hundreds of test images, so D is close to normal,
-  which is what the t-test assumes. When every D_k is the same the t statistic is undefined: the
-  p-value is then the exact sign-flip one (2 / 2**K, or 1 when D = 0) and the interval that point.
-- with fewer than two paired runs (one seed and one fold) there is no run-to-run spread: nothing
-  is tested and the table says ``n/a: 1 seed x 1 fold``.
-- *noise floor*: ``mde = (t_{1-alpha/2, K-1} + t_{power, K-1}) * s / sqrt(K)`` with s the sample
-  standard deviation of D and t Student's quantiles: the usual approximation of the paired
-  t-test's power (the noncentral t replaced by a shifted central t). It is slightly optimistic for
-  very few runs (the true power at this mde is 0.73 for K = 2, 0.77 for K = 3, >= 0.78 from
-  K = 4). ``runs_needed`` is the smallest K' >= 2 whose mde with the same s is at most |mean D|,
-  and ``seeds_needed`` is ``ceil(K' / folds)`` with the folds of this study per seed (each seed
-  adds one run per fold). NaN when s = 0 or K < 2; infinite when mean D = 0 (or more than a
-  million runs would be needed).
+- *a fixed split* (FER2013's official one, the synthetic set's; every run has the same training
+  and test images and differs only by its seed): the paired t-test over the seeds
+  (``scipy.stats.ttest_1samp``) and its Student-t interval. It answers "does the contrast
+  survive another seed on this split".
+- *k-fold cross-validation* (CK+): every seed trains on the same folds (the split seed is
+  fixed), so the runs of one fold share its test subjects and its training set, and the ten
+  training sets of a 10-fold split share about 8/9 of their images: a t-test treating the
+  (seed, fold) runs as independent is far too confident (in a simulation with such effects it
+  calls about 40% of null contrasts significant at 0.05, where 5% is promised). Each fold's
+  runs are averaged over its seeds first, and the folds' means are tested with the **corrected
+  k-fold t-test** (Nadeau & Bengio 2003; Bouckaert & Frank 2004 for repeated CV), which
+  replaces the variance of the mean ``s**2 / k`` by ``s**2 * (1 / k + n_test / n_train)``, k the
+  folds and ``n_test / n_train`` the test to training size ratio of the actual folds
+  (``fold_ratio``), with k - 1 degrees of freedom. With one seed it runs over the folds as
+  they are. It answers "does the contrast survive another seed and another training set drawn
+  like these". The same correction widens the interval (``summarize_runs`` for a cell's own
+  interval too) and raises the MDE; seeds only shrink the seed part of a fold's variance
+  (estimated from the spread of seeds within folds), so the seeds needed can be inf: then no
+  number of seeds would detect the difference, the folds' own spread and overlap stay.
+- with fewer than two joined runs (one seed and one fold) there is no run-to-run spread: nothing
+  is tested and the table says ``n/a: 1 seed x 1 fold``. When every D_k is the same the t
+  statistic is undefined: on a fixed split the p-value is then the exact sign-flip one
+  (2 / 2**K, or 1 when D = 0); on k-fold it is not judged.
+- *noise floor*: the true mean difference the test detects with 80% power, from the noncentral
+  t distribution (``scipy.stats.nct``) with the test's degrees of freedom and standard error.
+  ``seeds_needed``: the fewest seeds whose MDE is at most the observed |mean D| (NaN on k-fold
+  with one seed per fold, where the seed noise cannot be told from the folds' spread).
 
-**Several cells against one reference: Holm's step-down correction.** A study compares every
-ablation cell with the same reference, so some small p-values are expected by chance alone.
-``holm`` adjusts them by Holm's (1979) sequentially rejective procedure, which controls the
-family-wise error rate like Bonferroni under any dependence between the tests (the comparisons
-share the reference cell) while rejecting at least as much as Bonferroni. Each question's p-values
-are adjusted across cells separately (the report does this).
-
-**Several trials of one cell: Student's t.** ``summarize_accuracies`` is the unpaired, per-cell
-view (the mean accuracy over seeds and folds, its standard deviation and a 95% t interval of the
-mean). It says how much a cell's accuracy moves from run to run, not whether two cells differ.
+**Several contrasts: Holm's step-down correction within each family.** A study declares its
+contrasts in families (the paper's claims; the interaction); each family's p-values are
+adjusted by Holm's (1979) procedure (``statsmodels.stats.multitest.multipletests``), which
+controls the family-wise error rate under any dependence, for each question on its own.
 """
 
 from __future__ import annotations
@@ -95,22 +98,38 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 from scipy import stats
 
 CONFIDENCE = 0.95
-ALPHA = 0.05  # two-sided level of the noise floors (the report's significance level too)
+ALPHA = 0.05  # two-sided level of the tests and noise floors
 POWER = 0.80
-# sign vectors (or bootstrap resamples) evaluated per vectorised call: bounds memory to
-# BATCH x units floats while keeping the loop in numpy
+# bootstrap resamples (or Monte Carlo sign vectors) evaluated per vectorised call
 BATCH = 1000
-# runs_needed is searched up to here; beyond it the observed difference is as good as none
-MAX_RUNS = 1_000_000
+# the exact sign-flip distribution costs (changed units) x (their integer sum) additions; beyond
+# this many (about a second) the p-value is Monte Carlo, with its error bound
+EXACT_LIMIT = 200_000_000
+# seeds_needed is searched up to here; beyond it the observed difference is as good as none
+MAX_SEEDS = 1_000_000
+# the smallest observed difference that can be significant, as a share of the test-set MDE
+SIGNIFICANT_SHARE = float(stats.norm.ppf(1 - ALPHA / 2) / (stats.norm.ppf(1 - ALPHA / 2)
+                                                           + stats.norm.ppf(POWER)))  # fmt: skip
+
+Key = tuple[int, int]  # (seed, fold)
 
 
-def summarize_accuracies(values: Sequence[float]) -> dict:
-    """Mean, sample standard deviation (ddof=1) and 95% Student-t CI of the mean of ``values``.
+def _t_half(sd: float, n: int, fold_ratio: float) -> float:
+    """Half-width of the 95% t interval of a mean of n values with SD sd, the variance of the
+    mean corrected for overlapping training sets by ``fold_ratio`` (0: independent values)."""
+    return float(stats.t.ppf(0.5 + CONFIDENCE / 2, df=n - 1)) * sd * math.sqrt(1 / n + fold_ratio)
+
+
+def summarize_accuracies(values: Sequence[float], fold_ratio: float = 0.0) -> dict:
+    """Mean, sample standard deviation (ddof=1) and 95% Student-t CI of the mean of ``values``,
+    the variance of the mean ``s**2 (1/n + fold_ratio)`` (``fold_ratio`` = n_test / n_train when
+    the values are the folds of k-fold CV, else 0).
 
     Values are in whatever unit they are given (the report passes percent). With fewer than two
     values the standard deviation and the interval are NaN; with no values the mean is NaN too.
@@ -123,7 +142,7 @@ def summarize_accuracies(values: Sequence[float]) -> dict:
     if n < 2:
         return {"n": n, "mean": mean, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan}
     std = float(x.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, df=n - 1)) * std / math.sqrt(n)
+    half = _t_half(std, n, fold_ratio)
     return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half}
 
 
@@ -149,18 +168,23 @@ class Predictions:
                 f"{' and groups' if self.groups is not None else ''} differ in length "
                 f"({', '.join(map(str, lengths))})"
             )
-        seen: set[str] = set()
-        for image in self.ids:
-            if image in seen:
-                raise ValueError(
-                    f"Predictions(seed={self.seed}, fold={self.fold}): image id {image!r} "
-                    "appears more than once"
-                )
-            seen.add(image)
+        if len(set(self.ids)) != len(self.ids):
+            image = next(i for k, i in enumerate(self.ids) if i in self.ids[:k])
+            raise ValueError(
+                f"Predictions(seed={self.seed}, fold={self.fold}): image id {image!r} "
+                "appears more than once"
+            )
 
 
-def _by_trial(cell: Sequence[Predictions], name: str) -> dict[tuple[int, int], Predictions]:
-    trials: dict[tuple[int, int], Predictions] = {}
+def check_weights(weights: Mapping[str, int]) -> None:
+    """A contrast: at least two cells, weights +1 or -1, as many of each (they sum to 0)."""
+    values = list(weights.values())
+    if len(values) < 2 or any(w not in (1, -1) for w in values) or sum(values) != 0:
+        raise ValueError(f"a contrast weighs cells +1 and -1, as many of each; got {dict(weights)}")
+
+
+def _by_trial(cell: Sequence[Predictions], name: str) -> dict[Key, Predictions]:
+    trials: dict[Key, Predictions] = {}
     for trial in cell:
         key = (int(trial.seed), int(trial.fold))
         if key in trials:
@@ -170,95 +194,105 @@ def _by_trial(cell: Sequence[Predictions], name: str) -> dict[tuple[int, int], P
 
 
 @dataclass
-class _Paired:
-    """Two cells on their shared test images: per image (first-seen order) the seed-averaged
-    correctness in each cell and the unit it belongs to; per (seed, fold) pair both accuracies."""
+class _Joined:
+    """The cells of a contrast on their shared test images: per image (first-seen order) the
+    integer sum of the contrast over the times it was tested, that count, each cell's hits, and
+    the unit it belongs to; per joined (seed, fold) run each cell's accuracy."""
 
-    reference: np.ndarray
-    other: np.ndarray
+    numerator: np.ndarray  # int: sum over tests of sum_c w_c hit_c
+    count: np.ndarray  # int: times tested
+    hits: dict[str, np.ndarray]  # cell -> hits summed over tests
     unit: np.ndarray  # unit index of every image
     grouped: np.ndarray  # whether the image's unit is a named group (else the image itself)
-    pairs: list[tuple[int, int]]
-    run_reference: dict[tuple[int, int], float]  # percent, on the images the pair shares
-    run_other: dict[tuple[int, int], float]
+    runs: dict[str, dict[Key, float]]  # cell -> run -> accuracy (percent) on the shared images
+
+    @property
+    def d(self) -> np.ndarray:
+        return self.numerator / self.count
 
 
-def _pair(reference: Sequence[Predictions], other: Sequence[Predictions]) -> _Paired:
-    ref, oth = _by_trial(reference, "reference"), _by_trial(other, "other")
-    pairs = sorted(ref.keys() & oth.keys())
-    if not pairs:
-        raise ValueError(
-            "the two cells share no (seed, fold) trial: reference has "
-            f"{sorted(ref)}, other has {sorted(oth)}"
-        )
+def _join(cells: Mapping[str, Sequence[Predictions]], weights: Mapping[str, int]) -> _Joined:
+    check_weights(weights)
+    names = list(weights)
+    trials = {name: _by_trial(cells[name], name) for name in names}
+    keys = sorted(set.intersection(*(set(t) for t in trials.values())))
+    if not keys:
+        found = "; ".join(f"{n} has {sorted(t)}" for n, t in trials.items())
+        raise ValueError(f"the cells share no (seed, fold) trial: {found}")
     label_of: dict[str, int] = {}
     group_of: dict[str, str] = {}
-    # id -> [reference right, other right, times tested]; dicts keep first-seen order
+    # id -> [numerator, count, hits per cell...]; dicts keep first-seen order
     tally: dict[str, list[int]] = {}
-    run_ref: dict[tuple[int, int], float] = {}
-    run_oth: dict[tuple[int, int], float] = {}
-    for seed, fold in pairs:
-        r, o = ref[seed, fold], oth[seed, fold]
-        o_index = {image: k for k, image in enumerate(o.ids)}
-        shared = right_r = right_o = 0
-        for k, image in enumerate(r.ids):
-            j = o_index.get(image)
-            if j is None:
-                continue
-            shared += 1
-            label = int(r.labels[k])
-            if int(o.labels[j]) != label:
-                raise ValueError(
-                    f"image id {image!r} (seed={seed}, fold={fold}) has label {label} in the "
-                    f"reference cell but {int(o.labels[j])} in the other"
-                )
+    runs: dict[str, dict[Key, float]] = {name: {} for name in names}
+    for seed, fold in keys:
+        joined = [trials[name][seed, fold] for name in names]
+        index = [{image: k for k, image in enumerate(t.ids)} for t in joined]
+        shared = [i for i in joined[0].ids if all(i in m for m in index[1:])]
+        if not shared:
+            raise ValueError(f"trial seed={seed}, fold={fold}: the cells share no test image id")
+        right = [0] * len(names)
+        for image in shared:
+            at = [m[image] for m in index]
+            label = int(joined[0].labels[at[0]])
+            for name, t, k in zip(names, joined, at, strict=True):
+                if int(t.labels[k]) != label:
+                    raise ValueError(
+                        f"image id {image!r} (seed={seed}, fold={fold}) has label {label} in "
+                        f"cell {names[0]} but {int(t.labels[k])} in cell {name}"
+                    )
             if label_of.setdefault(image, label) != label:
                 raise ValueError(
                     f"image id {image!r} has label {label_of[image]} in one trial but {label} "
                     f"in seed={seed}, fold={fold}"
                 )
             # a trial without groups (an older artifact) leaves the image's group to the others
-            for trial, index in ((r, k), (o, j)):
-                group = None if trial.groups is None else trial.groups[index]
-                if group is None:
-                    continue
-                if group_of.setdefault(image, str(group)) != str(group):
+            for t, k in zip(joined, at, strict=True):
+                group = None if t.groups is None else t.groups[k]
+                if group is not None and group_of.setdefault(image, str(group)) != str(group):
                     raise ValueError(
                         f"image id {image!r} is in group {group_of[image]!r} in one trial but "
                         f"{str(group)!r} in seed={seed}, fold={fold}"
                     )
-            hit_r = int(r.predictions[k]) == label
-            hit_o = int(o.predictions[j]) == label
-            right_r, right_o = right_r + hit_r, right_o + hit_o
-            counts = tally.setdefault(image, [0, 0, 0])
-            counts[0] += hit_r
-            counts[1] += hit_o
-            counts[2] += 1
-        if not shared:
-            raise ValueError(
-                f"trial seed={seed}, fold={fold}: the two cells share no test image id"
-            )
-        run_ref[seed, fold] = 100.0 * right_r / shared
-        run_oth[seed, fold] = 100.0 * right_o / shared
-    counts = np.array(list(tally.values()), dtype=float)
+            counts = tally.setdefault(image, [0] * (2 + len(names)))
+            counts[1] += 1
+            for c, (name, t, k) in enumerate(zip(names, joined, at, strict=True)):
+                hit = int(int(t.predictions[k]) == label)
+                right[c] += hit
+                counts[2 + c] += hit
+                counts[0] += weights[name] * hit
+        for c, name in enumerate(names):
+            runs[name][seed, fold] = 100.0 * right[c] / len(shared)
+    table = np.array(list(tally.values()), dtype=np.int64)
     # an image's unit: its group, or itself; the tuple keeps a group named like an image apart
-    keys = [("group", group_of[i]) if i in group_of else ("image", i) for i in tally]
-    index: dict[tuple[str, str], int] = {}
-    unit = np.array([index.setdefault(key, len(index)) for key in keys], dtype=int)
-    grouped = np.array([key[0] == "group" for key in keys], dtype=bool)
-    return _Paired(
-        counts[:, 0] / counts[:, 2], counts[:, 1] / counts[:, 2], unit, grouped, pairs,
-        run_ref, run_oth,
-    )  # fmt: skip
+    unit_keys = [("group", group_of[i]) if i in group_of else ("image", i) for i in tally]
+    units: dict[tuple[str, str], int] = {}
+    unit = np.array([units.setdefault(key, len(units)) for key in unit_keys], dtype=int)
+    grouped = np.array([key[0] == "group" for key in unit_keys], dtype=bool)
+    hits = {name: table[:, 2 + c] for c, name in enumerate(names)}
+    return _Joined(table[:, 0], table[:, 1], hits, unit, grouped, runs)
 
 
-def _sum_over(n: int):
-    """Statistic for the sign-flip test: the sum of the (nonzero) unit sums over all n images."""
+def sign_flip_p(values: Sequence[int]) -> float:
+    """Exact two-sided p-value of the sign-flip test on integer unit sums: the probability,
+    each sign flipped by a fair coin, that ``|sum|`` reaches the observed ``|sum(values)|``.
 
-    def statistic(x: np.ndarray, axis: int = -1) -> np.ndarray:
-        return np.sum(x, axis=axis) / n
-
-    return statistic
+    The distribution of W = the sum of the |values| that keep a plus sign is built by adding one
+    unit's two-point distribution at a time; the statistic is 2W - sum|values|."""
+    v = np.asarray(values, dtype=np.int64)
+    a = np.abs(v[v != 0])
+    total, observed = int(a.sum()), abs(int(v.sum()))
+    if a.size == 0:
+        return 1.0
+    dist = np.zeros(total + 1)
+    dist[0] = 1.0
+    reach = 0
+    for x in a:
+        # overlapping slices are safe: numpy buffers ufunc operands that overlap
+        dist[x : reach + x + 1] += dist[: reach + 1]
+        reach += int(x)
+        dist[: reach + 1] *= 0.5
+    w = np.arange(total + 1)
+    return float(min(1.0, dist[np.abs(2 * w - total) >= observed].sum()))
 
 
 def _ratio(u: np.ndarray, m: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -270,248 +304,337 @@ def _z_sum() -> float:
     return float(stats.norm.ppf(1 - ALPHA / 2) + stats.norm.ppf(POWER))
 
 
-def paired_comparison(
-    reference: list[Predictions],
-    other: list[Predictions],
+def _unit_name(grouped: np.ndarray) -> str:
+    if grouped.all():
+        return "subject"
+    return "subject or image" if grouped.any() else "image"
+
+
+def on_test_set(
+    cells: Mapping[str, Sequence[Predictions]],
+    weights: Mapping[str, int],
     n_resamples: int = 10_000,
     seed: int = 0,
 ) -> dict:
-    """Question 1, "on this test set": compare two cells on their shared test images,
-    resampling the independent unit (see the module docstring).
+    """Question 1, "on this test set": the contrast ``weights`` of the ``cells`` on their shared
+    test images, resampling the independent unit (see the module docstring).
 
-    Returns, with accuracies and differences in percentage points (other minus reference):
-    ``difference``, its 95% percentile-bootstrap ``ci_low``/``ci_high`` over units, the
-    two-sided sign-flip permutation ``p_value`` over units, ``mcnemar_p`` (NaN unless there is
-    exactly one (seed, fold) pair and every unit is one image), ``mde`` (the smallest difference
-    detectable with 80% power at two-sided 0.05), ``unit`` ("subject", "image", or "subject or
-    image" when only some images name a group), ``n_units``, ``n_images``, ``n_pairs``,
-    ``method``, and for reading the result ``reference_accuracy``, ``other_accuracy``
-    (seed-averaged, on the shared images), ``n_changed`` (images whose d_i is nonzero),
-    ``n_units_changed`` and ``p_exact`` (whether the permutation p-value is exact).
-    Deterministic for a given ``seed``.
+    Returns, in percentage points: ``difference`` (the contrast of the cells' seed-averaged
+    accuracies on the shared images), its 95% percentile-bootstrap ``ci_low``/``ci_high`` over
+    units, the two-sided sign-flip ``p_value`` over units, ``p_exact`` and ``p_error`` (0 when
+    exact, else the 95% Monte Carlo error bound), ``mde`` (the difference detectable with 80%
+    power at two-sided 0.05), ``unit`` ("subject", "image", or "subject or image"),
+    ``n_units``, ``n_images``, ``n_runs`` (joined (seed, fold) trials), ``n_changed`` (images
+    whose d_i is nonzero), ``n_units_changed``, ``accuracies`` (cell -> percent on the shared
+    images) and ``method``. Deterministic for a given ``seed``.
     """
     if int(n_resamples) < 1:
         raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
     n_resamples = int(n_resamples)
-    paired = _pair(reference, other)
-    d = paired.other - paired.reference
+    joined = _join(cells, weights)
+    d = joined.d
     n = int(d.size)
-    n_pairs = len(paired.pairs)
-    u = np.bincount(paired.unit, weights=d)  # per unit: the sum of its images' d_i
-    m = np.bincount(paired.unit).astype(float)  # per unit: its images
+    lcm = int(np.lcm.reduce(joined.count))
+    scaled = joined.numerator * (lcm // joined.count)  # L * d_i, integers
+    v = np.bincount(joined.unit, weights=scaled).round().astype(np.int64)  # L * U_g
+    u = v / lcm
+    m = np.bincount(joined.unit).astype(float)  # per unit: its images
     g = int(u.size)
     boot_rng, perm_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
 
-    # multiply before dividing so that whole-image gains come out exact (45 of 300 -> 15.0)
-    difference = 100.0 * float(d.sum()) / n
-
+    # from the integers, so that whole-image gains come out exact (45 of 300 -> 15.0)
+    difference = 100.0 * float(v.sum()) / lcm / n
     means = u / m
     if np.all(means == means[0]):
         # every resample has the same mean: the interval is that point (scipy would warn, NaN)
         ci_low = ci_high = difference
     else:
         boot = stats.bootstrap(
-            (u, m),
-            _ratio,
-            paired=True,
-            n_resamples=n_resamples,
-            batch=BATCH,
-            vectorized=True,
-            confidence_level=CONFIDENCE,
-            method="percentile",
-            rng=boot_rng,
-        )
+            (u, m), _ratio, paired=True, n_resamples=n_resamples, batch=BATCH,
+            vectorized=True, confidence_level=CONFIDENCE, method="percentile", rng=boot_rng,
+        )  # fmt: skip
         ci_low = 100.0 * float(boot.confidence_interval.low)
         ci_high = 100.0 * float(boot.confidence_interval.high)
 
-    changed = u[u != 0]
-    p_exact = 2**changed.size <= n_resamples
-    if changed.size < 2:
-        # no changed unit, or one: both signs give the same |mean|, so the two-sided p is 1
-        # (scipy's permutation_test also needs two observations)
-        p_value, p_exact = 1.0, True
+    changed = v[v != 0]
+    exact = changed.size * int(np.abs(changed).sum()) <= EXACT_LIMIT
+    if exact:
+        p_value, p_error = sign_flip_p(changed), 0.0
     else:
         perm = stats.permutation_test(
-            (changed,),
-            _sum_over(n),
-            permutation_type="samples",
-            vectorized=True,
-            n_resamples=n_resamples,
-            batch=BATCH,
-            alternative="two-sided",
-            rng=perm_rng,
-        )
+            (changed / lcm,), lambda x, axis=-1: np.sum(x, axis=axis), vectorized=True,
+            permutation_type="samples", n_resamples=n_resamples, batch=BATCH,
+            alternative="two-sided", rng=perm_rng,
+        )  # fmt: skip
         p_value = float(perm.pvalue)
+        p_error = 1.96 * math.sqrt(p_value * (1 - p_value) / n_resamples)
 
     spread = math.sqrt(float(np.sum(u**2)))
     mde = 100.0 * _z_sum() * spread / n if spread > 0 else math.nan
-
-    images_are_units = g == n
-    mcnemar_p = math.nan
-    if n_pairs == 1 and images_are_units:
-        # one trial per cell, every image its own unit: every d_i is -1, 0 or +1
-        b = int(np.sum(d < 0))  # only the reference is right
-        c = int(np.sum(d > 0))  # only the other cell is right
-        mcnemar_p = 1.0 if b + c == 0 else float(stats.binomtest(c, b + c, 0.5).pvalue)
-
-    if paired.grouped.all():
-        unit = "subject"
-    elif paired.grouped.any():
-        unit = "subject or image"
-    else:
-        unit = "image"
+    unit = _unit_name(joined.grouped)
     units = f"{unit}s" if unit != "subject or image" else "subjects (images without one)"
-    flips = "exact" if p_exact else f"{n_resamples} random sign vectors"
-    resampler = "cluster bootstrap (percentile)" if paired.grouped.any() else "percentile bootstrap"
-    method = (
-        f"on this test set: paired sign-flip permutation test over {units} "
-        f"(scipy.stats.permutation_test, {flips}); 95% CI: {resampler} over {units} "
-        f"({n_resamples} resamples)"
-    )
-    if not math.isnan(mcnemar_p):
-        method += "; McNemar's exact test (scipy.stats.binomtest) on the discordant images"
+    if exact:
+        flips = "exact"
+        pairwise = len(weights) == 2 and g == n and len(next(iter(joined.runs.values()))) == 1
+        if pairwise:
+            flips += ", = McNemar's exact test"
+    else:
+        flips = f"Monte Carlo, {n_resamples} sign vectors, p within ±{p_error:.4f} (95%)"
+    resampler = "cluster bootstrap" if joined.grouped.any() else "bootstrap"
+    hits = joined.hits.items()
     return {
         "difference": difference,
         "ci_low": ci_low,
         "ci_high": ci_high,
         "p_value": p_value,
-        "mcnemar_p": mcnemar_p,
+        "p_exact": bool(exact),
+        "p_error": p_error,
         "mde": mde,
         "unit": unit,
         "n_units": g,
         "n_images": n,
-        "n_pairs": n_pairs,
-        "n_changed": int(np.sum(d != 0)),
+        "n_runs": len(next(iter(joined.runs.values()))),
+        "n_changed": int(np.sum(joined.numerator != 0)),
         "n_units_changed": int(changed.size),
-        "p_exact": bool(p_exact),
-        "reference_accuracy": 100.0 * float(paired.reference.sum()) / n,
-        "other_accuracy": 100.0 * float(paired.other.sum()) / n,
-        "method": method,
+        "accuracies": {c: 100.0 * float((h / joined.count).sum()) / n for c, h in hits},
+        "method": f"sign-flip test over {units} ({flips}); 95% CI: percentile {resampler} "
+        f"over {units} ({n_resamples} resamples), unadjusted",
     }
 
 
-def run_accuracies(
-    reference: list[Predictions], other: list[Predictions]
-) -> tuple[dict[tuple[int, int], float], dict[tuple[int, int], float]]:
-    """Each paired trial's test accuracy (percent) on the images it shares with its partner in
-    the other cell, keyed by (seed, fold): the input of ``run_comparison``."""
-    paired = _pair(reference, other)
-    return paired.run_reference, paired.run_other
+def paired_comparison(
+    reference: Sequence[Predictions],
+    other: Sequence[Predictions],
+    n_resamples: int = 10_000,
+    seed: int = 0,
+) -> dict:
+    """``on_test_set`` of two cells, other minus reference, with their accuracies as
+    ``reference_accuracy`` and ``other_accuracy``."""
+    result = on_test_set({"reference": reference, "other": other},
+                              {"other": 1, "reference": -1}, n_resamples, seed)  # fmt: skip
+    accuracies = result.pop("accuracies")
+    return {**result, "reference_accuracy": accuracies["reference"],
+            "other_accuracy": accuracies["other"]}  # fmt: skip
 
 
-def minimum_detectable_runs_difference(sd: float, runs: int) -> float:
-    """The smallest mean paired difference a two-sided paired t-test over ``runs`` paired runs
-    detects with 80% power at alpha 0.05, given the run-to-run SD ``sd`` of the differences:
-    ``(t_{1-alpha/2, K-1} + t_{power, K-1}) * sd / sqrt(K)`` (shifted central t). NaN for K < 2."""
-    if runs < 2 or not sd > 0:
+def run_differences(
+    cells: Mapping[str, Sequence[Predictions]], weights: Mapping[str, int]
+) -> dict[Key, float]:
+    """Each joined (seed, fold) run's contrast of test accuracies (percent), taken on the images
+    its trials share: the input of ``across_runs``."""
+    runs = _join(cells, weights).runs
+    keys = next(iter(runs.values()))
+    return {k: sum(weights[c] * runs[c][k] for c in weights) for k in keys}
+
+
+@cache
+def _noncentrality(df: int) -> float:
+    """The noncentrality at which a two-sided t-test with ``df`` degrees of freedom rejects at
+    ALPHA with probability POWER (``scipy.stats.nct``; statsmodels' ``TTestPower`` is the same
+    function, but its solver fails where scipy's lower tail turns NaN)."""
+    from scipy.optimize import brentq
+
+    crit = float(stats.t.ppf(1 - ALPHA / 2, df))
+
+    def short(ncp: float) -> float:
+        lower = float(np.nan_to_num(stats.nct.cdf(-crit, df, ncp)))  # NaN: far below 1e-20
+        return float(stats.nct.sf(crit, df, ncp)) + lower - POWER
+
+    if df > 100_000:  # the normal limit, to 1e-5
+        return _z_sum()
+    return float(brentq(short, _z_sum() - 0.1, crit + 3 * _z_sum() + 10, xtol=1e-10))
+
+
+def minimum_detectable_runs_difference(sd: float, units: int, fold_ratio: float = 0.0) -> float:
+    """The smallest true mean difference a two-sided t-test over ``units`` values with SD ``sd``
+    detects with 80% power at alpha 0.05, the variance of the mean ``sd**2 (1/units +
+    fold_ratio)`` (noncentral t, units - 1 degrees of freedom). NaN for fewer than two units or
+    no spread."""
+    if units < 2 or not sd > 0:
         return math.nan
-    df = runs - 1
-    quantiles = float(stats.t.ppf(1 - ALPHA / 2, df) + stats.t.ppf(POWER, df))
-    return quantiles * sd / math.sqrt(runs)
+    return _noncentrality(units - 1) * sd * math.sqrt(1 / units + fold_ratio)
 
 
-def runs_needed(difference: float, sd: float) -> float:
-    """The smallest number K >= 2 of paired runs whose ``minimum_detectable_runs_difference``
-    with this ``sd`` is at most ``|difference|``; inf when none up to a million is, NaN when
-    ``sd`` is not positive."""
+def _fewest(enough, low: int) -> float:
+    """The smallest n >= low for which ``enough(n)`` holds (it holds from some n on), inf when
+    it does not by MAX_SEEDS."""
+    if not enough(MAX_SEEDS):
+        return math.inf
+    high = low
+    while not enough(high):
+        low, high = high + 1, high * 2
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if enough(mid) else (mid + 1, high)
+    return float(low)
+
+
+def seeds_needed(difference: float, sd: float) -> float:
+    """On a fixed split: the fewest seeds (K >= 2) whose MDE with run-to-run SD ``sd`` is at
+    most ``|difference|``; inf when none up to a million is, NaN when ``sd`` is not positive."""
     if not sd > 0 or math.isnan(difference):
         return math.nan
-    if difference == 0:
-        return math.inf
-    # the normal quantiles are below the t ones, so this is a lower bound: step up from it
-    lower = (_z_sum() * sd / abs(difference)) ** 2
-    if lower > MAX_RUNS:
-        return math.inf
-    k = max(2, math.floor(lower))
-    while minimum_detectable_runs_difference(sd, k) > abs(difference):
-        k += 1
-        if k > MAX_RUNS:
-            return math.inf
-    return float(k)
+    return _fewest(lambda k: minimum_detectable_runs_difference(sd, k) <= abs(difference), 2)
 
 
-def run_comparison(
-    reference: Mapping[tuple[int, int], float], other: Mapping[tuple[int, int], float]
-) -> dict:
-    """Question 2, "across training runs": a paired t-test over the (seed, fold) runs that both
-    cells have (accuracies in percent, keyed by (seed, fold); see the module docstring).
+def seeds_needed_kfold(
+    difference: float, between: float, within: float, folds: int, fold_ratio: float
+) -> float:
+    """On k-fold CV: the fewest seeds per fold whose MDE is at most ``|difference|``, a fold's
+    seed-averaged value having variance ``between + within / seeds`` (the fold's own effect, and
+    the seed-to-seed variance within a fold). inf when no number of seeds reaches it: the fold
+    effect and the corrected variance stay."""
+    if not between + within > 0 or math.isnan(difference):
+        return math.nan
 
-    Returns ``n_runs`` (K), ``n_seeds``, ``n_folds``, ``difference`` (mean of D = other minus
-    reference), ``sd`` (sample SD of D), ``ci_low``/``ci_high`` (95% t interval of the mean),
-    ``p_value``, ``judged`` (False below two paired runs: then p, the interval, ``sd`` and the
-    noise floor are NaN and ``note`` says why, "n/a: 1 seed x 1 fold"), ``mde`` (smallest mean
-    difference detectable with 80% power at two-sided 0.05), ``runs_needed`` and ``seeds_needed``
-    (to detect the observed difference with 80% power given ``sd``), ``note`` and ``method``.
+    def enough(seeds: int) -> bool:
+        sd = math.sqrt(between + within / seeds)
+        return minimum_detectable_runs_difference(sd, folds, fold_ratio) <= abs(difference)
+
+    return _fewest(enough, 1)
+
+
+def _fold_means(keys: list[Key], values: np.ndarray) -> tuple[np.ndarray, float, int]:
+    """Per fold the mean over its seeds; the pooled within-fold variance across seeds (NaN
+    unless every fold has two seeds or more); the fewest seeds of a fold."""
+    folds = sorted({f for _, f in keys})
+    per_fold = [values[[i for i, (_, f) in enumerate(keys) if f == fold]] for fold in folds]
+    seeds = min(len(v) for v in per_fold)
+    within = float(np.mean([v.var(ddof=1) for v in per_fold])) if seeds > 1 else math.nan
+    return np.array([v.mean() for v in per_fold]), within, seeds
+
+
+def summarize_runs(accuracies: Mapping[Key, float], fold_ratio: float = math.nan) -> dict:
+    """A cell's accuracies (percent) by (seed, fold): the mean and sample SD over its trials,
+    and the 95% interval of the mean as ``across_runs`` would judge it: over the seeds on a
+    fixed split, over the seed-averaged folds with the corrected variance on k-fold CV."""
+    keys = sorted(accuracies)
+    values = np.array([float(accuracies[k]) for k in keys], dtype=float)
+    out = summarize_accuracies(values)
+    if len({f for _, f in keys}) > 1:
+        means, _, _ = _fold_means(keys, values)
+        folds = summarize_accuracies(means, fold_ratio)
+        out.update(ci_low=folds["ci_low"], ci_high=folds["ci_high"])
+    return out
+
+
+def across_runs(differences: Mapping[Key, float], fold_ratio: float = math.nan) -> dict:
+    """Question 2, "across training runs": the mean of the runs' contrasts ``differences``
+    (percentage points, keyed by (seed, fold)); on a fixed split the paired t-test over the
+    seeds, on several folds the corrected k-fold t-test over the seed-averaged folds with
+    ``fold_ratio`` = n_test / n_train (see the module docstring).
+
+    Returns ``n_runs`` (K), ``n_seeds``, ``n_folds``, ``n_units`` (what the test counts: seeds,
+    or folds), ``corrected``, ``fold_ratio``, ``difference`` (mean D), ``sd`` (sample SD of the
+    units), ``ci_low``/``ci_high`` (95% t interval), ``p_value``, ``judged`` (False below two
+    units: then p, the interval, ``sd`` and the noise floor are NaN and ``note`` says why,
+    "n/a: 1 seed x 1 fold"), ``mde``, ``seeds_needed`` (NaN on k-fold with one seed per fold:
+    seed noise and fold effect cannot be told apart), ``note`` and ``method``.
     """
-    keys = sorted(set(reference) & set(other))
-    diffs = np.array([float(other[k]) - float(reference[k]) for k in keys], dtype=float)
+    keys = sorted(differences)
+    diffs = np.array([float(differences[k]) for k in keys], dtype=float)
     if not np.all(np.isfinite(diffs)):
-        raise ValueError(f"run_comparison: accuracies must be finite, got differences {diffs}")
+        raise ValueError(f"across_runs: accuracies must be finite, got differences {diffs}")
     k = len(keys)
-    seeds, folds = len({s for s, _ in keys}), len({f for _, f in keys})
-    mean = float(diffs.mean()) if k else math.nan
+    n_seeds, n_folds = len({s for s, _ in keys}), len({f for _, f in keys})
+    corrected = n_folds > 1
+    if corrected and not (math.isfinite(fold_ratio) and fold_ratio > 0):
+        raise ValueError(f"runs over {n_folds} folds need their test/train size ratio, got "
+                         f"{fold_ratio}")  # fmt: skip
+    ratio = fold_ratio if corrected else 0.0
+    if corrected:
+        units, within, seeds = _fold_means(keys, diffs)
+        method = (f"corrected k-fold t-test (Nadeau & Bengio 2003) over {n_folds} folds, each "
+                  f"averaged over its seeds, test/train ratio {ratio:.3f}")  # fmt: skip
+    else:
+        units, within, seeds = diffs, math.nan, 1
+        method = f"paired t-test over {k} seed{'s' if k != 1 else ''} on one split"
+    j = len(units)
+    mean = float(units.mean()) if k else math.nan
     result = {
-        "n_runs": k, "n_seeds": seeds, "n_folds": folds, "difference": mean, "sd": math.nan,
+        "n_runs": k, "n_seeds": n_seeds, "n_folds": n_folds, "n_units": j,
+        "corrected": corrected, "fold_ratio": ratio, "difference": mean, "sd": math.nan,
         "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan, "judged": False,
-        "mde": math.nan, "runs_needed": math.nan, "seeds_needed": math.nan,
-        "note": "", "method": "across training runs: paired t-test over (seed, fold) runs "
-        "(scipy.stats.ttest_1samp on the paired differences), 95% t interval",
+        "mde": math.nan, "seeds_needed": math.nan, "note": "", "method": method,
     }  # fmt: skip
-    if k < 2:
-        # one (seed, fold) pair: no run-to-run spread to test against
-        result["note"] = "n/a: 1 seed x 1 fold" if k else "n/a: no paired runs"
+    if j < 2:
+        # one (seed, fold) run: no run-to-run spread to test against
+        result["note"] = "n/a: 1 seed x 1 fold" if k else "n/a: no joined runs"
         return result
-    sd = float(diffs.std(ddof=1))
+    sd = float(units.std(ddof=1))
+    if sd == 0 and corrected:
+        result.update(sd=0.0, note="n/a: every run has the same difference")
+        return result
     if sd == 0:
         # the t statistic is 0/0 or x/0: fall back on the exact sign-flip p-value
-        p = 1.0 if mean == 0 else min(1.0, 2.0 / 2**k)
-        low = high = mean
+        p, low, high = (1.0 if mean == 0 else min(1.0, 2.0 / 2**j)), mean, mean
         result["method"] += "; identical differences: exact sign-flip p-value"
     else:
-        test = stats.ttest_1samp(diffs, 0.0)
-        p = float(test.pvalue)
-        ci = test.confidence_interval(CONFIDENCE)
-        low, high = float(ci.low), float(ci.high)
-    needed = runs_needed(mean, sd)
+        se = sd * math.sqrt(1 / j + ratio)
+        p = float(2 * stats.t.sf(abs(mean) / se, df=j - 1))
+        half = _t_half(sd, j, ratio)
+        low, high = mean - half, mean + half
+    if not corrected:
+        needed = seeds_needed(mean, sd)
+    elif seeds > 1:  # a fold's variance: its own effect plus the seed noise averaged over seeds
+        between = max(0.0, sd**2 - within / seeds)
+        needed = seeds_needed_kfold(mean, between, within, j, ratio)
+    else:
+        needed = math.nan
     result.update(
         sd=sd, ci_low=low, ci_high=high, p_value=p, judged=True,
-        mde=minimum_detectable_runs_difference(sd, k), runs_needed=needed,
-        seeds_needed=float(math.ceil(needed / folds)) if math.isfinite(needed) else needed,
+        mde=minimum_detectable_runs_difference(sd, j, ratio), seeds_needed=needed,
     )  # fmt: skip
     return result
 
 
-def compare_cells(
-    reference: list[Predictions],
-    other: list[Predictions],
+def run_comparison(
+    reference: Mapping[Key, float], other: Mapping[Key, float], fold_ratio: float = math.nan
+) -> dict:
+    """``across_runs`` of two cells' run accuracies (percent), other minus reference, over
+    the runs both have."""
+    keys = set(reference) & set(other)
+    return across_runs({k: float(other[k]) - float(reference[k]) for k in keys}, fold_ratio)
+
+
+def compare(
+    cells: Mapping[str, Sequence[Predictions]],
+    weights: Mapping[str, int],
+    fold_ratio: float = math.nan,
     n_resamples: int = 10_000,
     seed: int = 0,
 ) -> dict:
-    """Both questions for one cell against the reference: ``{"test_set": paired_comparison(...),
-    "runs": run_comparison(...)}``, the runs' accuracies taken on the shared test images."""
+    """Both questions for one contrast: ``{"test_set": on_test_set(...), "runs":
+    across_runs(...)}``."""
     return {
-        "test_set": paired_comparison(reference, other, n_resamples=n_resamples, seed=seed),
-        "runs": run_comparison(*run_accuracies(reference, other)),
+        "test_set": on_test_set(cells, weights, n_resamples=n_resamples, seed=seed),
+        "runs": across_runs(run_differences(cells, weights), fold_ratio),
     }
 
 
-def holm(p_values: Sequence[float]) -> list[float]:
-    """Holm's (1979) step-down adjusted p-values, in the order given.
+def compare_cells(
+    reference: Sequence[Predictions],
+    other: Sequence[Predictions],
+    fold_ratio: float = math.nan,
+    n_resamples: int = 10_000,
+    seed: int = 0,
+) -> dict:
+    """``compare`` for other minus reference."""
+    return compare({"reference": reference, "other": other}, {"other": 1, "reference": -1},
+                   fold_ratio, n_resamples, seed)  # fmt: skip
 
-    The i-th smallest of m p-values is multiplied by m - i + 1, capped at 1, and made monotone
-    (never below the adjusted value of a smaller p). NaN marks a comparison that was not made: it
-    is returned as NaN and does not count towards m.
-    """
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's (1979) step-down adjusted p-values, in the order given
+    (``statsmodels.stats.multitest.multipletests``). NaN marks a comparison that was not made:
+    it is returned as NaN and does not count towards the family's size."""
+    from statsmodels.stats.multitest import multipletests
+
     p = np.asarray(p_values, dtype=float).ravel()
     valid = ~np.isnan(p)
     if np.any((p[valid] < 0) | (p[valid] > 1)):
         raise ValueError(f"holm: p-values must lie in [0, 1], got {list(p_values)}")
     adjusted = p.copy()
-    where = np.flatnonzero(valid)
-    order = where[np.argsort(p[where], kind="stable")]
-    m = order.size
-    running = 0.0
-    for rank, index in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * p[index]))
-        adjusted[index] = running
+    if valid.any():
+        adjusted[valid] = multipletests(p[valid], method="holm")[1]
     return [float(v) for v in adjusted]

@@ -55,6 +55,9 @@ def final_metrics(result, seconds: float) -> dict:
     """The trial's last result: test figures, selection, cost (``trial_seconds`` is the wall
     time of this attempt inside the trial, from data to artifacts)."""
     out = {f"test_{k}": v for k, v in result.test.items()}
+    full = result.test_full or {}
+    out.update({f"test_full_{k}": full[k] for k in ("accuracy", "macro_f1") if k in full})
+    out.update({f"{part}_images": n for part, n in result.split_sizes.items()})
     out.update(
         trial_seconds=seconds,
         best_epoch=result.best_epoch,

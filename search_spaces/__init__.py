@@ -2,7 +2,9 @@
 the loader that validates them and turns them into trial configs."""
 
 from search_spaces.study import (
+    STUDY_DIR,
     Cell,
+    Contrast,
     Param,
     Study,
     StudyError,
@@ -10,10 +12,13 @@ from search_spaces.study import (
     TuneSettings,
     list_studies,
     load_study,
+    study_contrasts,
 )
 
 __all__ = [
+    "STUDY_DIR",
     "Cell",
+    "Contrast",
     "Param",
     "Study",
     "StudyError",
@@ -21,4 +26,5 @@ __all__ = [
     "TuneSettings",
     "list_studies",
     "load_study",
+    "study_contrasts",
 ]

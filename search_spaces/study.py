@@ -4,15 +4,19 @@ A study names its trials and how they run:
 
 - ``kind = "grid"``: ``[[cells]]``, each a set of trial-config keys (plus ``name``, ``label``
   and the paper's reported accuracy per dataset); every cell runs once per seed and, on CK+
-  with the ``kfold`` protocol, once per fold. ``reference`` is the row the others are compared
-  with.
+  with the ``kfold`` protocol, once per fold. ``[[contrasts]]`` declare the comparisons the
+  report makes, each a ``family`` (Holm-adjusted on its own), a ``label`` and the cells it adds
+  (``plus``) and subtracts (``minus``), as many of each: ``plus = ["psa"], minus = ["none"]``
+  compares two cells, ``plus = ["psa_joint", "basic"], minus = ["psa", "joint"]`` is the
+  interaction of a 2x2 design. Without them every cell is compared with ``reference`` (the
+  first cell unless named).
 - ``kind = "tune"``: a ``[tune]`` table (metric, mode, samples, ASHA's grace period and
   reduction factor) and a ``[[space]]`` list of parameters, each ``categorical``, ``uniform``,
   ``loguniform`` or ``int``, optionally active only ``when`` other parameters take given values.
 - ``[run]``: dataset, data path, protocol (``auto``: k-fold on CK+, the official splits
   elsewhere), folds, seeds; ``[defaults]``: config keys for every trial; ``[presets.NAME]``:
-  config keys (and ``tune`` settings) of a named preset, ``paper`` and ``cpu`` in the shipped
-  studies.
+  config keys (and ``tune`` settings, and ``seeds``, which ``--seeds`` overrides) of a named
+  preset, ``paper`` and ``cpu`` in the shipped studies.
 
 Every key is checked on load, and every value Ray Tune or Optuna would refuse later is refused
 here instead, before anything runs; an error names the file, the key and the problem:
@@ -73,6 +77,21 @@ class Cell:
 
 
 @dataclass(frozen=True)
+class Contrast:
+    """A comparison the report makes: the accuracies of the ``plus`` cells minus those of the
+    ``minus`` cells, tested within its ``family`` (Holm-adjusted with the family's others)."""
+
+    family: str
+    label: str
+    plus: tuple[str, ...]
+    minus: tuple[str, ...]
+
+    @property
+    def weights(self) -> dict[str, int]:
+        return {**{c: 1 for c in self.plus}, **{c: -1 for c in self.minus}}
+
+
+@dataclass(frozen=True)
 class Param:
     name: str
     type: str
@@ -123,8 +142,21 @@ class Study:
     presets: dict  # preset -> {"config": {...}, "tune": {...}, "datasets": {dataset: {...}}}
     cells: tuple[Cell, ...] = ()
     reference: str | None = None
+    contrasts: tuple[Contrast, ...] = ()  # declared; ``comparisons`` falls back on reference
     space: tuple[Param, ...] = ()
     tune: TuneSettings = TuneSettings()
+    seeds_given: bool = False  # seeds came from the command line: presets do not override it
+
+    @property
+    def comparisons(self) -> tuple[Contrast, ...]:
+        """The declared contrasts, or every cell against the reference."""
+        return self.contrasts or default_contrasts(self.cells, self.reference)
+
+    def seeds_for(self, preset: str | None) -> int:
+        """Seeds per cell: --seeds, else the preset's ``seeds``, else [run]'s."""
+        if self.seeds_given or not preset:
+            return self.seeds
+        return self.presets.get(preset, {}).get("seeds", self.seeds)
 
     # ------------------------------------------------------------------ overrides
 
@@ -145,6 +177,7 @@ class Study:
             seeds=seeds if seeds is not None else self.seeds,
             folds=folds if folds is not None else self.folds,
             protocol=protocol if protocol is not None else self.protocol,
+            seeds_given=self.seeds_given or seeds is not None,
         )
         if changed.seeds < 1:
             raise StudyError(f"{self.path}: seeds: must be at least 1, got {changed.seeds}")
@@ -195,7 +228,7 @@ class Study:
         base = self.base_config(preset, **changes)
         specs = []
         for cell in self.cells:
-            for seed in range(self.seeds):
+            for seed in range(self.seeds_for(preset)):
                 for fold in self.fold_ids:
                     values = {**base, **cell.overrides, "seed": seed, "fold": fold}
                     config = _config(self.path, f"cells.{cell.name}", values)
@@ -258,8 +291,8 @@ def _parse(path: Path, raw: dict) -> Study:
     def fail(key: str, problem: str) -> StudyError:
         return StudyError(f"{path}: {key}: {problem}")
 
-    allowed = {"name", "description", "kind", "reference", "run", "defaults", "cells", "tune",
-               "space", "presets"}  # fmt: skip
+    allowed = {"name", "description", "kind", "reference", "contrasts", "run", "defaults",
+               "cells", "tune", "space", "presets"}  # fmt: skip
     for key in raw:
         if key not in allowed:
             raise fail(key, f"unknown key; allowed: {', '.join(sorted(allowed))}")
@@ -291,7 +324,12 @@ def _parse(path: Path, raw: dict) -> Study:
         tune_changes = table.get("tune", {})
         # [presets.NAME.<dataset>]: keys applied only when the study runs on that dataset
         per_dataset = {k: v for k, v in table.items() if k in DATASETS and isinstance(v, dict)}
-        keys = {k: v for k, v in table.items() if k != "tune" and k not in per_dataset}
+        keys = {k: v for k, v in table.items()
+                if k not in ("tune", "seeds") and k not in per_dataset}  # fmt: skip
+        if "seeds" in table:
+            value = _typed(table, "seeds", int, fail, f"presets.{preset}.")
+            if value < 1:
+                raise fail(f"presets.{preset}.seeds", f"must be at least 1, got {value}")
         presets[preset] = {
             "config": _trial_keys(keys, f"presets.{preset}", fail),
             "tune": _tune_keys(tune_changes, f"presets.{preset}.tune", fail),
@@ -299,6 +337,7 @@ def _parse(path: Path, raw: dict) -> Study:
                 dataset: _trial_keys(values, f"presets.{preset}.{dataset}", fail)
                 for dataset, values in per_dataset.items()
             },
+            **({"seeds": table["seeds"]} if "seeds" in table else {}),
         }
         for dataset, values in presets[preset]["datasets"].items():
             merged = {**defaults, **presets[preset]["config"], **values, "dataset": dataset,
@@ -389,12 +428,84 @@ def _grid(study: Study, raw: dict, fail) -> Study:
     reference = raw.get("reference", cells[0].name)
     if reference not in names:
         raise fail("reference", f"{reference!r} is not a cell; cells: {', '.join(names)}")
-    return replace(study, cells=tuple(cells), reference=reference)
+    contrasts = parse_contrasts(raw.get("contrasts", []), tuple(cells), fail)
+    return replace(study, cells=tuple(cells), reference=reference, contrasts=contrasts)
+
+
+def default_contrasts(cells: tuple[Cell, ...], reference: str | None) -> tuple[Contrast, ...]:
+    """Every cell against the reference, one family."""
+    if reference is None:
+        return ()
+    label = next((c.label for c in cells if c.name == reference), reference)
+    return tuple(
+        Contrast(f"each cell vs {label}", f"{c.label} vs {label}", (c.name,), (reference,))
+        for c in cells
+        if c.name != reference
+    )
+
+
+def study_contrasts(raw: dict, source: str = "study.toml") -> tuple[Contrast, ...]:
+    """The comparisons of a grid study from its TOML as a dict (the report reads the study file
+    logged on the parent run): the declared contrasts, or every cell against the reference."""
+
+    def fail(key: str, problem: str) -> StudyError:
+        return StudyError(f"{source}: {key}: {problem}")
+
+    cells = tuple(Cell(c["name"], c.get("label", c["name"]), {}, {}) for c in raw.get("cells", []))
+    declared = parse_contrasts(raw.get("contrasts", []), cells, fail)
+    return declared or default_contrasts(cells, raw.get("reference", cells[0].name if cells
+                                                        else None))  # fmt: skip
+
+
+def parse_contrasts(entries, cells: tuple[Cell, ...], fail) -> tuple[Contrast, ...]:
+    """A grid study's ``[[contrasts]]``: each a family, a label (default: "A vs B", or
+    "(A + B) - (C + D)"), and the cells it adds and subtracts, as many of each, none twice."""
+    if not isinstance(entries, list):
+        raise fail("contrasts", "must be a list of tables ([[contrasts]])")
+    labels = {c.name: c.label for c in cells}
+    out: list[Contrast] = []
+    for i, entry in enumerate(entries):
+        where = f"contrasts[{i}]"
+        if not isinstance(entry, dict):
+            raise fail(where, "must be a table")
+        for key in entry:
+            if key not in ("family", "label", "plus", "minus"):
+                raise fail(f"{where}.{key}", "unknown key; allowed: family, label, plus, minus")
+        sides = {}
+        for side in ("plus", "minus"):
+            value = entry.get(side)
+            if not isinstance(value, list) or not value or not all(isinstance(v, str)
+                                                                   for v in value):  # fmt: skip
+                raise fail(f"{where}.{side}", "must be a non-empty list of cell names")
+            unknown = [v for v in value if v not in labels]
+            if unknown:
+                raise fail(f"{where}.{side}", f"{unknown[0]!r} is not a cell; cells: "
+                           f"{', '.join(labels)}")  # fmt: skip
+            sides[side] = tuple(value)
+        plus, minus = sides["plus"], sides["minus"]
+        if len(plus) != len(minus):
+            raise fail(where, f"plus and minus need as many cells each (the weights sum to 0), "
+                       f"got {len(plus)} and {len(minus)}")  # fmt: skip
+        twice = sorted(c for c in set(plus + minus) if (plus + minus).count(c) > 1)
+        if twice:
+            raise fail(where, f"cell {twice[0]!r} is listed twice")
+        if len(plus) == 1:
+            default = f"{labels[plus[0]]} vs {labels[minus[0]]}"
+        else:
+            default = (f"({' + '.join(labels[c] for c in plus)}) - "
+                       f"({' + '.join(labels[c] for c in minus)})")  # fmt: skip
+        family = _typed(entry, "family", str, fail, f"{where}.", default="comparisons")
+        label = _typed(entry, "label", str, fail, f"{where}.", default=default)
+        if any(c.family == family and c.label == label for c in out):
+            raise fail(f"{where}.label", f"{label!r} is used twice in family {family!r}")
+        out.append(Contrast(family, label, plus, minus))
+    return tuple(out)
 
 
 def _tune(study: Study, raw: dict, fail) -> Study:
-    if "cells" in raw or "reference" in raw:
-        raise fail("cells" if "cells" in raw else "reference", "only a grid study has this")
+    for key in ("cells", "reference", "contrasts"):
+        if key in raw:
+            raise fail(key, "only a grid study has this")
     settings = TuneSettings(**_tune_keys(_table(raw, "tune", fail), "tune", fail))
     space_raw = raw.get("space")
     if not isinstance(space_raw, list) or not space_raw:

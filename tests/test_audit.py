@@ -1,10 +1,12 @@
-"""The data audit finds what is planted in a synthetic set, and drop_leaked removes leaks."""
+"""The data audit finds what is planted in a synthetic set, and drop_leaked removes leaks from
+the final splits: validation images with a copy in train or test, test images with a copy in
+train (the whole test split kept beside)."""
 
 import numpy as np
 import pytest
 import torch
 
-from fermodel.data import audit, load_dataset, make_synthetic
+from fermodel.data import audit, load_dataset, make_splits, make_synthetic
 from fermodel.data.audit import content_groups, leaked
 from fermodel.data.fer2013 import write_fer2013_csv
 
@@ -52,13 +54,20 @@ def test_drop_leaked_removes_exactly_the_planted_copies(planted, tmp_path):
     mask = leaked(data)
     assert sorted(np.flatnonzero(mask)) == sorted(leaked_rows)
     write_fer2013_csv(data, tmp_path / "fer2013.csv")
-    kept = load_dataset("fer2013", tmp_path, drop_leaked=True)
-    assert len(kept) == len(data) - 4
-    assert audit(kept).cross_split == {"val": 0, "test": 0}
-    expected = data.subset(~mask)
-    assert torch.equal(kept.images, expected.images) and torch.equal(kept.labels, expected.labels)
-    assert kept.audit.cross_split == {"val": 1, "test": 3}  # the audit reports what was found
-    assert "dropped 4 val/test images with a copy in train" in kept.notes
+    loaded = load_dataset("fer2013", tmp_path, drop_leaked=True)
+    # the load only marks the choice; the final splits drop, the whole test split stays beside
+    assert len(loaded) == len(data) and loaded.drop_leaked
+    assert loaded.audit.cross_split == {"val": 1, "test": 3}  # the audit reports what was found
+    splits = make_splits(loaded, "official")
+    kept = set(splits.val.ids) | set(splits.test.ids)
+    assert not kept & set(loaded.ids[leaked_rows])
+    assert len(splits.val) == int((data.split == "val").sum()) - 1
+    assert len(splits.test) == int((data.split == "test").sum()) - 3
+    assert len(splits.full_test) == int((data.split == "test").sum())
+    assert audit(loaded.subset(np.isin(loaded.ids, [*splits.train.ids, *kept]))).cross_split == (
+        {"val": 0, "test": 0})  # fmt: skip
+    assert ("drop_leaked: dropped 1 val images (1 with a copy in train, 0 in test) and 3 test "
+            "images (a copy in train)") in splits.notes  # fmt: skip
 
 
 def test_every_load_carries_its_audit():
@@ -90,7 +99,20 @@ def test_the_audit_counts_val_test_cross_duplicates_with_examples(tmp_path):
     summary = report.summary()
     assert "2 val images have an identical copy in test (val/test cross-duplicates)" in summary
     assert "3 test images have an identical copy in val (val/test cross-duplicates)" in summary
-    assert len(loaded) == len(data)  # drop_leaked drops copies in train only
+    # with drop_leaked the validation images identical to a test image leave validation (model
+    # selection must not see test images); test keeps them, as it has no copy in train
+    splits = make_splits(loaded, "official")
+    assert len(splits.val) == len(val) - 2 and len(splits.test) == len(test)
+    assert not {line(val[0]), line(val[1])} & set(splits.val.ids)
+    assert splits.full_test is None  # nothing left the test split
+    assert ("drop_leaked: dropped 2 val images (0 with a copy in train, 2 in test) and 0 test "
+            "images (a copy in train)") in splits.notes  # fmt: skip
+    kept = make_splits(load_dataset("fer2013", tmp_path), "official")
+    assert len(kept.val) == len(val)
+    assert (
+        "2 val images (0 with a copy in train, 2 in test) and 0 test images (a copy in "
+        "train) have an identical copy elsewhere (drop_leaked would drop them)"
+    ) in kept.notes
 
 
 def test_no_val_test_count_without_both_splits():

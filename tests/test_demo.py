@@ -27,11 +27,13 @@ def test_the_demo_cells_are_clearly_above_chance(ray_cluster, tmp_path):
     # the targets of the demo (issue 13): best cell >= 60%, mean of the cells >= 50%
     assert table.accuracy.max() >= 60 and table.accuracy.mean() >= 50, table.accuracy
     assert table.accuracy.min() > 2 * CHANCE
-    # every compared cell has its difference with an interval, on this test set
-    compared = table.drop(index=labels["basic"])
-    assert compared.testset_ci_low.notna().all() and compared.testset_ci_high.notna().all()
-    assert (compared.testset_ci_low <= compared.testset_diff).all()
-    assert (compared.testset_diff <= compared.testset_ci_high).all()
+    # the paper's claims and the interaction, each with its difference and interval
+    contrasts = summary["report"].contrasts
+    assert list(contrasts.comparison) == [c.label for c in study.contrasts]
+    assert set(contrasts.family) == {"the paper's claims", "interaction"}
+    assert contrasts.testset_ci_low.notna().all() and contrasts.testset_ci_high.notna().all()
+    assert (contrasts.testset_ci_low <= contrasts.testset_diff).all()
+    assert (contrasts.testset_diff <= contrasts.testset_ci_high).all()
     # every trial fully tracked, under the study's one parent run
     client = MlflowClient(options.tracking_uri)
     experiment = client.get_experiment_by_name("table4").experiment_id

@@ -236,3 +236,28 @@ def test_validation_judges_the_same_predictor_as_the_test(tiny, monkeypatch):
     monkeypatch.setattr(engine, "evaluate", recording)
     fit(quick(epochs=2, tta="flip", backbone="resnet18", attention="none"), tiny)
     assert calls == ["flip", "flip", "flip"]  # two validations and the test
+
+
+def test_with_drop_leaked_a_trial_reports_the_whole_test_split_beside_the_deduplicated(tiny):
+    """Two test images are copies of training images: the trial is tested without them, and on
+    the whole test split too (FER2013's full PrivateTest, the field's figure)."""
+    leaky = tiny.subset(np.arange(len(tiny)))
+    train, test = np.flatnonzero(leaky.split == "train"), np.flatnonzero(leaky.split == "test")
+    leaky.images = leaky.images.clone()
+    leaky.images[test[:2]] = leaky.images[train[:2]]
+    result = fit(quick(drop_leaked=True, tta="none"), leaky)
+    assert len(result.test_ids) == 12 and result.split_sizes["test"] == 12
+    assert result.split_sizes == {"train": 42, "val": 14, "test": 12}
+    # the whole split: the same selected model on the 12 and on the 2 copies
+    config = quick(drop_leaked=True, tta="none")
+    parts = engine.build_parts(config, len(leaky.classes), torch.device("cpu"))
+    parts.model.load_state_dict(result.model_state)
+    copies = leaky.subset(test[:2])
+    _, _, predicted = engine.evaluate(parts.net, copies.images, copies.labels, leaky.classes,
+                                      256, parts.autocast)  # fmt: skip
+    right = sum(p == y for p, y in zip(result.test_predictions, result.test_labels, strict=True))
+    right += int((predicted == copies.labels).sum())
+    assert result.test_full["accuracy"] == pytest.approx(right / 14)
+    assert set(result.test_full) >= {"accuracy", "macro_f1"}
+    # without drop_leaked there is nothing beside
+    assert fit(quick(), leaky).test_full is None

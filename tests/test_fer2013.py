@@ -184,6 +184,41 @@ def test_paper_cleaning_drops_flagged_training_rows_and_keeps_every_val_and_test
     assert len(splits.test) == (base.split == "test").sum()
 
 
+def test_mislabeled_training_images_are_those_whose_ferplus_majority_disagrees(tmp_path):
+    """The paper's "delete mislabeled images": a training image whose FER+ majority, read as a
+    FER2013 class, is not its FER2013 label goes (contempt has no FER2013 class: it always
+    disagrees); images without a majority are the cleaning's to drop; val and test stay."""
+    base = make_synthetic(num_subjects=5, images_per_class=2, seed=2)
+    to_ferplus = {6: 0, 3: 1, 5: 2, 4: 3, 0: 4, 1: 5, 2: 6}  # FER2013 label -> FER+ class
+    labels = base.labels.numpy()
+    votes = np.zeros((len(base), 10), dtype=int)
+    votes[np.arange(len(base)), [to_ferplus[y] for y in labels]] = 10  # all agree ...
+    train = np.flatnonzero(base.split == "train")
+    other = np.flatnonzero(base.split != "train")
+    wrong = train[[0, 5, 9]]  # ... but these: another expression, and one contempt
+    for row in wrong[:2]:
+        votes[row] = 0
+        votes[row, (to_ferplus[labels[row]] + 1) % 7] = 10
+    votes[wrong[2]] = 0
+    votes[wrong[2], 7] = 10
+    votes[train[3]] = UNKNOWN  # no majority: not "mislabeled", the cleaning's
+    votes[other[0]] = 0
+    votes[other[0], (to_ferplus[labels[other[0]]] + 1) % 7] = 10  # disagrees, but in val/test
+    write_fer2013_csv(base, tmp_path / "fer2013.csv")
+    usage = ["Training" if s == "train" else "PublicTest" if s == "val" else "PrivateTest"
+             for s in base.split]  # fmt: skip
+    write_ferplus_csv(tmp_path / "fer2013new.csv", usage, votes, np.zeros(len(base), bool))
+    dropped = np.isin(np.arange(len(base)), wrong)
+    got = read_fer2013(tmp_path, mislabeled=True)
+    same(got, base.subset(~dropped))  # FER2013's labels kept, val and test whole
+    assert any("dropped 3 mislabeled training images" in n for n in got.notes)
+    both = read_fer2013(tmp_path, clean=True, mislabeled=True)
+    same(both, base.subset(~(dropped | (np.arange(len(base)) == train[3]))))
+    # FER+'s 7-class labels: the same three go, the unknown image too (no FER+ label)
+    plus = read_fer2013(tmp_path, labels="ferplus7", mislabeled=True)
+    assert len(plus) == len(base) - 4 and (plus.split != "train").sum() == len(other)
+
+
 def test_ferplus_rows_in_another_order_are_refused_with_the_line(with_ferplus):
     path, base, _ = with_ferplus
     ferplus = path / "fer2013new.csv"

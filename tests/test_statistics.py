@@ -1,7 +1,8 @@
 """orchestrate.statistics on planted data with hand-computed answers: per-cell t intervals,
-question 1 "on this test set" (difference, bootstrap CI, sign-flip and McNemar p-values, over
-images or over subjects), question 2 "across training runs" (paired t-test over (seed, fold)
-runs), both noise floors, trial pairing and Holm's correction."""
+question 1 "on this test set" (difference, bootstrap CI, the exact sign-flip p-value, over
+images or over subjects, for pairs and for interactions), question 2 "across training runs"
+(paired t-test over seeds; the corrected k-fold t-test over (seed, fold) runs, checked by
+simulation under the null), both noise floors, trial pairing and Holm's correction."""
 
 import math
 
@@ -9,16 +10,23 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from orchestrate import statistics
 from orchestrate.statistics import (
     Predictions,
+    across_runs,
+    compare,
     compare_cells,
     holm,
     minimum_detectable_runs_difference,
+    on_test_set,
     paired_comparison,
-    run_accuracies,
     run_comparison,
-    runs_needed,
+    run_differences,
+    seeds_needed,
+    seeds_needed_kfold,
+    sign_flip_p,
     summarize_accuracies,
+    summarize_runs,
 )
 
 CLASSES = 7
@@ -70,16 +78,15 @@ def test_planted_real_difference_is_significant():
     ref, oth = planted_gain()
     r = paired_comparison(ref, oth, n_resamples=2000)
     assert r["difference"] == 15.0  # 45 of 300 images, hand-computed
-    assert (r["n_images"], r["n_pairs"], r["n_changed"]) == (300, 3, 45)
+    assert (r["n_images"], r["n_runs"], r["n_changed"]) == (300, 3, 45)
     assert (r["reference_accuracy"], r["other_accuracy"]) == (60.0, 75.0)
-    assert r["p_value"] < 0.01
-    assert not r["p_exact"]
-    # no random sign vector of the 2000 reaches all 45 positive; the observed statistic counts
-    # as one resample on each side: two-sided p = 2 * (0 + 1) / (2000 + 1)
-    assert r["p_value"] == pytest.approx(2 / 2001)
+    # exact: of the 2**45 sign vectors of 45 images all +1, two reach |sum| = 45
+    assert r["p_exact"] and r["p_error"] == 0
+    assert r["p_value"] == pytest.approx(2 / 2**45)
     assert 0 < r["ci_low"] < 15.0 < r["ci_high"]
-    assert math.isnan(r["mcnemar_p"])  # three seeds: the pooled counts are not independent
-    assert "sign-flip permutation" in r["method"] and "percentile bootstrap" in r["method"]
+    # three seeds of the same images: not McNemar's single-trial setting
+    assert "McNemar" not in r["method"]
+    assert "sign-flip test over images (exact)" in r["method"] and "bootstrap" in r["method"]
 
 
 def test_planted_null_is_not_significant():
@@ -101,7 +108,7 @@ def test_correctness_is_averaged_over_seeds_per_image():
     oth = [trial([1, 1, 1, 0], seed=0), trial([1, 1, 0, 0], seed=1)]
     r = paired_comparison(ref, oth)
     assert r["difference"] == 25.0
-    assert (r["n_images"], r["n_pairs"], r["n_changed"]) == (4, 2, 2)
+    assert (r["n_images"], r["n_runs"], r["n_changed"]) == (4, 2, 2)
     # exact sign flips of (1/2, 1/2): sums 1, 0, 0, -1; P(>= 1) = 1/4, two-sided 1/2
     assert r["p_exact"]
     assert r["p_value"] == pytest.approx(0.5)
@@ -118,13 +125,12 @@ def test_mcnemar_matches_hand_computation_and_the_exact_sign_flip_test():
     # two-sided exact binomial: 2 * P(X <= 2 | n = 12, 1/2) = 2 * (1 + 12 + 66) / 4096
     expected = 2 * (1 + 12 + 66) / 4096
     assert expected == pytest.approx(0.0385742, abs=1e-7)
-    assert r["mcnemar_p"] == pytest.approx(expected)
-    # 12 discordant images, 2**12 <= 10000 sign vectors: the permutation test is exact and,
-    # with one seed, it is McNemar's test
+    # the exact sign-flip test with one seed is McNemar's test
     assert r["p_exact"]
     assert r["p_value"] == pytest.approx(expected)
+    assert r["p_value"] == pytest.approx(stats.binomtest(2, 12, 0.5).pvalue)
     assert r["difference"] == pytest.approx(100 * (2 - 10) / 40)
-    assert r["n_pairs"] == 1
+    assert r["n_runs"] == 1
     assert "McNemar" in r["method"]
 
 
@@ -134,7 +140,6 @@ def test_identical_predictions_give_no_difference():
     assert r["difference"] == 0.0
     assert (r["ci_low"], r["ci_high"]) == (0.0, 0.0)
     assert r["p_value"] == 1.0
-    assert r["mcnemar_p"] == 1.0
 
 
 # pairing
@@ -150,7 +155,7 @@ def test_trials_missing_on_one_side_and_unshared_images_are_ignored():
         trial([False] * 10, seed=0, fold=1),
     ]
     r = paired_comparison(ref, oth)
-    assert r["n_pairs"] == 2
+    assert r["n_runs"] == 2
     assert r["n_images"] == 10
     # images 0-5 right in both; 6, 7 gain 1 in both seeds; 8, 9 gain 1 in seed 0 only (the
     # one seed where both cells saw them): d = 1, 1, 1, 1 over 10 images -> 40 points
@@ -183,9 +188,9 @@ def test_kfold_uses_every_image_once():
         ref.append(trial([i < 10 for i in range(20)], fold=fold, ids=ids))
         oth.append(trial([i < 12 for i in range(20)], fold=fold, ids=ids))
     r = paired_comparison(ref, oth)
-    assert (r["n_images"], r["n_pairs"], r["n_changed"]) == (60, 3, 6)
+    assert (r["n_images"], r["n_runs"], r["n_changed"]) == (60, 3, 6)
     assert r["difference"] == pytest.approx(100 * 6 / 60)
-    assert math.isnan(r["mcnemar_p"])  # three pairs: not the single-pair McNemar setting
+    assert "McNemar" not in r["method"]  # three folds: not the single-trial setting
     # 6 images all +1 out of 2**6 exact sign vectors: two-sided p = 2 / 64
     assert r["p_value"] == pytest.approx(2 / 64)
 
@@ -223,7 +228,6 @@ def test_a_single_changed_image_gives_p_one():
     other = [Predictions(0, 0, ids, labels, [1] + [0] * 19)]  # one image turns wrong
     result = paired_comparison(ref, other, n_resamples=1000)
     assert result["difference"] == pytest.approx(-5.0) and result["p_value"] == 1.0
-    assert result["mcnemar_p"] == pytest.approx(1.0)
 
 
 # question 1 with groups: the subject is the unit
@@ -267,8 +271,8 @@ def test_clustered_units_widen_the_interval_and_raise_the_noise_floor():
     assert images["p_value"] < 0.001 < 0.05 < subjects["p_value"]
     # noise floor: sum of squared unit sums is 180 (images) and 18 * 10**2 = 1800 (subjects)
     assert subjects["mde"] / images["mde"] == pytest.approx(math.sqrt(10))
-    # McNemar assumes independent images: not reported for subjects
-    assert images["mcnemar_p"] < 0.001 and math.isnan(subjects["mcnemar_p"])
+    # McNemar assumes independent images: it is the test only where images are the units
+    assert "McNemar" in images["method"] and "McNemar" not in subjects["method"]
     assert "cluster bootstrap" in subjects["method"] and "over subjects" in subjects["method"]
 
 
@@ -335,7 +339,7 @@ def test_a_gain_on_this_test_set_that_does_not_survive_another_seed():
     result = compare_cells(ref, oth, n_resamples=4000)
     test_set, runs = result["test_set"], result["runs"]
     assert test_set["difference"] == pytest.approx(4.0)
-    assert (test_set["n_changed"], test_set["n_units"], test_set["n_pairs"]) == (60, 300, 3)
+    assert (test_set["n_changed"], test_set["n_units"], test_set["n_runs"]) == (60, 300, 3)
     assert test_set["p_value"] < 0.001 and test_set["ci_low"] > 0
     assert runs["difference"] == pytest.approx(4.0) and runs["sd"] == pytest.approx(8.0)
     t = 4.0 / (8.0 / math.sqrt(3))
@@ -347,31 +351,30 @@ def test_a_gain_on_this_test_set_that_does_not_survive_another_seed():
     assert (runs["n_runs"], runs["n_seeds"], runs["n_folds"]) == (3, 3, 1)
 
 
-def test_run_accuracies_are_taken_on_the_shared_images():
+def test_run_differences_are_taken_on_the_shared_images():
     ref, oth = contradicting_seeds()
     # seed 2 of the other cell was tested on the first 200 images only, right on 162 of them
     oth[2] = trial([i < 162 for i in range(200)], seed=2, ids=[f"img{i:04d}" for i in range(200)])
-    r, o = run_accuracies(ref, oth)
-    # seeds 0, 1 on 300 images: 150 and 162 right; seed 2 on the 200 shared: 150 and 162
-    assert r == {(0, 0): 50.0, (1, 0): 54.0, (2, 0): 75.0}
-    assert o == {(0, 0): 62.0, (1, 0): 50.0, (2, 0): 81.0}
+    d = run_differences({"r": ref, "o": oth}, {"o": 1, "r": -1})
+    # seeds 0, 1 on 300 images: 150/186 and 162/150 right; seed 2 on the 200 shared: 150, 162
+    assert d == pytest.approx({(0, 0): 62.0 - 50.0, (1, 0): 50.0 - 54.0, (2, 0): 81.0 - 75.0})
 
 
 def test_one_seed_and_one_fold_cannot_be_judged_across_runs():
     runs = run_comparison({(0, 0): 70.0}, {(0, 0): 75.0})
     assert runs["note"] == "n/a: 1 seed x 1 fold" and not runs["judged"]
     assert runs["difference"] == 5.0 and runs["n_runs"] == 1
-    for key in ("p_value", "ci_low", "ci_high", "sd", "mde", "runs_needed", "seeds_needed"):
+    for key in ("p_value", "ci_low", "ci_high", "sd", "mde", "seeds_needed"):
         assert math.isnan(runs[key]), key
     # through compare_cells, one trial per cell: question 1 still answers (McNemar), 2 does not
     result = compare_cells(
         [trial([i < 30 for i in range(40)])], [trial([i < 35 for i in range(40)])]
     )
     assert result["runs"]["note"] == "n/a: 1 seed x 1 fold"
-    assert result["test_set"]["mcnemar_p"] == pytest.approx(2 / 32)
+    assert result["test_set"]["p_value"] == pytest.approx(2 / 32)
     # Holm does not count a question that was not asked
     assert holm([result["runs"]["p_value"], 0.02]) == [pytest.approx(math.nan, nan_ok=True), 0.02]
-    assert run_comparison({(0, 0): 70.0}, {(1, 0): 75.0})["note"] == "n/a: no paired runs"
+    assert run_comparison({(0, 0): 70.0}, {(1, 0): 75.0})["note"] == "n/a: no joined runs"
 
 
 def test_identical_run_differences_fall_back_on_the_exact_sign_flip():
@@ -380,6 +383,9 @@ def test_identical_run_differences_fall_back_on_the_exact_sign_flip():
     assert (same["ci_low"], same["ci_high"]) == (1.0, 1.0) and math.isnan(same["mde"])
     none = run_comparison({(s, 0): 70.0 for s in range(2)}, {(s, 0): 70.0 for s in range(2)})
     assert none["p_value"] == 1.0 and none["difference"] == 0.0
+    # on folds the corrected test has no variance to scale by: not judged rather than guessed
+    folds = across_runs({(0, f): 1.0 for f in range(5)}, fold_ratio=1 / 3)
+    assert not folds["judged"] and folds["note"] == "n/a: every run has the same difference"
 
 
 # noise floors
@@ -422,22 +428,202 @@ def test_noise_floor_on_seed_averaged_images_is_the_sign_flip_null_sd():
     assert result["mde"] == pytest.approx(100 * z * math.sqrt(60 / 9) / 300)
 
 
-def test_runs_noise_floor_and_seeds_needed_match_the_t_formula():
-    # two seeds x two folds; differences 1, 3, 2, 6: mean 3, squared deviations 4 + 0 + 1 + 9
-    reference = {(0, 0): 70.0, (0, 1): 70.0, (1, 0): 70.0, (1, 1): 70.0}
-    other = {(0, 0): 71.0, (0, 1): 73.0, (1, 0): 72.0, (1, 1): 76.0}
+def nct_power(delta: float, se: float, df: int) -> float:
+    """Power of the two-sided t-test at level 0.05 for a true mean delta, standard error se."""
+    crit = stats.t.ppf(0.975, df)
+    ncp = delta / se
+    return float(stats.nct.sf(crit, df, ncp) + np.nan_to_num(stats.nct.cdf(-crit, df, ncp)))
+
+
+def test_runs_noise_floor_is_the_noncentral_t_80_percent_point_and_seeds_needed_its_search():
+    # four seeds on one split; differences 1, 3, 2, 6: mean 3, squared deviations 4 + 0 + 1 + 9
+    reference = {(s, 0): 70.0 for s in range(4)}
+    other = {(0, 0): 71.0, (1, 0): 73.0, (2, 0): 72.0, (3, 0): 76.0}
     runs = run_comparison(reference, other)
     sd = math.sqrt(14 / 3)
-    assert runs["sd"] == pytest.approx(sd)
-    assert runs["p_value"] == pytest.approx(2 * stats.t.sf(3 / (sd / 2), df=3))
-    expected = (stats.t.ppf(0.975, 3) + stats.t.ppf(0.80, 3)) * sd / 2
-    assert runs["mde"] == pytest.approx(expected)
-    assert minimum_detectable_runs_difference(sd, 4) == pytest.approx(expected)
-    # the smallest K whose floor reaches the observed 3 points, by direct search
+    assert runs["sd"] == pytest.approx(sd) and not runs["corrected"]
+    assert runs["p_value"] == pytest.approx(stats.ttest_1samp([1, 3, 2, 6], 0).pvalue)
+    # the floor is where the noncentral-t power is 80%, computed here with scipy directly
+    assert nct_power(runs["mde"], sd / 2, df=3) == pytest.approx(0.80, abs=1e-4)
+    assert minimum_detectable_runs_difference(sd, 4) == pytest.approx(runs["mde"])
+    # the fewest seeds whose floor reaches the observed 3 points, by direct search
     k = 2
-    while (stats.t.ppf(0.975, k - 1) + stats.t.ppf(0.80, k - 1)) * sd / math.sqrt(k) > 3:
+    while minimum_detectable_runs_difference(sd, k) > 3:
         k += 1
-    assert runs["runs_needed"] == k == 7
-    assert runs["seeds_needed"] == math.ceil(k / 2) == 4  # two folds per seed
-    assert runs_needed(0.0, sd) == math.inf and math.isnan(runs_needed(1.0, 0.0))
+    assert nct_power(3.0, sd / math.sqrt(k), k - 1) >= 0.80 > nct_power(
+        3.0, sd / math.sqrt(k - 1), k - 2)  # fmt: skip
+    assert runs["seeds_needed"] == k
+    assert seeds_needed(0.0, sd) == math.inf and math.isnan(seeds_needed(1.0, 0.0))
     assert math.isnan(minimum_detectable_runs_difference(sd, 1))
+
+
+# question 2 on k-fold CV: the folds' training sets overlap
+
+
+def test_the_corrected_k_fold_test_averages_each_fold_over_its_seeds_and_corrects_the_variance():
+    # two seeds x three folds: fold means 3.5, 1.5, 3.0 (mean 8/3); ratio 1/3 (3 folds: test 1,
+    # validation 1, train 1)
+    d = {(0, 0): 1.0, (0, 1): 3.0, (0, 2): 2.0, (1, 0): 6.0, (1, 1): 0.0, (1, 2): 4.0}
+    means = [3.5, 1.5, 3.0]
+    r = across_runs(d, fold_ratio=1 / 3)
+    assert r["corrected"] and (r["n_runs"], r["n_seeds"], r["n_folds"], r["n_units"]) == (
+        6, 2, 3, 3)  # fmt: skip
+    assert r["difference"] == pytest.approx(np.mean(means))
+    s = np.std(means, ddof=1)
+    se = s * math.sqrt(1 / 3 + 1 / 3)
+    assert r["sd"] == pytest.approx(s)
+    assert r["p_value"] == pytest.approx(2 * stats.t.sf(np.mean(means) / se, df=2))
+    half = stats.t.ppf(0.975, 2) * se
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((np.mean(means) - half,
+                                                         np.mean(means) + half))  # fmt: skip
+    assert nct_power(r["mde"], se, df=2) == pytest.approx(0.80, abs=1e-4)
+    # the naive test over six "independent" runs is more confident than it may be
+    assert stats.ttest_1samp(list(d.values()), 0).pvalue < r["p_value"]
+    assert "corrected k-fold t-test" in r["method"] and "averaged over its seeds" in r["method"]
+    # seeds: the within-fold variance (pooled over folds: 12.5, 4.5, 2 -> 19/3) shrinks with
+    # more seeds, the folds' own part (s**2 - within / 2, here below 0: 0) does not
+    within = np.mean([np.var([1, 6], ddof=1), np.var([3, 0], ddof=1), np.var([2, 4], ddof=1)])
+    between = max(0.0, s**2 - within / 2)
+    expected = seeds_needed_kfold(r["difference"], between, within, 3, 1 / 3)
+    assert r["seeds_needed"] == expected
+    sd_at = lambda n: math.sqrt(between + within / n)  # noqa: E731
+    assert minimum_detectable_runs_difference(sd_at(expected), 3, 1 / 3) <= r["difference"]
+    assert minimum_detectable_runs_difference(sd_at(expected - 1), 3, 1 / 3) > r["difference"]
+    # a fold effect that seeds cannot average away: no number of seeds is enough
+    assert seeds_needed_kfold(0.5, between=4.0, within=1.0, folds=10, fold_ratio=1 / 8) == (
+        math.inf)  # fmt: skip
+    # with one seed the folds are tested as they are, corrected the same way; no seeds needed
+    one = across_runs({(0, f): v for f, v in enumerate([1.0, 3.0, 2.0, 6.0])}, 1 / 8)
+    se1 = np.std([1, 3, 2, 6], ddof=1) * math.sqrt(1 / 4 + 1 / 8)
+    assert one["corrected"] and one["p_value"] == pytest.approx(2 * stats.t.sf(3 / se1, df=3))
+    assert math.isnan(one["seeds_needed"])  # seed noise and fold effect cannot be told apart
+    with pytest.raises(ValueError, match="test/train size ratio"):
+        across_runs(d)  # folds without their ratio: no honest answer
+
+
+def test_a_cells_interval_on_k_fold_is_the_corrected_one_over_its_fold_means():
+    accuracies = {(0, 0): 90.0, (0, 1): 94.0, (1, 0): 92.0, (1, 1): 98.0}
+    summary = summarize_runs(accuracies, fold_ratio=1 / 8)
+    assert summary["mean"] == 93.5 and summary["std"] == pytest.approx(np.std(
+        list(accuracies.values()), ddof=1))  # fmt: skip
+    means = [91.0, 96.0]
+    half = stats.t.ppf(0.975, 1) * np.std(means, ddof=1) * math.sqrt(1 / 2 + 1 / 8)
+    assert (summary["ci_low"], summary["ci_high"]) == pytest.approx((93.5 - half, 93.5 + half))
+    # on one split the seeds are the unit, as summarize_accuracies has it
+    fixed = summarize_runs({(s, 0): v for s, v in enumerate([80.0, 82.0, 84.0])})
+    assert fixed == summarize_accuracies([80.0, 82.0, 84.0])
+
+
+def simulated_studies(rng, studies, seeds, folds, fold_sd, noise_sd, ratio, true=0.0):
+    """Per study the (seed, fold) differences D = true + g + a_f + e_sf: g shared by every run
+    (the folds' training sets overlap: its variance is ratio times a fold's, as Nadeau and
+    Bengio's correction assumes), a_f a fold's own effect shared by its seeds (its test
+    subjects and training set), e_sf a seed's noise."""
+    fold_variance = fold_sd**2 + noise_sd**2 / seeds
+    shared = rng.normal(0, math.sqrt(ratio * fold_variance), size=(studies, 1, 1))
+    fold_effect = rng.normal(0, fold_sd, size=(studies, 1, folds))
+    seed_noise = rng.normal(0, noise_sd, size=(studies, seeds, folds))
+    return true + shared + fold_effect + seed_noise
+
+
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_the_corrected_test_keeps_its_level_under_fold_correlated_nulls_where_the_naive_fails(
+    seeds,
+):
+    """2000 simulated 10-fold studies with no true difference (ratio 1/8: test 1 fold,
+    validation 1, train 8): the corrected test calls at most 7% of them significant at 0.05
+    (about 5%). The naive t-test over the same (seed, fold) runs, which treats them as
+    independent, calls over 15% (about 17% with one seed, where it ignores the overlap; about
+    43% with three, where each fold's effect also repeats in every seed). A true difference of
+    twice a run's noise is still found in most draws."""
+    rng = np.random.default_rng(17 + seeds)
+    folds, studies, ratio = 10, 2000, 1 / 8
+    draws = simulated_studies(rng, studies, seeds, folds, 2.0, 1.0, ratio)
+    corrected = naive = 0
+    for study in draws:
+        d = {(s, f): float(study[s, f]) for s in range(seeds) for f in range(folds)}
+        corrected += across_runs(d, fold_ratio=ratio)["p_value"] < 0.05
+        naive += stats.ttest_1samp(study.ravel(), 0).pvalue < 0.05
+    assert corrected / studies <= 0.07
+    assert naive / studies > 0.15
+    effect = 2 * math.sqrt(2.0**2 + 1.0**2)
+    alternative = simulated_studies(rng, 200, seeds, folds, 2.0, 1.0, ratio, true=effect)
+    found = sum(
+        across_runs({(s, f): float(x[s, f]) for s in range(seeds) for f in range(folds)},
+                    fold_ratio=ratio)["p_value"] < 0.05
+        for x in alternative
+    )  # fmt: skip
+    assert found / 200 > 0.75
+
+
+# exact p-values
+
+
+def test_the_exact_sign_flip_p_is_scipys_binomial_test_on_paired_binary_outcomes():
+    for b, c in [(0, 1), (1, 1), (10, 2), (10, 24), (3, 30), (150, 170), (600, 650)]:
+        assert sign_flip_p([1] * c + [-1] * b) == pytest.approx(
+            stats.binomtest(c, b + c, 0.5).pvalue, rel=1e-9)  # fmt: skip
+    # and the permutation test over images with one seed gives exactly that p
+    ref = [trial([i < 24 or 34 <= i < 44 for i in range(300)])]  # b = 10 only the reference
+    oth = [trial([i < 34 for i in range(300)])]  # c = 10 + ... see below
+    r = paired_comparison(ref, oth)
+    b = sum(1 for i in range(300) if (i < 24 or 34 <= i < 44) and not i < 34)
+    c = sum(1 for i in range(300) if i < 34 and not (i < 24 or 34 <= i < 44))
+    assert r["p_value"] == pytest.approx(stats.binomtest(c, b + c, 0.5).pvalue)
+
+
+def test_the_exact_sign_flip_p_equals_brute_force_enumeration():
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        values = rng.integers(-4, 5, size=rng.integers(1, 12))
+        observed = abs(values.sum())
+        signs = np.array(np.meshgrid(*[[-1, 1]] * len(values))).reshape(len(values), -1).T
+        brute = float(np.mean(np.abs(signs @ np.abs(values)) >= observed))
+        assert sign_flip_p(values) == pytest.approx(brute, abs=1e-12)
+
+
+def test_beyond_the_exact_limit_the_p_value_is_monte_carlo_with_its_error_bound(monkeypatch):
+    ref, oth = contradicting_seeds()
+    exact = paired_comparison(ref, oth)
+    monkeypatch.setattr(statistics, "EXACT_LIMIT", 0)
+    estimated = paired_comparison(ref, oth, n_resamples=4000)
+    assert exact["p_exact"] and not estimated["p_exact"]
+    error = estimated["p_error"]
+    p = estimated["p_value"]
+    assert error == pytest.approx(1.96 * math.sqrt(p * (1 - p) / 4000))
+    assert abs(p - exact["p_value"]) <= error + 1 / 4001
+    assert f"within ±{error:.4f} (95%)" in estimated["method"]
+
+
+# contrasts of several cells
+
+
+def test_an_interaction_is_the_difference_of_two_differences_per_image_and_per_run():
+    """2x2 design on 100 images, two seeds: joint loss gains 10 images without PSA and 30 with
+    it; the interaction (psa_joint - psa) - (joint - basic) is +20 points."""
+
+    def cell(right, seed):
+        return trial([i < right for i in range(100)], seed=seed)
+
+    cells = {
+        "basic": [cell(50, s) for s in (0, 1)],
+        "joint": [cell(60, s) for s in (0, 1)],
+        "psa": [cell(55, s) for s in (0, 1)],
+        "psa_joint": [cell(85, s) for s in (0, 1)],
+    }
+    weights = {"psa_joint": 1, "basic": 1, "psa": -1, "joint": -1}
+    r = on_test_set(cells, weights)
+    assert r["difference"] == pytest.approx(20.0)
+    # per image the contrast is hit(psa_joint) + hit(basic) - hit(psa) - hit(joint): +1 on
+    # images 60-84 except 55-59 where psa gains and joint does not: 55..59 -> 0 - 1 + ... below
+    d = [int(i < 85) + int(i < 50) - int(i < 55) - int(i < 60) for i in range(100)]
+    assert sum(d) == 20 and r["n_changed"] == sum(1 for x in d if x)
+    assert r["p_value"] == pytest.approx(sign_flip_p(d))
+    assert run_differences(cells, weights) == {(0, 0): 20.0, (1, 0): 20.0}
+    swapped = on_test_set(cells, {k: -w for k, w in weights.items()})
+    assert swapped["difference"] == pytest.approx(-20.0) and swapped["p_value"] == r["p_value"]
+    assert compare(cells, weights)["runs"]["difference"] == pytest.approx(20.0)
+    for bad in ({"psa": 1}, {"psa": 1, "basic": 1}, {"psa": 2, "basic": -2},
+                {"psa": 1, "basic": -1, "joint": -1}):  # fmt: skip
+        with pytest.raises(ValueError, match="as many of each"):
+            on_test_set(cells, bad)

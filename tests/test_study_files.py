@@ -1,6 +1,7 @@
 """The study loader refuses, with file, key and reason, every value Ray Tune or Optuna would
 refuse later (or silently ignore), and the shipped studies load with every preset."""
 
+import re
 import textwrap
 from dataclasses import fields
 
@@ -412,8 +413,12 @@ def test_a_shipped_study_loads_with_every_preset(name):
     assert study.presets, "the shipped studies all have presets"
     for preset in [None, *study.presets]:
         if study.kind == "grid":
-            assert len(study.trials(preset)) == len(study.cells) * study.seeds
+            assert len(study.trials(preset)) == len(study.cells) * study.seeds_for(preset)
             assert all(set(cell.paper) <= set(DATASETS) for cell in study.cells)
+            # the paper presets run three seeds (the runs question needs more than one)
+            assert study.seeds_for(preset) == (3 if preset == "paper" else 1)
+            assert study.with_run(seeds=2).seeds_for(preset) == 2  # --seeds overrides
+            assert all(c.family and len(c.plus) == len(c.minus) for c in study.comparisons)
         else:
             settings = study.tune_settings(preset)
             epochs = TrialConfig.from_dict(study.base_config(preset)).epochs
@@ -487,3 +492,76 @@ def test_the_data_a_trial_sees_depends_only_on_the_guarded_keys(monkeypatch):
                 deciding.add(f.name)
     assert deciding - DATASET_KEYS == set(), "tuning these would be silently ignored"
     assert DATASET_KEYS - deciding == set(), "these no longer decide the data"
+
+
+# ---------------------------------------------------------------------- contrasts and seeds
+
+
+CONTRAST_STUDY = """
+name = "c"
+kind = "grid"
+[[cells]]
+name = "a"
+[[cells]]
+name = "b"
+[[cells]]
+name = "ab"
+[[cells]]
+name = "base"
+"""
+
+
+def test_declared_contrasts_load_with_default_labels_and_families(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        CONTRAST_STUDY
+        + """
+[[contrasts]]
+plus = ["a"]
+minus = ["base"]
+[[contrasts]]
+family = "interaction"
+plus = ["ab", "base"]
+minus = ["a", "b"]
+"""
+    )
+    study = load_study(path)
+    pair, interaction = study.comparisons
+    assert (pair.family, pair.label, pair.weights) == ("comparisons", "a vs base",
+                                                       {"a": 1, "base": -1})  # fmt: skip
+    assert interaction.label == "(ab + base) - (a + b)"
+    assert interaction.weights == {"ab": 1, "base": 1, "a": -1, "b": -1}
+    # without declarations: every cell against the reference (the first cell here)
+    plain = tmp_path / "plain.toml"
+    plain.write_text(CONTRAST_STUDY)
+    assert [c.label for c in load_study(plain).comparisons] == ["b vs a", "ab vs a", "base vs a"]
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('plus = ["a"]\nminus = ["nope"]', "contrasts[0].minus: 'nope' is not a cell"),
+        ('plus = ["a"]\nminus = ["b", "base"]', "as many cells each"),
+        ('plus = ["a"]\nminus = ["a"]', "cell 'a' is listed twice"),
+        ('plus = []\nminus = ["a"]', "contrasts[0].plus: must be a non-empty list"),
+        ('plus = ["a"]\nminus = ["b"]\nweight = 2', "contrasts[0].weight: unknown key"),
+    ],
+)
+def test_a_bad_contrast_names_the_file_the_key_and_the_problem(tmp_path, body, message):
+    path = tmp_path / "c.toml"
+    path.write_text(CONTRAST_STUDY + "[[contrasts]]\n" + body + "\n")
+    with pytest.raises(StudyError, match=re.escape(message)) as err:
+        load_study(path)
+    assert str(err.value).startswith(str(path))
+
+
+def test_a_preset_may_set_its_seeds_and_the_command_line_wins(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(CONTRAST_STUDY + "[presets.many]\nseeds = 4\n[presets.few]\nepochs = 2\n")
+    study = load_study(path)
+    assert [study.seeds_for(p) for p in ("many", "few", None)] == [4, 1, 1]
+    assert len(study.trials("many")) == 16
+    assert study.with_run(seeds=2).seeds_for("many") == 2
+    path.write_text(CONTRAST_STUDY + "[presets.bad]\nseeds = 0\n")
+    with pytest.raises(StudyError, match=r"presets\.bad\.seeds: must be at least 1"):
+        load_study(path)

@@ -4,9 +4,9 @@ FER2013 holds hundreds of PrivateTest images with a byte-identical copy in Train
 another label), PublicTest images identical to PrivateTest ones, thousands of duplicates within
 Training, and a few blank frames; a model can score such test images by memory. The audit
 counts them and gives examples. ``leaked`` marks the val/test images that have an identical
-copy in the train split; ``load_dataset(..., drop_leaked=True)`` removes them from the source's
-own splits, and ``make_splits`` removes them again from the final splits (carved ones and folds
-included), so accuracy can be measured without that leakage.
+copy in the train split; with ``drop_leaked`` ``make_splits`` removes such images from the final
+splits (carved ones and folds included), and validation images identical to a test image too,
+so accuracy can be measured without that leakage.
 
 Images are grouped by content: a 64-bit BLAKE2 digest of the pixels, with the copies of every
 digest compared byte for byte, so two images share a group exactly when their pixels are equal.

@@ -28,9 +28,8 @@ class FERDataset:
               (CK+: the protocol assigns folds)
     subjects  str [N] or None: who is in the image (CK+, synthetic), for subject-independent folds
     ids       str [N]: where each image came from ("fer2013.csv:line 9", a file path), for reports
-    drop_leaked  set by ``load_dataset(..., drop_leaked=True)``: ``make_splits`` then drops every
-              val/test image with an identical copy in the final train split (carved splits and
-              folds included)
+    drop_leaked  set by ``load_dataset(..., drop_leaked=True)``: ``make_splits`` then drops the
+              final splits' leaked images (val: a copy in train or test; test: a copy in train)
     """
 
     name: str

@@ -75,6 +75,7 @@ def read_fer2013(
     labels: str = "fer2013",
     clean: bool = False,
     cache_dir: str | Path | None = None,
+    mislabeled: bool = False,
 ) -> FERDataset:
     """Read FER2013 from ``path``.
 
@@ -86,6 +87,11 @@ def read_fer2013(
     clean   keep FER2013's labels but drop the training images FER+ marks as non-face or
             unknown (the paper's cleaning of mislabeled and non-face images). Val and test
             are kept whole, so test accuracy is measured on the full PrivateTest.
+    mislabeled  also drop the training images whose FER+ majority label, read as one of
+            FER2013's classes, disagrees with their FER2013 label (FER+'s contempt has no
+            FER2013 class, so it always disagrees): the paper's "mislabeled" images. Images
+            without a FER+ majority are ``clean``'s to drop. Works with every ``labels``; val
+            and test stay as ``labels`` leaves them. Needs ``fer2013new.csv`` too.
     cache_dir  where to keep a parsed copy of a CSV (keyed on its path, size and mtime, written
             atomically); ``None`` parses every time.
     """
@@ -99,7 +105,7 @@ def read_fer2013(
     images, y, split, ids = data
     notes: list[str] = []
     classes: tuple[str, ...] = FER2013_CLASSES
-    if labels != "fer2013" or clean:
+    if labels != "fer2013" or clean or mislabeled:
         if source.is_dir():
             raise DatasetError(f"{source}: FER+ labels need the CSV form (row order), not folders")
         if not (split != "train").any():
@@ -113,14 +119,17 @@ def read_fer2013(
             source=source,
         )
         plus = ferplus_majority(votes)
+        train = split == "train"
+        as_fer2013 = np.array([FERPLUS_TO_FER2013.get(c, -1) for c in FERPLUS_CLASSES])
+        disagree = train & (plus >= 0) & (as_fer2013[np.maximum(plus, 0)] != y)
         if labels == "fer2013":
-            train = split == "train"
-            keep = (plus >= 0) | ~train
-            notes.append(
-                f"FER+ cleaning dropped {int((~keep).sum())} non-face/unknown training images; "
-                f"val and test kept whole ({int(((plus < 0) & ~train).sum())} of their images "
-                f"are flagged)"
-            )
+            keep = (plus >= 0) | ~train if clean else np.ones(len(y), dtype=bool)
+            if clean:
+                notes.append(
+                    f"FER+ cleaning dropped {int((~keep).sum())} non-face/unknown training "
+                    f"images; val and test kept whole ({int(((plus < 0) & ~train).sum())} of "
+                    f"their images are flagged)"
+                )
         elif labels == "ferplus":
             keep, y, classes = plus >= 0, plus, FERPLUS_CLASSES
             notes.append(f"FER+ labels (8 classes); dropped {int((~keep).sum())} images")
@@ -132,6 +141,12 @@ def read_fer2013(
                 f"FER+ labels mapped to FER2013's 7 classes; dropped {int((~keep).sum())} "
                 f"images (non-face, unknown, contempt)"
             )
+        if mislabeled:
+            notes.append(
+                f"dropped {int((keep & disagree).sum())} mislabeled training images (FER+'s "
+                f"majority disagrees with their FER2013 label)"
+            )
+            keep = keep & ~disagree
         images, y, split, ids = images[keep], y[keep], split[keep], ids[keep]
     dataset = FERDataset(
         name="fer2013",

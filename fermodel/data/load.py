@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from fermodel.data.audit import audit, leaked
+from fermodel.data.audit import audit
 from fermodel.data.dataset import FERDataset
 
 log = logging.getLogger(__name__)
@@ -17,10 +17,11 @@ def load_dataset(name: str, path=None, drop_leaked: bool = False, **options) -> 
     (``read_fer2013``, ``read_ckplus``, ``make_synthetic``).
 
     The audit (``dataset.audit``) is computed and logged on every load, on the source's own
-    splits. ``drop_leaked`` removes the val/test images that have an identical copy in the
-    train split and marks the dataset (``dataset.drop_leaked``), so that ``make_splits`` drops
-    them again from the final splits: those carved from train (Kaggle's train.csv, folders
-    without Usage prefixes), CK+ folds, balanced training sets.
+    splits. ``drop_leaked`` marks the dataset (``dataset.drop_leaked``) so that ``make_splits``
+    drops leaked images from the final splits, whatever their origin: the source's, those carved
+    from train (Kaggle's train.csv, folders without Usage prefixes), CK+ folds, balanced
+    training sets (see ``fermodel.data.protocols``). Nothing is removed here: the test split's
+    whole is still reported beside its deduplicated part.
     """
     if name == "synthetic":
         from fermodel.data.synthetic import make_synthetic
@@ -40,11 +41,7 @@ def load_dataset(name: str, path=None, drop_leaked: bool = False, **options) -> 
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     report = audit(dataset)
     log.info(report.summary())
-    if drop_leaked:
-        mask = leaked(dataset)
-        dataset = dataset.subset(~mask)
-        dataset.notes.append(f"dropped {int(mask.sum())} val/test images with a copy in train")
-        dataset.drop_leaked = True
+    dataset.drop_leaked = drop_leaked
     dataset.audit = report
     return dataset
 

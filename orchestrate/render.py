@@ -1,0 +1,620 @@
+"""The study report as people read it: pure functions of a ``StudyReport``, no MLflow, no Ray.
+
+Two tables, each defined once as a list of ``Column`` (header with its unit, the text of a row,
+its meaning in words) and printed the same way to the terminal, Markdown, LaTeX (booktabs) and
+one self-contained HTML page with the figures:
+
+- the cells: trials, test accuracy (mean ± SD, 95% interval), macro F1, the accuracy on the
+  whole test split where leaked images were dropped from it, and the paper's number;
+- the contrasts, by family: each question's difference with its interval, Holm mark and noise
+  floor, and the seeds needed.
+
+A legend explains every column and mark in words, each sentence true of the numbers beside it
+(the terminal prints a short one; Markdown, HTML and LaTeX the whole one).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import groupby
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from orchestrate.report import KFOLD_TEST, QUESTIONS, StudyReport
+from orchestrate.statistics import ALPHA, EXACT_LIMIT, POWER, SIGNIFICANT_SHARE
+
+# the mark after a difference whose Holm-adjusted p-value is below the level
+MARKS = ((0.01, "**"), (ALPHA, "*"))
+PAPER_MARK = "†"
+# below the legend of the Markdown and HTML pages: where the rest of the numbers are
+DATA_NOTE = ("study_table.csv (cells: every number at full precision, per-class recall, cost) "
+             "and contrasts.csv (both questions: raw and Holm-adjusted p-values, the unit, the "
+             "test, the runs)")  # fmt: skip
+
+LATEX_ESCAPES = {
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+    "±": r"$\pm$", "Δ": r"$\Delta$", "†": r"$\dagger$", "∞": r"$\infty$", "×": r"$\times$",
+    "−": r"$-$", "²": r"$^2$",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column of a readable table, the one source of its terminal, Markdown, HTML and LaTeX
+    forms: the question it answers ("" for none), its header with its unit, the text of a row,
+    its meaning in words (the legend), and whether it is text (left-aligned) or a number."""
+
+    group: str
+    header: str
+    text: Callable[[Any], str]
+    meaning: str
+    left: bool = False
+
+    @property
+    def name(self) -> str:
+        """The header with its question: unique, for a legend or a format without a row of
+        questions above the headers."""
+        return f"{self.header}, {self.group}" if self.group else self.header
+
+
+def _missing(v) -> bool:
+    return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
+
+
+def _num(v, fmt: str = ".2f") -> str:
+    if _missing(v):
+        return ""
+    return "∞" if v == math.inf else format(v, fmt)
+
+
+def _mean_std(mean: float, std: float) -> str:
+    return "" if _missing(mean) else _num(mean) + ("" if _missing(std) else f" ± {std:.2f}")
+
+
+def _interval(low: float, high: float, fmt: str = ".2f") -> str:
+    return "" if _missing(low) else f"[{low:{fmt}}, {high:{fmt}}]"
+
+
+def _marked(diff: float, p: float) -> str:
+    """A difference in points with its significance mark."""
+    if _missing(diff):
+        return ""
+    mark = next((m for level, m in MARKS if not _missing(p) and p < level), "")
+    return f"{diff:+.2f}{mark}"
+
+
+def _runs_interval(row) -> str:
+    note = row.runs_significant
+    if isinstance(note, str) and note.startswith("n/a"):  # no spread to judge it by
+        return note
+    return _interval(row.runs_ci_low, row.runs_ci_high, "+.2f")
+
+
+def _count(values: pd.Series, noun: str) -> str:
+    """'30 subjects', or 'subjects (28 to 30 per comparison)' where the comparisons differ."""
+    values = values.dropna()
+    low, high = int(values.min()), int(values.max())
+    plural = " or ".join(f"{n}s" for n in noun.split(" or "))
+    if low != high:
+        return f"{plural} ({low} to {high} per comparison)"
+    return f"{high} {noun if high == 1 else plural}"
+
+
+def _computed(report: StudyReport) -> pd.DataFrame:
+    """The contrasts whose questions were computed."""
+    c = report.contrasts
+    return c[c.testset_diff.notna()] if len(c) else c
+
+
+def _units(computed: pd.DataFrame) -> str:
+    """What the test-set question counts: '300 images', '6 subjects'."""
+    return _count(computed.testset_n, computed.testset_unit.iloc[0])
+
+
+def _corrected(computed: pd.DataFrame) -> bool:
+    return bool((computed.runs_test == KFOLD_TEST).any())
+
+
+def _runs(computed: pd.DataFrame) -> str:
+    """What the runs question counts: '3 seeds', '10 folds (each the mean of its 3 seeds)'."""
+    judged = computed[computed.runs_units.notna()]
+    if not len(judged):
+        return "no runs"
+    if _corrected(judged):
+        seeds = judged.runs_seeds.max()
+        each = f" (each the mean of its {seeds} seeds)" if seeds > 1 else ""
+        return _count(judged.runs_units, "fold") + each
+    return _count(judged.runs_units, "seed")
+
+
+def _runs_test(computed: pd.DataFrame) -> str:
+    if _corrected(computed):
+        ratio = computed.runs_fold_ratio.dropna()
+        return (f"corrected k-fold t-test (Nadeau & Bengio 2003) over {_runs(computed)}: the "
+                f"variance of the mean s²(1/k + n_test/n_train), n_test/n_train = "
+                f"{ratio.mean():.3f} of the actual folds, because the folds' training sets "
+                f"overlap")  # fmt: skip
+    return f"paired t-test over {_runs(computed)} on one split"
+
+
+# ------------------------------------------------------------------------------ the cells
+
+
+def cell_columns(report: StudyReport) -> list[Column]:
+    """The cells table's columns: the full test and the paper's only where there are numbers."""
+    t = report.table
+    full = "full_accuracy" in t and t.full_accuracy.notna().any()
+    corrected = "fold_ratio" in t and t.fold_ratio.notna().any()
+    accuracy = "test accuracy in percent"
+    if full:
+        accuracy += ", on the test split without its leaked images (a copy in train)"
+    if corrected:
+        interval = (f"95% Student-t interval of the mean test accuracy, in percent, its "
+                    f"variance corrected for the folds' overlapping training sets: s²(1/n + "
+                    f"n_test/n_train), n_test/n_train = {t.fold_ratio.dropna().mean():.3f} "
+                    f"(Nadeau & Bengio 2003); none with one trial")  # fmt: skip
+    else:
+        interval = ("95% Student-t interval of the mean test accuracy over the trials, in "
+                    "percent: how far the mean of these training seeds is from that of many "
+                    "more on this test set; none with one trial")  # fmt: skip
+    cols = [
+        Column("", "Cell", lambda r: str(r.cell),
+               "the configuration, by its label in the study file", left=True),
+        Column("", "n", lambda r: str(r.trials),
+               "finished trials of the cell (seeds x folds), each a model trained and tested "
+               "once"),
+        Column("", "Accuracy (%)", lambda r: _mean_std(r.accuracy, r.std),
+               accuracy + ", mean ± sample standard deviation over the cell's trials (the "
+               "run-to-run spread; no ± with one trial)"),
+        Column("", "95% CI (%)", lambda r: _interval(r.ci95_low, r.ci95_high), interval),
+        Column("", "Macro F1 (%)", lambda r: _num(r.macro_f1),
+               "macro F1 on the test set (the unweighted mean of the classes' F1), mean over "
+               "the trials, in percent"),
+    ]  # fmt: skip
+    if full:
+        cols.append(Column("", "Full test (%)", lambda r: _num(r.full_accuracy),
+                           "test accuracy on the whole test split, leaked images included (what "
+                           "the paper and the field report), mean over the trials"))  # fmt: skip
+    if "paper" in t and t.paper.notna().any():
+        header = "Paper (%)" + (PAPER_MARK if report.paper_note else "")
+        meaning = (f"the test accuracy the paper reports for this cell on {report.dataset}, in "
+                   f"percent; empty where it reports none")  # fmt: skip
+        if report.paper_note:
+            meaning += f"; {PAPER_MARK} {report.paper_note}"
+        cols.append(Column("", header, lambda r: _num(r.paper), meaning))
+    return cols
+
+
+# ------------------------------------------------------------------------------ the contrasts
+
+
+def contrast_columns(report: StudyReport) -> list[Column]:
+    computed = _computed(report)
+    if not len(computed):
+        return []
+    units, runs = _units(computed), _runs(computed)
+    testset, across = QUESTIONS["testset"], QUESTIONS["runs"]
+    corrected = _corrected(computed)
+    resampler = "cluster bootstrap" if (computed.testset_unit != "image").any() else "bootstrap"
+    survives = "another seed and another training set" if corrected else "another seed"
+    seeds = (
+        (
+            "training seeds, each running every fold, the test needs to detect the observed "
+            "difference with 80% power"
+        )
+        if corrected
+        else ("training seeds the test needs to detect the observed difference with 80% power")
+    )
+    if corrected:
+        seeds += ("; ∞ where no number of seeds would: the folds share their training data, "
+                  "so the corrected variance never falls below s² n_test/n_train")  # fmt: skip
+    return [
+        Column("", "Family", lambda r: r.family_text,
+               "the comparisons the study declares together; Holm's adjustment runs within each "
+               "family, for each question on its own", left=True),
+        Column("", "Comparison", lambda r: str(r.comparison),
+               "what is compared, by the study file's label: Δ adds the accuracies of the cells "
+               "it lists as plus and subtracts those it lists as minus (contrasts.csv names "
+               "them); A vs B is A minus B", left=True),
+        Column(testset, "Δ (points)", lambda r: _marked(r.testset_diff, r.testset_p_holm),
+               "the contrast of the cells' accuracies on the same test images, in percentage "
+               "points, each image's correctness averaged over the seeds first; it answers "
+               "whether these trained models differ on these test images, not whether the gain "
+               "survives another training seed"),
+        Column(testset, "95% CI (points)",
+               lambda r: _interval(r.testset_ci_low, r.testset_ci_high, "+.2f"),
+               f"95% percentile {resampler} interval of that difference, in percentage "
+               f"points, resampling the {units} of the test set (the independent unit is the "
+               f"subject where the predictions name one, else the image); not adjusted for "
+               f"multiple comparisons, while the marks are, so an interval can exclude 0 "
+               f"without a mark"),
+        Column(testset, "MDE (points)", lambda r: _num(r.testset_mde),
+               f"noise floor: the true difference this test detects with {POWER:.0%} power at "
+               f"two-sided {ALPHA} before Holm's adjustment, with these {units} (normal "
+               f"approximation of the sign-flip test), in percentage points; an observed "
+               f"difference below it can still be significant, from about "
+               f"{SIGNIFICANT_SHARE:.2f} x MDE"),
+        Column(across, "Δ (points)", lambda r: _marked(r.runs_diff, r.runs_p_holm),
+               f"the mean over the {runs} of the contrast of the runs' test accuracies, in "
+               f"percentage points, each run's cells joined by seed and fold; it answers "
+               f"whether the contrast survives {survives}"),
+        Column(across, "95% CI (points)", _runs_interval,
+               f"95% interval of that mean from the {_runs_test(computed)}; not adjusted for "
+               f"multiple comparisons; 'n/a: 1 seed x 1 fold' where a single run leaves no "
+               f"run-to-run spread to judge by"),
+        Column(across, "MDE (points)", lambda r: _num(r.runs_mde),
+               f"noise floor: the true mean difference that test detects with {POWER:.0%} "
+               f"power at two-sided {ALPHA} before Holm's adjustment (noncentral t), with this "
+               f"run-to-run spread and these {runs}, in percentage points"),
+        Column(across, "Seeds needed", lambda r: _num(r.seeds_needed, ".0f"), seeds),
+    ]  # fmt: skip
+
+
+def _marks_meaning(report: StudyReport) -> str:
+    computed = _computed(report)
+    flips = "an exact sign-flip test over the units (with one seed, images as units and two " \
+            "cells it is McNemar's exact test)"  # fmt: skip
+    return (f"after a difference: its two-sided p-value, Holm-adjusted within its family for "
+            f"each question on its own, is below {ALPHA} and below 0.01; on this test set "
+            f"{flips}, across training runs the {_runs_test(computed)}")  # fmt: skip
+
+
+def _contrast_rows(report: StudyReport) -> pd.DataFrame:
+    """The contrasts with ``family_text``: the family on the first row of each."""
+    c = report.contrasts.copy()
+    first = ~c.family.duplicated()
+    return c.assign(family_text=np.where(first, c.family, ""))
+
+
+def legend(report: StudyReport) -> list[tuple[str, str]]:
+    """(column or mark, meaning in words) for both readable tables."""
+    entries = [(c.name, c.meaning) for c in cell_columns(report)]
+    cols = contrast_columns(report)
+    entries += [(c.name, c.meaning) for c in cols]
+    if cols:
+        entries.append(("* and **", _marks_meaning(report)))
+        computed = _computed(report)
+        estimated = computed[~computed.testset_p_exact.astype(bool)]
+        if len(estimated):
+            error = estimated.testset_p_error.max()
+            entries.append(("Monte Carlo p-values", f"{len(estimated)} test-set p-values are "
+                            f"Monte Carlo estimates (the exact one would take more than "
+                            f"{EXACT_LIMIT:,} additions), each within ±{error:.4f} of the "
+                            f"exact value (95%)"))  # fmt: skip
+    return entries
+
+
+def _full_legend(report: StudyReport) -> list[tuple[str, str]]:
+    """The legend and where the numbers the tables leave out are."""
+    return [*legend(report), ("CSV files", DATA_NOTE)]
+
+
+def _rows(cols: list[Column], frame: pd.DataFrame) -> list[list[str]]:
+    return [[c.text(row) for c in cols] for row in frame.itertuples()]
+
+
+def _tables(report: StudyReport) -> list[tuple[list[Column], list[list[str]]]]:
+    """(columns, rows) of the cells table, and of the contrasts table when there is one."""
+    out = [(cell_columns(report), _rows(cell_columns(report), report.table))]
+    cols = contrast_columns(report)
+    if cols:
+        out.append((cols, _rows(cols, _contrast_rows(report))))
+    return out
+
+
+def _spans(cols: list[Column]) -> list[tuple[str, int]]:
+    """(question, number of columns) for each run of adjacent columns answering it."""
+    return [(group, len(list(run))) for group, run in groupby(cols, key=lambda c: c.group)]
+
+
+# ------------------------------------------------------------------------------ terminal
+
+
+def _width(widths: list[int]) -> int:
+    return sum(widths) + 2 * (len(widths) - 1)
+
+
+def _text_table(cols: list[Column], rows: list[list[str]]) -> list[str]:
+    """Aligned columns, text left and numbers right, each question's label centred above its
+    columns."""
+    widths = [max([len(c.header), *(len(r[i]) for r in rows)]) for i, c in enumerate(cols)]
+    spans, first = _spans(cols), 0
+    for group, n in spans:  # a label wider than its columns widens the last of them
+        if group:
+            widths[first + n - 1] += max(0, len(group) + 6 - _width(widths[first : first + n]))
+        first += n
+
+    def line(texts) -> str:
+        return "  ".join(t.ljust(w) if c.left else t.rjust(w)
+                         for t, w, c in zip(texts, widths, cols, strict=True))  # fmt: skip
+
+    lines = [line([c.header for c in cols]), *map(line, rows)]
+    if len(spans) > 1:
+        above, first = [], 0
+        for group, n in spans:
+            width = _width(widths[first : first + n])
+            above.append(f" {group} ".center(width, "-") if group else " " * width)
+            first += n
+        lines.insert(0, "  ".join(above))
+    return [x.rstrip() for x in lines]
+
+
+def _cost_lines(report: StudyReport) -> list[str]:
+    c, lines = report.cost, []
+    if c.get("trials"):
+        speed = c["images_per_second"]
+        lines.append(
+            f"cost: {c['trials']} trials ({c['finished']} finished, {c['failed']} failed), "
+            f"{c['trial_hours']:.2f} trial-hours, {c['gpu_hours']:.2f} GPU-hours"
+            + ("" if _missing(speed) else f", {speed:.0f} images/s")
+        )
+    if c.get("stopped_early"):
+        lines.append(
+            f"early stopping: {c['stopped_early']} trials stopped, {c['saved_hours']:.2f} "
+            f"trial-hours saved ({100 * c['saved_fraction']:.0f}% of running all to the end)"
+        )
+    return lines
+
+
+def _short_legend(report: StudyReport) -> list[str]:
+    lines = ["Accuracy: test accuracy in %, mean ± std over the n trials; CI: 95% interval"
+             + (" (corrected for overlapping folds)" if report.table.fold_ratio.notna().any()
+                else "")]  # fmt: skip
+    if report.paper_note:
+        lines.append(f"{PAPER_MARK} {report.paper_note}")
+    computed = _computed(report)
+    if not len(computed):
+        return lines
+    test = "corrected k-fold t-test" if _corrected(computed) else "paired t-test"
+    survives = "another seed and training set" if _corrected(computed) else "another seed"
+    return [
+        *lines,
+        "Δ: the comparison's plus cells minus its minus cells (A vs B: A - B), in points",
+        f"on this test set: do these models differ on these images? (exact sign-flip test, "
+        f"bootstrap CI, over {_units(computed)})",
+        f"across training runs: does it survive {survives}? ({test} over {_runs(computed)})",
+        f"* / **: Holm-adjusted p < {ALPHA} / 0.01 within each family and question; the CIs "
+        f"are not adjusted",
+        f"MDE: a true difference this large is found {POWER:.0%} of the time; smaller observed "
+        f"ones can still be significant (from about {SIGNIFICANT_SHARE:.2f} x MDE)",
+        "every column explained in study_table.md, report.html, report.tex",
+    ]
+
+
+def format_table(report: StudyReport) -> str:
+    """The readable tables for the terminal with a short legend (the whole one:
+    study_table.md, report.html, report.tex)."""
+    tables = _tables(report)
+    if not tables[0][1]:
+        return "\n".join([report.title, "no finished trials", *_cost_lines(report)])
+    lines = [report.title]
+    for cols, rows in tables:
+        lines += ["", *_text_table(cols, rows)]
+    return "\n".join(lines + _short_legend(report) + _cost_lines(report))
+
+
+# ------------------------------------------------------------------------------ Markdown
+
+
+def _markdown_escape(text: str) -> str:
+    return re.sub(r"([\\|*_])", r"\\\1", text)
+
+
+def markdown_table(report: StudyReport) -> str:
+    """The readable tables as Markdown (each header names its question), the legend below."""
+    esc = _markdown_escape
+    tables = _tables(report)
+    if not tables[0][1]:
+        return f"**{esc(report.title)}**\n\nno finished trials"
+    lines = [f"**{esc(report.title)}**"]
+    for cols, rows in tables:
+        lines += [
+            "",
+            "| " + " | ".join(esc(c.name) for c in cols) + " |",
+            "|" + "|".join("---" if c.left else "---:" for c in cols) + "|",
+            *("| " + " | ".join(map(esc, row)) + " |" for row in rows),
+        ]
+    lines.append("")
+    lines += [f"- **{esc(name)}**: {esc(meaning)}." for name, meaning in _full_legend(report)]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ LaTeX
+
+
+def latex_escape(text: str) -> str:
+    # one character at a time, so the braces a replacement brings are not escaped again
+    return "".join(LATEX_ESCAPES.get(ch, ch) for ch in text)
+
+
+def _latex_row(texts) -> str:
+    return " & ".join(texts) + r" \\"
+
+
+def _latex_cells(cols: list[Column], row: list[str]) -> str:
+    """A table row, a minus sign in the numbers (not a hyphen)."""
+    return _latex_row(latex_escape(t) if c.left else latex_escape(t).replace("-", "$-$")
+                      for c, t in zip(cols, row, strict=True))  # fmt: skip
+
+
+def _tabular(cols: list[Column], rows: list[list[str]]) -> list[str]:
+    lines = [rf"\begin{{tabular}}{{{''.join('l' if c.left else 'r' for c in cols)}}}",
+             r"\toprule"]  # fmt: skip
+    spans = _spans(cols)
+    if len(spans) > 1:
+        above, rules, first = [], [], 1
+        for group, n in spans:
+            if group:
+                above.append(rf"\multicolumn{{{n}}}{{c}}{{{latex_escape(group)}}}")
+                rules.append(rf"\cmidrule(lr){{{first}-{first + n - 1}}}")
+            else:
+                above += [""] * n
+            first += n
+        lines += [_latex_row(above), " ".join(rules)]
+    lines += [
+        _latex_row(latex_escape(c.header) for c in cols),
+        r"\midrule",
+        *(_latex_cells(cols, row) for row in rows),
+        r"\bottomrule",
+        r"\end{tabular}",
+    ]
+    return lines
+
+
+def latex_table(report: StudyReport) -> str:
+    """The readable tables as one LaTeX float with booktabs rules (``\\usepackage{booktabs}``),
+    each question's label over its columns, the title and the legend in the caption."""
+    caption = report.title + ". " + " ".join(f"{n}: {m}." for n, m in legend(report))
+    lines = [
+        r"\begin{table}[htbp]",
+        r"\centering",
+        rf"\caption[{latex_escape(report.title)}]{{{latex_escape(caption)}}}",
+        rf"\label{{tab:{re.sub(r'[^A-Za-z0-9]+', '-', report.study)}}}",
+    ]
+    for i, (cols, rows) in enumerate(_tables(report)):
+        if i:
+            lines.append(r"\par\medskip")
+        lines += _tabular(cols, rows)
+    lines.append(r"\end{table}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ HTML
+
+
+def _png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def _confusion_figure(report: StudyReport) -> bytes | None:
+    cells = [c for c, m in report.confusion.items() if m.sum()]
+    if not cells:
+        return None
+    k = len(report.classes)
+    cols = min(3, len(cells))
+    rows = math.ceil(len(cells) / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.9 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax, cell in zip(axes, cells, strict=False):
+        m = report.confusion[cell].astype(float)
+        norm = m / np.maximum(m.sum(1, keepdims=True), 1)
+        ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+        ax.set_xticks(range(k), report.classes, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(k), report.classes, fontsize=7)
+        ax.set_title(cell, fontsize=9)
+    for ax in axes[len(cells) :]:
+        ax.axis("off")
+    return _png(fig)
+
+
+def _curves_figure(report: StudyReport) -> bytes | None:
+    if not report.curves:
+        return None
+    fig = Figure(figsize=(7, 3.8), layout="constrained")
+    ax = fig.subplots()
+    for cell, values in report.curves.items():
+        ax.plot(range(1, len(values) + 1), values, label=cell)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (mean over trials)")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _importance_figure(report: StudyReport) -> bytes | None:
+    if not report.importances:
+        return None
+    fig = Figure(figsize=(6, 2.8), layout="constrained")
+    ax = fig.subplots()
+    names = list(report.importances)
+    ax.barh(names, [report.importances[n] for n in names])
+    ax.set_xlabel("importance (Optuna, fANOVA)")
+    return _png(fig)
+
+
+def _html_table(cols: list[Column], rows: list[list[str]]) -> str:
+    """A table, text left and numbers right, a header row above naming the question each group
+    of columns answers."""
+    esc = html.escape
+    spans = _spans(cols)
+    above = "".join(
+        f"<th colspan={n} class=question>{esc(g)}</th>" if g else f"<th colspan={n}></th>"
+        for g, n in spans
+    ) if len(spans) > 1 else ""  # fmt: skip
+    head = (f"<tr>{above}</tr>" if above else "") + "<tr>" + "".join(
+        f"<th>{esc(c.header)}</th>" for c in cols
+    ) + "</tr>"  # fmt: skip
+    body = "".join(
+        "<tr>" + "".join(f"<td>{esc(t)}</td>" if c.left else f"<td class=num>{esc(t)}</td>"
+                         for c, t in zip(cols, row, strict=True)) + "</tr>"
+        for row in rows
+    )  # fmt: skip
+    return f"<table><thead>{head}</thead><tbody>{body}</tbody></table>"
+
+
+def _best_html(best: pd.DataFrame) -> str:
+    cols = [Column("", "Sampled parameters", str, "", left=True),
+            Column("", "Best validation accuracy (%)", str, ""),
+            Column("", "Test accuracy (%)", str, "")]  # fmt: skip
+    rows = [[params, _num(100 * val), _num(100 * test)]
+            for params, val, test in best.itertuples(index=False)]  # fmt: skip
+    return _html_table(cols, rows)
+
+
+def to_html(report: StudyReport) -> str:
+    def img(data: bytes | None, alt: str) -> str:
+        if data is None:
+            return ""
+        encoded = base64.b64encode(data).decode()
+        return f'<figure><img alt="{alt}" src="data:image/png;base64,{encoded}"><figcaption>{alt}</figcaption></figure>'  # noqa: E501
+
+    esc = html.escape
+    tables = _tables(report)
+    if tables[0][1]:
+        body = ["<h2>Test accuracy per cell</h2>", _html_table(*tables[0])]
+        if len(tables) > 1:
+            body += ["<h2>Comparisons</h2>", _html_table(*tables[1])]
+        body.append("<h3>Legend</h3><dl class=legend>" + "".join(
+            f"<dt>{esc(name)}</dt><dd>{esc(meaning)}.</dd>"
+            for name, meaning in _full_legend(report)
+        ) + "</dl>")  # fmt: skip
+    else:
+        body = ["<p>no finished trials</p>"]
+    parts = [
+        f"<h1>{esc(': '.join(filter(None, (report.study, report.description))))}</h1>",
+        f"<p class=title>{esc(report.title)}</p>",
+        f"<p>session <code>{esc(report.session)}</code></p>",
+        *body,
+        "<h2>Cost</h2>",
+        "".join(f"<p>{esc(line)}</p>" for line in _cost_lines(report)),
+        img(_confusion_figure(report), "confusion matrices (test, rows normalised, all trials)"),
+        img(_curves_figure(report), "validation accuracy per epoch"),
+        img(report.distribution_png, "class distribution of the training split"),
+    ]
+    if report.best is not None:
+        parts += ["<h2>Best configurations</h2>", _best_html(report.best)]
+        parts.append(img(_importance_figure(report), "parameter importances"))
+    style = ("body{font-family:sans-serif;margin:2em;max-width:75em}table{border-collapse:"
+             "collapse}td,th{border:1px solid #bbb;padding:3px 7px;font-size:13px}"
+             "td.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}"
+             "img{max-width:100%}figure{margin:1.5em 0}th.question{background:#eef}"
+             "dl.legend dt{margin-top:.4em;font-weight:bold}"
+             "dl.legend dd{margin-left:2em;font-size:13px}")  # fmt: skip
+    title = esc(report.study)
+    head = f"<meta charset=utf-8><title>{title} report</title><style>{style}</style>"
+    return f"<!doctype html><html><head>{head}</head><body>{''.join(parts)}</body></html>"
