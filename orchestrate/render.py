@@ -125,11 +125,16 @@ def _corrected(computed: pd.DataFrame) -> bool:
     return bool((computed.runs_test == KFOLD_TEST).any())
 
 
+def _judged(computed: pd.DataFrame) -> pd.DataFrame:
+    """The contrasts the runs question could judge (two seeds or folds at least)."""
+    return computed[computed.runs_p.notna()]
+
+
 def _runs(computed: pd.DataFrame) -> str:
     """What the runs question counts: '3 seeds', '10 folds (each the mean of its 3 seeds)'."""
-    judged = computed[computed.runs_units.notna()]
+    judged = _judged(computed)
     if not len(judged):
-        return "no runs"
+        return "one run (no spread to judge by)"
     if _corrected(judged):
         seeds = judged.runs_seeds.max()
         each = f" (each the mean of its {seeds} seeds)" if seeds > 1 else ""
@@ -377,12 +382,15 @@ def _short_legend(report: StudyReport) -> list[str]:
         return lines
     test = "corrected k-fold t-test" if _corrected(computed) else "paired t-test"
     survives = "another seed and training set" if _corrected(computed) else "another seed"
+    runs = f"does it survive {survives}? ({test} over {_runs(computed)})"
+    if not len(_judged(computed)):
+        runs = "not asked: one seed and one fold leave no run-to-run spread (--seeds 3 asks it)"
     return [
         *lines,
         "Δ: the comparison's plus cells minus its minus cells (A vs B: A - B), in points",
         f"on this test set: do these models differ on these images? (exact sign-flip test, "
         f"bootstrap CI, over {_units(computed)})",
-        f"across training runs: does it survive {survives}? ({test} over {_runs(computed)})",
+        f"across training runs: {runs}",
         f"* / **: Holm-adjusted p < {ALPHA} / 0.01 within each family and question; the CIs "
         f"are not adjusted",
         f"MDE: a true difference this large is found {POWER:.0%} of the time; smaller observed "

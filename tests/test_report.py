@@ -450,6 +450,7 @@ def test_one_seed_and_one_fold_print_cannot_be_judged_instead_of_a_p_value():
     assert c.testset_significant == "yes"  # 40 images, all gained: p = 2 / 2**40
     line = next(x for x in format_table(report).splitlines() if "Better vs Basic" in x)
     assert line.endswith("+13.33  n/a: 1 seed x 1 fold")  # no interval, no mark
+    assert "across training runs: not asked: one seed and one fold" in format_table(report)
     assert "| +13.33 | n/a: 1 seed x 1 fold |" in markdown_table(report)
     assert "<td class=num>n/a: 1 seed x 1 fold</td>" in to_html(report)
     assert r"+13.33 & n/a: 1 seed x 1 fold &  &  \\" in latex_table(report)
