@@ -60,6 +60,10 @@ def test_the_demo_cells_are_clearly_above_chance(ray_cluster, tmp_path):
     parent_files = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"study_table.csv", "study_table.md", "report.html", "report.tex"} <= parent_files
     assert "paper" not in table or table.paper.isna().all()  # no paper number on this set
+    # progress names the selection metric, never test accuracy (nothing is picked by test)
+    progress = [x for x in out.getvalue().splitlines() if x.startswith("[")]
+    assert any("best validation 0." in x for x in progress)
+    assert not any("test" in x for x in progress)
     # the output ends with what to look at next
     tail = out.getvalue().rstrip().splitlines()[-3:]
     assert tail[0].startswith("next: browse the runs: open http")
