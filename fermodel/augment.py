@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fermodel.config import TTA_MODES
+
 __all__ = [
     "PADDING_MODES",
     "TTA_MODES",
@@ -61,7 +63,6 @@ __all__ = [
 ]
 
 PADDING_MODES: tuple[str, ...] = ("border", "reflection", "zeros")
-TTA_MODES: tuple[str, ...] = ("none", "flip", "tencrop")
 TTAMode = Literal["none", "flip", "tencrop"]
 
 # Columns of the single uniform draw made per batch; fixed so that the stream a generator feeds

@@ -19,11 +19,13 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from fermodel.attention import ATTENTIONS
-from fermodel.augment import TTA_MODES
-from fermodel.data.load import DATASETS
-from fermodel.data.protocols import PROTOCOLS
-from fermodel.losses import LOSS_KINDS
+# the names a config may give, here so that study files load without torch; the modules that
+# build them (fermodel.attention, .losses, .augment, .data) import these or are tested against them
+DATASETS = ("fer2013", "ckplus", "synthetic")
+PROTOCOLS = ("official", "kfold", "paper")
+ATTENTIONS = ("none", "se", "cbam", "eca", "aff", "psa")
+LOSS_KINDS = ("ce", "center", "island")
+TTA_MODES = ("none", "flip", "tencrop")
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("plateau", "cosine", "none")
@@ -221,6 +223,15 @@ class TrialConfig:
 
 
 FIELDS = {f.name: f for f in fields(TrialConfig)}
+# what decides which images a trial reads (trials with equal values share one loaded dataset)
+DATA_KEYS = ("dataset", "data_path", "labels", "clean", "drop_mislabeled", "drop_leaked",
+             "ck_frames", "ck_k", "split_seed", "synthetic_subjects", "synthetic_images_per_class",
+             "synthetic_difficulty")  # fmt: skip
+# what decides how a trial's dataset is split (``fermodel.engine.trial_splits``)
+SPLIT_KEYS = ("protocol", "fold", "folds", "split_seed", "balance")
+# where a trial runs, not what it computes: left out of a trial's identity, so that a study may
+# move between machines (``--gpus-per-trial``) and keep its finished trials
+PLACE_KEYS = ("device",)
 
 
 def _check(f: dataclasses.Field, value) -> None:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from fermodel.augment import AugmentConfig, augment, predict_tta, to_float
 from fermodel.checkpoint import SAME_AS_MODEL, best_model, load_checkpoint, save_checkpoint
-from fermodel.config import TrialConfig
+from fermodel.config import DATA_KEYS, TrialConfig
 from fermodel.data import FERDataset, load_dataset, make_splits
 from fermodel.losses import JointLoss
 from fermodel.metrics import confusion_matrix, summarize
@@ -86,16 +86,6 @@ class TrialResult:
         out = asdict(self)
         out.pop("model_state")
         return out
-
-
-DATA_KEYS = ("dataset", "data_path", "labels", "clean", "drop_mislabeled", "drop_leaked",
-             "ck_frames", "ck_k",
-             "split_seed", "synthetic_subjects", "synthetic_images_per_class",
-             "synthetic_difficulty")  # fmt: skip
-
-
-# what decides how a trial's dataset is split (``trial_splits``)
-SPLIT_KEYS = ("protocol", "fold", "folds", "split_seed", "balance")
 
 
 def data_key(config: TrialConfig) -> str:

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fermodel.config import LOSS_KINDS
+
 LossKind = Literal["ce", "center", "island"]
-LOSS_KINDS: tuple[str, ...] = ("ce", "center", "island")
 
 
 class CenterLoss(nn.Module):

@@ -1,7 +1,10 @@
 """``python -m orchestrate.ablation``: run a study on Ray Tune, every trial tracked in MLflow.
 
 With no arguments it runs ``table4`` (Basic, + joint loss, + PSA, + both) on the built-in
-synthetic set at the ``cpu`` preset, on a local Ray, logging to ``./mlflow.db``.
+synthetic set at the ``cpu`` preset, on a local Ray, logging to ``./mlflow.db``. Running it
+again runs only what is not finished: interrupted trials continue from their checkpoints, and
+added seeds, folds or cells train alone. It exits 0 when the study finished, 2 on bad input, and
+130 / 143 when SIGINT / SIGTERM stopped it (its runs KILLED, its trials resumable).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ EXAMPLES = """examples:
   python -m orchestrate.ablation --study hpo --num-samples 60 --gpus-per-trial 0.5
   python -m orchestrate.ablation --study my_study.toml --address auto \\
       --storage s3://bucket/ray --tracking-uri http://mlflow.internal:5000
-  python -m orchestrate.ablation --study table4 --resume      # continue an interrupted study
+  python -m orchestrate.ablation --study table4 --seeds 3     # add seeds to a finished study
 """
 
 
@@ -108,8 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--resume",
         action="store_true",
-        help="continue the latest interrupted session of this study, dataset and "
-        "preset without re-running finished trials. Default: a new session",
+        help="tuning studies: insist on continuing the latest unfinished session (without "
+        "it one is continued when its plan is the same). Grid studies always run only what is "
+        "not finished, so for them it changes nothing. Default: off",
+    )
+    r.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="grid studies: also run again the trials whose loss diverged before (a divergence "
+        "is deterministic, so they are skipped otherwise; trials that failed otherwise are "
+        "always run again). Default: off",
     )
     t = p.add_argument_group("tracking and output")
     t.add_argument("--tracking-uri", metavar="URI",
@@ -182,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             tracking_uri=args.tracking_uri or default_tracking_uri(),
             max_failures=_at_least_zero("--max-failures", args.max_failures),
             resume=args.resume,
+            retry_failed=args.retry_failed,
             dry_run=args.dry_run,
             verbose=args.verbose,
             log_checkpoints=not args.no_log_checkpoints,
@@ -191,13 +203,13 @@ def main(argv: list[str] | None = None) -> int:
             PretrainedError, FileNotFoundError, ValueError) as err:  # fmt: skip
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         again = " ".join(["python -m orchestrate.ablation", *(argv if argv is not None
                                                              else sys.argv[1:])])  # fmt: skip
-        again += "" if "--resume" in again.split() else " --resume"
-        print(f"interrupted: the study's runs are marked KILLED; finished trials are kept. "
-              f"Continue with:\n  {again}", file=sys.stderr)  # fmt: skip
-        return 130
+        print(f"stopped ({err.__class__.__name__ if not str(err) else err}): the open runs are "
+              f"marked KILLED; finished trials are kept and unfinished ones continue from their "
+              f"checkpoints. Continue with:\n  {again}", file=sys.stderr)  # fmt: skip
+        return getattr(err, "exit_code", 130)
     return 0
 
 

@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 from orchestrate.storage import Storage, StorageError
 
@@ -34,6 +36,35 @@ def quiet_ray(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class _FileOnFirstRecord(logging.FileHandler):
+    """A log file and its folder that exist only once something was logged."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, delay=True)
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
+@contextmanager
+def tune_errors_to(path: Path, verbose: bool):
+    """Tune's error records (each failed attempt's traceback) go to ``path`` instead of the
+    terminal, where a failed trial gets one line; with ``verbose`` they go to both."""
+    logger = logging.getLogger("ray.tune")
+    handler = _FileOnFirstRecord(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = verbose
+    try:
+        yield path
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+        handler.close()
 
 
 def start_ray(address: str | None, verbose: bool = False) -> bool:

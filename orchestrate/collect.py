@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 STUDY_ARTIFACT = "study.toml"
+PLAN_ARTIFACT = "plan.json"  # a grid invocation's parent: the identities of its plan
 DISTRIBUTION_ARTIFACT = "class_distribution.png"
 PREDICTIONS_ARTIFACT = "predictions.json"
 # trial-config params the report states (its title, the fold correction)
@@ -37,6 +38,7 @@ class StudyData:
     predictions: dict[str, dict] = field(default_factory=dict)  # run id -> predictions.json
     curves: dict[str, list[float]] = field(default_factory=dict)  # run id -> val accuracy/epoch
     distribution_png: bytes | None = None
+    ignored: int = 0  # finished runs in the experiment that are not trials of this plan
 
     @property
     def kind(self) -> str:
@@ -51,10 +53,10 @@ class StudyData:
         return t[(t.status == "FINISHED") & t.test_accuracy.notna()]
 
 
-def session_frame(tracker, session: str) -> pd.DataFrame:
-    """One row per trial of the session: tags, status, params of interest, final metrics."""
+def trial_frame(runs) -> pd.DataFrame:
+    """One row per trial run: tags, status, params of interest, final metrics."""
     rows = []
-    for run in tracker.session_runs(session):
+    for run in runs:
         tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
         rows.append(
             {
@@ -64,6 +66,7 @@ def session_frame(tracker, session: str) -> pd.DataFrame:
                 "seed": int(tags.get("seed", 0)),
                 "fold": int(tags.get("fold", 0)),
                 "trial": tags.get("ray_trial_id", ""),
+                "identity": tags.get("trial_identity", ""),
                 "sampled": tags.get("sampled", ""),
                 "stopped_early": tags.get("stopped_early") == "true",
                 "error": tags.get("error", ""),
@@ -76,10 +79,38 @@ def session_frame(tracker, session: str) -> pd.DataFrame:
                              "train_images", "test_images")},
             }
         )  # fmt: skip
-    frame = pd.DataFrame(rows)
+    return pd.DataFrame(rows)
+
+
+def session_frame(tracker, session: str) -> pd.DataFrame:
+    """One row per trial of the session (a trial Tune retried or resumed counted once)."""
+    frame = trial_frame(tracker.session_runs(session))
     if frame.empty:
         return frame
     return frame.drop_duplicates("trial", keep="last").reset_index(drop=True)
+
+
+def identity_frame(tracker, identities: list[str]) -> tuple[pd.DataFrame, int]:
+    """One row per identity of a plan, whichever invocation ran it: its newest FINISHED run,
+    else its newest run; and how many finished runs of the experiment are not of this plan."""
+    from orchestrate.ledger import IDENTITY_TAG, identity_runs
+
+    by_identity = identity_runs(tracker)
+    chosen = []
+    for identity in identities:
+        runs = by_identity.get(identity, [])
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        if finished or runs:
+            chosen.append((finished or runs)[0])
+    planned = set(identities)
+    from orchestrate.tracking import PARENT_TAG
+
+    others = tracker.client.search_runs(
+        [tracker.experiment_id], max_results=50_000,
+        filter_string=f"tags.{PARENT_TAG} = 'false' and attributes.status = 'FINISHED'",
+    )  # fmt: skip
+    ignored = sum(r.data.tags.get(IDENTITY_TAG) not in planned for r in others)
+    return trial_frame(chosen), ignored
 
 
 def _artifact(tracker, run_id: str, name: str, folder: str) -> Path | None:
@@ -90,7 +121,9 @@ def _artifact(tracker, run_id: str, name: str, folder: str) -> Path | None:
 
 
 def collect(tracker, session: str) -> StudyData:
-    """Everything the report of ``session`` reads, from the tracker's MLflow store."""
+    """Everything the report of ``session`` reads, from the tracker's MLflow store. A grid
+    invocation's parent names its plan's identities (``plan.json``): its report holds every
+    one of them, whichever invocation finished it; otherwise the session's own trials."""
     parents = sorted(tracker.session_runs(session, parents=True), key=lambda r: r.info.start_time)
     if not parents:
         raise ValueError(f"no parent run of study session {session!r} in this store")
@@ -100,11 +133,17 @@ def collect(tracker, session: str) -> StudyData:
         session=session,
         dataset=first.data.params.get("dataset", ""),
         meta={},
-        trials=session_frame(tracker, session),
+        trials=pd.DataFrame(),
         preset=first.data.params.get("preset", ""),
         gpus_per_trial=float(first.data.params.get("gpus_per_trial", 0) or 0),
     )
     with tempfile.TemporaryDirectory(prefix="fer-report-") as folder:
+        plan = _artifact(tracker, first.info.run_id, PLAN_ARTIFACT, folder)
+        if plan is not None:
+            identities = json.loads(plan.read_text())["identities"]
+            data.trials, data.ignored = identity_frame(tracker, identities)
+        else:
+            data.trials = session_frame(tracker, session)
         for parent in parents:
             path = _artifact(tracker, parent.info.run_id, STUDY_ARTIFACT, folder)
             if path is not None:

@@ -1,42 +1,59 @@
-"""Ctrl-C during a study: checkpoint first, then stop.
+"""Stopping a study: SIGINT (Ctrl-C) and SIGTERM checkpoint first, then stop.
 
 Tune's own handler stops the experiment at once, and running trials lose the epochs since their
-last checkpoint, which with adaptive checkpointing can be many. Here the first Ctrl-C stops
-scheduling (no further trial starts), asks every running trial to write a checkpoint at the end
-of its current epoch (a flag in Ray's GCS that the trainable reads once an epoch), and hands
-over to Tune's own handler once each has checkpointed or ended; Tune then saves its state and
-returns. A second Ctrl-C hands over at once.
+last checkpoint, which with adaptive checkpointing can be many. Here the first SIGINT or SIGTERM
+stops scheduling (no further trial starts), asks every running trial to write a checkpoint at
+the end of its current epoch (a flag file in the session's storage that the trainable reads once
+an epoch; any node sees it, as it sees its checkpoints), and hands over to Tune's own handler
+once each has checkpointed or ended; Tune then saves its state and returns. A second SIGINT
+hands over at once; after SIGTERM (what Kubernetes, Slurm, ``docker stop`` and systemd send)
+the wait is bounded by ``TERM_GRACE`` seconds, within the 30 s Kubernetes grants by default.
+The runner then marks the open runs KILLED and the command exits 130 (SIGINT) or 143 (SIGTERM);
+the next invocation continues the unfinished trials from their checkpoints.
+
+The signal handlers are Python's, installed in the driver's main thread after Ray started, so
+they replace the C-level handler Ray's core worker installs (which prints a stack dump).
 """
 
 from __future__ import annotations
 
 import signal
-import sys
-import threading
 
-from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-INTERRUPTED: set[str] = set()  # sessions of this driver whose first Ctrl-C came
+from orchestrate.storage import Storage
+
+FLAG = "checkpoint-now"  # file in the session's storage: running trials checkpoint at once
+TERM_GRACE = 25.0  # seconds SIGTERM waits for running trials to checkpoint
+INTERRUPTED: dict[str, int] = {}  # session -> the signal that stopped it (this driver)
 
 
-def _key(session: str) -> str:
-    return f"fer-ablation:checkpoint-now:{session}"
+class Interrupted(KeyboardInterrupt):
+    """The study was stopped by a signal; ``exit_code`` is 128 + its number."""
+
+    def __init__(self, signum: int = signal.SIGINT, message: str = ""):
+        super().__init__(message or signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum)
 
 
-def checkpoint_requested(session: str) -> bool:
+def checkpoint_requested(session: Storage) -> bool:
     """In a trial: whether the driver asked for a checkpoint now."""
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    return _internal_kv_get(_key(session)) is not None
+    return session.read_text(FLAG) is not None
 
 
-def clear(session: str) -> None:
-    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_initialized
-
-    INTERRUPTED.discard(session)
-    if _internal_kv_initialized():
-        _internal_kv_del(_key(session))
+def clear(session_uri: str) -> None:
+    """Forget an earlier interruption of this session (a resumed tuning session)."""
+    storage = Storage(session_uri)
+    INTERRUPTED.pop(storage.uri.rstrip("/").rsplit("/", 1)[-1], None)
+    filesystem, path = Storage(storage.join(FLAG)).filesystem()
+    try:
+        filesystem.delete_file(path)
+    except (FileNotFoundError, OSError):
+        pass
 
 
 class _Pausable:
@@ -62,70 +79,6 @@ class PausableASHA(_Pausable, ASHAScheduler):
         self.session = session
 
 
-class GracefulStop(Callback):
-    def __init__(self, session: str):
-        self.session = session
-        self._reset()
-
-    def _reset(self) -> None:
-        self.running: set[str] = set()
-        self.waiting: set[str] | None = None
-        self.tune_handler = None
-        self.stopped = False
-
-    def __getstate__(self):
-        return {"session": self.session}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._reset()
-
-    def setup(self, **info):
-        self._reset()
-        if threading.current_thread() is threading.main_thread():
-            self.tune_handler = signal.getsignal(signal.SIGINT)  # Tune's, installed by now
-            signal.signal(signal.SIGINT, self._on_sigint)
-
-    def _on_sigint(self, sig, frame):
-        if self.waiting is not None:  # the second Ctrl-C
-            self._stop()
-            return
-        from ray.experimental.internal_kv import _internal_kv_put
-
-        INTERRUPTED.add(self.session)
-        _internal_kv_put(_key(self.session), b"1")
-        self.waiting = set(self.running)
-        print(f"\nCtrl-C: no further trial starts; waiting for {len(self.waiting)} running "
-              "trial(s) to checkpoint at the end of their epoch (Ctrl-C again to stop now)",
-              file=sys.stderr, flush=True)  # fmt: skip
-        if not self.waiting:
-            self._stop()
-
-    def _settled(self, trial) -> None:
-        if self.waiting is not None:
-            self.waiting.discard(trial.trial_id)
-            if not self.waiting:
-                self._stop()
-
-    def _stop(self) -> None:
-        if self.stopped:
-            return
-        self.stopped = True
-        if callable(self.tune_handler):
-            self.tune_handler(signal.SIGINT, None)  # Tune saves its state and returns
-        else:
-            raise KeyboardInterrupt
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self.running.add(trial.trial_id)
-
-    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        self._settled(trial)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.running.discard(trial.trial_id)
-        self._settled(trial)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.running.discard(trial.trial_id)
-        self._settled(trial)
+def on_sigterm_before_tune(signum, frame):
+    """SIGTERM while the study prepares (data, MLflow, Ray): stop with 143, nothing to save."""
+    raise Interrupted(signal.SIGTERM)

@@ -363,6 +363,11 @@ def _cost_lines(report: StudyReport) -> list[str]:
             f"{c['trial_hours']:.2f} trial-hours, {c['gpu_hours']:.2f} GPU-hours"
             + ("" if _missing(speed) else f", {speed:.0f} images/s")
         )
+    if report.ignored:
+        lines.append(
+            f"not in this table: {report.ignored} finished run(s) of the experiment "
+            f"that are not trials of this plan (another config, seed or fold)"
+        )
     if c.get("stopped_early"):
         lines.append(
             f"early stopping: {c['stopped_early']} trials stopped, {c['saved_hours']:.2f} "

@@ -77,6 +77,7 @@ class StudyReport:
     best: pd.DataFrame | None = None  # tuning: best trials
     importances: dict = field(default_factory=dict)  # tuning: parameter -> importance
     distribution_png: bytes | None = None
+    ignored: int = 0  # finished runs of the experiment that are not trials of this plan
 
 
 def fold_ratio(trials: pd.DataFrame) -> float:
@@ -276,6 +277,7 @@ def build_report(data: StudyData, n_resamples: int = 10_000) -> StudyReport:
         best=best,
         importances=importances,
         distribution_png=data.distribution_png,
+        ignored=data.ignored,
     )
 
 

@@ -1,7 +1,9 @@
 """Plan a study's trials and run them on Ray Tune, tracked in MLflow.
 
-Grid studies (the paper's tables) run every cell x seed x fold exactly once with Tune's grid
-variant generator, which ``Tuner.restore`` resumes exactly. Tuning studies use Optuna's TPE
+Grid studies (the paper's tables) are sets of trial identities (``orchestrate.ledger``): every
+invocation runs, with Tune's grid variant generator, only the identities that have no FINISHED
+run in the study's experiment, continuing unfinished ones from their newest checkpoint; adding
+seeds, folds or cells to a finished study trains only what is new. Tuning studies use Optuna's TPE
 through Tune's OptunaSearch with ASHA early stopping; a trial ASHA stops early is told to Optuna
 as PRUNED (its per-epoch values are reported as intermediate values), never as a COMPLETE trial
 with a low-fidelity value, which would bias TPE toward configurations that merely start fast.
@@ -20,8 +22,7 @@ import signal
 import sys
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from orchestrate.storage import Storage
@@ -43,7 +44,8 @@ class RunOptions:
     pretrained: str | None = None  # replaces the study's: a file, a folder, or "" (none)
     tracking_uri: str = ""
     max_failures: int = 2
-    resume: bool = False
+    resume: bool = False  # tuning: insist on continuing a session (grids always continue)
+    retry_failed: bool = False  # grids: run again the trials whose loss diverged before
     dry_run: bool = False
     verbose: bool = False
     log_checkpoints: bool = True  # each trial's selected model, as an MLflow model
@@ -84,7 +86,8 @@ def make_plan(study: Study, options: RunOptions) -> Plan:
     return Plan(study, options.preset, [], base, settings)
 
 
-def describe_plan(plan: Plan, options: RunOptions) -> str:
+def describe_plan(plan: Plan, options: RunOptions, fates: list | None = None) -> str:
+    """What the study plans; for a grid, what each trial does (its ``fates``) and why."""
     study = plan.study
     lines = [
         f"study {study.name} ({study.kind}): {study.description}",
@@ -97,11 +100,9 @@ def describe_plan(plan: Plan, options: RunOptions) -> str:
             plan.base.get("pretrained", ""), f"from {plan.base.get('pretrained')}"),
     ]  # fmt: skip
     if study.kind == "grid":
-        lines.append(f"{len(plan.trials)} trials:")
-        for spec in plan.trials:
-            c = spec.config
-            lines.append(f"  {spec.key:34s} {c.backbone}/{c.attention}/{c.loss} "
-                         f"epochs {c.epochs}, batch {c.batch_size}, lr {c.lr}")  # fmt: skip
+        from orchestrate.ledger import describe_fates
+
+        lines.append(f"{len(plan.trials)} trials: " + describe_fates(fates))
     else:
         from orchestrate.search import rungs
 
@@ -165,7 +166,11 @@ class Describe:
         config, place = trial_config(params, self.base)
         name = f"{place['cell']}-seed{place['seed']}-fold{place['fold']}"
         tags = {"study": self.study, **place}
-        if "spec" not in params:
+        if "spec" in params:
+            from orchestrate.ledger import IDENTITY_TAG
+
+            tags[IDENTITY_TAG] = params["spec"]["identity"]
+        else:
             tags["sampled"] = ",".join(f"{k}={v}" for k, v in sorted(params.items()))
         return {"name": name, "tags": tags, "params": config.to_dict(), "config": config}
 
@@ -184,121 +189,237 @@ def load_datasets(plan: Plan) -> dict:
     return datasets
 
 
+@dataclass
+class Invocation:
+    """One invocation of a study, as it is prepared and run (handed from step to step)."""
+
+    plan: Plan
+    options: RunOptions
+    storage: Storage
+    session: str
+    writer: object  # orchestrate.tracking.Writer
+    resumed: bool = False  # a tuning session restored from its storage
+    fates: list = field(default_factory=list)  # grids: every planned trial's fate
+    tracker: object = None  # orchestrate.tracking.StudyTracker, once the store is open
+    earlier: int = 0  # trials finished before this invocation
+
+    @property
+    def to_run(self) -> list:
+        return [f for f in self.fates if f.runs]
+
+    @property
+    def log_file(self) -> Path:
+        """Where Ray's tracebacks of failed trials go (created by the first)."""
+        return Path(self.options.reports) / self.session / "ray.log"
+
+    @property
+    def size(self) -> int:
+        """Trials this invocation's Tune run holds."""
+        return len(self.to_run) if self.plan.study.kind == "grid" else self.plan.size
+
+
 def run_study(study: Study, options: RunOptions, out=None) -> dict:
-    """Run a study to the end; returns a summary (session, parent run id, table, counts).
-    An interrupted study (Ctrl-C) raises KeyboardInterrupt after marking its runs KILLED."""
+    """Run a study to the end; returns a summary (session, parent run id, report, table, model).
+    A study stopped by SIGINT or SIGTERM raises ``orchestrate.interrupt.Interrupted`` (a
+    KeyboardInterrupt) after marking its open runs KILLED."""
     out = out or sys.stdout
-    from orchestrate import interrupt, sessions
-    from orchestrate.cluster import (
-        alive_nodes,
-        check_resources,
-        check_storage_shared,
-        cluster_has_gpus,
-        quiet_ray,
-        ray_is_up,
-        start_ray,
-    )
-    from orchestrate.render import format_table
-    from orchestrate.tracking import OPENING, WRITERS, Writer, check_reachable, register_best
+    from orchestrate.cluster import quiet_ray, start_ray, tune_errors_to
+    from orchestrate.interrupt import on_sigterm_before_tune
+    from orchestrate.tracking import Writer, check_reachable
 
     plan = make_plan(study, options)
     if options.dry_run:
-        print(describe_plan(plan, options), file=out)
+        print(describe_plan(plan, options, _dry_run_fates(plan, options)), file=out)
         return {"planned": plan.size}
 
     # everything that can be wrong is found before an MLflow run or a trial exists
     check_pretrained(plan)
     storage = Storage.parse(options.storage)
     storage.check()
-    session = sessions.resumable(plan, storage) if options.resume else sessions.new_session(plan)
+    session, resumed = _session(plan, options, storage)
     check_reachable(options.tracking_uri)
     datasets = load_datasets(plan)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm_before_tune) if main else None
     quiet_ray(options.verbose)
     started_ray = start_ray(options.address, options.verbose)
-    writer = Writer(budget=options.mlflow_retry_budget)
-    opening = None
+    if main:  # after Ray, whose core worker put its own handler in
+        signal.signal(signal.SIGTERM, on_sigterm_before_tune)
+    inv = Invocation(plan, options, storage, session, Writer(budget=options.mlflow_retry_budget),
+                     resumed)  # fmt: skip
     status = "FAILED"
     try:
-        if options.gpus_per_trial is None:
-            options = replace(options, gpus_per_trial=1.0 if cluster_has_gpus() else 0.0)
-            plan = make_plan(study, options)
-        check_resources(options.cpus_per_trial, options.gpus_per_trial, options.node_timeout, out)
-        if not started_ray or len(alive_nodes()) > 1:
-            check_storage_shared(storage)
-        interrupt.clear(session)  # a flag left by an interrupted earlier invocation
-        if not options.resume:
-            sessions.write_plan(storage, session, plan)
-        # MLflow's import and a new store's migrations take seconds: open the store and the
-        # parent run in a thread while Tune starts its workers; the trial callback waits for it
-        distribution = _class_distribution(plan, datasets)
-        opening = ThreadPoolExecutor(1, thread_name_prefix="mlflow-open").submit(
-            _open_tracking, options, study, plan, session, datasets, distribution, writer
-        )
-        OPENING[session], WRITERS[session] = opening, writer
-        results = _tuner(plan, options, storage, session, datasets, out).fit()
-        tracker = opening.result()[0]
-        writer.flush()
-        ended = results.num_terminated + results.num_errors
-        if ended < plan.size:  # Tune stops gracefully on the first Ctrl-C and returns
-            raise KeyboardInterrupt(f"{ended} of {plan.size} trials ended")
-        writer.call(lambda: _close_leftovers(tracker, session, "FAILED"))
-        folder = Path(options.reports) / session
-        report, paths = writer.call(lambda: _publish_report(tracker, session, folder))
-        best = None
-        if options.log_checkpoints:
-            best = writer.call(lambda: register_best(tracker, session))
-        sessions.mark_finished(storage, session, {"parent_run_id": tracker.parent_id})
-        print("\n" + format_table(report), file=out)
-        if note := writer.summary():
-            print(f"\ntracking: {note}", file=out)
-        print(_next_steps(options, tracker.experiment_id, paths, best), file=out)
+        _prepare(inv, datasets, started_ray, out)
+        if inv.size:
+            with tune_errors_to(inv.log_file, options.verbose):
+                _tuner(inv, datasets, out).fit()
+        inv.writer.flush()
+        _raise_if_interrupted(inv)
+        summary = _finish(inv, out)
         status = "FINISHED"
-        return {"session": session, "parent_run_id": tracker.parent_id, "report": report,
-                "table": report.table, "frame": report.trials, "model": best}  # fmt: skip
+        return summary
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        _end(opening, writer, session, status, out)
-        if ray_is_up():
-            interrupt.clear(session)
+        _end(inv, status, out)
         if started_ray:
             import ray
 
             ray.shutdown()
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
-def _tuner(plan: Plan, options: RunOptions, storage, session: str, datasets: dict, out):
+def _session(plan: Plan, options: RunOptions, storage: Storage) -> tuple[str, bool]:
+    """The Tune session this invocation runs in, and whether it continues an earlier one: a
+    grid always starts one (its trials continue by identity); a tuning study continues the
+    newest unfinished session with the same plan (``--resume`` insists on one)."""
+    from orchestrate import sessions
+
+    if plan.study.kind == "grid":
+        return sessions.new_session(plan), False
+    try:
+        return sessions.resumable(plan, storage), True
+    except (FileNotFoundError, ValueError):
+        if options.resume:
+            raise
+        return sessions.new_session(plan), False
+
+
+def _dry_run_fates(plan: Plan, options: RunOptions) -> list | None:
+    """What a grid's trials would do, read from the store without creating it (None: tuning)."""
+    if plan.study.kind != "grid":
+        return None
+    from orchestrate.ledger import Fate, plan_fates
+    from orchestrate.tracking import StudyTracker, check_reachable
+
+    uri = options.tracking_uri
+    store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if store is not None and not store.is_file():
+        return [Fate(spec, "run", "new") for spec in plan.trials]
+    check_reachable(uri)
+    from mlflow.tracking import MlflowClient
+
+    if MlflowClient(uri).get_experiment_by_name(plan.study.name) is None:
+        return [Fate(spec, "run", "new") for spec in plan.trials]
+    tracker = StudyTracker(uri, plan.study.name)
+    return plan_fates(plan.trials, tracker, Storage.parse(options.storage), options.retry_failed)
+
+
+def _prepare(inv: Invocation, datasets: dict, private_ray: bool, out) -> None:
+    """Resources, shared storage, the MLflow store and parent run, and (grids) the fates."""
+    from orchestrate import interrupt, ledger, sessions
+    from orchestrate.cluster import (
+        alive_nodes,
+        check_resources,
+        check_storage_shared,
+        cluster_has_gpus,
+    )
+    from orchestrate.tracking import DatasetInputs, StudyTracker
+
+    options, study = inv.options, inv.plan.study
+    if options.gpus_per_trial is None:
+        inv.options = options = replace(options, gpus_per_trial=1.0 if cluster_has_gpus() else 0)
+        inv.plan = make_plan(study, options)
+    check_resources(options.cpus_per_trial, options.gpus_per_trial, options.node_timeout, out)
+    if not private_ray or len(alive_nodes()) > 1:
+        check_storage_shared(inv.storage)
+    interrupt.clear(inv.storage.join(inv.session))  # a flag of an earlier invocation
+    inv.tracker = inv.writer.call(
+        lambda: StudyTracker(options.tracking_uri, study.name, DatasetInputs(datasets))
+    )
+    if study.kind == "grid":
+        inv.fates = inv.writer.call(lambda: ledger.plan_fates(
+            inv.plan.trials, inv.tracker, inv.storage, options.retry_failed))  # fmt: skip
+        inv.earlier = sum(f.action == "finished" for f in inv.fates)
+        print(ledger.describe_fates(inv.fates, only_notable=True), file=out)
+        inv.writer.call(lambda: ledger.close_stale(inv.tracker, inv.fates, inv.session))
+    if not inv.resumed:
+        sessions.write_plan(inv.storage, inv.session, inv.plan)
+    distribution = _class_distribution(inv.plan, datasets)
+    inv.writer.call(lambda: _open_parent(inv, distribution))
+
+
+def _raise_if_interrupted(inv: Invocation) -> None:
+    from orchestrate.interrupt import INTERRUPTED, Interrupted
+
+    if inv.session in INTERRUPTED:  # Tune stopped gracefully on the signal and returned
+        raise Interrupted(INTERRUPTED[inv.session])
+
+
+def _finish(inv: Invocation, out) -> dict:
+    """Close what is left, write and log the report, register the best model, say where."""
+    from orchestrate import sessions
+    from orchestrate.render import format_table
+    from orchestrate.tracking import register_best
+
+    tracker, writer, session = inv.tracker, inv.writer, inv.session
+    writer.call(lambda: _close_leftovers(tracker, session, "FAILED"))
+    folder = Path(inv.options.reports) / session
+    report, paths = writer.call(lambda: _publish_report(tracker, session, folder))
+    finished = list(report.trials[report.trials.status == "FINISHED"].run_id) if len(
+        report.trials) else []  # fmt: skip
+    best = None
+    if inv.options.log_checkpoints and finished:
+        best = writer.call(lambda: register_best(tracker, session, finished))
+    sessions.mark_finished(inv.storage, session, {"parent_run_id": tracker.parent_id})
+    print("\n" + format_table(report), file=out)
+    if not finished:
+        print("\n" + _nothing_finished(inv, len(report.trials)), file=out)
+    if note := writer.summary():
+        print(f"\ntracking: {note}", file=out)
+    if not finished:
+        best = "none (no trial finished)"
+    print(_next_steps(inv.options, tracker.experiment_id, paths, best), file=out)
+    return {"session": session, "parent_run_id": tracker.parent_id, "report": report,
+            "table": report.table, "frame": report.trials, "model": best}  # fmt: skip
+
+
+def _nothing_finished(inv: Invocation, trials: int) -> str:
+    where = f"; their tracebacks are in {inv.log_file}" if inv.log_file.is_file() else ""
+    return f"No trial of this study has finished: {trials} planned, none succeeded{where}."
+
+
+def _tuner(inv: Invocation, datasets: dict, out):
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, Tuner
 
-    from orchestrate.interrupt import GracefulStop
-    from orchestrate.progress import Progress
-    from orchestrate.tracking import MLflowTrials
+    from orchestrate.callbacks import (
+        CheckpointIndex,
+        GracefulStop,
+        JournalMirror,
+        MLflowTrials,
+        Progress,
+    )
+    from orchestrate.tracking import LIVE
     from orchestrate.trainable import run_trial
 
+    plan, options, storage, session = inv.plan, inv.options, inv.storage, inv.session
+    LIVE[session] = inv
+    path = storage.join(session)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, datasets=datasets, base=plan.base,
-                             cpus=options.cpus_per_trial, session_uri=storage.join(session)),
+                             cpus=options.cpus_per_trial, session_uri=path,
+                             storage_uri=storage.uri),
         {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial},
     )  # fmt: skip
-    path = storage.join(session)
-    if options.resume:
-        print(f"resuming {path}", file=out)
+    if inv.resumed:
+        print(f"continuing {path}", file=out)
         return Tuner.restore(path, trainable, resume_errored=True)
     callbacks = [
         MLflowTrials(options.tracking_uri, plan.study.name, session,
                      Describe(plan.study.name, plan.base), options.log_checkpoints),
-        Progress(plan.size, session, out=out),
-        GracefulStop(session),
+        Progress(len(inv.fates) or plan.size, session, earlier=inv.earlier, out=out,
+                 log=str(inv.log_file)),
+        GracefulStop(session, path),
+        CheckpointIndex(storage.uri),
     ]  # fmt: skip
     if plan.study.kind == "tune" and not storage.local:
-        from orchestrate.search import JournalMirror
-
         callbacks.append(JournalMirror(storage, session))
     return Tuner(
         trainable,
-        param_space=_param_space(plan),
+        param_space=_param_space(inv),
         tune_config=_tune_config(plan, options, storage, session),
         run_config=RunConfig(
             name=session,
@@ -341,19 +462,20 @@ def _next_steps(options: RunOptions, experiment_id: str, paths: list, best: str 
     return "\n".join(lines)
 
 
-def _end(opening, writer, session: str, status: str, out) -> None:
+def _end(inv: Invocation, status: str, out) -> None:
     """The parent run and every child Tune no longer runs get their terminal state, also when
     the study failed or was interrupted; what MLflow cannot take is said, not raised, so the
-    first error stays the one the user sees. A further Ctrl-C waits for these few writes."""
-    from orchestrate.tracking import OPENING, WRITERS
+    first error stays the one the user sees. A further signal waits for these few writes."""
+    from orchestrate.tracking import LIVE
 
-    OPENING.pop(session, None)
-    WRITERS.pop(session, None)
-    if opening is None or opening.exception() is not None:
+    LIVE.pop(inv.session, None)
+    tracker, writer, session = inv.tracker, inv.writer, inv.session
+    if tracker is None or tracker.parent_id is None:
         return
-    tracker = opening.result()[0]
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    previous = {}
+    if main:
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if status != "FINISHED":
             writer.submit("close children", lambda: _close_leftovers(tracker, session, "KILLED"))
@@ -362,8 +484,8 @@ def _end(opening, writer, session: str, status: str, out) -> None:
     except Exception as err:  # the writer gave up: nothing more can reach MLflow
         print(f"tracking: {err}; the runs of {session} may still show RUNNING", file=out)
     finally:
-        if main:
-            signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _class_distribution(plan: Plan, datasets: dict) -> bytes:
@@ -383,27 +505,27 @@ def _class_distribution(plan: Plan, datasets: dict) -> bytes:
         return path.read_bytes()
 
 
-def _open_tracking(options: RunOptions, study: Study, plan: Plan, session: str, datasets: dict,
-                   distribution: bytes, writer):  # fmt: skip
-    """The experiment and the parent run: a new one, or on ``--resume`` the session's own,
-    reopened. Returns (tracker, parent run id, trials finished by earlier invocations)."""
-    from orchestrate.collect import DISTRIBUTION_ARTIFACT, STUDY_ARTIFACT
-    from orchestrate.tracking import DatasetInputs, StudyTracker
+def _open_parent(inv: Invocation, distribution: bytes) -> None:
+    """The invocation's parent run: a new one, or for a continued tuning session its own,
+    reopened (then ``inv.earlier`` counts the trials it finished before)."""
+    import json
 
-    inputs = DatasetInputs(datasets)
-    tracker = writer.call(lambda: StudyTracker(options.tracking_uri, study.name, inputs))
-    if options.resume and writer.call(lambda: tracker.reopen_parent(session)):
-        done = writer.call(lambda: tracker.session_runs(session))
-        return tracker, tracker.parent_id, sum(r.info.status == "FINISHED" for r in done)
+    from orchestrate.collect import DISTRIBUTION_ARTIFACT, PLAN_ARTIFACT, STUDY_ARTIFACT
+
+    tracker, plan, options, study = inv.tracker, inv.plan, inv.options, inv.plan.study
+    if inv.resumed and tracker.reopen_parent(inv.session):
+        done = tracker.session_runs(inv.session)
+        inv.earlier = sum(r.info.status == "FINISHED" for r in done)
+        return
     parent = tracker.start_parent(
-        session,
+        inv.session,
         tags={"study": study.name, "dataset": study.dataset, "preset": str(plan.preset),
-              "resumed": str(options.resume).lower(), "kind": study.kind},
+              "resumed": str(inv.resumed).lower(), "kind": study.kind},
         params={"study_file": study.path, "preset": plan.preset,
                 "seeds": study.seeds_for(plan.preset),
                 "dataset": study.dataset, "data_path": study.data_path,
                 "protocol": study.resolved_protocol, "planned_trials": plan.size,
-                "cpus_per_trial": options.cpus_per_trial,
+                "trials_to_run": inv.size, "cpus_per_trial": options.cpus_per_trial,
                 "gpus_per_trial": options.gpus_per_trial, "storage": options.storage,
                 "tracking_uri": options.tracking_uri, "ray_address": options.address or "local"},
         config=plan.configs()[0],
@@ -411,18 +533,29 @@ def _open_tracking(options: RunOptions, study: Study, plan: Plan, session: str, 
     with tempfile.TemporaryDirectory() as folder:
         Path(folder, STUDY_ARTIFACT).write_text(study.path.read_text())
         Path(folder, DISTRIBUTION_ARTIFACT).write_bytes(distribution)
+        if study.kind == "grid":
+            plan_file = {
+                "identities": [f.spec.identity for f in inv.fates],
+                "trials": {
+                    f.spec.identity: {"key": f.spec.key, "action": f.action, "reason": f.reason}
+                    for f in inv.fates
+                },
+            }
+            Path(folder, PLAN_ARTIFACT).write_text(json.dumps(plan_file, indent=1))
         tracker.client.log_artifacts(parent, folder)
-    return tracker, parent, 0
 
 
-def _param_space(plan: Plan) -> dict:
+def _param_space(inv: Invocation) -> dict:
     from ray import tune
 
-    if plan.study.kind == "grid":
+    if inv.plan.study.kind == "grid":
         specs = [
-            {"cell": s.cell, "seed": s.seed, "fold": s.fold, "config": s.config.to_dict()}
-            for s in plan.trials
-        ]
+            {"cell": f.spec.cell, "seed": f.spec.seed, "fold": f.spec.fold,
+             "identity": f.spec.identity, "resume_from": f.checkpoint,
+             "continues": {"run": f.run_id, "epoch": f.epoch} if f.checkpoint else None,
+             "config": f.spec.config.to_dict()}
+            for f in inv.to_run
+        ]  # fmt: skip
         return {"spec": tune.grid_search(specs)}
     return {}
 

@@ -25,10 +25,9 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import optuna
-from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.schedulers.async_hyperband import _Bracket
 from ray.tune.search.optuna import OptunaSearch
 
 JOURNAL = "optuna.journal"
@@ -71,11 +70,14 @@ def asha(epochs: int, settings, session: str = "") -> ASHAScheduler | None:
 
 
 def rungs(epochs: int, grace_period: int, reduction_factor: int) -> list[int]:
-    """The epochs at which ASHA may stop a trial, as the scheduler itself computes them."""
-    if grace_period > epochs - 1:
+    """The epochs at which ASHA may stop a trial. Ray has no public API that lists them, so
+    this repeats ``ray.tune.schedulers.async_hyperband``'s formula (rungs at grace * rf^k up
+    to max_t, here ``epochs - 1``); tests/test_orchestrate.py checks it against Ray's bracket."""
+    max_t = epochs - 1
+    if grace_period > max_t:
         return []
-    bracket = _Bracket(grace_period, epochs - 1, reduction_factor, 0, stop_last_trials=False)
-    return sorted(int(milestone) for milestone, _ in bracket._rungs)
+    count = int(np.log(max_t / grace_period) / np.log(reduction_factor) + 1)
+    return [grace_period * reduction_factor**k for k in range(count)]
 
 
 def journal_path(storage, session: str) -> Path:
@@ -94,24 +96,3 @@ def optuna_storage(storage, session: str) -> optuna.storages.JournalStorage:
     from optuna.storages.journal import JournalFileBackend
 
     return optuna.storages.JournalStorage(JournalFileBackend(str(journal_path(storage, session))))
-
-
-class JournalMirror(Callback):
-    """Copies the local Optuna journal into an object-store session after every trial."""
-
-    def __init__(self, storage, session: str):
-        self.storage, self.session = storage, session
-
-    def _copy(self) -> None:
-        path = LOCAL_JOURNALS / f"{self.session}.journal"
-        if path.exists():
-            self.storage.write_text(f"{self.session}/{JOURNAL}", path.read_text())
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._copy()
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._copy()
-
-    def on_experiment_end(self, trials, **info):
-        self._copy()

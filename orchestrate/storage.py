@@ -105,11 +105,13 @@ class Storage:
     # ------------------------------------------------------------------- small files
 
     def write_text(self, relative: str, text: str) -> None:
-        """Write a small file below the storage (folders created as needed)."""
+        """Write a small file below the storage (folders created as needed); a reader never sees
+        it half-written (locally it is renamed into place; an object store's put is whole)."""
         target = self.join(relative)
         if self.local:
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-            Path(target).write_text(text)
+            from fermodel.files import write_atomically
+
+            write_atomically(Path(target), lambda f: f.write(text.encode()))
             return
         filesystem, path = Storage(target).filesystem()
         with filesystem.open_output_stream(path) as out:

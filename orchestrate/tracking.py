@@ -25,7 +25,6 @@ import os
 import queue
 import re
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.error
@@ -34,17 +33,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag, SourceType
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, SourceType
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import (
     MLFLOW_DATASET_CONTEXT,
     MLFLOW_GIT_COMMIT,
-    MLFLOW_PARENT_RUN_ID,
     MLFLOW_RUN_NAME,
     MLFLOW_SOURCE_NAME,
     MLFLOW_SOURCE_TYPE,
 )
-from ray.tune import Callback
 
 PARENT_TAG = "study_parent"  # "true" on a study's parent runs
 SESSION_TAG = "study_session"  # the Tune experiment folder: shared by an invocation and its resumes
@@ -55,10 +52,9 @@ BEST_ALIAS = "best"  # models:/<study>@best, the study's best model on validatio
 KIND_TAG = "mlflow.experimentKind"
 # MLflow 3's UI opens an experiment of this kind on its runs, not on GenAI traces
 MODEL_DEVELOPMENT = "custom_model_development"
-# session -> what the runner of this process opened for it: the future of (StudyTracker, parent
-# run id) and the Writer; Tune pickles callbacks, so they find these here, not in themselves
-OPENING: dict = {}
-WRITERS: dict = {}
+# session -> this driver's running ``orchestrate.runner.Invocation`` (its store and writer): Tune
+# pickles its callbacks with the experiment, so they look the invocation up here by session
+LIVE: dict = {}
 # what a server that is away (or overloaded) looks like from MLflow's client
 TRANSIENT = re.compile(
     r"Connection|connect|Max retries|timed out|Timeout|Temporary failure|Name or service|"
@@ -279,7 +275,8 @@ class DatasetInputs:
         self.made: dict[str, DatasetInput] = {}
 
     def __call__(self, config) -> DatasetInput:
-        from fermodel.engine import SPLIT_KEYS, data_key
+        from fermodel.config import SPLIT_KEYS
+        from fermodel.engine import data_key
 
         key = json.dumps([data_key(config), *(getattr(config, k) for k in SPLIT_KEYS)])
         if key not in self.made:
@@ -381,13 +378,18 @@ def log_model(uri: str, run_id: str, config, classes: list[str], weights: dict, 
         )  # fmt: skip
 
 
-def register_best(tracker: StudyTracker, session: str) -> str | None:
-    """Register the session's best trial on validation accuracy (never test; ties: the trial
-    that started first) as a new version of the registered model named after the study, and
-    point its alias ``best`` at it. Returns ``models:/<study>@best``, or None when that trial
-    has no logged model."""
+def register_best(
+    tracker: StudyTracker, session: str, run_ids: list[str] | None = None
+) -> str | None:
+    """Register the best trial on validation accuracy (never test; ties: the trial that started
+    first) among ``run_ids`` (the report's trials: a grid plan's identities, whichever invocation
+    ran them), or the session's, as a new version of the registered model named after the
+    study, and point its alias ``best`` at it. Returns ``models:/<study>@best``, or None when
+    that trial has no logged model."""
     client, name = tracker.client, tracker.study
-    done = [r for r in tracker.session_runs(session)
+    runs = ([client.get_run(r) for r in run_ids] if run_ids is not None
+            else tracker.session_runs(session))  # fmt: skip
+    done = [r for r in runs
             if r.info.status == "FINISHED" and "best_val_accuracy" in r.data.metrics]  # fmt: skip
     if not done:
         return None
@@ -413,6 +415,14 @@ def register_best(tracker: StudyTracker, session: str) -> str | None:
     return f"models:/{name}@{BEST_ALIAS}"
 
 
+def copy_epochs(client: MlflowClient, source: str, target: str, last_epoch: int) -> None:
+    """The per-epoch metrics of ``source`` up to ``last_epoch``, logged again on ``target``."""
+    keys = [k for k in client.get_run(source).data.metrics if EPOCH_KEYS.match(k)]
+    batch = [m for k in keys for m in client.get_metric_history(source, k) if m.step <= last_epoch]
+    for start in range(0, len(batch), MAX_BATCH):
+        client.log_batch(target, metrics=batch[start : start + MAX_BATCH])
+
+
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict, step: int) -> None:
     now = int(time.time() * 1000)
     batch = [
@@ -430,139 +440,6 @@ FINAL_KEYS = re.compile(r"^(test_\w+|best_epoch|best_val_accuracy|trial_seconds|
                         r"val_images)$")  # fmt: skip
 
 
-class MLflowTrials(Callback):
-    """Child runs of the trials, written from the driver as Tune reports them.
-
-    Every event only queues its writes on the session's ``Writer`` (``WRITERS``), so MLflow's
-    latency and outages never stall Tune's scheduling loop; the writes of one trial happen in
-    the order of its events. Tune pickles its callbacks with the experiment and restores them
-    on ``--resume``, so this one keeps no connection, writer or run id across that.
-    """
-
-    def __init__(self, uri: str, study: str, session: str, describe, log_checkpoints=True):
-        self.uri, self.study, self.session = uri, study, session
-        self.describe, self.log_checkpoints = describe, log_checkpoints
-        self.client = self.tracker = None
-        self.runs: dict[str, str] = {}  # Ray trial id -> MLflow run id (writer thread only)
-
-    def __getstate__(self):
-        return {**self.__dict__, "client": None, "tracker": None, "runs": {}}
-
-    def _submit(self, what: str, write) -> None:
-        WRITERS[self.session].submit(what, write)
-
-    # ------------------------------------------------------------- Tune's events (loop)
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        tid, config = trial.trial_id, dict(trial.config)
-        # Tune numbers a study's trials in creation order: the tag starts with that number
-        number = str(trial.experiment_tag).split("_", 1)[0]
-        self._submit(f"start {tid}", lambda: self._run_for(tid, config, number))
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        tid, config, result = trial.trial_id, dict(trial.config), dict(result)
-        self._submit(f"result {tid}", lambda: self._log_result(tid, config, result))
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        tid, config = trial.trial_id, dict(trial.config)
-        last, checkpoint = dict(trial.last_result or {}), trial.checkpoint
-        self._submit(f"end {tid}", lambda: self._complete(tid, config, last, checkpoint))
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        tid, config, text = trial.trial_id, dict(trial.config), _error_text(trial)
-        self._submit(f"error {tid}", lambda: self._fail(tid, config, text))
-
-    # --------------------------------------------------------------- writes (writer thread)
-
-    def _connect(self) -> None:
-        if self.client is not None:
-            return
-        self.tracker = OPENING[self.session].result()[0]  # the runner is opening the store
-        self.client = self.tracker.client
-
-    def _run_for(self, trial_id: str, config: dict, number: str = "") -> str:
-        self._connect()
-        if trial_id in self.runs:
-            return self.runs[trial_id]
-        existing = self.client.search_runs(
-            [self.tracker.experiment_id],
-            filter_string=f"tags.{TRIAL_TAG} = '{trial_id}' "
-            f"and tags.{SESSION_TAG} = '{self.session}'",
-            max_results=1,
-        )
-        if existing:  # a resumed trial continues its own run
-            run_id = existing[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
-        else:
-            info = self.describe(config)
-            name = info["name"]
-            if "spec" not in config:  # a tuning sample
-                name = f"tuned-{int(number):03d}" if number.isdigit() else f"tuned-{trial_id}"
-            tags = {
-                MLFLOW_PARENT_RUN_ID: self.tracker.parent_id,
-                MLFLOW_RUN_NAME: name,
-                SESSION_TAG: self.session,
-                PARENT_TAG: "false",
-                TRIAL_TAG: trial_id,
-                **source_tags(),
-                **{k: str(v) for k, v in info["tags"].items()},
-            }
-            run_id = self.client.create_run(self.tracker.experiment_id, tags=tags).info.run_id
-            params = [Param(k, mask(str(v))) for k, v in info["params"].items()]
-            for start in range(0, len(params), 100):
-                self.client.log_batch(run_id, params=params[start : start + 100])
-            self.tracker.log_input(run_id, info["config"])
-        self.runs[trial_id] = run_id
-        return run_id
-
-    def _log_result(self, trial_id: str, config: dict, result: dict) -> None:
-        run_id = self._run_for(trial_id, config)
-        step = int(result.get("epoch", 0))
-        if result.get("completed"):
-            final = {k: v for k, v in result.items() if FINAL_KEYS.match(k)}
-            log_metrics(self.client, run_id, final, step=step)
-            if "node_id" in result:  # which Ray node ran the trial's last attempt
-                self.client.set_tag(run_id, "ray_node_id", str(result["node_id"]))
-        else:
-            epoch = {k: v for k, v in result.items() if EPOCH_KEYS.match(k)}
-            log_metrics(self.client, run_id, epoch, step=step)
-
-    def _complete(self, trial_id: str, config: dict, last: dict, checkpoint) -> None:
-        run_id = self._run_for(trial_id, config)
-        if checkpoint is not None and last.get("completed"):
-            self._log_artifacts(run_id, config, checkpoint, int(last.get("best_epoch", 0)))
-        if not last.get("completed"):
-            self.client.set_tag(run_id, "stopped_early", "true")
-        self.client.set_terminated(run_id, "FINISHED")
-
-    def _fail(self, trial_id: str, config: dict, text: str) -> None:
-        run_id = self._run_for(trial_id, config)
-        tags = {"error": text, "failure_reason": failure_reason(text)}
-        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        self.client.set_terminated(run_id, "FAILED")
-
-    def _log_artifacts(self, run_id: str, config: dict, checkpoint, best_epoch: int) -> None:
-        """The final checkpoint's files as artifacts, then its selected weights as the run's
-        MLflow model (unless --no-log-checkpoints); a model that cannot be logged leaves the
-        rest logged and the run FINISHED."""
-        import torch
-
-        from orchestrate.trainable import BEST_MODEL_FILE
-
-        with tempfile.TemporaryDirectory(prefix="fer-artifacts-") as folder:
-            checkpoint.to_directory(folder)
-            weights, state = Path(folder, BEST_MODEL_FILE), None
-            if self.log_checkpoints and weights.is_file():
-                state = torch.load(weights, map_location="cpu", weights_only=True)
-            weights.unlink(missing_ok=True)
-            Path(folder, "state.pt").unlink(missing_ok=True)
-            self.client.log_artifacts(run_id, folder)
-            if state is not None:
-                classes = json.loads(Path(folder, "predictions.json").read_text())["classes"]
-                log_model(self.uri, run_id, self.describe(config)["config"], classes, state,
-                          step=best_epoch)  # fmt: skip
-
-
 def failure_reason(text: str) -> str:
     """``divergence``, ``out of memory`` or ``exception``, from a trial's error message."""
     if "TrialDiverged" in text or "non-finite loss" in text:
@@ -570,12 +447,3 @@ def failure_reason(text: str) -> str:
     if re.search(r"OutOfMemoryError|out of memory|OOM|MemoryError", text):
         return "out of memory"
     return "exception"
-
-
-def _error_text(trial) -> str:
-    path = trial.error_file
-    if path and Path(path).is_file():
-        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
-        if lines:
-            return lines[-1][:5000]
-    return "trial failed (no error message recorded)"

@@ -87,8 +87,23 @@ def write_artifacts(folder: Path, final: dict, result) -> None:
         torch.save(result.model_state, folder / BEST_MODEL_FILE)
 
 
+def _earlier_checkpoint(params: dict, storage_uri: str | None):
+    """The checkpoint an earlier invocation left for this trial (``orchestrate.ledger``), when
+    it is still in the storage."""
+    path = (params.get("spec") or {}).get("resume_from")
+    if not path or not storage_uri:
+        return None
+    filesystem, _ = Storage(storage_uri).filesystem()
+    return tune.Checkpoint(path, filesystem=filesystem)
+
+
 def run_trial(
-    params: dict, datasets: dict, base: dict, cpus: float = 1.0, session_uri: str | None = None
+    params: dict,
+    datasets: dict,
+    base: dict,
+    cpus: float = 1.0,
+    session_uri: str | None = None,
+    storage_uri: str | None = None,
 ) -> None:
     started = time.perf_counter()
     torch.set_num_threads(max(1, int(cpus)))
@@ -98,7 +113,7 @@ def run_trial(
         raise TrialDiverged(earlier)
     config, _ = trial_config(params, base)
     data = datasets[data_key(config)]
-    previous = tune.get_checkpoint()
+    previous = tune.get_checkpoint() or _earlier_checkpoint(params, storage_uri)
     with tempfile.TemporaryDirectory(prefix="fer-resume-") as restored:
         start = None
         if previous is not None:
@@ -113,8 +128,7 @@ def run_trial(
             checkpoint = tune.Checkpoint.from_directory(folder) if folder else None
             tune.report(metrics, checkpoint=checkpoint)
 
-        name = session_uri.rstrip("/").rsplit("/", 1)[-1] if session_uri else None
-        asked = (lambda: checkpoint_requested(name)) if name else None
+        asked = (lambda: checkpoint_requested(session)) if session else None
         try:
             result = fit(config, data, report=report, checkpoint=start, checkpoint_now=asked)
         except TrainingDiverged as err:

@@ -23,7 +23,7 @@ here instead, before anything runs; an error names the file, the key and the pro
 
 - unknown keys, wrong TOML types, and trial configs that ``TrialConfig`` refuses, for every
   combination of ``[defaults]``, each preset and every grid cell;
-- ``paper``: keys must be datasets this project knows (``fermodel.data.DATASETS``), values
+- ``paper``: keys must be datasets this project knows (``fermodel.config.DATASETS``), values
   accuracies in percent;
 - ``[tune]`` and ``[presets.NAME.tune]``: a metric the trainable reports, mode max or min,
   ``num_samples`` and ``grace_period`` at least 1, ``reduction_factor`` at least 2 (ASHA asserts
@@ -39,15 +39,22 @@ here instead, before anything runs; an error names the file, the key and the pro
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import tomllib
 import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from fermodel.config import ConfigError, TrialConfig
-from fermodel.data import DATASETS
-from fermodel.engine import DATA_KEYS, SPLIT_KEYS
+from fermodel.config import (
+    DATA_KEYS,
+    DATASETS,
+    PLACE_KEYS,
+    SPLIT_KEYS,
+    ConfigError,
+    TrialConfig,
+)
 
 STUDY_DIR = Path(__file__).parent / "studies"
 KINDS = ("grid", "tune")
@@ -57,7 +64,7 @@ FIELD_TYPES = typing.get_type_hints(TrialConfig)
 TYPE_NAMES = {int: "integers", float: "finite numbers", bool: "true or false", str: "strings"}
 # keys the study's [run] table and the command line own; cells and presets may not set them
 RUN_OWNED = {"dataset", "data_path", "protocol", "fold", "folds", "seed"}
-# fermodel.engine's DATA_KEYS (what data_key and load_trial_data read) and SPLIT_KEYS (what
+# fermodel.config's DATA_KEYS (what data_key and load_trial_data read) and SPLIT_KEYS (what
 # trial_splits reads) decide the data a trial sees. A tuning study reads its dataset once, on
 # the driver, from the base config, so none of them may be sampled per trial.
 DATASET_KEYS = frozenset(DATA_KEYS) | frozenset(SPLIT_KEYS)
@@ -113,14 +120,24 @@ class TuneSettings:
     reduction_factor: int = 3
 
 
+def trial_identity(study: str, config: TrialConfig) -> str:
+    """What decides a trial's result, as a digest: the study's name and the trial's resolved
+    config without where it runs (``PLACE_KEYS``). Equal identities are the same trial, whichever
+    invocation runs it; a changed config is another trial."""
+    science = {k: v for k, v in config.to_dict().items() if k not in PLACE_KEYS}
+    text = json.dumps({"study": study, "config": science}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class TrialSpec:
-    """One trial of a study: its place in the design and its full config."""
+    """One trial of a study: its place in the design, its full config and its identity."""
 
     cell: str
     seed: int
     fold: int
     config: TrialConfig
+    identity: str = ""
 
     @property
     def key(self) -> str:
@@ -232,7 +249,8 @@ class Study:
                 for fold in self.fold_ids:
                     values = {**base, **cell.overrides, "seed": seed, "fold": fold}
                     config = _config(self.path, f"cells.{cell.name}", values)
-                    specs.append(TrialSpec(cell.name, seed, fold, config))
+                    identity = trial_identity(self.name, config)
+                    specs.append(TrialSpec(cell.name, seed, fold, config, identity))
         return specs
 
     def sample(self, trial) -> dict:

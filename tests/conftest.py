@@ -71,3 +71,63 @@ def wait_http(url: str, what: str, timeout: float = 60, any_status: bool = False
         except OSError:
             time.sleep(0.3)
     raise RuntimeError(f"{what} did not come up at {url}")
+
+
+# Every process the tests start inherits this marker in its environment; at the end of the
+# session none may still be alive (a rig, a server or a Ray left running breaks the next run).
+MARKER = "FER_ABLATION_TEST_SESSION"
+LEFTOVER_GRACE = 20.0  # seconds for processes told to stop (Ray's, a server's) to exit
+
+
+def pytest_configure(config):
+    import os
+    import secrets
+
+    os.environ.setdefault(MARKER, f"{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def leftover_processes(marker: str) -> list[str]:
+    """``pid command`` of every live process but this one whose environment holds the marker."""
+    import os
+    from pathlib import Path
+
+    needle = f"{MARKER}={marker}".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        if int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle not in (proc / "environ").read_bytes().split(b"\0"):
+                continue
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # a zombie has exited; only its parent may reap it
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # exited meanwhile, or not ours to read
+        found.append(f"{proc.name} {command.strip()[:160]}")
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import os
+    import signal
+
+    marker = os.environ.get(MARKER)
+    if not marker or hasattr(session.config, "workerinput"):
+        return
+    deadline = time.time() + LEFTOVER_GRACE
+    while (left := leftover_processes(marker)) and time.time() < deadline:
+        time.sleep(0.5)
+    if not left:
+        return
+    for line in left:  # stop them, so that this run's failure does not become the next one's
+        try:
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+        except OSError:
+            pass
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    text = f"{len(left)} process(es) started by the tests were still alive at the end:\n"
+    text += "\n".join(f"  {line}" for line in left)
+    if reporter is not None:
+        reporter.write_line(text, red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -75,3 +75,9 @@ def test_psa_output_is_the_softmax_weighted_reversed_concatenation():
     for block, value in enumerate(expected):
         torch.testing.assert_close(out[16 * block : 16 * (block + 1)], torch.full((16,), value))
     assert sum(weights) == pytest.approx(1.0)
+
+
+def test_the_config_names_every_attention_and_only_those():
+    from fermodel import config
+
+    assert tuple(ATTENTIONS) == config.ATTENTIONS

@@ -4,9 +4,10 @@ the faults a study on them survives.
 The rig differs from one machine the way a cluster does:
 
 - each worker node runs in its own mount and UTS namespace (``unshare``; the tests run as root)
-  with a fresh tmpfs over /tmp, /dev/shm and ~/.cache and a host name of its own, so it cannot
-  read anything the head or the driver write locally: the study's folder, the MLflow store,
-  Ray's session files, the dataset cache;
+  with a fresh tmpfs over the folders the head and the driver write to (the tests' temporary
+  folders, Ray's temp folders, /dev/shm, the dataset cache) and a host name of its own, so it
+  cannot read the study's folder, the MLflow store, Ray's session files or the dataset cache,
+  while the project and its virtualenv stay visible wherever the checkout lies (under /tmp too);
 - checkpoints and Tune's state go to a real S3 API server (moto's server mode) as ``s3://``;
 - the MLflow server runs with docker/compose.yaml's own ``--allowed-hosts``, and the driver
   reaches it as ``http://mlflow:PORT``, the compose host name, through a private /etc/hosts.
@@ -41,7 +42,7 @@ ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent
 BUCKET = "fer-rig"
 HOSTS = "127.0.0.1 localhost mlflow\n::1 localhost ip6-localhost ip6-loopback\n"
-PRIVATE = ("/tmp", "/dev/shm", str(Path.home() / ".cache"))  # what a worker does not share
+CACHE = str(Path.home() / ".cache" / "fer-ablation")  # the engine's dataset cache
 STUDY = """
 name = "{name}"
 kind = "grid"
@@ -124,8 +125,8 @@ def _group_alive(pgid: int) -> bool:
 class Rig:
     """Ray head + worker nodes that share no disk, an S3 server and an MLflow server."""
 
-    def __init__(self, folder: Path, workers: int = 1, dashboard: bool = False):
-        self.folder = folder
+    def __init__(self, folder: Path, basetemp: Path, workers: int = 1, dashboard: bool = False):
+        self.folder, self.basetemp = folder, basetemp
         self.temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: socket paths
         self.hosts = folder / "hosts"
         self.hosts.write_text(HOSTS)
@@ -141,6 +142,15 @@ class Rig:
                     "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
                     "RAY_health_check_failure_threshold": "3"}  # fmt: skip
         self.env.pop("RAY_ADDRESS", None)
+        self.s3, self.head, self.workers, self.mlflow = None, None, [], None
+        try:
+            self._start(workers, dashboard)
+        except BaseException:
+            self.stop()  # a rig that did not come up leaves nothing running
+            raise
+
+    def _start(self, workers: int, dashboard: bool) -> None:
+        folder = self.folder
         self.s3 = Group([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.s3_port)],
                         self.env, folder / "s3.log")  # fmt: skip
         wait_http(f"http://127.0.0.1:{self.s3_port}/", "the S3 server")
@@ -157,11 +167,10 @@ class Rig:
         # the head runs `ray job submit`'s drivers: it resolves the compose host name too
         self.head = Group(own_view(head, hosts=self.hosts), self.env, folder / "head.log")
         self.wait_nodes(1)
-        self.workers = []
         for i in range(workers):
             worker = [str(BIN / "ray"), "start", f"--address=127.0.0.1:{self.port}",
-                      "--temp-dir=/tmp/rtw", *common]  # fmt: skip
-            view = own_view(worker, private=PRIVATE, hostname=f"rig-worker-{i}")
+                      f"--temp-dir={self.temp}w{i}", *common]  # fmt: skip
+            view = own_view(worker, private=self.private(i), hostname=f"rig-worker-{i}")
             self.workers.append(Group(view, self.env, folder / f"worker{i}.log"))
         self.wait_nodes(1 + workers)
         self.mlflow = Group(
@@ -173,6 +182,11 @@ class Rig:
             self.env, folder / "mlflow.log",
         )  # fmt: skip
         self.wait_mlflow()
+
+    def private(self, worker: int) -> list[str]:
+        """What worker ``worker`` does not share with the head and the driver: the tests'
+        temporary folders, Ray's temp folders (its own one too), /dev/shm, the dataset cache."""
+        return [str(self.basetemp), str(self.temp), f"{self.temp}w{worker}", "/dev/shm", CACHE]
 
     @property
     def uri(self) -> str:  # the tests' own view of the MLflow server
@@ -226,7 +240,10 @@ class Rig:
 
     def stop(self) -> None:
         for group in [self.mlflow, *self.workers, self.head, self.s3]:
-            group.stop()
+            if group is not None:
+                group.stop()
+        for i in range(len(self.workers)):
+            shutil.rmtree(f"{self.temp}w{i}", ignore_errors=True)
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
@@ -260,7 +277,8 @@ def run(cmd: list[str], env: dict, cwd: Path, timeout: float = 600):
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
-    cluster = Rig(tmp_path_factory.mktemp("rig"), workers=1, dashboard=True)
+    cluster = Rig(tmp_path_factory.mktemp("rig"), tmp_path_factory.getbasetemp(), workers=1,
+                  dashboard=True)  # fmt: skip
     yield cluster
     cluster.stop()
 
@@ -390,36 +408,47 @@ def test_trials_that_fit_on_no_node_are_refused_within_seconds(rig, flags, asked
     assert MlflowClient(rig.uri).get_experiment_by_name("toobig") is None
 
 
-def test_a_killed_driver_is_resumed_from_s3_without_duplicates(rig):
+def test_a_killed_driver_is_continued_from_s3_by_the_next_invocation_elsewhere(rig):
     study = study_file(rig.folder, "driverkill", epochs=3)
     cmd = rig.ablation(study, "--max-concurrent", "1")
     driver = subprocess.Popen(cmd, env=rig.env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, cwd=rig.folder)  # fmt: skip
 
-    def one_finished():
-        return any(r.info.status == "FINISHED" for r in children(rig.uri, "driverkill")[1])
+    def one_finished_one_trained():
+        client, runs = children(rig.uri, "driverkill")
+        return any(r.info.status == "FINISHED" for r in runs) and any(
+            r.info.status == "RUNNING" and client.get_metric_history(r.info.run_id, "val_accuracy")
+            for r in runs
+        )
 
-    wait_for(one_finished, 300, "a finished trial")
+    wait_for(one_finished_one_trained, 300, "a finished trial and a trained epoch of the next")
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     client, before = children(rig.uri, "driverkill")
     finished = {r.info.run_id for r in before if r.info.status == "FINISHED"}
-    assert len(finished) == 1
-    # a new working folder: the session can only be found in the bucket
+    killed = [r for r in before if r.info.status == "RUNNING"]
+    assert len(finished) == 1 and len(killed) == 1
+    # a new working folder, the same command: the checkpoint can only be found in the bucket
     elsewhere = rig.folder / "elsewhere"
     elsewhere.mkdir()
-    done = run([*cmd, "--resume"], rig.env, elsewhere)
+    done = run(cmd, rig.env, elsewhere)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert f"resuming {rig.storage}/driverkill__synthetic__tiny__" in done.stdout
+    assert "0 to run, 1 to continue, 1 finished before (skipped)" in done.stdout
     client, after = children(rig.uri, "driverkill")
-    assert len(after) == 2 and {r.info.status for r in after} == {"FINISHED"}
-    assert sorted(r.data.tags["cell"] for r in after) == ["ce", "center"]
+    final = [r for r in after if r.info.status == "FINISHED"]
+    assert sorted(r.data.tags["cell"] for r in final) == ["ce", "center"]
+    assert {r.info.run_id for r in after if r.info.status == "KILLED"} == {killed[0].info.run_id}
+    assert client.get_run(killed[0].info.run_id).data.tags["closed_by"] != ""
     for run_id in finished:  # not trained again
         assert len(client.get_metric_history(run_id, "val_accuracy")) == 3
+    continued = next(r for r in final if r.info.run_id not in finished)
+    assert continued.data.tags["continues_run"] == killed[0].info.run_id
+    history = client.get_metric_history(continued.info.run_id, "val_accuracy")
+    assert sorted(m.step for m in history) == [1, 2, 3]  # earlier epochs copied, none twice
     exp = client.get_experiment_by_name("driverkill")
-    parents = client.search_runs([exp.experiment_id], "tags.study_parent = 'true'")
-    assert [r.info.status for r in parents] == ["FINISHED"]  # one study, reopened
-    assert {r.data.tags["mlflow.parentRunId"] for r in after} == {parents[0].info.run_id}
+    parents = client.search_runs([exp.experiment_id], "tags.study_parent = 'true'",
+                                 order_by=["attributes.start_time ASC"])  # fmt: skip
+    assert [r.info.status for r in parents] == ["KILLED", "FINISHED"]  # one per invocation
     progress = [ln for ln in done.stdout.splitlines() if " done, " in ln]
     assert progress[0].split("] ")[1].startswith("1/2 done")  # counts the earlier trial
     # nothing of the study's state is local, only the report it was asked to write here

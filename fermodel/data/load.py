@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 
+from fermodel.config import DATASETS
 from fermodel.data.audit import audit
 from fermodel.data.dataset import FERDataset
 
 log = logging.getLogger(__name__)
-DATASETS = ("fer2013", "ckplus", "synthetic")
 
 
 def load_dataset(name: str, path=None, drop_leaked: bool = False, **options) -> FERDataset:

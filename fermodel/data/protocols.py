@@ -35,10 +35,9 @@ import numpy as np
 import torch
 
 from fermodel.augment import AugmentConfig, augment_copies
+from fermodel.config import PROTOCOLS
 from fermodel.data.audit import content_groups
 from fermodel.data.dataset import DatasetError, FERDataset
-
-PROTOCOLS = ("official", "kfold", "paper")
 
 
 @dataclass

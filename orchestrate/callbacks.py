@@ -1,0 +1,378 @@
+"""The study's Tune callbacks: everything that reacts to Tune's trial events, in the driver.
+
+- ``MLflowTrials``: the child runs of the trials in MLflow, written through the invocation's
+  writer (``orchestrate.tracking``).
+- ``CheckpointIndex``: where each trial identity's newest checkpoint lies
+  (``orchestrate.ledger``), for the next invocation.
+- ``Progress``: one line per trial event, best so far on validation (never test).
+- ``GracefulStop``: SIGINT and SIGTERM checkpoint running trials first (``orchestrate.interrupt``).
+- ``JournalMirror``: a tuning study's Optuna journal copied into an object-store session.
+
+Tune pickles its callbacks with the experiment and restores them with a session, so none keeps
+a connection or a thread across that; they find the live invocation in ``tracking.LIVE``.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from mlflow.entities import Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from ray.tune import Callback
+
+from orchestrate.interrupt import FLAG, INTERRUPTED, TERM_GRACE, Interrupted
+from orchestrate.ledger import index_path
+from orchestrate.search import JOURNAL, LOCAL_JOURNALS
+from orchestrate.storage import Storage
+from orchestrate.tracking import (
+    EPOCH_KEYS,
+    FINAL_KEYS,
+    LIVE,
+    PARENT_TAG,
+    SESSION_TAG,
+    TRIAL_TAG,
+    copy_epochs,
+    failure_reason,
+    log_metrics,
+    log_model,
+    mask,
+    source_tags,
+)
+
+
+class MLflowTrials(Callback):
+    """Child runs of the trials, written from the driver as Tune reports them.
+
+    Every event only queues its writes on the invocation's ``Writer`` (``LIVE``), so MLflow's
+    latency and outages never stall Tune's scheduling loop; the writes of one trial happen in
+    the order of its events. Tune pickles its callbacks with the experiment and restores them
+    on ``--resume``, so this one keeps no connection, writer or run id across that.
+    """
+
+    def __init__(self, uri: str, study: str, session: str, describe, log_checkpoints=True):
+        self.uri, self.study, self.session = uri, study, session
+        self.describe, self.log_checkpoints = describe, log_checkpoints
+        self.client = self.tracker = None
+        self.runs: dict[str, str] = {}  # Ray trial id -> MLflow run id (writer thread only)
+
+    def __getstate__(self):
+        return {**self.__dict__, "client": None, "tracker": None, "runs": {}}
+
+    def _submit(self, what: str, write) -> None:
+        LIVE[self.session].writer.submit(what, write)
+
+    # ------------------------------------------------------------- Tune's events (loop)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        tid, config = trial.trial_id, dict(trial.config)
+        # Tune numbers a study's trials in creation order: the tag starts with that number
+        number = str(trial.experiment_tag).split("_", 1)[0]
+        self._submit(f"start {tid}", lambda: self._run_for(tid, config, number))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        tid, config, result = trial.trial_id, dict(trial.config), dict(result)
+        self._submit(f"result {tid}", lambda: self._log_result(tid, config, result))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        tid, config = trial.trial_id, dict(trial.config)
+        last, checkpoint = dict(trial.last_result or {}), trial.checkpoint
+        self._submit(f"end {tid}", lambda: self._complete(tid, config, last, checkpoint))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        tid, config, text = trial.trial_id, dict(trial.config), error_text(trial)
+        self._submit(f"error {tid}", lambda: self._fail(tid, config, text))
+
+    # --------------------------------------------------------------- writes (writer thread)
+
+    def _connect(self) -> None:
+        if self.client is not None:
+            return
+        self.tracker = LIVE[self.session].tracker
+        self.client = self.tracker.client
+
+    def _run_for(self, trial_id: str, config: dict, number: str = "") -> str:
+        self._connect()
+        if trial_id in self.runs:
+            return self.runs[trial_id]
+        existing = self.client.search_runs(
+            [self.tracker.experiment_id],
+            filter_string=f"tags.{TRIAL_TAG} = '{trial_id}' "
+            f"and tags.{SESSION_TAG} = '{self.session}'",
+            max_results=1,
+        )
+        if existing:  # a resumed trial continues its own run
+            run_id = existing[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            info = self.describe(config)
+            name = info["name"]
+            if "spec" not in config:  # a tuning sample
+                name = f"tuned-{int(number):03d}" if number.isdigit() else f"tuned-{trial_id}"
+            tags = {
+                MLFLOW_PARENT_RUN_ID: self.tracker.parent_id,
+                MLFLOW_RUN_NAME: name,
+                SESSION_TAG: self.session,
+                PARENT_TAG: "false",
+                TRIAL_TAG: trial_id,
+                **source_tags(),
+                **{k: str(v) for k, v in info["tags"].items()},
+            }
+            continues = (config.get("spec") or {}).get("continues")
+            if continues:
+                tags["continues_run"] = continues["run"]
+                tags["continues_after_epoch"] = str(continues["epoch"])
+            run_id = self.client.create_run(self.tracker.experiment_id, tags=tags).info.run_id
+            params = [Param(k, mask(str(v))) for k, v in info["params"].items()]
+            for start in range(0, len(params), 100):
+                self.client.log_batch(run_id, params=params[start : start + 100])
+            self.tracker.log_input(run_id, info["config"])
+            if continues:  # the epochs before the checkpoint, so the run shows the whole trial
+                copy_epochs(self.client, continues["run"], run_id, continues["epoch"])
+        self.runs[trial_id] = run_id
+        return run_id
+
+    def _log_result(self, trial_id: str, config: dict, result: dict) -> None:
+        run_id = self._run_for(trial_id, config)
+        step = int(result.get("epoch", 0))
+        if result.get("completed"):
+            final = {k: v for k, v in result.items() if FINAL_KEYS.match(k)}
+            log_metrics(self.client, run_id, final, step=step)
+            if "node_id" in result:  # which Ray node ran the trial's last attempt
+                self.client.set_tag(run_id, "ray_node_id", str(result["node_id"]))
+        else:
+            epoch = {k: v for k, v in result.items() if EPOCH_KEYS.match(k)}
+            log_metrics(self.client, run_id, epoch, step=step)
+
+    def _complete(self, trial_id: str, config: dict, last: dict, checkpoint) -> None:
+        run_id = self._run_for(trial_id, config)
+        if checkpoint is not None and last.get("completed"):
+            self._log_artifacts(run_id, config, checkpoint, int(last.get("best_epoch", 0)))
+        if not last.get("completed"):
+            self.client.set_tag(run_id, "stopped_early", "true")
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def _fail(self, trial_id: str, config: dict, text: str) -> None:
+        run_id = self._run_for(trial_id, config)
+        tags = {"error": text, "failure_reason": failure_reason(text)}
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.client.set_terminated(run_id, "FAILED")
+
+    def _log_artifacts(self, run_id: str, config: dict, checkpoint, best_epoch: int) -> None:
+        """The final checkpoint's files as artifacts, then its selected weights as the run's
+        MLflow model (unless --no-log-checkpoints); a model that cannot be logged leaves the
+        rest logged and the run FINISHED."""
+        import torch
+
+        from orchestrate.trainable import BEST_MODEL_FILE
+
+        with tempfile.TemporaryDirectory(prefix="fer-artifacts-") as folder:
+            checkpoint.to_directory(folder)
+            weights, state = Path(folder, BEST_MODEL_FILE), None
+            if self.log_checkpoints and weights.is_file():
+                state = torch.load(weights, map_location="cpu", weights_only=True)
+            weights.unlink(missing_ok=True)
+            Path(folder, "state.pt").unlink(missing_ok=True)
+            self.client.log_artifacts(run_id, folder)
+            if state is not None:
+                classes = json.loads(Path(folder, "predictions.json").read_text())["classes"]
+                log_model(self.uri, run_id, self.describe(config)["config"], classes, state,
+                          step=best_epoch)  # fmt: skip
+
+
+def error_text(trial) -> str:
+    path = trial.error_file
+    if path and Path(path).is_file():
+        lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+        if lines:
+            return lines[-1][:5000]
+    return "trial failed (no error message recorded)"
+
+
+class CheckpointIndex(Callback):
+    """Records, for every trial, the newest checkpoint Tune persisted in the storage, so that a
+    later invocation continues the trial from it (Tune's own state serves only its session)."""
+
+    def __init__(self, storage_uri: str):
+        self.storage_uri = storage_uri
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        spec = trial.config.get("spec") or {}
+        if spec.get("identity") and checkpoint is not None:
+            epoch = int((trial.last_result or {}).get("epoch", 0))
+            entry = {"path": checkpoint.path, "epoch": epoch, "trial": trial.trial_id}
+            Storage(self.storage_uri).write_text(index_path(spec["identity"]), json.dumps(entry))
+
+
+class Progress(Callback):
+    """One line per trial event, counting from the ``earlier`` trials finished by earlier
+    invocations (a continued tuning session, restored by Tune, reads them from the invocation)."""
+
+    def __init__(self, planned: int, session: str, earlier: int = 0, out=None, log: str = ""):
+        self.planned, self.session, self.earlier, self.out = planned, session, earlier, out
+        self.log = log  # where the tracebacks of failed trials are
+        self.started = time.monotonic()
+        self.running: set[str] = set()
+        self.done = self.failed = 0
+        self.best: tuple[float, str] | None = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "out": None}
+
+    def setup(self, **info):
+        self.out = self.out or sys.stdout
+        self.started = time.monotonic()
+        self.running = set()
+        from orchestrate.tracking import LIVE
+
+        if self.session in LIVE:
+            self.earlier = LIVE[self.session].earlier
+        self.done, self.failed = self.earlier, 0
+
+    def _print(self, event: str) -> None:
+        best = f"; best validation {self.best[0]:.4f} ({self.best[1]})" if self.best else ""
+        elapsed = time.monotonic() - self.started
+        print(
+            f"[{elapsed:6.0f}s] {self.done}/{self.planned} done, {len(self.running)} running, "
+            f"{self.failed} failed{best}  <- {event}",
+            file=self.out,
+            flush=True,
+        )
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running.add(trial.trial_id)
+        self._print(f"started {_name(trial)}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        last = trial.last_result or {}
+        self.done += 1
+        value = last.get("best_val_accuracy")
+        if value is not None and (self.best is None or value > self.best[0]):
+            self.best = (value, _name(trial))
+        stopped = "" if last.get("completed") else " (stopped early)"
+        self._print(f"finished {_name(trial)}{stopped}")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        self.failed += 1
+        where = f" (traceback in {self.log})" if self.log else ""
+        self._print(f"failed {_name(trial)}: {error_text(trial)}{where}")
+
+
+def _name(trial) -> str:
+    spec = trial.config.get("spec")
+    if spec:
+        return f"{spec['cell']} seed {spec['seed']} fold {spec['fold']}"
+    return trial.trial_id
+
+
+class GracefulStop(Callback):
+    def __init__(self, session: str, session_uri: str):
+        self.session, self.session_uri = session, session_uri
+        self._reset()
+
+    def _reset(self) -> None:
+        self.running: set[str] = set()
+        self.waiting: set[str] | None = None
+        self.tune_handler = None
+        self.stopped = False
+        self.timer: threading.Timer | None = None
+
+    def __getstate__(self):
+        return {"session": self.session, "session_uri": self.session_uri}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset()
+
+    def setup(self, **info):
+        self._reset()
+        if threading.current_thread() is threading.main_thread():
+            self.tune_handler = signal.getsignal(signal.SIGINT)  # Tune's, installed by now
+            signal.signal(signal.SIGINT, self._on_signal)
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if self.waiting is not None:  # a second signal
+            if signum == signal.SIGINT:
+                self._stop()
+            return
+        INTERRUPTED[self.session] = signum
+        Storage(self.session_uri).write_text(FLAG, "1")
+        self.waiting = set(self.running)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        bound = (" (Ctrl-C again to stop now)" if signum == signal.SIGINT
+                 else f" (at most {TERM_GRACE:.0f} s)")  # fmt: skip
+        print(f"\n{name}: no further trial starts; waiting for {len(self.waiting)} running "
+              f"trial(s) to checkpoint at the end of their epoch{bound}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        if signum != signal.SIGINT:
+            self.timer = threading.Timer(TERM_GRACE, self._stop_from_timer)
+            self.timer.daemon = True
+            self.timer.start()
+        if not self.waiting:
+            self._stop()
+
+    def _stop_from_timer(self) -> None:
+        # the handler must run in the main thread: send ourselves the signal Tune handles
+        if not self.stopped:
+            self.waiting = set()
+            signal.raise_signal(signal.SIGINT)
+
+    def _settled(self, trial) -> None:
+        if self.waiting is not None:
+            self.waiting.discard(trial.trial_id)
+            if not self.waiting:
+                self._stop()
+
+    def _stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        if self.timer is not None:
+            self.timer.cancel()
+        if callable(self.tune_handler):
+            self.tune_handler(signal.SIGINT, None)  # Tune saves its state and returns
+        else:
+            raise Interrupted(INTERRUPTED.get(self.session, signal.SIGINT))
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running.add(trial.trial_id)
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        self._settled(trial)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        self._settled(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+        self._settled(trial)
+
+
+class JournalMirror(Callback):
+    """Copies the local Optuna journal into an object-store session after every trial."""
+
+    def __init__(self, storage, session: str):
+        self.storage, self.session = storage, session
+
+    def _copy(self) -> None:
+        path = LOCAL_JOURNALS / f"{self.session}.journal"
+        if path.exists():
+            self.storage.write_text(f"{self.session}/{JOURNAL}", path.read_text())
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._copy()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._copy()
+
+    def on_experiment_end(self, trials, **info):
+        self._copy()

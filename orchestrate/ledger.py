@@ -1,0 +1,148 @@
+"""Which trials of a grid study still have to run: the study's MLflow experiment is its ledger.
+
+A trial is its identity (``search_spaces.study.trial_identity``: the study and the trial's
+config without where it runs); every child run is tagged with it. An invocation runs only the
+identities that have no FINISHED run in the experiment, whichever invocation ran it before:
+
+- ``finished``: a FINISHED run exists; nothing runs (the report takes its newest).
+- ``continue``: unfinished (killed, interrupted, lost, failed) with a checkpoint in the
+  storage's index (``checkpoints/<identity>.json``, written by ``CheckpointIndex`` whenever
+  Tune persists one); it resumes from there and redoes at most the epochs since.
+- ``run``: never started, or unfinished without a checkpoint; it starts from scratch.
+- ``diverged``: its newest run FAILED with a non-finite loss. Training is deterministic given
+  its config, so it would diverge again: skipped unless ``--retry-failed``.
+
+A run still RUNNING when an invocation starts belongs to a driver that was killed (SIGKILL, a
+lost machine): it is closed as KILLED with a ``closed_by`` tag, and its trial continues. One
+invocation per study at a time is assumed, as with any shared experiment.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from orchestrate.storage import Storage
+
+IDENTITY_TAG = "trial_identity"
+INDEX = "checkpoints"  # folder of the storage: one small JSON file per identity
+ACTIONS = ("finished", "continue", "run", "diverged")
+
+
+@dataclass(frozen=True)
+class Fate:
+    """What this invocation does with one trial of the plan, and why."""
+
+    spec: object  # TrialSpec
+    action: str  # one of ACTIONS
+    reason: str
+    checkpoint: str = ""  # the checkpoint to continue from (a path in the storage)
+    run_id: str = ""  # the run that decided (the finished, diverged or continued one)
+    epoch: int = 0  # the epoch of the checkpoint
+
+    @property
+    def runs(self) -> bool:
+        return self.action in ("continue", "run")
+
+
+def index_path(identity: str) -> str:
+    return f"{INDEX}/{identity}.json"
+
+
+def newest_checkpoint(storage: Storage, identity: str) -> tuple[str, int]:
+    """The newest checkpoint Tune persisted for this identity and its epoch, if it still
+    exists, else ("", 0)."""
+    from pyarrow import fs
+
+    text = storage.read_text(index_path(identity))
+    if text is None:
+        return "", 0
+    entry = json.loads(text)
+    path = entry.get("path", "")
+    filesystem, _ = storage.filesystem()
+    if not path or filesystem.get_file_info(path).type != fs.FileType.Directory:
+        return "", 0
+    return path, int(entry.get("epoch", 0))
+
+
+def identity_runs(tracker) -> dict[str, list]:
+    """The experiment's child runs by identity, newest first."""
+    from orchestrate.tracking import PARENT_TAG
+
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id], filter_string=f"tags.{PARENT_TAG} = 'false'",
+        max_results=50_000, order_by=["attributes.start_time DESC"],
+    )  # fmt: skip
+    out: dict[str, list] = {}
+    for run in runs:
+        identity = run.data.tags.get(IDENTITY_TAG)
+        if identity:
+            out.setdefault(identity, []).append(run)
+    return out
+
+
+def plan_fates(specs, tracker, storage: Storage, retry_failed: bool = False) -> list[Fate]:
+    """Every planned trial's fate (see the module docstring); reads MLflow and the storage,
+    writes nothing."""
+    by_identity = identity_runs(tracker)
+    fates = []
+    for spec in specs:
+        runs = by_identity.get(spec.identity, [])
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        if finished:
+            fates.append(Fate(spec, "finished", "finished before", run_id=finished[0].info.run_id))
+            continue
+        newest = runs[0] if runs else None
+        diverged = newest is not None and newest.data.tags.get("failure_reason") == "divergence"
+        if diverged and not retry_failed:
+            fates.append(Fate(spec, "diverged", "diverged before (--retry-failed runs it "
+                              "again)", run_id=newest.info.run_id))  # fmt: skip
+            continue
+        checkpoint, epoch = newest_checkpoint(storage, spec.identity)
+        if newest is None:
+            reason = "new"
+        else:
+            reason = {"RUNNING": "its driver was killed", "KILLED": "interrupted",
+                      "FAILED": f"failed ({newest.data.tags.get('failure_reason', 'error')})"
+                      }.get(newest.info.status, newest.info.status.lower())  # fmt: skip
+        if checkpoint and newest is not None:
+            fates.append(Fate(spec, "continue", f"{reason}; continues after epoch {epoch}",
+                              checkpoint, newest.info.run_id, epoch))  # fmt: skip
+        else:
+            fates.append(Fate(spec, "run", reason))
+    return fates
+
+
+def close_stale(tracker, fates: list[Fate], session: str) -> int:
+    """Close what a killed driver left RUNNING: the runs of trials this invocation runs again
+    and the parent runs of earlier invocations (called before this one opens its own)."""
+    from orchestrate.tracking import PARENT_TAG
+
+    by_identity = identity_runs(tracker)
+    stale = [run for fate in fates if fate.runs for run in by_identity.get(fate.spec.identity, [])
+             if run.info.status == "RUNNING"]  # fmt: skip
+    stale += tracker.client.search_runs(
+        [tracker.experiment_id],
+        filter_string=f"tags.{PARENT_TAG} = 'true' and attributes.status = 'RUNNING'",
+    )
+    for run in stale:
+        tracker.client.set_tag(run.info.run_id, "closed_by", session)
+        tracker.client.set_terminated(run.info.run_id, "KILLED")
+    return len(stale)
+
+
+def describe_fates(fates: list[Fate], only_notable: bool = False) -> str:
+    """A count of each action, then one line per trial; with ``only_notable`` only for the
+    trials that continue, were skipped as diverged or run again after a failure."""
+    counts = {a: sum(f.action == a for f in fates) for a in ACTIONS}
+    lines = [
+        f"{counts['run']} to run, {counts['continue']} to continue, {counts['finished']} "
+        f"finished before (skipped), {counts['diverged']} diverged before (skipped)"
+    ]
+    for fate in fates:
+        if only_notable and (fate.action == "finished" or fate.reason == "new"):
+            continue
+        c = fate.spec.config
+        lines.append(f"  {fate.spec.key:34s} {c.backbone}/{c.attention}/{c.loss:7s} "
+                     f"{fate.action:9s} {fate.reason}")  # fmt: skip
+    return "\n".join(lines)

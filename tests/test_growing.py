@@ -1,0 +1,157 @@
+"""A grid study is the set of its trial identities: each invocation trains only those without a
+FINISHED run. Seeds and cells added later train alone, a trial lost to a fault is re-run alone,
+a diverged one only when asked. Real Ray (the session's local cluster), a real MLflow store,
+the command line as users type it."""
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrate.ablation import main
+
+pytestmark = pytest.mark.slow
+
+CELLS = {
+    "ce": 'name = "ce"\nloss = "ce"',
+    "center": 'name = "center"\nloss = "center"',
+    "island": 'name = "island"\nloss = "island"',
+    "boom": 'name = "boom"\nloss = "center"\nlam = 1e38',  # diverges at its first step
+}
+
+
+def body(*cells: str, name: str = "grow", extra: str = "") -> str:
+    head = (f'name = "{name}"\nkind = "grid"\nreference = "{cells[0]}"\n[run]\n'
+            'dataset = "synthetic"\n[defaults]\nbackbone = "resnet18"\n'
+            'attention = "none"\n')  # fmt: skip
+    return head + "".join(f"[[cells]]\n{CELLS[c]}{extra}\n" for c in cells)
+
+
+def argv(tmp_path, study: str, *extra: str) -> list[str]:
+    return ["--study", study, "--preset", "tiny", "--storage", str(tmp_path / "ray"),
+            "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--no-log-checkpoints",
+            *extra]  # fmt: skip
+
+
+def children(tmp_path, name: str) -> tuple[MlflowClient, list]:
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    exp = client.get_experiment_by_name(name)
+    return client, client.search_runs([exp.experiment_id], "tags.study_parent = 'false'")
+
+
+def trained(client, run) -> int:
+    return len(client.get_metric_history(run.info.run_id, "val_accuracy"))
+
+
+def test_seeds_and_cells_added_to_a_finished_study_train_alone(
+    ray_cluster, tmp_path, study_file, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    study = study_file(body("ce", "center"))
+    assert main(argv(tmp_path, study, "--seeds", "1")) == 0
+    client, first = children(tmp_path, "grow")
+    assert len(first) == 2 and {r.info.status for r in first} == {"FINISHED"}
+    capsys.readouterr()
+
+    assert main(argv(tmp_path, study, "--seeds", "2", "--dry-run")) == 0
+    plan = capsys.readouterr().out
+    assert "2 to run, 0 to continue, 2 finished before (skipped)" in plan
+    assert plan.count("finished before") == 3 and plan.count(" run ") == 2  # header + 2 rows
+
+    assert main(argv(tmp_path, study, "--seeds", "2")) == 0
+    out = capsys.readouterr().out
+    client, second = children(tmp_path, "grow")
+    new = [r for r in second if r.info.run_id not in {f.info.run_id for f in first}]
+    assert sorted((r.data.tags["cell"], r.data.tags["seed"]) for r in new) == [
+        ("ce", "1"), ("center", "1")]  # fmt: skip
+    assert all(trained(client, r) == 2 for r in first)  # seed 0 not trained again
+    rows = {ln.split()[0]: ln.split()[1] for ln in out.splitlines()
+            if ln.startswith(("ce ", "center "))}  # fmt: skip
+    assert rows == {"ce": "2", "center": "2"}  # both seeds of each cell in its row (n)
+
+    # a third cell: only its two seeds train; a changed cell is a new identity
+    grown = study_file(body("ce", "center", "island"))
+    assert main(argv(tmp_path, grown, "--seeds", "2")) == 0
+    client, third = children(tmp_path, "grow")
+    assert len(third) == 6 and sorted(r.data.tags["cell"] for r in third).count("island") == 2
+    capsys.readouterr()
+    changed = study_file(body("ce", "center", "island", extra="\nlr = 0.002"))
+    assert main(argv(tmp_path, changed, "--seeds", "2", "--dry-run")) == 0
+    assert "6 to run, 0 to continue, 0 finished before" in capsys.readouterr().out
+
+
+def _kill_first_trained_worker(tmp_path, name: str, done: threading.Event, killed: list) -> None:
+    """SIGKILL the Ray worker of the first trial that reported an epoch, as a lost node would."""
+    deadline = time.time() + 300
+    while time.time() < deadline and not done.is_set():
+        db = tmp_path / "m.db"
+        if db.exists():
+            client = MlflowClient(f"sqlite:///{db}")
+            exp = client.get_experiment_by_name(name)
+            running = [] if exp is None else [
+                r for r in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+                if r.data.tags.get("study_parent") == "false" and trained(client, r)
+            ]  # fmt: skip
+            workers = [p for p in Path("/proc").glob("[0-9]*") if _is_trial_worker(p)]
+            if running and len(workers) == 1:
+                os.kill(int(workers[0].name), signal.SIGKILL)
+                killed.append(running[0].data.tags["cell"])
+                return
+        time.sleep(0.3)
+
+
+def _is_trial_worker(proc: Path) -> bool:
+    try:
+        return b"ImplicitFunc" in (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def test_a_trial_lost_to_a_fault_reruns_alone_and_a_diverged_one_only_when_asked(
+    ray_cluster, tmp_path, study_file, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    study = study_file(body("ce", "center", "boom", name="faults"))
+    args = argv(tmp_path, study, "--max-concurrent", "1", "--max-failures", "0")
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_first_trained_worker,
+                              args=(tmp_path, "faults", done, killed))  # fmt: skip
+    killer.start()
+    try:
+        assert main(args) == 0
+    finally:
+        done.set()
+        killer.join()
+    out = capsys.readouterr().out
+    assert killed, "no trial worker was killed"
+    client, first = children(tmp_path, "faults")
+    status = {r.data.tags["cell"]: r for r in first}
+    assert status[killed[0]].info.status == "FAILED"
+    assert status["boom"].data.tags["failure_reason"] == "divergence"
+    assert "Traceback" not in out
+    failed_lines = [ln for ln in out.splitlines() if "<- failed " in ln]
+    assert len(failed_lines) == 2 and all("traceback in " in ln for ln in failed_lines)
+    log = Path(failed_lines[0].split("traceback in ")[1].rstrip(")"))
+    assert log.is_file() and "Traceback" in log.read_text()
+
+    # the next invocation re-runs only the lost trial; the diverged one is skipped
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "diverged before (--retry-failed runs it again)" in out
+    client, second = children(tmp_path, "faults")
+    new = [r for r in second if r.info.run_id not in {f.info.run_id for f in first}]
+    assert [(r.data.tags["cell"], r.info.status) for r in new] == [(killed[0], "FINISHED")]
+    finished = {r.data.tags["cell"] for r in second if r.info.status == "FINISHED"}
+    assert finished == {"ce", "center"}
+
+    # asked, the diverged trial runs again, alone, and diverges again
+    assert main([*args, "--retry-failed"]) == 0
+    out = capsys.readouterr().out
+    _, third = children(tmp_path, "faults")
+    new = [r for r in third if r.info.run_id not in {s.info.run_id for s in second}]
+    assert [(r.data.tags["cell"], r.info.status) for r in new] == [("boom", "FAILED")]
+    assert "1 to run, 0 to continue, 2 finished before (skipped)" in out

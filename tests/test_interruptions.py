@@ -1,0 +1,162 @@
+"""A study is never lost, however it is stopped: a fixed set of interruption schedules (seeded
+draws over the signal, whom it reaches, the moment and the concurrency), each followed by a plain
+re-invocation of the same command. Every schedule must end with each trial identity holding
+exactly one FINISHED run and none RUNNING, no epoch trained twice past its last checkpoint, and
+the same test predictions, bit for bit, as an uninterrupted run of the study (CPU, deterministic
+kernels). Real drivers in their own sessions, real signals, a real private Ray each time."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+STUDY = """
+name = "stops"
+kind = "grid"
+[run]
+dataset = "synthetic"
+[defaults]
+backbone = "resnet18"
+attention = "none"
+[[cells]]
+name = "a"
+loss = "ce"
+[[cells]]
+name = "b"
+loss = "island"
+[[cells]]
+name = "c"
+loss = "center"
+[presets.tiny]
+epochs = 5
+batch_size = 8
+synthetic_subjects = 10
+synthetic_images_per_class = 2
+deterministic = true
+checkpoint_every = 100
+"""
+# checkpoint_every = 100: only the last epoch is checkpointed on its own, so any earlier
+# checkpoint is one a signal asked for at the end of the running epoch
+SIGNALS = ("SIGINT to the driver", "SIGINT to the process group", "SIGTERM", "SIGKILL")
+MOMENTS = ("before any checkpoint", "mid-study", "after a trial finished")
+EXIT = {"SIGINT to the driver": 130, "SIGINT to the process group": 130, "SIGTERM": 143,
+        "SIGKILL": -9}  # fmt: skip
+
+
+def schedules(n: int = 6, seed: int = 2026) -> list[tuple[str, str, int]]:
+    """n distinct (signal, moment, trials at a time) draws, every signal among them."""
+    rng = random.Random(seed)
+    drawn = [(s, rng.choice(MOMENTS), rng.choice((1, 2))) for s in SIGNALS]
+    while len(drawn) < n:
+        pick = (rng.choice(SIGNALS), rng.choice(MOMENTS), rng.choice((1, 2)))
+        if pick not in drawn:
+            drawn.append(pick)
+    return drawn
+
+
+def command(folder: Path, concurrency: int) -> list[str]:
+    return [sys.executable, "-m", "orchestrate.ablation", "--study", str(folder / "stops.toml"),
+            "--preset", "tiny", "--storage", str(folder / "ray"),
+            "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}",
+            "--max-concurrent", str(concurrency), "--no-log-checkpoints"]  # fmt: skip
+
+
+def children(folder: Path) -> tuple[MlflowClient, list]:
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("stops") if (folder / "mlflow.db").exists() else None
+    if exp is None:
+        return client, []
+    return client, client.search_runs([exp.experiment_id], "tags.study_parent = 'false'")
+
+
+def reached(folder: Path, moment: str) -> bool:
+    client, runs = children(folder)
+    running = [r for r in runs if r.info.status == "RUNNING"]
+    if moment == "before any checkpoint":
+        return bool(running)
+    if moment == "mid-study":
+        return any(client.get_metric_history(r.info.run_id, "val_accuracy") for r in running)
+    return any(r.info.status == "FINISHED" for r in runs) and bool(running)
+
+
+def predictions(folder: Path) -> dict[str, tuple]:
+    """Per identity: its FINISHED runs' test accuracy and predictions."""
+    client, runs = children(folder)
+    out = {}
+    for run in runs:
+        if run.info.status == "FINISHED":
+            path = client.download_artifacts(run.info.run_id, "predictions.json", str(folder))
+            body = json.loads(Path(path).read_text())
+            identity = run.data.tags["trial_identity"]
+            assert identity not in out, f"two FINISHED runs of {identity}"
+            out[identity] = (run.data.metrics["test_accuracy"], body["predictions"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    (folder / "stops.toml").write_text(STUDY)
+    done = subprocess.run(command(folder, 2), cwd=folder, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = predictions(folder)
+    assert len(result) == 3
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how, moment, concurrency", schedules())
+def test_a_stopped_study_continues_to_the_uninterrupted_result(
+    reference, tmp_path, how, moment, concurrency
+):
+    (tmp_path / "stops.toml").write_text(STUDY)
+    cmd = command(tmp_path, concurrency)
+    # its own session: a signal to "the process group" reaches the driver and Ray's processes,
+    # as a terminal's Ctrl-C does, and nothing of the test's
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not reached(tmp_path, moment):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0].decode()
+    if how == "SIGINT to the process group":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal({"SIGINT to the driver": signal.SIGINT, "SIGTERM": signal.SIGTERM,
+                          "SIGKILL": signal.SIGKILL}[how])  # fmt: skip
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == EXIT[how], output
+    assert "SIGTERM received" not in output and "Traceback" not in output
+    _, stopped = children(tmp_path)
+    if how != "SIGKILL":  # every open run closed; a killed driver can close nothing
+        assert "RUNNING" not in {r.info.status for r in stopped}, output
+        assert "Continue with:" in output
+    last_epoch = {r.data.tags["trial_identity"]: r for r in stopped if r.info.status != "FINISHED"}
+
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    client, runs = children(tmp_path)
+    assert "RUNNING" not in {r.info.status for r in runs}
+    assert predictions(tmp_path) == reference  # one FINISHED run per identity, the same result
+    for run in runs:
+        if run.info.status != "FINISHED":
+            continue
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+        assert sorted(steps) == [1, 2, 3, 4, 5], steps  # the whole trial, each epoch once
+        earlier = last_epoch.get(run.data.tags["trial_identity"])
+        if earlier is None:
+            continue  # finished before the signal
+        trained = len(client.get_metric_history(earlier.info.run_id, "val_accuracy"))
+        resumed_after = int(run.data.tags.get("continues_after_epoch", 0))
+        if how != "SIGKILL" and trained:
+            # a graceful stop checkpoints the epoch it was in: nothing trained before is lost
+            assert run.data.tags.get("continues_run") == earlier.info.run_id
+            assert resumed_after >= trained, (trained, resumed_after)
