@@ -128,7 +128,7 @@ def test_a_trial_lost_to_a_fault_reruns_alone_and_a_diverged_one_only_when_asked
         killer.join()
     out = capsys.readouterr().out
     assert killed, "no trial worker was killed"
-    client, first = children(tmp_path, "faults")
+    _, first = children(tmp_path, "faults")
     status = {r.data.tags["cell"]: r for r in first}
     assert status[killed[0]].info.status == "FAILED"
     assert status["boom"].data.tags["failure_reason"] == "divergence"
@@ -142,7 +142,7 @@ def test_a_trial_lost_to_a_fault_reruns_alone_and_a_diverged_one_only_when_asked
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "diverged before (--retry-failed runs it again)" in out
-    client, second = children(tmp_path, "faults")
+    _, second = children(tmp_path, "faults")
     new = [r for r in second if r.info.run_id not in {f.info.run_id for f in first}]
     assert [(r.data.tags["cell"], r.info.status) for r in new] == [(killed[0], "FINISHED")]
     finished = {r.data.tags["cell"] for r in second if r.info.status == "FINISHED"}
