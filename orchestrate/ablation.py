@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -33,11 +34,6 @@ EXAMPLES = """examples:
 def build_parser() -> argparse.ArgumentParser:
     """Every flag says what it means, what it takes and its default; flags that set a trial
     config key take their meaning from the config's field metadata."""
-    from fermodel.config import describe
-
-    def key(name: str, **overrides) -> str:
-        return describe(name, **overrides).replace("%", "%%")  # argparse formats help
-
     p = OneLineParser(
         prog="python -m orchestrate.ablation",
         description="Plan a study's trials (a paper table or a tuning study), run them on Ray Tune "
@@ -45,15 +41,27 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    s = p.add_argument_group("study (override the study file)")
+    _study_arguments(p.add_argument_group("study (override the study file)"))
+    _resource_arguments(p.add_argument_group("resources and cluster"))
+    _tracking_arguments(p.add_argument_group("tracking and output"))
+    return p
+
+
+def _key(name: str, **overrides) -> str:
+    from fermodel.config import describe
+
+    return describe(name, **overrides).replace("%", "%%")  # argparse formats help
+
+
+def _study_arguments(s) -> None:
     s.add_argument("--study", default="table4", metavar="NAME|FILE",
                    help="the study: a paper table or tuning study of search_spaces/studies, or "
                    "the path of your own .toml. Allowed: table3, table4, table5, hpo or a "
                    "path. Default: table4")  # fmt: skip
     s.add_argument("--dataset", choices=("synthetic", "fer2013", "ckplus"),
-                   help=key("dataset", default="the study's (synthetic; fer2013 when only "
+                   help=_key("dataset", default="the study's (synthetic; fer2013 when only "
                             "--data is given)"))  # fmt: skip
-    s.add_argument("--data", metavar="PATH", help=key("data_path"))
+    s.add_argument("--data", metavar="PATH", help=_key("data_path"))
     s.add_argument("--seeds", type=int, metavar="N",
                    help="training seeds per cell (each seed is a trial). Allowed: >= 1. "
                    "Default: the preset's (paper: 3), else the study's (1)")  # fmt: skip
@@ -62,12 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the paper's setup, 200 epochs). Allowed: a preset the study defines. "
                    "Default: cpu on the synthetic set, paper otherwise")  # fmt: skip
     s.add_argument("--epochs", type=int, metavar="N",
-                   help=key("epochs", default="the preset's"))  # fmt: skip
+                   help=_key("epochs", default="the preset's"))  # fmt: skip
     s.add_argument("--protocol", choices=("auto", "official", "kfold", "paper"),
-                   help=key("protocol", allowed="auto (kfold on CK+, official elsewhere), "
+                   help=_key("protocol", allowed="auto (kfold on CK+, official elsewhere), "
                             "official, kfold or paper", default="the study's (auto)"))  # fmt: skip
     s.add_argument("--pretrained", metavar="FILE|FOLDER|none",
-                   help=key("pretrained", allowed="torchvision's weights file "
+                   help=_key("pretrained", allowed="torchvision's weights file "
                             "(resnet50-0676ba61.pth), torchvision's checkpoint folder (each "
                             "backbone takes its own file), or none",
                             default="the preset's (paper: required)"))  # fmt: skip
@@ -77,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="trials of a tuning study. Allowed: >= 1. Default: the study's",
     )
-    r = p.add_argument_group("resources and cluster")
+
+
+def _resource_arguments(r) -> None:
     r.add_argument("--gpus-per-trial", type=float, metavar="GPUS",
                    help="GPUs per trial; 0.25 runs four trials per GPU. Allowed: >= 0, "
                    "fractions included. Default: 1 when the cluster has GPUs, else 0")  # fmt: skip
@@ -122,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         "is deterministic, so they are skipped otherwise; trials that failed otherwise are "
         "always run again). Default: off",
     )
-    t = p.add_argument_group("tracking and output")
+
+
+def _tracking_arguments(t) -> None:
     t.add_argument("--tracking-uri", metavar="URI",
                    help="the MLflow store every run is logged to. Allowed: http://host:5000 "
                    "for a server (clusters) or sqlite:///FILE. Default: MLFLOW_TRACKING_URI "
@@ -146,7 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="show Ray's own logs. Default: only the study's progress",
     )
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
-        again = " ".join(["python -m orchestrate.ablation", *(argv if argv is not None
-                                                             else sys.argv[1:])])  # fmt: skip
+        given = argv if argv is not None else sys.argv[1:]
+        again = "python -m orchestrate.ablation " + shlex.join(given)  # the same command
         print(f"stopped ({err.__class__.__name__ if not str(err) else err}): the open runs are "
               f"marked KILLED; finished trials are kept and unfinished ones continue from their "
               f"checkpoints. Continue with:\n  {again}", file=sys.stderr)  # fmt: skip

@@ -310,6 +310,33 @@ def _unit_name(grouped: np.ndarray) -> str:
     return "subject or image" if grouped.any() else "image"
 
 
+def _unit_interval(u, m, difference: float, n_resamples: int, rng) -> tuple[float, float]:
+    """The percentile bootstrap interval (percent) of sum(u) / sum(m) over resampled units."""
+    means = u / m
+    if np.all(means == means[0]):
+        # every resample has the same mean: the interval is that point (scipy would warn, NaN)
+        return difference, difference
+    boot = stats.bootstrap(
+        (u, m), _ratio, paired=True, n_resamples=n_resamples, batch=BATCH,
+        vectorized=True, confidence_level=CONFIDENCE, method="percentile", rng=rng,
+    )  # fmt: skip
+    return 100.0 * float(boot.confidence_interval.low), 100.0 * float(boot.confidence_interval.high)
+
+
+def _unit_sign_flip(changed, lcm: int, n_resamples: int, rng) -> tuple[float, float, bool]:
+    """The two-sided sign-flip p of the units' integer gains ``changed`` (L x U_g): exact up to
+    EXACT_LIMIT, else Monte Carlo with its 95% error bound; returns (p, error, exact)."""
+    if changed.size * int(np.abs(changed).sum()) <= EXACT_LIMIT:
+        return sign_flip_p(changed), 0.0, True
+    perm = stats.permutation_test(
+        (changed / lcm,), lambda x, axis=-1: np.sum(x, axis=axis), vectorized=True,
+        permutation_type="samples", n_resamples=n_resamples, batch=BATCH,
+        alternative="two-sided", rng=rng,
+    )  # fmt: skip
+    p_value = float(perm.pvalue)
+    return p_value, 1.96 * math.sqrt(p_value * (1 - p_value) / n_resamples), False
+
+
 def on_test_set(
     cells: Mapping[str, Sequence[Predictions]],
     weights: Mapping[str, int],
@@ -344,30 +371,9 @@ def on_test_set(
 
     # from the integers, so that whole-image gains come out exact (45 of 300 -> 15.0)
     difference = 100.0 * float(v.sum()) / lcm / n
-    means = u / m
-    if np.all(means == means[0]):
-        # every resample has the same mean: the interval is that point (scipy would warn, NaN)
-        ci_low = ci_high = difference
-    else:
-        boot = stats.bootstrap(
-            (u, m), _ratio, paired=True, n_resamples=n_resamples, batch=BATCH,
-            vectorized=True, confidence_level=CONFIDENCE, method="percentile", rng=boot_rng,
-        )  # fmt: skip
-        ci_low = 100.0 * float(boot.confidence_interval.low)
-        ci_high = 100.0 * float(boot.confidence_interval.high)
-
+    ci_low, ci_high = _unit_interval(u, m, difference, n_resamples, boot_rng)
     changed = v[v != 0]
-    exact = changed.size * int(np.abs(changed).sum()) <= EXACT_LIMIT
-    if exact:
-        p_value, p_error = sign_flip_p(changed), 0.0
-    else:
-        perm = stats.permutation_test(
-            (changed / lcm,), lambda x, axis=-1: np.sum(x, axis=axis), vectorized=True,
-            permutation_type="samples", n_resamples=n_resamples, batch=BATCH,
-            alternative="two-sided", rng=perm_rng,
-        )  # fmt: skip
-        p_value = float(perm.pvalue)
-        p_error = 1.96 * math.sqrt(p_value * (1 - p_value) / n_resamples)
+    p_value, p_error, exact = _unit_sign_flip(changed, lcm, n_resamples, perm_rng)
 
     spread = math.sqrt(float(np.sum(u**2)))
     mde = 100.0 * _z_sum() * spread / n if spread > 0 else math.nan

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -166,13 +167,19 @@ choices = [0.01, 1e38]
 
 @pytest.mark.slow
 def test_a_tuning_study_with_a_diverging_trial_finishes_and_tells_optuna_it_failed(
-    ray_cluster, tmp_path, study_file, monkeypatch, capsys
+    ray_cluster, tmp_path, study_file, monkeypatch, capfd
 ):
     monkeypatch.chdir(tmp_path)
     argv = ["--study", study_file(DIVERGING_HPO), "--preset", "tiny", "--epochs", "3",
             "--storage", str(tmp_path / "ray"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
             "--max-failures", "2", "--no-log-checkpoints"]  # fmt: skip
-    assert main(argv) == 0, capsys.readouterr()
+    assert main(argv) == 0, capfd.readouterr()
+    out, err = capfd.readouterr()  # what the terminal shows, Ray's own handlers included
+    assert "Traceback" not in out + err
+    failed = [ln for ln in out.splitlines() if "<- failed " in ln]
+    assert failed and all("non-finite loss" in ln for ln in failed)
+    log = Path(failed[0].split("(traceback in ")[1].rstrip(")"))
+    assert log.is_file() and log.read_text().count("Traceback") >= 3 * len(failed)  # + retries
     client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
     exp = client.get_experiment_by_name("divhpo")
     all_runs = client.search_runs([exp.experiment_id])
