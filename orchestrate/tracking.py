@@ -375,6 +375,10 @@ def log_model(uri: str, run_id: str, config, classes: list[str], weights: dict, 
             # what loading needs; MLflow's own inference would start a Python per trial for it
             pip_requirements=[f"torch=={version('torch').split('+')[0]}"],
             step=step,
+            # MLflow would load the exported graph back and run the example through it, which
+            # costs the driver about as much again as the export, per trial; tests/test_predict.py
+            # loads and runs logged models instead
+            validate_serving_input=False,
         )  # fmt: skip
 
 

@@ -108,13 +108,16 @@ def leftover_processes(marker: str) -> list[str]:
     return found
 
 
+@pytest.hookimpl(hookwrapper=True)
 def pytest_sessionfinish(session, exitstatus):
+    """After every other sessionfinish: xdist's stops its workers there, fixtures are done."""
+    yield
     import os
     import signal
 
     marker = os.environ.get(MARKER)
     if not marker or hasattr(session.config, "workerinput"):
-        return
+        return  # a worker: its sibling workers carry the marker too; the controller checks
     deadline = time.time() + LEFTOVER_GRACE
     while (left := leftover_processes(marker)) and time.time() < deadline:
         time.sleep(0.5)

@@ -36,7 +36,7 @@ import yaml
 from conftest import chromium, free_port, wait_http
 from mlflow.tracking import MlflowClient
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("rig")]  # one rig, one worker
 
 ROOT = Path(__file__).parent.parent
 BIN = Path(sys.executable).parent

@@ -132,6 +132,7 @@ def test_a_trial_lost_to_a_fault_reruns_alone_and_a_diverged_one_only_when_asked
     status = {r.data.tags["cell"]: r for r in first}
     assert status[killed[0]].info.status == "FAILED"
     assert status["boom"].data.tags["failure_reason"] == "divergence"
+    assert "non-finite loss at epoch 1, step 1" in status["boom"].data.tags["error"]
     assert "Traceback" not in out
     failed_lines = [ln for ln in out.splitlines() if "<- failed " in ln]
     assert len(failed_lines) == 2 and all("traceback in " in ln for ln in failed_lines)

@@ -3,8 +3,11 @@ draws over the signal, whom it reaches, the moment and the concurrency), each fo
 re-invocation of the same command. Every schedule must end with each trial identity holding
 exactly one FINISHED run and none RUNNING, no epoch trained twice past its last checkpoint, and
 the same test predictions, bit for bit, as an uninterrupted run of the study (CPU, deterministic
-kernels). Real drivers in their own sessions, real signals, a real private Ray each time."""
+kernels). The stopped drivers are real processes in their own sessions with a private Ray,
+stopped by real signals; the re-invocation and the reference run in this process."""
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -16,6 +19,10 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+
+from orchestrate.ablation import main
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("interruptions")]
 
 STUDY = """
 name = "stops"
@@ -103,21 +110,20 @@ def predictions(folder: Path) -> dict[str, tuple]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(ray_cluster, tmp_path_factory):
     folder = tmp_path_factory.mktemp("uninterrupted")
     (folder / "stops.toml").write_text(STUDY)
-    done = subprocess.run(command(folder, 2), cwd=folder, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as out:
+        patch.chdir(folder)
+        assert main(command(folder, 2)[3:]) == 0, out.getvalue()
     result = predictions(folder)
     assert len(result) == 3
     return result
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("how, moment, concurrency", schedules())
 def test_a_stopped_study_continues_to_the_uninterrupted_result(
-    reference, tmp_path, how, moment, concurrency
+    reference, tmp_path, how, moment, concurrency, monkeypatch, capsys
 ):
     (tmp_path / "stops.toml").write_text(STUDY)
     cmd = command(tmp_path, concurrency)
@@ -145,8 +151,9 @@ def test_a_stopped_study_continues_to_the_uninterrupted_result(
         assert again.strip() == "python -m orchestrate.ablation " + " ".join(cmd[3:])
     last_epoch = {r.data.tags["trial_identity"]: r for r in stopped if r.info.status != "FINISHED"}
 
-    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout + again.stderr
+    # the same command again (in this process, on the session's Ray: it starts faster)
+    monkeypatch.chdir(tmp_path)
+    assert main(cmd[3:]) == 0, capsys.readouterr()
     client, runs = children(tmp_path)
     assert "RUNNING" not in {r.info.status for r in runs}
     assert predictions(tmp_path) == reference  # one FINISHED run per identity, the same result

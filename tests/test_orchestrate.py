@@ -126,25 +126,6 @@ def test_early_stopped_trials_are_pruned_not_complete():
     assert search._ot_study.best_value == 0.4  # the early 0.9 is not taken as final
 
 
-@pytest.mark.slow
-def test_a_diverging_trial_fails_with_its_reason_and_the_study_finishes(
-    ray_cluster, tmp_path, study_file
-):
-    body = GRID.replace('name = "mini4"', 'name = "diverge"').replace(
-        'name = "joint"\nattention = "none"\nloss = "island"',
-        'name = "joint"\nattention = "none"\nloss = "center"\nlam = 1e38',
-    )
-    body = body[: body.index('[[cells]]\nname = "psa"')]  # Basic and the diverging cell
-    run_study(load_study(study_file(body)), options(tmp_path), out=io.StringIO())
-    _, all_runs = runs(tmp_path, "diverge")
-    children = {r.data.tags["cell"]: r for r in all_runs if r.data.tags.get("cell")}
-    assert children["joint"].info.status == "FAILED"
-    assert "non-finite loss at epoch 1, step 1" in children["joint"].data.tags["error"]
-    assert children["joint"].data.tags["failure_reason"] == "divergence"
-    assert children["basic"].info.status == "FINISHED" and len(children) == 2
-    assert all(r.info.status != "RUNNING" for r in all_runs)
-
-
 DIVERGING_HPO = """
 name = "divhpo"
 kind = "tune"
