@@ -22,6 +22,9 @@ Choices, where public implementations disagree:
 - Centers start as a small normal draw (0.01 * N(0, 1)): not zero, since the cosine of a zero
   center is undefined, and small, so the first updates move them to their class's features.
 - The loss is computed in the centers' dtype (float32), also under autocast.
+- Nothing here waits for the device (no bincount, boolean mask or ``.item()``), so a training
+  step can run ahead of the host and be captured in a CUDA graph; tests/test_losses.py checks
+  the ops that run.
 """
 
 from __future__ import annotations
@@ -67,7 +70,10 @@ class CenterLoss(nn.Module):
         """``delta_c_j = sum_{i: y_i=j} (c_j - x_i) / (1 + n_j)`` for every class j."""
         x = features.detach().to(self.centers.dtype)
         c = self.centers
-        counts = torch.bincount(labels, minlength=self.num_classes).to(c.dtype)
+        # index_add_ rather than bincount, which waits for the device to size its output
+        ones = torch.ones_like(labels, dtype=c.dtype)
+        counts = torch.zeros(self.num_classes, dtype=c.dtype, device=c.device)
+        counts = counts.index_add_(0, labels, ones)
         feature_sums = torch.zeros_like(c).index_add_(0, labels, x)
         return (counts[:, None] * c - feature_sums) / (1 + counts[:, None])
 
@@ -102,8 +108,9 @@ class IslandLoss(CenterLoss):
     def island_term(self) -> torch.Tensor:
         c = F.normalize(self.centers, dim=1)
         cos = c @ c.T
-        off_diagonal = ~torch.eye(self.num_classes, dtype=torch.bool, device=cos.device)
-        return (cos[off_diagonal] + 1).sum()
+        # a multiplying mask, not a boolean index (which would wait for the device)
+        off_diagonal = 1 - torch.eye(self.num_classes, dtype=cos.dtype, device=cos.device)
+        return ((cos + 1) * off_diagonal).sum()
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self._check(features, labels)

@@ -159,3 +159,35 @@ def test_joint_loss_adds_lam_times_the_auxiliary_term():
 def test_bad_settings_are_clear_errors(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+# ops that copy a value to the host (or size their output from the data) and so wait for the
+# device: a CUDA step with one of them cannot run ahead of Python or be captured in a graph
+HOST_SYNC = {"_local_scalar_dense", "nonzero", "bincount", "masked_select", "unique_dim",
+             "_unique2", "item"}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+def test_the_joint_loss_and_its_center_update_never_wait_for_the_device(kind):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name.split("::")[-1]
+            boolean_index = name == "index" and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
+            )
+            seen.append("boolean-mask index" if boolean_index else name)
+            return func(*args, **(kwargs or {}))
+
+    loss = JointLoss(kind, num_classes=7, feat_dim=16)
+    loss.train()
+    logits = torch.randn(12, 7, requires_grad=True)
+    embedding = torch.randn(12, 16, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 3])
+    with Ops():
+        loss(logits, embedding, labels).total.backward()
+    assert seen, "no op was recorded"
+    assert not (set(seen) & (HOST_SYNC | {"boolean-mask index"})), sorted(set(seen))
