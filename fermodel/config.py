@@ -144,8 +144,9 @@ class TrialConfig:
     # runtime
     seed: int = key(0, "training seed (initialisation, shuffling, augmentation)",
                     allowed="any integer")  # fmt: skip
-    precision: str = key("auto", "arithmetic: auto (bf16 autocast on CUDA, fp32 on CPU), fp32, "
-                         "bf16", PRECISIONS)  # fmt: skip
+    precision: str = key("auto", "arithmetic: auto (bf16 autocast on CUDA devices with bf16 "
+                         "tensor cores, compute capability 8.0 on; fp32 elsewhere), fp32, bf16",
+                         PRECISIONS)  # fmt: skip
     device: str = key("auto", "where to train: auto (CUDA if present), cpu, cuda or cuda:N",
                       allowed="auto, cpu, cuda or cuda:N")  # fmt: skip
     channels_last: bool = key(True, "channels-last memory format (faster convolutions on GPUs)")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -221,8 +222,17 @@ def build_parts(c: TrialConfig, num_classes: int, device: torch.device) -> Train
         criterion=criterion.to(device),
         optimizer=optimizer,
         scheduler=_scheduler(c, optimizer),
-        use_bf16=c.precision == "bf16" or (c.precision == "auto" and device.type == "cuda"),
+        use_bf16=uses_bf16(c.precision, device),
     )
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast: when asked, or with "auto" on a CUDA device whose tensor cores take bf16
+    (compute capability 8.0 and newer: A100, H100, L4, RTX 30xx on); V100 and T4 (7.x) would
+    emulate it, slower than fp32."""
+    if precision != "auto":
+        return precision == "bf16"
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def train_step(parts: TrainingParts, images, labels, aug: AugmentConfig, generator):
@@ -375,6 +385,9 @@ def fit(
     None); ``checkpoint`` is a checkpoint folder or file to continue from; ``checkpoint_now``,
     asked once an epoch, makes that epoch write a checkpoint whatever the cadence (a driver
     about to stop uses it)."""
+    if config.deterministic:
+        # cuBLAS is deterministic only with a fixed workspace, set before its first call
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     previous = torch.are_deterministic_algorithms_enabled()
     benchmark = torch.backends.cudnn.benchmark
     torch.use_deterministic_algorithms(config.deterministic or previous)

@@ -1,5 +1,6 @@
 """The training engine: selection on validation only, exact resume, divergence, every model."""
 
+import os
 import shutil
 import time
 
@@ -261,3 +262,24 @@ def test_with_drop_leaked_a_trial_reports_the_whole_test_split_beside_the_dedupl
     assert set(result.test_full) >= {"accuracy", "macro_f1"}
     # without drop_leaked there is nothing beside
     assert fit(quick(), leaky).test_full is None
+
+
+@pytest.mark.parametrize(
+    ("precision", "device", "capability", "expected"),
+    [("auto", "cpu", None, False), ("auto", "cuda", (7, 0), False), ("auto", "cuda", (7, 5), False),
+     ("auto", "cuda", (8, 0), True), ("auto", "cuda", (9, 0), True), ("bf16", "cpu", None, True),
+     ("fp32", "cuda", (9, 0), False)],
+)  # fmt: skip
+def test_auto_precision_takes_bf16_only_where_tensor_cores_have_it(
+    monkeypatch, precision, device, capability, expected
+):
+    from fermodel.engine import uses_bf16
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+    assert uses_bf16(precision, torch.device(device)) is expected
+
+
+def test_a_deterministic_trial_fixes_the_cublas_workspace(tiny, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    fit(small(epochs=1), tiny)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
