@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from fermodel.augment import AugmentConfig, augment, predict_tta, to_float
 from fermodel.checkpoint import SAME_AS_MODEL, best_model, load_checkpoint, save_checkpoint
-from fermodel.config import DATA_KEYS, TrialConfig
+from fermodel.config import DATA_KEYS, PLACE_KEYS, TrialConfig
 from fermodel.data import FERDataset, load_dataset, make_splits
 from fermodel.losses import JointLoss
 from fermodel.metrics import confusion_matrix, summarize
@@ -357,8 +357,11 @@ def _restore(c: TrialConfig, checkpoint, parts: TrainingParts, shuffle_gen, augm
     """Load a checkpoint into the parts and generators; returns epoch, history, best, best
     model weights."""
     state = load_checkpoint(checkpoint)
-    if state["config"] != c.to_dict():
-        changed = sorted(k for k, v in c.to_dict().items() if state["config"].get(k) != v)
+    # where a trial runs (device) may change between its attempts; what it is may not
+    saved = {k: v for k, v in state["config"].items() if k not in PLACE_KEYS}
+    wanted = {k: v for k, v in c.to_dict().items() if k not in PLACE_KEYS}
+    if saved != wanted:
+        changed = sorted(k for k, v in wanted.items() if saved.get(k) != v)
         raise ValueError(f"checkpoint was written by a different config (keys: {changed})")
     parts.model.load_state_dict(state["model"])
     parts.criterion.load_state_dict(state["criterion"])
@@ -366,12 +369,19 @@ def _restore(c: TrialConfig, checkpoint, parts: TrainingParts, shuffle_gen, augm
     if parts.scheduler is not None:
         parts.scheduler.load_state_dict(state["scheduler"])
     shuffle_gen.set_state(state["shuffle_rng"])
-    augment_gen.set_state(state["augment_rng"])
     torch.set_rng_state(state["torch_rng"])
     device = next(parts.model.parameters()).device
     if device.type == "cuda" and state.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
-    return state["epoch"], state["history"], state["best"], best_model(state)
+    notes = []
+    if state["augment_rng"].numel() == augment_gen.get_state().numel():
+        augment_gen.set_state(state["augment_rng"])
+    else:  # a CPU generator's state (Mersenne Twister) does not fit a CUDA one's (Philox)
+        augment_gen.manual_seed(c.seed + 1 + 1_000_003 * state["epoch"])
+        notes.append(f"resumed after epoch {state['epoch']} on {device.type} from a checkpoint "
+                     "written on another device type: augmentation went on from a seed of its "
+                     "own, so its draws differ from an uninterrupted run's")  # fmt: skip
+    return state["epoch"], state["history"], state["best"], best_model(state), notes
 
 
 def fit(
@@ -422,9 +432,9 @@ def _fit(c: TrialConfig, data, report, checkpoint, checkpoint_now=None) -> Trial
     aug = _augment_config(c)
 
     start_epoch, history, best = 0, [], {"accuracy": -1.0, "loss": math.inf, "epoch": 0}
-    best_state = None
+    best_state, resume_notes = None, []
     if checkpoint is not None:
-        start_epoch, history, best, best_state = _restore(
+        start_epoch, history, best, best_state, resume_notes = _restore(
             c, checkpoint, parts, shuffle_gen, augment_gen
         )
     cadence = CheckpointCadence(c.checkpoint_every, c.epochs)
@@ -526,7 +536,7 @@ def _fit(c: TrialConfig, data, report, checkpoint, checkpoint_now=None) -> Trial
         else [str(g) for g in splits.test.subjects],
         images_per_second=trained / train_seconds if train_seconds else float("nan"),
         train_seconds=train_seconds,
-        notes=[*data.notes, *splits.notes],
+        notes=[*data.notes, *splits.notes, *resume_notes],
         checkpoint_epochs=cadence.epochs,
         checkpoint_seconds=cadence.seconds,
         test_full=test_full,

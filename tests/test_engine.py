@@ -283,3 +283,25 @@ def test_a_deterministic_trial_fixes_the_cublas_workspace(tiny, monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     fit(small(epochs=1), tiny)
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def test_a_checkpoint_written_on_cuda_resumes_on_the_cpu_and_says_what_changed(tiny, tmp_path):
+    from fermodel.checkpoint import save_checkpoint
+
+    saved = {}
+
+    def keep(metrics, folder):
+        saved[metrics["epoch"]] = shutil.copytree(folder, tmp_path / f"epoch{metrics['epoch']}")
+
+    config = small(epochs=2, checkpoint_every=1)
+    straight = fit(config, tiny, report=keep)
+    # what a CUDA trial writes: device "cuda" and its Philox generator's 16-byte state
+    state = load_checkpoint(saved[1])
+    state["config"]["device"] = "cuda"
+    state["augment_rng"] = torch.zeros(16, dtype=torch.uint8)
+    save_checkpoint(tmp_path / "from-cuda", state)
+    resumed = fit(config, tiny, checkpoint=tmp_path / "from-cuda")
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    assert resumed.history[0] == straight.history[0]  # epoch 1 is the checkpoint's
+    assert any("written on another device type" in note for note in resumed.notes)
+    assert not any("device type" in note for note in straight.notes)
