@@ -84,6 +84,12 @@ def pytest_configure(config):
     import secrets
 
     os.environ.setdefault(MARKER, f"{os.getpid()}-{secrets.token_hex(4)}")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # one torch thread per test process: two workers with two threads each on two cores
+        # would spend their time switching (the trials Ray starts set their own)
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def leftover_processes(marker: str) -> list[str]:

@@ -317,7 +317,13 @@ def test_the_same_study_submitted_as_a_ray_job_finishes(rig):
     study = study_file(rig.folder, "asjob", cells=1)
     entry = ["python", *rig.args(study)]  # the job's own python: the head's PATH has this venv
     address = ["--address", f"http://127.0.0.1:{rig.dashboard}"]
-    done = run([str(BIN / "ray"), "job", "submit", *address, "--", *entry], rig.env, rig.folder)
+    deadline = time.time() + 120
+    while True:  # the head's job agent starts after the node registers ("try again later")
+        done = run([str(BIN / "ray"), "job", "submit", *address, "--", *entry], rig.env,
+                   rig.folder)  # fmt: skip
+        if "No available agent" not in done.stderr or time.time() > deadline:
+            break
+        time.sleep(2)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout
     _, runs = children(rig.uri, "asjob")
@@ -414,14 +420,18 @@ def test_a_killed_driver_is_continued_from_s3_by_the_next_invocation_elsewhere(r
     driver = subprocess.Popen(cmd, env=rig.env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, cwd=rig.folder)  # fmt: skip
 
-    def one_finished_one_trained():
+    def one_finished_one_checkpointed():
         client, runs = children(rig.uri, "driverkill")
+        indexed = {k.rsplit("/", 1)[-1].removesuffix(".json")
+                   for k in rig.s3_keys("studies/checkpoints/")}  # fmt: skip
         return any(r.info.status == "FINISHED" for r in runs) and any(
-            r.info.status == "RUNNING" and client.get_metric_history(r.info.run_id, "val_accuracy")
+            r.info.status == "RUNNING" and r.data.tags.get("trial_identity") in indexed
+            and client.get_metric_history(r.info.run_id, "val_accuracy")
             for r in runs
-        )
+        )  # fmt: skip
 
-    wait_for(one_finished_one_trained, 300, "a finished trial and a trained epoch of the next")
+    # the driver notes a trial's checkpoint in the bucket once Tune has it: kill after that
+    wait_for(one_finished_one_checkpointed, 300, "a finished trial and a checkpoint of the next")
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     client, before = children(rig.uri, "driverkill")

@@ -96,12 +96,27 @@ def _kill_first_trained_worker(tmp_path, name: str, done: threading.Event, kille
                 r for r in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
                 if r.data.tags.get("study_parent") == "false" and trained(client, r)
             ]  # fmt: skip
-            workers = [p for p in Path("/proc").glob("[0-9]*") if _is_trial_worker(p)]
+            workers = [p for p in _descendants(os.getpid()) if _is_trial_worker(p)]
             if running and len(workers) == 1:
                 os.kill(int(workers[0].name), signal.SIGKILL)
                 killed.append(running[0].data.tags["cell"])
                 return
         time.sleep(0.3)
+
+
+def _descendants(pid: int) -> list[Path]:
+    """This process's descendants (its Ray's workers; not another test process's)."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+    found, frontier = [], {pid}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier}
+        found += [Path("/proc", str(p)) for p in frontier]
+    return found
 
 
 def _is_trial_worker(proc: Path) -> bool:
