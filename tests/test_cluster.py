@@ -275,7 +275,9 @@ def run(cmd: list[str], env: dict, cwd: Path, timeout: float = 600):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
-@pytest.fixture(scope="module")
+# session-scoped: xdist may interleave other modules' tests between this module's, and a
+# module-scoped fixture would then be torn down and made again
+@pytest.fixture(scope="session")
 def rig(tmp_path_factory):
     cluster = Rig(tmp_path_factory.mktemp("rig"), tmp_path_factory.getbasetemp(), workers=1,
                   dashboard=True)  # fmt: skip
@@ -328,6 +330,25 @@ def test_the_same_study_submitted_as_a_ray_job_finishes(rig):
     assert "succeeded" in done.stdout
     _, runs = children(rig.uri, "asjob")
     assert len(runs) == 1 and {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_a_rig_whose_setup_fails_stops_what_it_started(tmp_path, monkeypatch):
+    started = []
+    real_start = Group.start
+
+    def start(self):
+        real_start(self)
+        started.append(self.proc.pid)
+
+    def no_nodes(self, n, timeout=90):
+        raise AssertionError(f"0 of {n} nodes came up")  # as a head that never registers
+
+    monkeypatch.setattr(Group, "start", start)
+    monkeypatch.setattr(Rig, "wait_nodes", no_nodes)
+    with pytest.raises(AssertionError, match="0 of 1 nodes came up"):
+        Rig(tmp_path, tmp_path)
+    assert len(started) == 2  # the S3 server and the Ray head were up
+    assert not [pid for pid in started if _group_alive(pid)]  # and both groups are gone
 
 
 def test_the_mlflow_server_admits_the_compose_host_names_and_refuses_others(rig):

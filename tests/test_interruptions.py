@@ -109,7 +109,9 @@ def predictions(folder: Path) -> dict[str, tuple]:
     return out
 
 
-@pytest.fixture(scope="module")
+# session-scoped: xdist may interleave other modules' tests between this module's, and a
+# module-scoped fixture would then be torn down and made again
+@pytest.fixture(scope="session")
 def reference(ray_cluster, tmp_path_factory):
     folder = tmp_path_factory.mktemp("uninterrupted")
     (folder / "stops.toml").write_text(STUDY)
