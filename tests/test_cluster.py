@@ -371,9 +371,12 @@ def test_the_mlflow_server_admits_the_compose_host_names_and_refuses_others(rig)
 def test_the_mlflow_ui_shows_the_study_in_a_real_browser(rig):
     from playwright.sync_api import sync_playwright
 
-    client, runs = children(rig.uri, "twonodes")
-    assert runs, "runs after test_a_study_runs_on_both_nodes"
-    exp = client.get_experiment_by_name("twonodes")
+    # its own study: xdist may give this test a rig of its own, without the other tests' runs
+    study = study_file(rig.folder, "browse", cells=1)
+    done = run(rig.ablation(study), rig.env, rig.folder)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client, runs = children(rig.uri, "browse")
+    exp = client.get_experiment_by_name("browse")
     parent = client.search_runs([exp.experiment_id], "tags.study_parent = 'true'")[0]
     child = runs[0]
     ARTIFACTS.mkdir(exist_ok=True)
@@ -622,7 +625,7 @@ def test_an_autoscaling_cluster_is_waited_for_up_to_the_node_timeout(tmp_path):
 
 
 def test_a_worker_node_killed_mid_study_has_its_trials_restored_from_s3(rig):
-    """Last: it takes the rig's worker away."""
+    """It takes the rig's worker away, and starts it again at the end."""
     epochs = 5
     study = study_file(rig.folder, "nodekill", epochs=epochs)
     driver = subprocess.Popen(rig.ablation(study, "--max-failures", "3"), env=rig.env,
@@ -646,3 +649,5 @@ def test_a_worker_node_killed_mid_study_has_its_trials_restored_from_s3(rig):
         assert epochs <= len(history) <= epochs + 1
         assert sorted({m.step for m in history}) == list(range(1, epochs + 1))
     assert len({r.data.tags["ray_node_id"] for r in runs}) == 1  # both ended on the head
+    rig.workers[0].start()  # the rig as it was, for whatever test this worker runs next
+    rig.wait_nodes(2)
