@@ -22,6 +22,10 @@ width, and ``stem_key``:
 - ``resnet18``, ``resnet34`` (512, ``conv1.weight``): the global average pool of layer4,
   torchvision's pre-``fc`` feature. The head is named ``fc`` as torchvision's is, so with 1000
   classes these are exactly torchvision's networks.
+- ``shufflenet_v2_x0_5`` (1024, ``conv1.0.weight``): the global average pool of conv5,
+  torchvision's pre-``fc`` feature. Not one of the paper's baselines: a network of 0.34 M
+  weights (without its head) that trains a small study on a laptop's CPU in seconds, for smoke
+  tests of a study's plumbing (the project's own tests use it).
 - ``timm:<model_name>`` (``body.<first_conv>.weight``, ``first_conv`` from timm's
   ``pretrained_cfg``): ``timm.create_model(model_name, pretrained=False, num_classes=0,
   in_chans=in_chans)``, which returns timm's pooled pre-logits feature; its width is the
@@ -61,6 +65,8 @@ Papers:
     DenseNet     Huang, Liu, van der Maaten, Weinberger. Densely Connected Convolutional
                  Networks. CVPR 2017.
     ResNet       He, Zhang, Ren, Sun. Deep Residual Learning for Image Recognition. CVPR 2016.
+    ShuffleNetV2 Ma, Zhang, Zheng, Sun. ShuffleNet V2: Practical Guidelines for Efficient CNN
+                 Architecture Design. ECCV 2018.
 """
 
 from __future__ import annotations
@@ -140,6 +146,9 @@ TORCHVISION_SPECS: dict[str, TorchvisionSpec] = {
     "densenet121": TorchvisionSpec(("features",), "features.conv0", 1024, final_relu=True),
     "resnet18": TorchvisionSpec(_RESNET_TRUNK, "conv1", 512),
     "resnet34": TorchvisionSpec(_RESNET_TRUNK, "conv1", 512),
+    "shufflenet_v2_x0_5": TorchvisionSpec(
+        ("conv1", "maxpool", "stage2", "stage3", "stage4", "conv5"), "conv1.0", 1024
+    ),
 }
 
 

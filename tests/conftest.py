@@ -1,6 +1,7 @@
 """Shared fixtures: one real local Ray cluster for the whole test session (ray.init takes
 seconds), and tiny study files in the real format."""
 
+import os
 import socket
 import textwrap
 import time
@@ -14,9 +15,67 @@ import pytest
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    # a small object store: the tests' datasets are tiny, and every xdist worker has its own Ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             object_store_memory=300 * 2**20)  # fmt: skip
     yield
     ray.shutdown()
+
+
+# one finished study of two cells x two seeds, its models logged, shared by the report and
+# tracking tests (marked xdist_group("finished-study"), so that one worker runs it once)
+FINISHED_STUDY = """
+name = "minireport"
+description = "two cells, two seeds"
+kind = "grid"
+reference = "basic"
+[run]
+dataset = "synthetic"
+seeds = 2
+[defaults]
+backbone = "shufflenet_v2_x0_5"
+attention = "none"
+[[cells]]
+name = "basic"
+label = "Basic"
+loss = "ce"
+paper = { synthetic = 61.5 }
+[[cells]]
+name = "joint"
+label = "Basic + joint loss"
+loss = "island"
+[presets.tiny]
+epochs = 2
+batch_size = 16
+synthetic_subjects = 5
+synthetic_images_per_class = 2
+"""
+
+
+@pytest.fixture(scope="session")
+def finished_study(ray_cluster, tmp_path_factory):
+    """The finished study: its folder, MLflow store, client, runs, summary and printed output."""
+    import io
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from orchestrate.runner import RunOptions, run_study
+    from search_spaces import load_study
+
+    tmp = tmp_path_factory.mktemp("finished")
+    (tmp / "minireport.toml").write_text(FINISHED_STUDY)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    options = RunOptions(preset="tiny", storage=str(tmp / "ray"), tracking_uri=uri,
+                         reports=str(tmp / "reports"))  # fmt: skip
+    out = io.StringIO()
+    summary = run_study(load_study(tmp / "minireport.toml"), options, out=out)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("minireport")
+    runs = client.search_runs([experiment.experiment_id])
+    children = [r for r in runs if r.data.tags["study_parent"] == "false"]
+    return SimpleNamespace(tmp=tmp, uri=uri, client=client, experiment=experiment, runs=runs,
+                           children=children, summary=summary, out=out.getvalue())  # fmt: skip
 
 
 TINY = """
@@ -39,6 +98,23 @@ def study_file(tmp_path):
         return str(path)
 
     return write
+
+
+def once_per_run(tmp_path_factory, name: str, compute):
+    """``compute()``'s JSON result, computed by the first test process that asks and read by the
+    others (xdist's workers share the parent of their temporary folders), so that tests needing
+    it may run on any worker."""
+    import json
+
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = shared / f"{name}.json"
+    with FileLock(f"{path}.lock"):
+        if not path.is_file():
+            path.write_text(json.dumps(compute()))
+        return json.loads(path.read_text())
 
 
 def chromium(playwright):

@@ -17,6 +17,7 @@ CLASSIFIER = {
     "densenet121": "classifier",
     "resnet18": "fc",
     "resnet34": "fc",
+    "shufflenet_v2_x0_5": "fc",
 }
 WIDTH = {
     "vgg16": 512,
@@ -25,6 +26,7 @@ WIDTH = {
     "densenet121": 1024,
     "resnet18": 512,
     "resnet34": 512,
+    "shufflenet_v2_x0_5": 1024,
 }
 # the same sizes as plain numbers, 7 classes, RGB (each checked against torchvision below)
 PARAMS_7_RGB = {
@@ -34,6 +36,7 @@ PARAMS_7_RGB = {
     "densenet121": 6_961_031,
     "resnet18": 11_180_103,
     "resnet34": 21_288_263,
+    "shufflenet_v2_x0_5": 348_967,
 }
 NAMES = list(CLASSIFIER)
 # VGG's 138M-parameter ImageNet state dict takes seconds to build, save and load

@@ -50,7 +50,7 @@ reference = "ce"
 [run]
 dataset = "synthetic"
 [defaults]
-backbone = "resnet18"
+backbone = "shufflenet_v2_x0_5"
 attention = "none"
 {cells}
 [presets.tiny]
@@ -160,8 +160,11 @@ class Rig:
         head = [str(BIN / "ray"), "start", "--head", f"--port={self.port}",
                 f"--temp-dir={self.temp}", *common]  # fmt: skip
         if dashboard:
+            # the job agent's own port too: its default (52365) is taken by any other Ray's
+            # agent on the machine, and `ray job submit` then finds "no available agent"
             head += ["--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                     f"--dashboard-port={self.dashboard}"]  # fmt: skip
+                     f"--dashboard-port={self.dashboard}",
+                     f"--dashboard-agent-listen-port={free_port()}"]  # fmt: skip
         else:
             head += ["--include-dashboard=false"]
         # the head runs `ray job submit`'s drivers: it resolves the compose host name too

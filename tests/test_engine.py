@@ -15,6 +15,8 @@ from fermodel.data import make_synthetic
 from fermodel.engine import TrainingDiverged, fit
 from fermodel.metrics import confusion_matrix, summarize
 
+SMALL = "shufflenet_v2_x0_5"  # the cheapest backbone, where a test checks plumbing, not learning
+
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -123,7 +125,7 @@ def fake_clock(monkeypatch):
 
 
 def small(**changes):
-    return quick(backbone="resnet18", attention="none", **changes)
+    return quick(backbone=SMALL, attention="none", **changes)
 
 
 def test_auto_checkpoints_keep_a_slow_upload_near_5_percent_of_the_time(tiny, fake_clock):
@@ -197,18 +199,18 @@ def test_image_size_upsamples_every_batch_on_the_device(tiny):
     from fermodel.augment import AugmentConfig
     from fermodel.engine import build_parts, train_step
 
-    config = quick(image_size=64, backbone="resnet18", attention="none")
+    config = quick(image_size=64, backbone=SMALL, attention="none")
     parts = build_parts(config, 7, torch.device("cpu"))
     seen = []
     parts.model.conv1.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
     train_step(parts, tiny.images[:8], tiny.labels[:8], AugmentConfig(),
                torch.Generator().manual_seed(0))  # fmt: skip
     assert seen == [(8, 1, 64, 64)]
-    assert fit(quick(epochs=1, image_size=64, backbone="resnet18", attention="none"), tiny).test
+    assert fit(quick(epochs=1, image_size=64, backbone=SMALL, attention="none"), tiny).test
 
 
 def test_an_rgb_stem_sees_the_gray_image_on_each_channel(tiny):
-    config = quick(in_chans=3, backbone="resnet18", attention="none", epochs=1)
+    config = quick(in_chans=3, backbone=SMALL, attention="none", epochs=1)
     result = fit(config, tiny)
     assert len(result.test_predictions) == 14
     parts = engine.build_parts(config, 7, torch.device("cpu"))
@@ -221,7 +223,7 @@ def test_an_rgb_stem_sees_the_gray_image_on_each_channel(tiny):
 
 
 def test_the_test_images_carry_their_subjects_for_clustered_statistics(tiny):
-    result = fit(quick(epochs=1, backbone="resnet18", attention="none"), tiny)
+    result = fit(quick(epochs=1, backbone=SMALL, attention="none"), tiny)
     test = tiny.subset(np.flatnonzero(tiny.split == "test"))
     assert result.test_groups == [str(s) for s in test.subjects]  # held-out subjects
 
@@ -235,7 +237,7 @@ def test_validation_judges_the_same_predictor_as_the_test(tiny, monkeypatch):
         return evaluate(*args, **kwargs)
 
     monkeypatch.setattr(engine, "evaluate", recording)
-    fit(quick(epochs=2, tta="flip", backbone="resnet18", attention="none"), tiny)
+    fit(quick(epochs=2, tta="flip", backbone=SMALL, attention="none"), tiny)
     assert calls == ["flip", "flip", "flip"]  # two validations and the test
 
 

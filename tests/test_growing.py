@@ -26,7 +26,7 @@ CELLS = {
 
 def body(*cells: str, name: str = "grow", extra: str = "") -> str:
     head = (f'name = "{name}"\nkind = "grid"\nreference = "{cells[0]}"\n[run]\n'
-            'dataset = "synthetic"\n[defaults]\nbackbone = "resnet18"\n'
+            'dataset = "synthetic"\n[defaults]\nbackbone = "shufflenet_v2_x0_5"\n'
             'attention = "none"\n')  # fmt: skip
     return head + "".join(f"[[cells]]\n{CELLS[c]}{extra}\n" for c in cells)
 
@@ -55,7 +55,10 @@ def test_seeds_and_cells_added_to_a_finished_study_train_alone(
     assert main(argv(tmp_path, study, "--seeds", "1")) == 0
     client, first = children(tmp_path, "grow")
     assert len(first) == 2 and {r.info.status for r in first} == {"FINISHED"}
-    capsys.readouterr()
+    printed = capsys.readouterr().out
+    assert printed.rstrip().endswith("best model: not logged (--no-log-checkpoints)")
+    experiment = client.get_experiment_by_name("grow").experiment_id
+    assert not client.search_logged_models([experiment])  # nothing logged, nothing registered
 
     assert main(argv(tmp_path, study, "--seeds", "2", "--dry-run")) == 0
     plan = capsys.readouterr().out

@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import once_per_run
 from mlflow.tracking import MlflowClient
 
 from orchestrate.ablation import main
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("interruptions")]
+pytestmark = pytest.mark.slow
 
 STUDY = """
 name = "stops"
@@ -30,7 +31,7 @@ kind = "grid"
 [run]
 dataset = "synthetic"
 [defaults]
-backbone = "resnet18"
+backbone = "shufflenet_v2_x0_5"
 attention = "none"
 [[cells]]
 name = "a"
@@ -95,8 +96,8 @@ def reached(folder: Path, moment: str) -> bool:
     return any(r.info.status == "FINISHED" for r in runs) and bool(running)
 
 
-def predictions(folder: Path) -> dict[str, tuple]:
-    """Per identity: its FINISHED runs' test accuracy and predictions."""
+def predictions(folder: Path) -> dict[str, list]:
+    """Per identity: its FINISHED run's test accuracy and predictions (as JSON holds them)."""
     client, runs = children(folder)
     out = {}
     for run in runs:
@@ -105,22 +106,28 @@ def predictions(folder: Path) -> dict[str, tuple]:
             body = json.loads(Path(path).read_text())
             identity = run.data.tags["trial_identity"]
             assert identity not in out, f"two FINISHED runs of {identity}"
-            out[identity] = (run.data.metrics["test_accuracy"], body["predictions"])
+            out[identity] = [run.data.metrics["test_accuracy"], body["predictions"]]
     return out
 
 
-# session-scoped: xdist may interleave other modules' tests between this module's, and a
-# module-scoped fixture would then be torn down and made again
 @pytest.fixture(scope="session")
 def reference(ray_cluster, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("uninterrupted")
-    (folder / "stops.toml").write_text(STUDY)
-    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as out:
-        patch.chdir(folder)
-        assert main(command(folder, 2)[3:]) == 0, out.getvalue()
-    result = predictions(folder)
-    assert len(result) == 3
-    return result
+    """The uninterrupted study's predictions, run once for the schedules on every worker."""
+
+    def run() -> dict:
+        folder = tmp_path_factory.mktemp("uninterrupted")
+        (folder / "stops.toml").write_text(STUDY)
+        with (
+            pytest.MonkeyPatch.context() as patch,
+            contextlib.redirect_stdout(io.StringIO()) as out,
+        ):
+            patch.chdir(folder)
+            assert main(command(folder, 2)[3:]) == 0, out.getvalue()
+        result = predictions(folder)
+        assert len(result) == 3
+        return result
+
+    return once_per_run(tmp_path_factory, "interruption-reference", run)
 
 
 @pytest.mark.parametrize("how, moment, concurrency", schedules())

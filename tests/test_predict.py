@@ -15,8 +15,9 @@ from fermodel.data import make_synthetic
 from fermodel.data.fer2013 import write_fer2013_csv
 from fermodel.predict import main, selected_model
 
-TRAIN = ["--epochs", "1", "--backbone", "resnet18", "--attention", "none", "--synthetic-subjects",
-         "5", "--synthetic-images-per-class", "1", "--batch-size", "16", "--quiet"]  # fmt: skip
+TRAIN = ["--epochs", "1", "--backbone", "shufflenet_v2_x0_5", "--attention", "none",
+         "--synthetic-subjects", "5", "--synthetic-images-per-class", "1", "--batch-size", "16",
+         "--quiet"]  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +28,7 @@ def _own_store(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def run(tmp_path_factory):
     """A finished one-epoch run folder, and its test images as PNG files and CSVs."""
     from fermodel.train import main as train
@@ -53,6 +54,7 @@ def predicted(capsys, argv):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("predict-run")
 def test_a_run_folder_predicts_its_test_images_as_the_run_tested_them(run, capsys):
     root, results, test = run
     out = predicted(capsys, [str(root / "run"), str(root / "faces"), "--json"])
@@ -78,6 +80,7 @@ def test_a_run_folder_predicts_its_test_images_as_the_run_tested_them(run, capsy
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("predict-run")
 def test_csv_files_predict_as_the_images_do_and_the_table_is_aligned(run, capsys):
     root, results, test = run
     pngs = predicted(capsys, [str(root / "run"), str(root / "faces"), "--json"])
@@ -99,6 +102,7 @@ def test_csv_files_predict_as_the_images_do_and_the_table_is_aligned(run, capsys
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("predict-run")
 def test_an_mlflow_model_predicts_as_the_run_folder(run, capsys, tmp_path):
     from mlflow.tracking import MlflowClient
 

@@ -4,7 +4,6 @@ numbers; its HTML page renders in a real headless Chromium; the contrasts a stud
 are tested family by family; and every sentence of its legend is checked against a constructed
 case where it must hold."""
 
-import io
 import math
 import re
 import tomllib
@@ -31,66 +30,24 @@ from orchestrate.render import (
 )
 from orchestrate.report import CONTRAST_COLUMNS, build_report
 from orchestrate.report import main as report_main
-from orchestrate.runner import RunOptions, run_study
 from orchestrate.statistics import SIGNIFICANT_SHARE, Predictions, holm, summarize_runs
 from search_spaces import STUDY_DIR, load_study
 
-STUDY = """
-name = "minireport"
-description = "two cells, two seeds"
-kind = "grid"
-reference = "basic"
-[run]
-dataset = "synthetic"
-seeds = 2
-[defaults]
-backbone = "resnet18"
-attention = "none"
-[[cells]]
-name = "basic"
-label = "Basic"
-loss = "ce"
-paper = { synthetic = 61.5 }
-[[cells]]
-name = "joint"
-label = "Basic + joint loss"
-loss = "island"
-"""
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 CELLS_READABLE = ["Cell", "n", "Accuracy (%)", "95% CI (%)", "Macro F1 (%)", "Paper (%)"]
 CONTRASTS_READABLE = ["Family", "Comparison", "Δ (points)", "95% CI (points)", "MDE (points)",
                       "Δ (points)", "95% CI (points)", "MDE (points)", "Seeds needed"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def finished(ray_cluster, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("report")
-    path = tmp / "minireport.toml"
-    path.write_text(STUDY + "[presets.tiny]\nepochs = 2\nbatch_size = 16\n"
-                    "synthetic_subjects = 5\nsynthetic_images_per_class = 2\n")  # fmt: skip
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    options = RunOptions(preset="tiny", storage=str(tmp / "ray"), tracking_uri=uri,
-                         log_checkpoints=False, reports=str(tmp / "reports"))  # fmt: skip
-    out = io.StringIO()
-    summary = run_study(load_study(path), options, out=out)
-    return tmp, uri, summary, out.getvalue()
-
-
 @pytest.mark.slow
-def test_the_report_is_written_locally_and_no_model_is_registered_when_none_was_logged(finished):
-    tmp, uri, summary, printed = finished
-    local = tmp / "reports" / summary["session"]
-    assert {"report.html", "report.tex", "study_table.md", "study_table.csv",
-            "contrasts.csv"} <= {p.name for p in local.iterdir()}  # fmt: skip
-    assert printed.rstrip().endswith("best model: not logged (--no-log-checkpoints)")
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("minireport").experiment_id
-    assert not client.search_logged_models([experiment]) and summary["model"] is None
-
-
-@pytest.mark.slow
-def test_the_report_rebuilt_from_mlflow_equals_the_one_of_the_run(finished, capsys):
-    tmp, uri, summary, printed = finished
+@pytest.mark.xdist_group("finished-study")
+def test_the_report_rebuilt_from_mlflow_equals_the_one_of_the_run(finished_study, capsys):
+    tmp, uri, summary, printed = (
+        finished_study.tmp,
+        finished_study.uri,
+        finished_study.summary,
+        finished_study.out,
+    )
     client = MlflowClient(uri)
     logged = {name: Path(client.download_artifacts(summary["parent_run_id"], name, str(tmp)))
               for name in ("study_table.csv", "contrasts.csv")}  # fmt: skip
@@ -172,10 +129,11 @@ def markdown_tables(markdown: str) -> list[tuple[list[str], list[list[str]]]]:
 
 
 @pytest.mark.slow
-def test_the_html_report_renders_in_headless_chromium(finished):
+@pytest.mark.xdist_group("finished-study")
+def test_the_html_report_renders_in_headless_chromium(finished_study):
     from playwright.sync_api import sync_playwright
 
-    tmp, uri, summary, _ = finished
+    tmp, uri, summary = finished_study.tmp, finished_study.uri, finished_study.summary
     client = MlflowClient(uri)
     page_file = Path(client.download_artifacts(summary["parent_run_id"], "report.html", str(tmp)))
     markdown = Path(client.download_artifacts(summary["parent_run_id"], "study_table.md",
@@ -260,8 +218,9 @@ def t_interval(values) -> tuple[float, float, float]:
 
 
 @pytest.mark.slow
-def test_the_latex_and_markdown_tables_print_mlflows_numbers(finished):
-    tmp, uri, summary, _ = finished
+@pytest.mark.xdist_group("finished-study")
+def test_the_latex_and_markdown_tables_print_mlflows_numbers(finished_study):
+    tmp, uri, summary = finished_study.tmp, finished_study.uri, finished_study.summary
     client = MlflowClient(uri)
     folder = str(tmp / "tables")
     tex = Path(client.download_artifacts(summary["parent_run_id"], "report.tex", folder))

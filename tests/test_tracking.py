@@ -12,7 +12,6 @@ import os
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -105,50 +104,11 @@ def test_failure_reasons(text, reason):
 
 # ------------------------------------------------------------ a finished study, as MLflow has it
 
-STUDY = """
-name = "tracked"
-kind = "grid"
-reference = "basic"
-[run]
-dataset = "synthetic"
-[defaults]
-backbone = "resnet18"
-attention = "none"
-[[cells]]
-name = "basic"
-loss = "ce"
-[[cells]]
-name = "joint"
-loss = "island"
-[presets.tiny]
-epochs = 2
-batch_size = 16
-synthetic_subjects = 5
-synthetic_images_per_class = 2
-"""
 
-
-@pytest.fixture(scope="module")
-def study(ray_cluster, tmp_path_factory):
-    """One finished two-trial study, its models logged: store, summary, printed output."""
-    import io
-
-    from orchestrate.runner import RunOptions, run_study
-    from search_spaces import load_study
-
-    tmp = tmp_path_factory.mktemp("tracked")
-    (tmp / "tracked.toml").write_text(STUDY)
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    options = RunOptions(preset="tiny", storage=str(tmp / "ray"), tracking_uri=uri,
-                         reports=str(tmp / "reports"))  # fmt: skip
-    out = io.StringIO()
-    summary = run_study(load_study(tmp / "tracked.toml"), options, out=out)
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("tracked")
-    runs = client.search_runs([experiment.experiment_id])
-    children = [r for r in runs if r.data.tags["study_parent"] == "false"]
-    return SimpleNamespace(tmp=tmp, uri=uri, client=client, experiment=experiment, runs=runs,
-                           children=children, summary=summary, out=out.getvalue())  # fmt: skip
+@pytest.fixture
+def study(finished_study):
+    """The session's finished study (tests/conftest.py): two cells x two seeds, models logged."""
+    return finished_study
 
 
 def _test_split(run):
@@ -164,6 +124,7 @@ def _test_split(run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("finished-study")
 def test_each_trial_logs_its_selected_model_which_predicts_as_the_trial(study, monkeypatch):
     import mlflow.pytorch
     from mlflow.models import get_model_info
@@ -202,11 +163,12 @@ def test_each_trial_logs_its_selected_model_which_predicts_as_the_trial(study, m
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("finished-study")
 def test_the_best_trial_on_validation_is_the_registered_model_alias_best(study, monkeypatch):
     import mlflow.pytorch
 
-    assert study.summary["model"] == "models:/tracked@best"
-    version = study.client.get_model_version_by_alias("tracked", "best")
+    assert study.summary["model"] == "models:/minireport@best"
+    version = study.client.get_model_version_by_alias("minireport", "best")
     best = min(study.children, key=lambda r: (-r.data.metrics["best_val_accuracy"],
                                                r.info.start_time))  # fmt: skip
     assert version.run_id == best.info.run_id
@@ -214,12 +176,13 @@ def test_the_best_trial_on_validation_is_the_registered_model_alias_best(study, 
     assert float(version.tags["best_val_accuracy"]) == best.data.metrics["best_val_accuracy"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", study.uri)
     _, test = _test_split(best)
-    registered = mlflow.pytorch.load_model("models:/tracked@best")(test.images.float() / 255)
+    registered = mlflow.pytorch.load_model("models:/minireport@best")(test.images.float() / 255)
     logged = mlflow.pytorch.load_model(f"runs:/{best.info.run_id}/model")(test.images.float() / 255)
     assert torch.equal(registered, logged)
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("finished-study")
 def test_every_run_names_its_source_commit_and_dataset(study):
     import subprocess
 
@@ -229,7 +192,7 @@ def test_every_run_names_its_source_commit_and_dataset(study):
     root = Path(__file__).resolve().parents[1]
     commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                             text=True, check=True).stdout.strip()  # fmt: skip
-    assert len(study.runs) == 3
+    assert len(study.runs) == 5
     digests = set()
     for run in study.runs:
         tags = run.data.tags
@@ -255,6 +218,7 @@ def test_every_run_names_its_source_commit_and_dataset(study):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("finished-study")
 def test_the_study_ends_with_where_to_look_next(study):
     lines = study.out.rstrip().splitlines()[-3:]
     session = study.summary["session"]
@@ -263,10 +227,13 @@ def test_the_study_ends_with_where_to_look_next(study):
                         f"python -m orchestrate.ui --tracking-uri {study.uri})")  # fmt: skip
     report = study.tmp / "reports" / session / "report.html"
     assert lines[1] == f"report: {report}" and report.is_file()
-    assert lines[2] == "best model: models:/tracked@best"
+    assert {"report.html", "report.tex", "study_table.md", "study_table.csv",
+            "contrasts.csv"} <= {p.name for p in report.parent.iterdir()}  # fmt: skip
+    assert lines[2] == "best model: models:/minireport@best"
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("finished-study")
 def test_the_printed_url_shows_the_study_runs_in_mlflow_ui(study):
     import os
     import signal
@@ -292,13 +259,13 @@ def test_the_printed_url_shows_the_study_runs_in_mlflow_ui(study):
             browser = chromium(p)
             page = browser.new_page(viewport={"width": 1800, "height": 900})
             page.goto(url)
-            page.get_by_text("3 matching runs").wait_for(timeout=60_000)
+            page.get_by_text("5 matching runs").wait_for(timeout=60_000)
             cell = page.locator("[role=gridcell]", has_text=parent.info.run_name)
             cell.locator("button").first.click()  # the parent's children
             for child in study.children:
                 page.get_by_text(child.info.run_name).wait_for(timeout=30_000)
             digest = parent.inputs.dataset_inputs[0].dataset.digest
-            assert page.get_by_text(f"synthetic ({digest})").count() == 3
+            assert page.get_by_text(f"synthetic ({digest})").count() == 5
             # the study report as the UI shows it: the parent's report.html, in MLflow's viewer
             experiment = study.experiment.experiment_id
             page.goto(f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs/"
