@@ -236,9 +236,9 @@ def test_bad_options_are_rejected_before_any_run(tmp_path, monkeypatch, capsys, 
         ),
         (
             HPO.replace('when = { loss = ["island"] }', 'when = { loss = ["arcface"] }'),
-            "space[2].when.loss: must be a list of loss's choices",
+            "space[1].when.loss: must be a list of loss's choices",
         ),
-        (HPO.replace("low = 0.1", "low = -1.0"), "space[2].low: needs numbers low < high"),
+        (HPO.replace("low = 0.1", "low = -1.0"), "space[1].low: needs numbers low < high"),
         ("name = [", "not valid TOML"),
     ],
 )
