@@ -29,7 +29,7 @@ TTA_MODES = ("none", "flip", "tencrop")
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("plateau", "cosine", "none")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp64")
 LABEL_SETS = ("fer2013", "ferplus", "ferplus7")
 CK_FRAMES = ("last", "paper")
 
@@ -145,12 +145,16 @@ class TrialConfig:
     seed: int = key(0, "training seed (initialisation, shuffling, augmentation)",
                     allowed="any integer")  # fmt: skip
     precision: str = key("auto", "arithmetic: auto (bf16 autocast on CUDA devices with bf16 "
-                         "tensor cores, compute capability 8.0 on; fp32 elsewhere), fp32, bf16",
-                         PRECISIONS)  # fmt: skip
+                         "tensor cores, compute capability 8.0 on; fp32 elsewhere), fp32, bf16, "
+                         "fp64 (float64 weights and loss: slow, for exact comparisons, such as a "
+                         "packed trial against the trial alone)", PRECISIONS)  # fmt: skip
     device: str = key("auto", "where to train: auto (CUDA if present), cpu, cuda or cuda:N",
                       allowed="auto, cpu, cuda or cuda:N")  # fmt: skip
     channels_last: bool = key(True, "channels-last memory format (faster convolutions on GPUs)")
     compile: bool = key(False, "torch.compile the model (CUDA; slow first epoch)")
+    cuda_graphs: bool = key(True, "on CUDA, train from CUDA graphs of the whole step, checked "
+                            "against eager steps at the start (eager on any mismatch, with a "
+                            "note); not with compile")  # fmt: skip
     deterministic: bool = key(False, "deterministic kernels, for exact resume checks (slower)")
     eval_batch_size: int = key(256, "images per evaluation batch", low=1)
     # A checkpoint holds the model, the optimiser's state (two more copies of the weights for
@@ -230,9 +234,20 @@ DATA_KEYS = ("dataset", "data_path", "labels", "clean", "drop_mislabeled", "drop
              "synthetic_difficulty")  # fmt: skip
 # what decides how a trial's dataset is split (``fermodel.engine.trial_splits``)
 SPLIT_KEYS = ("protocol", "fold", "folds", "split_seed", "balance")
-# where a trial runs, not what it computes: left out of a trial's identity, so that a study may
-# move between machines (``--gpus-per-trial``) and keep its finished trials
-PLACE_KEYS = ("device",)
+# what members of one pack of trials (``fermodel.pack``) may differ in; every other key, the
+# architecture, data, augmentation and schedule length among them, they share (``pack_key``)
+MEMBER_KEYS = ("seed", "lr", "weight_decay", "momentum", "optimizer", "schedule",
+               "plateau_patience", "plateau_factor", "loss", "lam", "lam1", "alpha", "fold",
+               "tta", "eval_batch_size")  # fmt: skip
+# where and how a trial runs, not what it computes: left out of a trial's identity, so that a
+# study may move between machines (``--gpus-per-trial``) and keep its finished trials
+PLACE_KEYS = ("device", "cuda_graphs")
+
+
+def pack_key(config: TrialConfig) -> str:
+    """What trials must share to train as one pack: all but ``MEMBER_KEYS``."""
+    values = config.to_dict()
+    return json.dumps({k: v for k, v in values.items() if k not in MEMBER_KEYS}, sort_keys=True)
 
 
 def _check(f: dataclasses.Field, value) -> None:

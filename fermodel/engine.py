@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from fermodel.augment import AugmentConfig, augment, predict_tta, to_float
 from fermodel.checkpoint import SAME_AS_MODEL, best_model, load_checkpoint, save_checkpoint
-from fermodel.config import DATA_KEYS, PLACE_KEYS, TrialConfig
+from fermodel.config import DATA_KEYS, MEMBER_KEYS, PLACE_KEYS, TrialConfig, pack_key
 from fermodel.data import FERDataset, load_dataset, make_splits
 from fermodel.losses import JointLoss
 from fermodel.metrics import confusion_matrix, summarize
@@ -139,14 +139,14 @@ class _Normalized(torch.nn.Module):
     larger input gives ResNet-50's last stages more than a 2x2 map, at about the square of
     the cost)."""
 
-    def __init__(
-        self, model: torch.nn.Module, channels_last: bool, image_size: int = 48, in_chans: int = 1
-    ):
+    def __init__(self, model: torch.nn.Module, channels_last: bool, image_size: int = 48,
+                 in_chans: int = 1, dtype: torch.dtype = torch.float32):  # fmt: skip
         super().__init__()
         self.model, self.channels_last, self.image_size = model, channels_last, image_size
-        self.in_chans = in_chans
+        self.in_chans, self.dtype = in_chans, dtype
 
     def forward(self, x: torch.Tensor, return_embedding: bool = False):
+        x = x.to(self.dtype)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
                               align_corners=False)  # fmt: skip
@@ -171,12 +171,19 @@ def _augment_config(c: TrialConfig) -> AugmentConfig:
     )
 
 
-def _optimizer(c: TrialConfig, params) -> torch.optim.Optimizer:
+def _optimizer(c: TrialConfig, params, device: torch.device) -> torch.optim.Optimizer:
+    """The config's optimiser, with PyTorch's fused kernels (one or a few launches for all the
+    weights, and no step counter read back to the host, which the per-tensor implementations
+    do once per weight tensor: a step that waits for the device). On CUDA the learning rate is
+    a tensor on the device, which the schedules change in place, so that a captured CUDA graph
+    reads the current value."""
+    lr = torch.tensor(c.lr, device=device) if device.type == "cuda" else c.lr
     if c.optimizer == "adam":
-        return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=c.weight_decay, fused=True)
     if c.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-    return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=c.weight_decay, fused=True)
+    return torch.optim.SGD(params, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                           fused=True)  # fmt: skip
 
 
 def _scheduler(c: TrialConfig, optimizer):
@@ -201,6 +208,7 @@ class TrainingParts:
     optimizer: torch.optim.Optimizer
     scheduler: object
     use_bf16: bool
+    dtype: torch.dtype = torch.float32  # of the weights and the loss (float64 with "fp64")
 
     def autocast(self):
         device = next(self.model.parameters()).device.type
@@ -208,22 +216,33 @@ class TrainingParts:
 
 
 def build_parts(c: TrialConfig, num_classes: int, device: torch.device) -> TrainingParts:
+    dtype = torch.float64 if c.precision == "fp64" else torch.float32
     model = build_model(c.backbone, c.attention, num_classes, c.in_chans, c.pretrained or None)
-    model = model.to(device)
+    model = model.to(device, dtype)
     if c.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    net = _Normalized(model, c.channels_last, c.image_size, c.in_chans)
+    net = _Normalized(model, c.channels_last, c.image_size, c.in_chans, dtype)
     criterion = JointLoss(c.loss, num_classes, model.num_features, c.lam, c.lam1, c.alpha)
-    optimizer = _optimizer(c, model.parameters())
+    optimizer = _optimizer(c, model.parameters(), device)
     return TrainingParts(
         model=model,
         net=net,
-        step_net=torch.compile(net) if c.compile else net,
-        criterion=criterion.to(device),
+        step_net=compiled(net) if c.compile else net,
+        criterion=criterion.to(device, dtype),
         optimizer=optimizer,
         scheduler=_scheduler(c, optimizer),
         use_bf16=uses_bf16(c.precision, device),
+        dtype=dtype,
     )
+
+
+def compiled(net: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile(net)`` after forgetting what earlier trials of this process compiled: a
+    reused Ray actor trains trial after trial, and the variants of one code object (every
+    attention's bottleneck shares one ``forward``) would reach dynamo's recompile limit, after
+    which it silently runs eager."""
+    torch._dynamo.reset()
+    return torch.compile(net)
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:
@@ -241,7 +260,7 @@ def train_step(parts: TrainingParts, images, labels, aug: AugmentConfig, generat
     x = augment(images, aug, generator)
     with parts.autocast():
         logits, emb = parts.step_net(x, return_embedding=True)
-    out = parts.criterion(logits.float(), emb.float(), labels)
+    out = parts.criterion(logits.to(parts.dtype), emb.to(parts.dtype), labels)
     parts.optimizer.zero_grad(set_to_none=True)
     out.total.backward()
     parts.optimizer.step()
@@ -279,7 +298,7 @@ def evaluate(model: _Normalized, images, labels, classes, batch_size, autocast, 
                 loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
                 preds.append(logits.argmax(1))
             else:
-                probs = predict_tta(model, x, tta)
+                probs = predict_tta(model, x, tta, batch_size=batch_size)  # V views, chunked
                 loss_sum += F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum").double()
                 preds.append(probs.argmax(1))
     pred = torch.cat(preds) if preds else labels[:0]
@@ -339,8 +358,8 @@ def training_state(c: TrialConfig, epoch: int, parts: TrainingParts, shuffle_gen
     return {
         "config": c.to_dict(),
         "epoch": epoch,
-        "model": parts.model.state_dict(),
-        "criterion": parts.criterion.state_dict(),
+        "model": _owned(parts.model.state_dict()),
+        "criterion": _owned(parts.criterion.state_dict()),
         "optimizer": parts.optimizer.state_dict(),
         "scheduler": None if parts.scheduler is None else parts.scheduler.state_dict(),
         "shuffle_rng": shuffle_gen.get_state(),
@@ -351,6 +370,13 @@ def training_state(c: TrialConfig, epoch: int, parts: TrainingParts, shuffle_gen
         "best": best,
         "best_model": SAME_AS_MODEL if best["epoch"] == epoch else best_state,
     }
+
+
+def _owned(state: dict) -> dict:
+    """The tensors of a state dict, each with a storage of its own: a packed member's weights
+    are views of the pack's stacks, and torch.save writes a view's whole storage."""
+    return {k: v.clone() if v.untyped_storage().nbytes() > v.nbytes else v
+            for k, v in state.items()}  # fmt: skip
 
 
 def _restore(c: TrialConfig, checkpoint, parts: TrainingParts, shuffle_gen, augment_gen):
@@ -394,137 +420,303 @@ def fit(
     """Train and evaluate one trial. ``data`` is the dataset the config names (read here when
     None); ``checkpoint`` is a checkpoint folder or file to continue from; ``checkpoint_now``,
     asked once an epoch, makes that epoch write a checkpoint whatever the cadence (a driver
-    about to stop uses it)."""
-    if config.deterministic:
+    about to stop uses it). A NaN or inf loss raises ``TrainingDiverged``."""
+
+    def pack_report(metrics: list, folder: str | None) -> None:
+        if isinstance(metrics[0], dict):
+            report(metrics[0], None if folder is None else os.path.join(folder, "0"))
+
+    (result,) = fit_pack([config], data, pack_report if report else None,
+                         None if checkpoint is None else [checkpoint], checkpoint_now)  # fmt: skip
+    if isinstance(result, TrainingDiverged):
+        raise result
+    return result
+
+
+PackReport = Callable[[list, str | None], None]
+
+
+def fit_pack(
+    configs: list[TrialConfig],
+    data: FERDataset | None = None,
+    report: PackReport | None = None,
+    checkpoints: list | None = None,
+    checkpoint_now: Callable[[], bool] | None = None,
+) -> list[TrialResult | TrainingDiverged]:
+    """Train K trials that share an architecture as one pack (``fermodel.pack``; K = 1 is a
+    trial alone, trained as a plain module); returns each member's ``TrialResult``, or the
+    ``TrainingDiverged`` that ended it (a member that diverges stops alone).
+
+    ``report(metrics, folder)`` is called once an epoch with one entry per member: its epoch
+    metrics, the ``TrainingDiverged`` that ended it in this epoch, or None once it has ended;
+    ``folder``, on the epochs that checkpoint, holds one checkpoint folder per live member,
+    named by its index ("0", "1", ...), each in a single trial's format. ``checkpoints``
+    gives each member's checkpoint to continue from (or None)."""
+    configs = list(configs)
+    if not configs:
+        raise ValueError("a pack needs at least one trial config")
+    keys = {pack_key(c) for c in configs}
+    if len(keys) > 1:
+        raise ValueError("the trials of a pack must share every key but "
+                         f"{', '.join(MEMBER_KEYS)}")  # fmt: skip
+    first = configs[0]
+    if first.deterministic:
         # cuBLAS is deterministic only with a fixed workspace, set before its first call
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     previous = torch.are_deterministic_algorithms_enabled()
     benchmark = torch.backends.cudnn.benchmark
-    torch.use_deterministic_algorithms(config.deterministic or previous)
+    torch.use_deterministic_algorithms(first.deterministic or previous)
     # every batch has the same shape: let cuDNN pick its fastest kernels once
-    torch.backends.cudnn.benchmark = not config.deterministic
+    torch.backends.cudnn.benchmark = not first.deterministic
     try:
-        return _fit(config, data, report, checkpoint, checkpoint_now)
+        data = load_trial_data(first) if data is None else data
+        device = resolve_device(first.device)
+        checkpoints = list(checkpoints) if checkpoints is not None else [None] * len(configs)
+        members = [make_member(c, data, device, ckpt)
+                   for c, ckpt in zip(configs, checkpoints, strict=True)]  # fmt: skip
+        return _train(members, data, device, report, checkpoint_now)
     finally:
         torch.use_deterministic_algorithms(previous)
         torch.backends.cudnn.benchmark = benchmark
 
 
-def _fit(c: TrialConfig, data, report, checkpoint, checkpoint_now=None) -> TrialResult:
-    device = resolve_device(c.device)
+@dataclass
+class Member:
+    """One trial of a run (alone or in a pack): config, splits, parts, generators and what it
+    has learnt so far."""
+
+    config: TrialConfig
+    splits: object  # fermodel.data.Splits
+    parts: TrainingParts
+    shuffle_gen: torch.Generator
+    augment_gen: torch.Generator
+    start_epoch: int = 0
+    history: list = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"accuracy": -1.0, "loss": math.inf, "epoch": 0})
+    best_state: dict | None = None
+    notes: list = field(default_factory=list)
+    failed: TrainingDiverged | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.failed is None
+
+
+def make_member(c: TrialConfig, data: FERDataset, device, checkpoint=None) -> Member:
+    """A trial built exactly as it is alone (its seed first), restored from ``checkpoint``."""
     torch.manual_seed(c.seed)
-    data = load_trial_data(c) if data is None else data
     splits = trial_splits(c, data)
-    classes = data.classes
-
-    parts = build_parts(c, len(classes), device)
-    model, net, criterion, optimizer, scheduler = (
-        parts.model,
-        parts.net,
-        parts.criterion,
-        parts.optimizer,
-        parts.scheduler,
-    )
-    autocast = parts.autocast
-
-    shuffle_gen = torch.Generator().manual_seed(c.seed)
-    augment_gen = torch.Generator(device=device).manual_seed(c.seed + 1)
-    aug = _augment_config(c)
-
-    start_epoch, history, best = 0, [], {"accuracy": -1.0, "loss": math.inf, "epoch": 0}
-    best_state, resume_notes = None, []
+    parts = build_parts(c, len(data.classes), device)
+    member = Member(c, splits, parts, torch.Generator().manual_seed(c.seed),
+                    torch.Generator(device=device).manual_seed(c.seed + 1))  # fmt: skip
     if checkpoint is not None:
-        start_epoch, history, best, best_state, resume_notes = _restore(
-            c, checkpoint, parts, shuffle_gen, augment_gen
-        )
-    cadence = CheckpointCadence(c.checkpoint_every, c.epochs)
+        (member.start_epoch, member.history, member.best, member.best_state,
+         member.notes) = _restore(c, checkpoint, parts, member.shuffle_gen,
+                                  member.augment_gen)  # fmt: skip
+    return member
 
-    train_x, train_y = splits.train.images.to(device), splits.train.labels.to(device)
-    val_x, val_y = splits.val.images.to(device), splits.val.labels.to(device)
-    train_seconds = sum(h["epoch_seconds"] for h in history)
-    n = len(train_y)
-    batches = [(s, min(s + c.batch_size, n)) for s in range(0, n, c.batch_size)]
+
+class _SoloStep:
+    """One training step of a trial alone, on its plain (maybe compiled) module."""
+
+    def __init__(self, member: Member, aug: AugmentConfig, device):
+        self.member, self.aug = member, aug
+        train = member.splits.train
+        self.x, self.y = train.images.to(device), train.labels.to(device)
+
+    def train(self) -> None:
+        self.member.parts.net.train()
+        self.member.parts.criterion.train()
+
+    def drop(self, k: int) -> None:
+        pass  # a trial alone ends with its divergence
+
+    def __call__(self, idx: torch.Tensor):
+        i = idx[0]
+        y = self.y[i]
+        logits, out = train_step(self.member.parts, self.x[i], y, self.aug,
+                                 self.member.augment_gen)  # fmt: skip
+        return logits[None], y[None], out.total.reshape(1), out.ce.reshape(1)
+
+
+def make_step(members: list[Member], device):
+    """The training step of a trial alone (its module, maybe compiled) or of a pack; on CUDA
+    replayed from CUDA graphs once they pass their check (``fermodel.graphs``), which each
+    member's notes record either way."""
+    aug = _augment_config(members[0].config)
+    if len(members) == 1:
+        step = _SoloStep(members[0], aug, device)
+    else:
+        from fermodel.pack import PackedStep
+
+        step = PackedStep(members, aug, device)
+    capture = capture_for(members, device)
+    if capture is None:
+        return step
+    from fermodel.graphs import CHECK_STEPS, GraphedStep
+
+    graphed = GraphedStep(step, members, capture)
+    n, b = len(members[0].splits.train), members[0].config.batch_size
+    draw = torch.Generator().manual_seed(0)  # the check's batches: any, its steps are undone
+    batches = [torch.randint(n, (len(members), min(b, n)), generator=draw).to(device)
+               for _ in range(CHECK_STEPS)]  # fmt: skip
+    step.train()
+    why = graphed.check(batches)
+    note = ("trained from CUDA graphs (checked against eager steps at the start)" if why is None
+            else f"CUDA graphs off: {why}; trained eagerly")  # fmt: skip
+    for m in members:
+        m.notes.append(note)
+    return step if why else graphed
+
+
+def capture_for(members: list[Member], device):
+    """How to capture the training step: CUDA graphs on CUDA when the config asks (not with
+    torch.compile, which captures its own), else none (eager)."""
+    c = members[0].config if members else None
+    if device.type != "cuda" or c is None or not c.cuda_graphs or c.compile:
+        return None
+    from fermodel.graphs import CudaCapture
+
+    return CudaCapture(device, [m.augment_gen for m in members])
+
+
+def _train(members: list[Member], data, device, report, checkpoint_now) -> list:
+    first = members[0].config
+    starts = {m.start_epoch for m in members}
+    if len(starts) > 1:
+        raise ValueError(f"the members of a pack continue from one epoch, got {sorted(starts)}")
+    sizes = {len(m.splits.train) for m in members}
+    if len(sizes) > 1:
+        raise ValueError(f"the members of a pack train on splits of one size, got {sorted(sizes)}")
+    step = make_step(members, device)
+    cadence = CheckpointCadence(first.checkpoint_every, first.epochs)
+    n = sizes.pop()
+    batches = [(s, min(s + first.batch_size, n)) for s in range(0, n, first.batch_size)]
     if batches and batches[-1][1] - batches[-1][0] < 2:
         batches.pop()
+    for epoch in range(starts.pop() + 1, first.epochs + 1):
+        ended = [m.alive for m in members]
+        seen, seconds, sums = _train_epoch(members, step, epoch, batches, device)
+        metrics = [_end_epoch(m, epoch, seen, seconds, *s) if m.alive else None
+                   for m, s in zip(members, sums, strict=True)]  # fmt: skip
+        metrics = [m.failed if was and not m.alive else x
+                   for m, was, x in zip(members, ended, metrics, strict=True)]  # fmt: skip
+        if report is not None:
+            _report(members, epoch, metrics, report, cadence, checkpoint_now)
+        if not any(m.alive for m in members):
+            break
+    return [_test(m, data, device, cadence) if m.alive else m.failed for m in members]
 
-    for epoch in range(start_epoch + 1, c.epochs + 1):
-        started = time.perf_counter()
-        net.train()
-        criterion.train()
-        order = torch.randperm(n, generator=shuffle_gen).to(device)
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        ce_sum, correct = torch.zeros_like(loss_sum), torch.zeros((), device=device)
-        first_bad = torch.full((), -1, device=device)
-        seen = 0
-        for step, (lo, hi) in enumerate(batches, 1):
-            idx = order[lo:hi]
-            y = train_y[idx]
-            logits, out = train_step(parts, train_x[idx], y, aug, augment_gen)
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(out.total), step, first_bad)
-            loss_sum += out.total.detach().double() * (hi - lo)
-            ce_sum += out.ce.detach().double() * (hi - lo)
-            correct += (logits.argmax(1) == y).sum()
-            seen += hi - lo
-            if step % DIVERGENCE_CHECK_EVERY == 0 or step == len(batches):
-                bad = int(first_bad.item())
-                if bad >= 0:
-                    raise TrainingDiverged(epoch, bad)
-        epoch_seconds = time.perf_counter() - started
-        train_seconds += epoch_seconds
 
-        # the same predictor as the test (its TTA): the selected epoch is judged as it is tested
-        val, _, _ = evaluate(net, val_x, val_y, classes, c.eval_batch_size, autocast, c.tta)
-        lr = optimizer.param_groups[0]["lr"]
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(val["loss"])
-        elif scheduler is not None:
-            scheduler.step()
-        if val["accuracy"] > best["accuracy"] or (
-            val["accuracy"] == best["accuracy"] and val["loss"] < best["loss"]
-        ):
-            best = {"accuracy": val["accuracy"], "loss": val["loss"], "epoch": epoch}
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        metrics = {
-            "epoch": epoch,
-            "train_loss": loss_sum.item() / max(seen, 1),
-            "train_ce": ce_sum.item() / max(seen, 1),
-            "train_accuracy": correct.item() / max(seen, 1),
-            **{f"val_{k}": v for k, v in val.items()},
-            "lr": lr,
-            "best_val_accuracy": best["accuracy"],
-            "best_epoch": best["epoch"],
-            "images_per_second": seen / epoch_seconds,
-            "epoch_seconds": epoch_seconds,
-        }
-        history.append(metrics)
-        if report is not None and (cadence.due(epoch) or (checkpoint_now and checkpoint_now())):
-            with cadence.timed(epoch), tempfile.TemporaryDirectory(prefix="fer-ckpt-") as folder:
-                state = training_state(c, epoch, parts, shuffle_gen, augment_gen, history, best,
-                                       best_state)  # fmt: skip
-                save_checkpoint(folder, state)
-                report(metrics, folder)
-        elif report is not None:
-            report(metrics, None)
+def _train_epoch(members: list[Member], step, epoch: int, batches, device):
+    """One epoch of every live member; returns images seen, seconds, and per member its
+    (loss sum, cross-entropy sum, correct) over the epoch. A member whose loss turns NaN or
+    inf ends with ``TrainingDiverged`` (looked for every ``DIVERGENCE_CHECK_EVERY`` steps)."""
+    started = time.perf_counter()
+    step.train()
+    n = batches[-1][1] if batches else 0
+    order = torch.stack([torch.randperm(n, generator=m.shuffle_gen) for m in members]).to(device)
+    k = len(members)
+    loss_sum = torch.zeros(k, device=device, dtype=torch.float64)
+    ce_sum, correct = torch.zeros_like(loss_sum), torch.zeros(k, device=device)
+    first_bad = torch.full((k,), -1, device=device)
+    seen = 0
+    for i, (lo, hi) in enumerate(batches, 1):
+        logits, y, total, ce = step(order[:, lo:hi])
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(total), i, first_bad)
+        loss_sum += total.double() * (hi - lo)
+        ce_sum += ce.double() * (hi - lo)
+        correct += (logits.argmax(-1) == y).sum(-1)
+        seen += hi - lo
+        if i % DIVERGENCE_CHECK_EVERY == 0 or i == len(batches):
+            for index, (member, bad) in enumerate(zip(members, first_bad.tolist(), strict=True)):
+                if bad >= 0 and member.alive:
+                    member.failed = TrainingDiverged(epoch, bad)
+                    step.drop(index)
+            if not any(m.alive for m in members):
+                break
+    seconds = time.perf_counter() - started
+    sums = zip(loss_sum.tolist(), ce_sum.tolist(), correct.tolist(), strict=True)
+    return seen, seconds, list(sums)
 
-    if best_state is not None:
-        model.load_state_dict(best_state)
+
+def _end_epoch(m: Member, epoch: int, seen: int, seconds: float, loss_sum, ce_sum, correct):
+    """Validation (with the test's TTA: the selected epoch is judged as it is tested), the
+    schedule's step, the best epoch so far, and the epoch's metrics, kept in the history."""
+    c, parts = m.config, m.parts
+    splits = m.splits
+    device = next(parts.model.parameters()).device
+    val, _, _ = evaluate(parts.net, splits.val.images.to(device), splits.val.labels.to(device),
+                         splits.val.classes, c.eval_batch_size, parts.autocast, c.tta)  # fmt: skip
+    lr = float(parts.optimizer.param_groups[0]["lr"])  # a tensor on CUDA
+    if isinstance(parts.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        parts.scheduler.step(val["loss"])
+    elif parts.scheduler is not None:
+        parts.scheduler.step()
+    if val["accuracy"] > m.best["accuracy"] or (
+        val["accuracy"] == m.best["accuracy"] and val["loss"] < m.best["loss"]
+    ):
+        m.best = {"accuracy": val["accuracy"], "loss": val["loss"], "epoch": epoch}
+        m.best_state = {k: v.detach().to("cpu", copy=True)
+                        for k, v in parts.model.state_dict().items()}  # fmt: skip
+    metrics = {
+        "epoch": epoch,
+        "train_loss": loss_sum / max(seen, 1),
+        "train_ce": ce_sum / max(seen, 1),
+        "train_accuracy": correct / max(seen, 1),
+        **{f"val_{k}": v for k, v in val.items()},
+        "lr": lr,
+        "best_val_accuracy": m.best["accuracy"],
+        "best_epoch": m.best["epoch"],
+        "images_per_second": seen / seconds,
+        "epoch_seconds": seconds,
+    }
+    m.history.append(metrics)
+    return metrics
+
+
+def _report(members, epoch: int, metrics: list, report, cadence, checkpoint_now) -> None:
+    """The epoch's metrics to the caller, with a checkpoint of every live member on the epochs
+    the cadence (or ``checkpoint_now``) picks."""
+    live = any(m.alive for m in members)
+    if not live or not (cadence.due(epoch) or (checkpoint_now and checkpoint_now())):
+        report(metrics, None)
+        return
+    with cadence.timed(epoch), tempfile.TemporaryDirectory(prefix="fer-ckpt-") as folder:
+        for index, m in enumerate(members):
+            if m.alive:
+                state = training_state(m.config, epoch, m.parts, m.shuffle_gen, m.augment_gen,
+                                       m.history, m.best, m.best_state)  # fmt: skip
+                save_checkpoint(os.path.join(folder, str(index)), state)
+        report(metrics, folder)
+
+
+def _test(m: Member, data: FERDataset, device, cadence) -> TrialResult:
+    """The selected epoch's model on the test split, evaluated once."""
+    c, parts, splits = m.config, m.parts, m.splits
+    if m.best_state is not None:
+        parts.model.load_state_dict(m.best_state)
+    args = (data.classes, c.eval_batch_size, parts.autocast, c.tta)
     test_x, test_y = splits.test.images.to(device), splits.test.labels.to(device)
-    test, cm, pred = evaluate(net, test_x, test_y, classes, c.eval_batch_size, autocast, c.tta)
+    test, cm, pred = evaluate(parts.net, test_x, test_y, *args)
     test_full = None
     if c.drop_leaked:
         test_full = test
         if splits.full_test is not None:
             full = splits.full_test
-            test_full, _, _ = evaluate(net, full.images.to(device), full.labels.to(device),
-                                       classes, c.eval_batch_size, autocast, c.tta)  # fmt: skip
+            test_full, _, _ = evaluate(parts.net, full.images.to(device),
+                                       full.labels.to(device), *args)  # fmt: skip
+    history = m.history
+    train_seconds = sum(h["epoch_seconds"] for h in history)
     trained = sum(h["images_per_second"] * h["epoch_seconds"] for h in history)
+    best_epoch = m.best["epoch"]
     return TrialResult(
         config=c.to_dict(),
-        classes=classes,
+        classes=data.classes,
         history=history,
-        best_epoch=best["epoch"],
-        val={k[4:]: v for k, v in history[best["epoch"] - 1].items() if k.startswith("val_")}
-        if best["epoch"]
+        best_epoch=best_epoch,
+        val={k[4:]: v for k, v in history[best_epoch - 1].items() if k.startswith("val_")}
+        if best_epoch
         else {},
         test=test,
         test_confusion=cm.tolist(),
@@ -536,10 +728,10 @@ def _fit(c: TrialConfig, data, report, checkpoint, checkpoint_now=None) -> Trial
         else [str(g) for g in splits.test.subjects],
         images_per_second=trained / train_seconds if train_seconds else float("nan"),
         train_seconds=train_seconds,
-        notes=[*data.notes, *splits.notes, *resume_notes],
+        notes=[*data.notes, *splits.notes, *m.notes],
         checkpoint_epochs=cadence.epochs,
         checkpoint_seconds=cadence.seconds,
         test_full=test_full,
         split_sizes={p: len(getattr(splits, p)) for p in ("train", "val", "test")},
-        model_state=best_state,
+        model_state=m.best_state,
     )

@@ -40,6 +40,46 @@ from fermodel.config import LOSS_KINDS
 LossKind = Literal["ce", "center", "island"]
 
 
+def center_term(features: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor):
+    """``1/(2m) * sum_i ||x_i - c_{y_i}||^2`` over a batch of m, in the centers' dtype."""
+    x = features.to(centers.dtype)
+    return 0.5 * (x - centers[labels]).pow(2).sum() / max(len(labels), 1)
+
+
+def center_pull(features: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor):
+    """``delta_c_j = sum_{i: y_i=j} (c_j - x_i) / (1 + n_j)`` for every class j."""
+    x = features.detach().to(centers.dtype)
+    # index_add rather than bincount, which waits for the device to size its output; out of
+    # place, so that it also runs under vmap (packed trials)
+    ones = torch.ones_like(labels, dtype=centers.dtype)
+    counts = torch.zeros(centers.shape[0], dtype=centers.dtype, device=centers.device)
+    counts = counts.index_add(0, labels, ones)
+    feature_sums = torch.zeros_like(centers).index_add(0, labels, x)
+    return (counts[:, None] * centers - feature_sums) / (1 + counts[:, None])
+
+
+def island_term(centers: torch.Tensor) -> torch.Tensor:
+    """``sum_j sum_{k != j} (cos(c_k, c_j) + 1)`` over ordered class pairs."""
+    c = F.normalize(centers, dim=1)
+    cos = c @ c.T
+    return ((cos + 1) * _off_diagonal(cos)).sum()
+
+
+def island_gradient(centers: torch.Tensor) -> torch.Tensor:
+    """Row j: ``sum_{k != j} [c_k / (|c_k||c_j|) - (c_k . c_j) c_j / (|c_k| |c_j|^3)]``."""
+    c = centers
+    norm = c.norm(dim=1)
+    inv = 1.0 / (norm[:, None] * norm[None, :]) * _off_diagonal(c)  # 1 / (|c_j||c_k|), j != k
+    dots = c @ c.T
+    return inv @ c - ((inv * dots).sum(dim=1) / norm.pow(2))[:, None] * c
+
+
+def _off_diagonal(like: torch.Tensor) -> torch.Tensor:
+    """A multiplying mask, not a boolean index (which would wait for the device)."""
+    n = like.shape[0]
+    return 1 - torch.eye(n, dtype=like.dtype, device=like.device)
+
+
 class CenterLoss(nn.Module):
     """``L_C = 1/(2m) * sum_i ||x_i - c_{y_i}||^2`` over a batch of m, with centers updated by
     the rule above."""
@@ -56,8 +96,7 @@ class CenterLoss(nn.Module):
         self.register_buffer("centers", 0.01 * torch.randn(num_classes, feat_dim))
 
     def center_term(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        x = features.to(self.centers.dtype)
-        return 0.5 * (x - self.centers[labels]).pow(2).sum() / max(len(labels), 1)
+        return center_term(features, self.centers, labels)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self._check(features, labels)
@@ -68,14 +107,7 @@ class CenterLoss(nn.Module):
 
     def center_delta(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``delta_c_j = sum_{i: y_i=j} (c_j - x_i) / (1 + n_j)`` for every class j."""
-        x = features.detach().to(self.centers.dtype)
-        c = self.centers
-        # index_add_ rather than bincount, which waits for the device to size its output
-        ones = torch.ones_like(labels, dtype=c.dtype)
-        counts = torch.zeros(self.num_classes, dtype=c.dtype, device=c.device)
-        counts = counts.index_add_(0, labels, ones)
-        feature_sums = torch.zeros_like(c).index_add_(0, labels, x)
-        return (counts[:, None] * c - feature_sums) / (1 + counts[:, None])
+        return center_pull(features, self.centers, labels)
 
     @torch.no_grad()
     def update_centers(self, features: torch.Tensor, labels: torch.Tensor) -> None:
@@ -106,11 +138,7 @@ class IslandLoss(CenterLoss):
         self.lam1 = lam1
 
     def island_term(self) -> torch.Tensor:
-        c = F.normalize(self.centers, dim=1)
-        cos = c @ c.T
-        # a multiplying mask, not a boolean index (which would wait for the device)
-        off_diagonal = 1 - torch.eye(self.num_classes, dtype=cos.dtype, device=cos.device)
-        return ((cos + 1) * off_diagonal).sum()
+        return island_term(self.centers)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         self._check(features, labels)
@@ -121,12 +149,7 @@ class IslandLoss(CenterLoss):
 
     def island_gradient(self) -> torch.Tensor:
         """Row j: ``sum_{k != j} [c_k / (|c_k||c_j|) - (c_k . c_j) c_j / (|c_k| |c_j|^3)]``."""
-        c = self.centers
-        norm = c.norm(dim=1)
-        inv = 1.0 / (norm[:, None] * norm[None, :])  # 1 / (|c_j||c_k|), row j, column k
-        inv.fill_diagonal_(0)
-        dots = c @ c.T
-        return inv @ c - ((inv * dots).sum(dim=1) / norm.pow(2))[:, None] * c
+        return island_gradient(self.centers)
 
     def center_delta(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         pull = super().center_delta(features, labels)
@@ -174,3 +197,18 @@ class JointLoss(nn.Module):
             return JointLossOutput(ce, ce, torch.zeros_like(ce))
         aux = self.aux(embedding, labels)
         return JointLossOutput(ce + self.lam * aux, ce, aux)
+
+
+def joint_loss_step(logits, embedding, labels, centers, lam, lam1, alpha):
+    """The joint loss of one member of a pack of trials, as a function (``torch.vmap`` maps it
+    over the members): ``(total, ce, aux, new_centers)``, equal to what ``JointLoss`` computes
+    and does to its centers in training mode. Every loss kind is one formula with its weights:
+    ``island`` as given; ``center`` has ``lam1 = 0`` (its pairwise term and gradient vanish);
+    ``ce`` has ``lam = 0`` and ``alpha = 0`` (its placeholder centers never move), so adding
+    the zero-weighted terms changes no value."""
+    ce = F.cross_entropy(logits, labels)
+    num_classes = centers.shape[0]
+    aux = center_term(embedding, centers, labels) + lam1 * island_term(centers)
+    delta = center_pull(embedding, centers, labels)
+    delta = delta + lam1 / (num_classes - 1) * island_gradient(centers)
+    return ce + lam * aux, ce, aux, centers - alpha * delta

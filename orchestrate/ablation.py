@@ -91,6 +91,11 @@ def _resource_arguments(r) -> None:
     r.add_argument("--gpus-per-trial", type=float, metavar="GPUS",
                    help="GPUs per trial; 0.25 runs four trials per GPU. Allowed: >= 0, "
                    "fractions included. Default: 1 when the cluster has GPUs, else 0")  # fmt: skip
+    r.add_argument("--pack", metavar="K|auto", default="auto",
+                   help="grid trials trained together as one pack on one device, same "
+                   "architecture, each still its own trial (fermodel.pack). Allowed: >= 1, or "
+                   "auto (on GPUs: the largest pack that fits and raises throughput, measured "
+                   "on a GPU node at the start; on CPUs: 1). Default: auto")  # fmt: skip
     r.add_argument(
         "--cpus-per-trial",
         type=float,
@@ -194,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             epochs=_positive("--epochs", args.epochs),
             num_samples=_positive("--num-samples", args.num_samples),
             gpus_per_trial=_gpus(args.gpus_per_trial),
+            pack=_pack(args.pack),
             cpus_per_trial=_positive("--cpus-per-trial", args.cpus_per_trial),
             max_concurrent=_positive("--max-concurrent", args.max_concurrent),
             address=args.address,
@@ -222,6 +228,14 @@ def main(argv: list[str] | None = None) -> int:
               f"checkpoints. Continue with:\n  {again}", file=sys.stderr)  # fmt: skip
         return getattr(err, "exit_code", 130)
     return 0
+
+
+def _pack(value: str) -> int | None:
+    if value == "auto":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"--pack must be a whole number >= 1 or auto, got {value!r}")
+    return int(value)
 
 
 def _positive(flag: str, value):

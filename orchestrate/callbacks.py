@@ -34,6 +34,7 @@ from orchestrate.tracking import (
     EPOCH_KEYS,
     FINAL_KEYS,
     LIVE,
+    MEMBER_TAG,
     PARENT_TAG,
     SESSION_TAG,
     TRIAL_TAG,
@@ -44,10 +45,13 @@ from orchestrate.tracking import (
     mask,
     source_tags,
 )
+from orchestrate.trainable import member_specs
 
 
 class MLflowTrials(Callback):
-    """Child runs of the trials, written from the driver as Tune reports them.
+    """Child runs of the trials, written from the driver as Tune reports them: one run per
+    tuning sample, and one per member of a grid's Tune trial (a pack of one or more trials,
+    its results keyed by member index; see ``orchestrate.trainable.run_pack``).
 
     Every event only queues its writes on the invocation's ``Writer`` (``LIVE``), so MLflow's
     latency and outages never stall Tune's scheduling loop; the writes of one trial happen in
@@ -59,10 +63,11 @@ class MLflowTrials(Callback):
         self.uri, self.study, self.session = uri, study, session
         self.describe, self.log_checkpoints = describe, log_checkpoints
         self.client = self.tracker = None
-        self.runs: dict[str, str] = {}  # Ray trial id -> MLflow run id (writer thread only)
+        self.runs: dict[tuple, str] = {}  # (Ray trial id, member) -> MLflow run id (writer)
+        self.ended: set[tuple] = set()  # members whose run has its terminal state
 
     def __getstate__(self):
-        return {**self.__dict__, "client": None, "tracker": None, "runs": {}}
+        return {**self.__dict__, "client": None, "tracker": None, "runs": {}, "ended": set()}
 
     def _submit(self, what: str, write) -> None:
         LIVE[self.session].writer.submit(what, write)
@@ -73,20 +78,28 @@ class MLflowTrials(Callback):
         tid, config = trial.trial_id, dict(trial.config)
         # Tune numbers a study's trials in creation order: the tag starts with that number
         number = str(trial.experiment_tag).split("_", 1)[0]
-        self._submit(f"start {tid}", lambda: self._run_for(tid, config, number))
+        for member in members_of(config):
+            self._submit(f"start {tid}", lambda m=member: self._run_for(tid, config, m, number))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         tid, config, result = trial.trial_id, dict(trial.config), dict(result)
-        self._submit(f"result {tid}", lambda: self._log_result(tid, config, result))
+        for member, values in member_results(result):
+            self._submit(f"result {tid}", lambda m=member, v=values: self._log_result(
+                tid, config, m, v, bool(result.get("completed"))))  # fmt: skip
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         tid, config = trial.trial_id, dict(trial.config)
         last, checkpoint = dict(trial.last_result or {}), trial.checkpoint
-        self._submit(f"end {tid}", lambda: self._complete(tid, config, last, checkpoint))
+        results = dict(member_results(last))
+        for member in members_of(config):
+            values = results.get(member, {})
+            self._submit(f"end {tid}", lambda m=member, v=values: self._complete(
+                tid, config, m, v, bool(last.get("completed")), checkpoint))  # fmt: skip
 
     def on_trial_error(self, iteration, trials, trial, **info):
         tid, config, text = trial.trial_id, dict(trial.config), error_text(trial)
-        self._submit(f"error {tid}", lambda: self._fail(tid, config, text))
+        for member in members_of(config):
+            self._submit(f"error {tid}", lambda m=member: self._fail(tid, config, m, text))
 
     # --------------------------------------------------------------- writes (writer thread)
 
@@ -96,51 +109,62 @@ class MLflowTrials(Callback):
         self.tracker = LIVE[self.session].tracker
         self.client = self.tracker.client
 
-    def _run_for(self, trial_id: str, config: dict, number: str = "") -> str:
+    def _run_for(self, trial_id: str, config: dict, member, number: str = "") -> str:
         self._connect()
-        if trial_id in self.runs:
-            return self.runs[trial_id]
-        existing = self.client.search_runs(
-            [self.tracker.experiment_id],
-            filter_string=f"tags.{TRIAL_TAG} = '{trial_id}' "
-            f"and tags.{SESSION_TAG} = '{self.session}'",
-            max_results=1,
-        )
+        if (trial_id, member) in self.runs:
+            return self.runs[trial_id, member]
+        which = f"tags.{TRIAL_TAG} = '{trial_id}' and tags.{SESSION_TAG} = '{self.session}'"
+        if member is not None:
+            which += f" and tags.{MEMBER_TAG} = '{member}'"
+        existing = self.client.search_runs([self.tracker.experiment_id], filter_string=which,
+                                           max_results=1)  # fmt: skip
         if existing:  # a resumed trial continues its own run
             run_id = existing[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
         else:
-            info = self.describe(config)
-            name = info["name"]
-            if "spec" not in config:  # a tuning sample
-                name = f"tuned-{int(number):03d}" if number.isdigit() else f"tuned-{trial_id}"
-            tags = {
-                MLFLOW_PARENT_RUN_ID: self.tracker.parent_id,
-                MLFLOW_RUN_NAME: name,
-                SESSION_TAG: self.session,
-                PARENT_TAG: "false",
-                TRIAL_TAG: trial_id,
-                **source_tags(),
-                **{k: str(v) for k, v in info["tags"].items()},
-            }
-            continues = (config.get("spec") or {}).get("continues")
-            if continues:
-                tags["continues_run"] = continues["run"]
-                tags["continues_after_epoch"] = str(continues["epoch"])
-            run_id = self.client.create_run(self.tracker.experiment_id, tags=tags).info.run_id
-            params = [Param(k, mask(str(v))) for k, v in info["params"].items()]
-            for start in range(0, len(params), 100):
-                self.client.log_batch(run_id, params=params[start : start + 100])
-            self.tracker.log_input(run_id, info["config"])
-            if continues:  # the epochs before the checkpoint, so the run shows the whole trial
-                copy_epochs(self.client, continues["run"], run_id, continues["epoch"])
-        self.runs[trial_id] = run_id
+            run_id = self._new_run(trial_id, config, member, number)
+        self.runs[trial_id, member] = run_id
         return run_id
 
-    def _log_result(self, trial_id: str, config: dict, result: dict) -> None:
-        run_id = self._run_for(trial_id, config)
+    def _new_run(self, trial_id: str, config: dict, member, number: str) -> str:
+        info = self.describe(config, member)
+        name = info["name"]
+        if member is None:  # a tuning sample
+            name = f"tuned-{int(number):03d}" if number.isdigit() else f"tuned-{trial_id}"
+        tags = {
+            MLFLOW_PARENT_RUN_ID: self.tracker.parent_id,
+            MLFLOW_RUN_NAME: name,
+            SESSION_TAG: self.session,
+            PARENT_TAG: "false",
+            TRIAL_TAG: trial_id,
+            **source_tags(),
+            **{k: str(v) for k, v in info["tags"].items()},
+        }
+        continues = None
+        if member is not None:
+            tags[MEMBER_TAG] = str(member)
+            continues = member_specs(config)[member].get("continues")
+        if continues:
+            tags["continues_run"] = continues["run"]
+            tags["continues_after_epoch"] = str(continues["epoch"])
+        run_id = self.client.create_run(self.tracker.experiment_id, tags=tags).info.run_id
+        params = [Param(k, mask(str(v))) for k, v in info["params"].items()]
+        for start in range(0, len(params), 100):
+            self.client.log_batch(run_id, params=params[start : start + 100])
+        self.tracker.log_input(run_id, info["config"])
+        if continues:  # the epochs before the checkpoint, so the run shows the whole trial
+            copy_epochs(self.client, continues["run"], run_id, continues["epoch"])
+        return run_id
+
+    def _log_result(self, trial_id, config: dict, member, result: dict, completed: bool) -> None:
+        if (trial_id, member) in self.ended:
+            return
+        if "diverged" in result:  # a pack member that diverged; the others go on
+            self._fail(trial_id, config, member, f"TrainingDiverged: {result['diverged']}")
+            return
+        run_id = self._run_for(trial_id, config, member)
         step = int(result.get("epoch", 0))
-        if result.get("completed"):
+        if completed:
             final = {k: v for k, v in result.items() if FINAL_KEYS.match(k)}
             log_metrics(self.client, run_id, final, step=step)
             if "node_id" in result:  # which Ray node ran the trial's last attempt
@@ -149,40 +173,63 @@ class MLflowTrials(Callback):
             epoch = {k: v for k, v in result.items() if EPOCH_KEYS.match(k)}
             log_metrics(self.client, run_id, epoch, step=step)
 
-    def _complete(self, trial_id: str, config: dict, last: dict, checkpoint) -> None:
-        run_id = self._run_for(trial_id, config)
-        if checkpoint is not None and last.get("completed"):
-            self._log_artifacts(run_id, config, checkpoint, int(last.get("best_epoch", 0)))
-        if not last.get("completed"):
+    def _complete(self, trial_id, config: dict, member, last: dict, completed: bool,
+                  checkpoint) -> None:  # fmt: skip
+        if (trial_id, member) in self.ended:
+            return
+        run_id = self._run_for(trial_id, config, member)
+        if checkpoint is not None and completed:
+            self._log_artifacts(run_id, config, member, checkpoint,
+                                int(last.get("best_epoch", 0)))  # fmt: skip
+        if not completed:
             self.client.set_tag(run_id, "stopped_early", "true")
         self.client.set_terminated(run_id, "FINISHED")
+        self.ended.add((trial_id, member))
 
-    def _fail(self, trial_id: str, config: dict, text: str) -> None:
-        run_id = self._run_for(trial_id, config)
+    def _fail(self, trial_id: str, config: dict, member, text: str) -> None:
+        if (trial_id, member) in self.ended:
+            return
+        run_id = self._run_for(trial_id, config, member)
         tags = {"error": text, "failure_reason": failure_reason(text)}
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.set_terminated(run_id, "FAILED")
+        self.ended.add((trial_id, member))
 
-    def _log_artifacts(self, run_id: str, config: dict, checkpoint, best_epoch: int) -> None:
-        """The final checkpoint's files as artifacts, then its selected weights as the run's
-        MLflow model (unless --no-log-checkpoints); a model that cannot be logged leaves the
-        rest logged and the run FINISHED."""
+    def _log_artifacts(self, run_id: str, config: dict, member, checkpoint,
+                       best_epoch: int) -> None:  # fmt: skip
+        """The final checkpoint's files as artifacts (a pack member's from its subfolder),
+        then its selected weights as the run's MLflow model (unless --no-log-checkpoints); a
+        model that cannot be logged leaves the rest logged and the run FINISHED."""
         import torch
 
         from orchestrate.trainable import BEST_MODEL_FILE
 
-        with tempfile.TemporaryDirectory(prefix="fer-artifacts-") as folder:
-            checkpoint.to_directory(folder)
-            weights, state = Path(folder, BEST_MODEL_FILE), None
+        with tempfile.TemporaryDirectory(prefix="fer-artifacts-") as root:
+            checkpoint.to_directory(root)
+            folder = Path(root) if member is None else Path(root) / str(member)
+            weights, state = folder / BEST_MODEL_FILE, None
             if self.log_checkpoints and weights.is_file():
                 state = torch.load(weights, map_location="cpu", weights_only=True)
             weights.unlink(missing_ok=True)
-            Path(folder, "state.pt").unlink(missing_ok=True)
-            self.client.log_artifacts(run_id, folder)
+            (folder / "state.pt").unlink(missing_ok=True)
+            self.client.log_artifacts(run_id, str(folder))
             if state is not None:
-                classes = json.loads(Path(folder, "predictions.json").read_text())["classes"]
-                log_model(self.uri, run_id, self.describe(config)["config"], classes, state,
-                          step=best_epoch)  # fmt: skip
+                classes = json.loads((folder / "predictions.json").read_text())["classes"]
+                log_model(self.uri, run_id, self.describe(config, member)["config"], classes,
+                          state, step=best_epoch)  # fmt: skip
+
+
+def members_of(config: dict) -> list:
+    """The members of a Tune trial: a grid pack's indices, or [None] for a tuning sample."""
+    specs = member_specs(config)
+    return list(range(len(specs))) if specs else [None]
+
+
+def member_results(result: dict) -> list[tuple]:
+    """(member, its values) in a Tune result: a pack's by index, or the whole for a sample."""
+    if "members" in result:
+        return [(int(k), v) for k, v in result["members"].items()]
+    return [(None, result)]
 
 
 def error_text(trial) -> str:
@@ -202,22 +249,30 @@ class CheckpointIndex(Callback):
         self.storage_uri = storage_uri
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        spec = trial.config.get("spec") or {}
-        if spec.get("identity") and checkpoint is not None:
-            epoch = int((trial.last_result or {}).get("epoch", 0))
-            entry = {"path": checkpoint.path, "epoch": epoch, "trial": trial.trial_id}
-            Storage(self.storage_uri).write_text(index_path(spec["identity"]), json.dumps(entry))
+        """Each pack member present in the checkpoint (its subfolder) gets its entry."""
+        specs = member_specs(trial.config)
+        if checkpoint is None or not specs:
+            return
+        last = trial.last_result or {}
+        storage = Storage(self.storage_uri)
+        for member, values in member_results(last):
+            if "diverged" in values or member is None:
+                continue
+            entry = {"path": f"{checkpoint.path}/{member}", "epoch": int(last.get("epoch", 0)),
+                     "trial": trial.trial_id}  # fmt: skip
+            storage.write_text(index_path(specs[member]["identity"]), json.dumps(entry))
 
 
 class Progress(Callback):
-    """One line per trial event, counting from the ``earlier`` trials finished by earlier
-    invocations (a continued tuning session, restored by Tune, reads them from the invocation)."""
+    """One line per trial event (each member of a grid's pack its own), counting from the
+    ``earlier`` trials finished by earlier invocations (a continued tuning session, restored by
+    Tune, reads them from the invocation)."""
 
     def __init__(self, planned: int, session: str, earlier: int = 0, out=None, log: str = ""):
         self.planned, self.session, self.earlier, self.out = planned, session, earlier, out
         self.log = log  # where the tracebacks of failed trials are
         self.started = time.monotonic()
-        self.running: set[str] = set()
+        self.running: set[tuple] = set()
         self.done = self.failed = 0
         self.best: tuple[float, str] | None = None
 
@@ -245,29 +300,50 @@ class Progress(Callback):
         )
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.running.add(trial.trial_id)
-        self._print(f"started {_name(trial)}")
+        members = members_of(trial.config)
+        for member in members:
+            self.running.add((trial.trial_id, member))
+        names = ", ".join(_name(trial, m) for m in members)
+        self._print(f"started {names}" if len(members) == 1 else f"started a pack: {names}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        for member, values in member_results(result):
+            if "diverged" in values and (trial.trial_id, member) in self.running:
+                self._failed(trial, member, f"TrainingDiverged: {values['diverged']}", False)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.running.discard(trial.trial_id)
         last = trial.last_result or {}
-        self.done += 1
-        value = last.get("best_val_accuracy")
-        if value is not None and (self.best is None or value > self.best[0]):
-            self.best = (value, _name(trial))
-        stopped = "" if last.get("completed") else " (stopped early)"
-        self._print(f"finished {_name(trial)}{stopped}")
+        for member, values in member_results(last):
+            if (trial.trial_id, member) not in self.running:
+                continue
+            if "diverged" in values:
+                self._failed(trial, member, f"TrainingDiverged: {values['diverged']}", False)
+                continue
+            self.running.discard((trial.trial_id, member))
+            self.done += 1
+            value = values.get("best_val_accuracy")
+            if value is not None and (self.best is None or value > self.best[0]):
+                self.best = (value, _name(trial, member))
+            stopped = "" if last.get("completed") else " (stopped early)"
+            self._print(f"finished {_name(trial, member)}{stopped}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.running.discard(trial.trial_id)
+        for member in members_of(trial.config):
+            if (trial.trial_id, member) in self.running:
+                self._failed(trial, member, error_text(trial))
+
+    def _failed(self, trial, member, text: str, raised: bool = True) -> None:
+        """One line; for an error Ray raised, where its traceback went (a pack member's
+        divergence is a result, without one)."""
+        self.running.discard((trial.trial_id, member))
         self.failed += 1
-        where = f" (traceback in {self.log})" if self.log else ""
-        self._print(f"failed {_name(trial)}: {error_text(trial)}{where}")
+        where = f" (traceback in {self.log})" if self.log and raised else ""
+        self._print(f"failed {_name(trial, member)}: {text}{where}")
 
 
-def _name(trial) -> str:
-    spec = trial.config.get("spec")
-    if spec:
+def _name(trial, member=None) -> str:
+    if member is not None:
+        spec = member_specs(trial.config)[member]
         return f"{spec['cell']} seed {spec['seed']} fold {spec['fold']}"
     return trial.trial_id
 

@@ -36,6 +36,7 @@ class RunOptions:
     num_samples: int | None = None
     gpus_per_trial: float | None = 0.0  # None: 1 when the cluster has GPUs, else 0
     cpus_per_trial: float = 1.0
+    pack: int | None = 1  # grid trials per Tune trial; None: measured on a GPU (1 without one)
     max_concurrent: int | None = None
     address: str | None = None
     storage: str = "ray_results"  # a folder, or a URI such as s3://bucket/prefix
@@ -155,21 +156,25 @@ def _gpus_text(options: RunOptions) -> str:
 
 
 class Describe:
-    """Tags and params of a trial's MLflow run, from its Tune config (picklable)."""
+    """Tags and params of a trial's MLflow run, from its Tune config (picklable): a grid's
+    pack member ``index``, or a tuning sample (``index`` None)."""
 
     def __init__(self, study: str, base: dict):
         self.study, self.base = study, base
 
-    def __call__(self, params: dict) -> dict:
-        from orchestrate.trainable import trial_config
+    def __call__(self, params: dict, index: int | None = None) -> dict:
+        from orchestrate.trainable import member_specs, trial_config
 
-        config, place = trial_config(params, self.base)
+        config, place = trial_config(params, self.base, index)
         name = f"{place['cell']}-seed{place['seed']}-fold{place['fold']}"
         tags = {"study": self.study, **place}
-        if "spec" in params:
+        if index is not None:
             from orchestrate.ledger import IDENTITY_TAG
 
-            tags[IDENTITY_TAG] = params["spec"]["identity"]
+            specs = member_specs(params)
+            tags[IDENTITY_TAG] = specs[index]["identity"]
+            if len(specs) > 1:
+                tags.update(pack_member=index, pack_size=len(specs))
         else:
             tags["sampled"] = ",".join(f"{k}={v}" for k, v in sorted(params.items()))
         return {"name": name, "tags": tags, "params": config.to_dict(), "config": config}
@@ -334,11 +339,29 @@ def _prepare(inv: Invocation, datasets: dict, private_ray: bool, out) -> None:
             inv.plan.trials, inv.tracker, inv.storage, options.retry_failed))  # fmt: skip
         inv.earlier = sum(f.action == "finished" for f in inv.fates)
         print(ledger.describe_fates(inv.fates, only_notable=True), file=out)
+        if options.pack is None:
+            inv.options = options = replace(options, pack=_auto_pack(inv, datasets, out))
         inv.writer.call(lambda: ledger.close_stale(inv.tracker, inv.fates, inv.session))
     if not inv.resumed:
         sessions.write_plan(inv.storage, inv.session, inv.plan)
     distribution = _class_distribution(inv.plan, datasets)
     inv.writer.call(lambda: _open_parent(inv, distribution))
+
+
+def _auto_pack(inv: Invocation, datasets: dict, out) -> int:
+    """``--pack auto``: 1 without GPUs; on GPUs measured for the first trial to run."""
+    from fermodel.engine import data_key
+    from orchestrate.packing import measure_size
+
+    options = inv.options
+    if not options.gpus_per_trial or len(inv.to_run) < 2:
+        return 1
+    config = inv.to_run[0].spec.config
+    k, measured = measure_size(config.to_dict(), datasets[data_key(config)],
+                               options.gpus_per_trial, len(inv.to_run))  # fmt: skip
+    shown = ", ".join(f"{size}: {rate:,.0f}" for size, rate in measured.items())
+    print(f"pack: {k} trials per pack (images/s by pack size, measured: {shown})", file=out)
+    return k
 
 
 def _raise_if_interrupted(inv: Invocation) -> None:
@@ -393,15 +416,16 @@ def _tuner(inv: Invocation, datasets: dict, out):
         Progress,
     )
     from orchestrate.tracking import LIVE
-    from orchestrate.trainable import run_trial
+    from orchestrate.trainable import run_pack, run_trial
 
     plan, options, storage, session = inv.plan, inv.options, inv.storage, inv.session
     LIVE[session] = inv
     path = storage.join(session)
+    run = run_pack if plan.study.kind == "grid" else run_trial
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, datasets=datasets, base=plan.base,
-                             cpus=options.cpus_per_trial, session_uri=path,
-                             storage_uri=storage.uri),
+        tune.with_parameters(run, datasets=datasets, base=plan.base,
+                             cpus=options.cpus_per_trial, gpus=options.gpus_per_trial,
+                             session_uri=path, storage_uri=storage.uri),
         {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial},
     )  # fmt: skip
     if inv.resumed:
@@ -419,7 +443,7 @@ def _tuner(inv: Invocation, datasets: dict, out):
         callbacks.append(JournalMirror(storage, session))
     return Tuner(
         trainable,
-        param_space=_param_space(inv),
+        param_space=_param_space(inv, datasets),
         tune_config=_tune_config(plan, options, storage, session),
         run_config=RunConfig(
             name=session,
@@ -545,19 +569,24 @@ def _open_parent(inv: Invocation, distribution: bytes) -> None:
         tracker.client.log_artifacts(parent, folder)
 
 
-def _param_space(inv: Invocation) -> dict:
+def _param_space(inv: Invocation, datasets: dict) -> dict:
+    """A grid's Tune trials, each a pack of its trials (``orchestrate.packing``)."""
     from ray import tune
 
+    from orchestrate.packing import pack_fates
+
     if inv.plan.study.kind == "grid":
-        specs = [
-            {"cell": f.spec.cell, "seed": f.spec.seed, "fold": f.spec.fold,
-             "identity": f.spec.identity, "resume_from": f.checkpoint,
-             "continues": {"run": f.run_id, "epoch": f.epoch} if f.checkpoint else None,
-             "config": f.spec.config.to_dict()}
-            for f in inv.to_run
-        ]  # fmt: skip
-        return {"spec": tune.grid_search(specs)}
+        packs = pack_fates(inv.to_run, inv.options.pack or 1, datasets)
+        return {"members": tune.grid_search([[_spec(f) for f in pack] for pack in packs])}
     return {}
+
+
+def _spec(f) -> dict:
+    """A grid trial as its Tune config holds it: place, identity, where it continues from."""
+    return {"cell": f.spec.cell, "seed": f.spec.seed, "fold": f.spec.fold,
+            "identity": f.spec.identity, "resume_from": f.checkpoint,
+            "continues": {"run": f.run_id, "epoch": f.epoch} if f.checkpoint else None,
+            "config": f.spec.config.to_dict()}  # fmt: skip
 
 
 def _tune_config(plan: Plan, options: RunOptions, storage, session: str):

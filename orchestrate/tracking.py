@@ -46,6 +46,7 @@ from mlflow.utils.mlflow_tags import (
 PARENT_TAG = "study_parent"  # "true" on a study's parent runs
 SESSION_TAG = "study_session"  # the Tune experiment folder: shared by an invocation and its resumes
 TRIAL_TAG = "ray_trial_id"
+MEMBER_TAG = "pack_index"  # a grid trial's place in its Tune trial's pack (0 when alone)
 MAX_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
 MODEL_NAME = "model"  # a trial's logged model: runs:/<run id>/model
 BEST_ALIAS = "best"  # models:/<study>@best, the study's best model on validation

@@ -1,4 +1,6 @@
-"""The Ray Tune trainable: one trial = ``fermodel.engine.fit`` on data from the object store.
+"""The Ray Tune trainables: a tuning sample is one Tune trial (``run_trial``); a grid study's
+Tune trial is a pack of one or more of its trials (``run_pack``, ``fermodel.engine.fit_pack``),
+each reported under its index in the pack. Data comes from Ray's object store.
 
 Per epoch it reports the engine's metrics with a checkpoint; at the end one more result holds
 the test figures (``completed: 1``) and a checkpoint folder of artifacts: predictions (for
@@ -39,10 +41,16 @@ class TrialDiverged(RuntimeError):
     """The trial's loss became NaN or inf (one message argument, so it pickles across Ray)."""
 
 
-def trial_config(params: dict, base: dict) -> tuple[TrialConfig, dict]:
-    """The full config of a trial and its place in the study (cell, seed, fold)."""
-    if "spec" in params:  # a grid cell
-        spec = params["spec"]
+def member_specs(params: dict) -> list[dict]:
+    """The grid trials a Tune trial trains as one pack (none for a tuning sample)."""
+    return list(params.get("members") or [])
+
+
+def trial_config(params: dict, base: dict, index: int | None = None) -> tuple[TrialConfig, dict]:
+    """The full config of a trial and its place in the study (cell, seed, fold): the pack
+    member ``index`` of a grid's Tune trial, or a tuning sample."""
+    if index is not None:  # a grid cell
+        spec = member_specs(params)[index]
         return TrialConfig.from_dict(spec["config"]), {
             "cell": spec["cell"], "seed": spec["seed"], "fold": spec["fold"]
         }  # fmt: skip
@@ -87,14 +95,27 @@ def write_artifacts(folder: Path, final: dict, result) -> None:
         torch.save(result.model_state, folder / BEST_MODEL_FILE)
 
 
-def _earlier_checkpoint(params: dict, storage_uri: str | None):
-    """The checkpoint an earlier invocation left for this trial (``orchestrate.ledger``), when
-    it is still in the storage."""
-    path = (params.get("spec") or {}).get("resume_from")
+def _earlier_checkpoint(spec: dict, storage_uri: str | None):
+    """The checkpoint an earlier invocation left for this grid trial (``orchestrate.ledger``),
+    when it is still in the storage."""
+    path = spec.get("resume_from")
     if not path or not storage_uri:
         return None
     filesystem, _ = Storage(storage_uri).filesystem()
     return tune.Checkpoint(path, filesystem=filesystem)
+
+
+def memory_fraction(gpus: float) -> float | None:
+    """The share of its GPU's memory a trial asking for ``gpus`` of one may allocate: Ray's
+    fractional GPUs are logical, so trials sharing a device are bounded here (None: whole)."""
+    return gpus if 0 < gpus < 1 else None
+
+
+def _prepare_worker(cpus: float, gpus: float) -> None:
+    torch.set_num_threads(max(1, int(cpus)))
+    share = memory_fraction(gpus)
+    if share is not None and torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(share)
 
 
 def run_trial(
@@ -102,18 +123,20 @@ def run_trial(
     datasets: dict,
     base: dict,
     cpus: float = 1.0,
+    gpus: float = 0.0,
     session_uri: str | None = None,
     storage_uri: str | None = None,
 ) -> None:
+    """A tuning sample: one trial, reported flat (its scheduler and searcher read the metrics)."""
     started = time.perf_counter()
-    torch.set_num_threads(max(1, int(cpus)))
+    _prepare_worker(cpus, gpus)
     session = Storage(session_uri) if session_uri else None
     note = f"{FAILURES}/{tune.get_context().get_trial_id()}.txt"
     if session and (earlier := session.read_text(note)) is not None:  # a diverged trial's retry
         raise TrialDiverged(earlier)
     config, _ = trial_config(params, base)
     data = datasets[data_key(config)]
-    previous = tune.get_checkpoint() or _earlier_checkpoint(params, storage_uri)
+    previous = tune.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="fer-resume-") as restored:
         start = None
         if previous is not None:
@@ -141,3 +164,104 @@ def run_trial(
         final["node_id"] = ray.get_runtime_context().get_node_id()
         write_artifacts(Path(folder), final, result)
         tune.report(final, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def run_pack(
+    params: dict,
+    datasets: dict,
+    base: dict,
+    cpus: float = 1.0,
+    gpus: float = 0.0,
+    session_uri: str | None = None,
+    storage_uri: str | None = None,
+) -> None:
+    """A grid's Tune trial: its member trials trained as one pack. Each epoch reports
+    ``{"epoch": e, "members": {index: metrics | {"diverged": message}}}`` with a checkpoint
+    folder holding one subfolder per live member (a single trial's checkpoint); the last report
+    has ``completed: 1`` and each member's test figures, its artifacts in its subfolder. A
+    member that diverged leaves a note in the session's storage, so that a retry of the pack
+    (a lost node) does not train it again; members that had finished report again."""
+    started = time.perf_counter()
+    _prepare_worker(cpus, gpus)
+    session = Storage(session_uri) if session_uri else None
+    specs = member_specs(params)
+    configs = [TrialConfig.from_dict(s["config"]) for s in specs]
+    trial_id = tune.get_context().get_trial_id()
+    notes = {i: f"{FAILURES}/{trial_id}-{i}.txt" for i in range(len(specs))}
+    ended = {i: text for i, note in notes.items()
+             if session and (text := session.read_text(note)) is not None}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="fer-resume-") as restored:
+        sources = _member_sources(specs, restored, storage_uri)
+        finals = {i: json.loads((src / RESULTS_FILE).read_text())
+                  for i, src in sources.items() if (src / RESULTS_FILE).is_file()}  # fmt: skip
+        live = [i for i in range(len(specs)) if i not in finals and i not in ended]
+        results = {}
+        if live:
+            results = _train_members(live, configs, datasets, sources, session, notes)
+    with tempfile.TemporaryDirectory(prefix="fer-final-") as folder:
+        members = {str(i): {"diverged": text} for i, text in ended.items()}
+        for i, result in results.items():
+            if isinstance(result, TrainingDiverged):
+                members[str(i)] = {"diverged": str(result)}
+                continue
+            final = final_metrics(result, time.perf_counter() - started)
+            final["node_id"] = ray.get_runtime_context().get_node_id()
+            (Path(folder) / str(i)).mkdir()
+            write_artifacts(Path(folder) / str(i), final, result)
+            members[str(i)] = final
+        for i, final in finals.items():  # finished before this attempt: the same figures
+            members[str(i)] = final
+        epoch = max((m.get("epoch", 0) for m in members.values()), default=0)
+        tune.report({"epoch": epoch, "completed": 1, "members": members},
+                    checkpoint=tune.Checkpoint.from_directory(folder))  # fmt: skip
+
+
+def _member_sources(specs: list[dict], folder: str, storage_uri: str | None) -> dict:
+    """Each member's checkpoint folder, copied into ``folder``: from this Tune trial's own
+    checkpoint (a retried pack) or from the one an earlier invocation indexed for it."""
+    sources = {}
+    own = tune.get_checkpoint()
+    if own is not None:
+        own.to_directory(folder)
+        sources = {int(p.name): p for p in Path(folder).iterdir() if p.name.isdigit()}
+    for i, spec in enumerate(specs):
+        if i not in sources and (earlier := _earlier_checkpoint(spec, storage_uri)) is not None:
+            target = Path(folder) / f"earlier-{i}"
+            earlier.to_directory(str(target))
+            sources[i] = target
+    return sources
+
+
+def _train_members(live: list[int], configs, datasets, sources, session, notes) -> dict:
+    """``fit_pack`` on the live members, reporting each epoch under their pack indices."""
+    from fermodel.engine import fit_pack
+
+    data = datasets[data_key(configs[live[0]])]
+    starts = [sources[i] / STATE_FILE if i in sources else None for i in live]
+
+    def report(metrics: list, folder: str | None) -> None:
+        members = {}
+        for i, entry in zip(live, metrics, strict=True):
+            if isinstance(entry, TrainingDiverged):
+                if session:
+                    session.write_text(notes[i], str(entry))
+                members[str(i)] = {"diverged": str(entry)}
+            elif entry is not None:
+                members[str(i)] = entry
+        epoch = next((m["epoch"] for m in members.values() if "epoch" in m), 0)
+        if folder is None:
+            tune.report({"epoch": epoch, "members": members})
+            return
+        # fit_pack names its checkpoints by position among the live members: rename them by
+        # the pack's own indices, which the driver and a retry read
+        with tempfile.TemporaryDirectory(prefix="fer-pack-") as named:
+            for position, i in enumerate(live):
+                if (Path(folder) / str(position)).is_dir():
+                    (Path(folder) / str(position)).rename(Path(named) / str(i))
+            tune.report({"epoch": epoch, "members": members},
+                        checkpoint=tune.Checkpoint.from_directory(named))  # fmt: skip
+
+    asked = (lambda: checkpoint_requested(session)) if session else None
+    out = fit_pack([configs[i] for i in live], data, report=report, checkpoints=starts,
+                   checkpoint_now=asked)  # fmt: skip
+    return dict(zip(live, out, strict=True))

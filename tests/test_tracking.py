@@ -149,8 +149,9 @@ def test_each_trial_logs_its_selected_model_which_predicts_as_the_trial(study, m
         images = test.images.float() / 255
         logits = mlflow.pytorch.load_model(uri)(images)
         # the same weights as the trial's final checkpoint keeps for its selected epoch
+        member = run.data.tags["pack_index"]  # its folder in its Tune trial's checkpoint
         (weights,) = (study.tmp / "ray").glob(f"*/*{run.data.tags['ray_trial_id']}*/"
-                                              "checkpoint_*/best_model.pt")  # fmt: skip
+                                              f"checkpoint_*/{member}/best_model.pt")  # fmt: skip
         own = selected_model(config, len(classes), torch.load(weights, weights_only=True))
         with torch.inference_mode():
             assert torch.allclose(logits, own(images), atol=1e-4)

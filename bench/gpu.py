@@ -1,0 +1,121 @@
+"""Packed trials on one device: what they gain, measured in one run.
+
+Prints, for PSA-ResNet-50 at 48x48, batch 32, Island loss (the paper's trial):
+
+- the step's cost in ops, counted op by op (``fermodel.ops``, any device): host syncs in a
+  training step (target 0), and non-view ops per trained image for one trial and for packs of
+  K (target for K = 8: at most a quarter of one trial's);
+- training images/s of the plain reference pipeline (bench/throughput.py's: PIL, per-sample
+  transforms, a DataLoader, an eager NCHW model), of one trial as the engine trains it (eager,
+  and on CUDA graphed), and of packs of K (graphed on CUDA), with each pack's memory per member;
+- the best pack and the projected device-hours of Table 4 with 3 seeds at the paper's 200
+  epochs on FER2013 (12 trials x 200 epochs x 28,709 training images) with it, against one
+  trial per device.
+
+On the CPU it runs small (``--small``: ShuffleNetV2 x0.5, packs of 1, 2, 4) so that its test
+runs in seconds; on an H100-class GPU the whole run takes a few minutes.
+
+    .venv/bin/python bench/gpu.py [--device cuda] [--steps 20] [--packs 1,2,4,8,16,32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from fermodel import engine
+from fermodel.config import TrialConfig
+from fermodel.data import make_synthetic
+from fermodel.ops import OpCounter
+from fermodel.pack import pack_throughput
+
+TABLE4_IMAGES = 12 * 200 * 28_709  # 4 cells x 3 seeds, 200 epochs, FER2013's training split
+
+
+def step_ops(config: TrialConfig, data, k: int) -> tuple[int, int]:
+    """(non-view ops, host syncs) of one training step of a pack of ``k`` (1: alone)."""
+    device = engine.resolve_device(config.device)
+    members = [engine.make_member(config.replace(seed=s), data, device) for s in range(k)]
+    step = engine.make_step(members, device)
+    step.train()
+    idx = torch.arange(config.batch_size, device=device).repeat(k, 1)
+    step(idx)  # the optimiser's state exists from the second step on
+    with OpCounter() as ops:
+        step(idx)
+    return ops.kernels, len(ops.host_syncs)
+
+
+def reference_rate(config: TrialConfig, data, steps: int) -> float:
+    """The plain pipeline of bench/throughput.py, at this config's batch size."""
+    import throughput
+
+    throughput.BATCH = config.batch_size
+    device = engine.resolve_device(config.device)
+    return throughput.reference(data.images, data.labels, device, steps)
+
+
+def memory_per_member(config: TrialConfig, data, k: int, steps: int) -> tuple[float, float]:
+    """(images/s, peak GiB per member) of a pack of ``k``; memory on CUDA only (nan else)."""
+    device = engine.resolve_device(config.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rate = pack_throughput(config, data, k, steps=steps)
+    cuda = device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+    return rate, peak / k
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--packs", default="1,2,4,8,16,32")
+    parser.add_argument("--small", action="store_true", help="ShuffleNetV2 x0.5 (the CPU test)")
+    args = parser.parse_args()
+    packs = [int(k) for k in args.packs.split(",")]
+    device = engine.resolve_device(args.device)
+    model = dict(backbone="shufflenet_v2_x0_5", attention="none") if args.small else {}
+    config = TrialConfig(**model, batch_size=32, loss="island", device=str(device),
+                         synthetic_subjects=20, synthetic_images_per_class=4)  # fmt: skip
+    data = make_synthetic(num_subjects=20, images_per_class=4)  # 560 images
+    name = "ShuffleNetV2 x0.5" if args.small else "PSA-ResNet-50"
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device {device} ({gpu}), torch {torch.__version__}, {name}, 48x48x1, batch 32, "
+          f"Island loss, {args.steps} timed steps")  # fmt: skip
+
+    alone_ops, alone_syncs = step_ops(config, data, 1)
+    print(f"ops per step, alone     : {alone_ops:6d} non-view ({alone_ops / 32:6.1f} per image), "
+          f"{alone_syncs} host syncs")  # fmt: skip
+    for k in (k for k in packs if k in (4, 8)):
+        ops, syncs = step_ops(config, data, k)
+        ratio = (ops / (32 * k)) / (alone_ops / 32)
+        print(f"ops per step, pack of {k:2d}: {ops:6d} non-view ({ops / (32 * k):6.1f} per "
+              f"image, {ratio:.2f}x one trial's), {syncs} host syncs")  # fmt: skip
+
+    started = time.perf_counter()
+    reference = reference_rate(config, data, args.steps)
+    print(f"reference pipeline      : {reference:10,.0f} images/s")
+    rates = {}
+    for k in packs:
+        try:
+            rate, gib = memory_per_member(config, data, k, args.steps)
+        except MemoryError as err:
+            print(f"pack of {k:2d}             : {err}")
+            break
+        rates[k] = rate
+        label = "one trial (engine)" if k == 1 else f"pack of {k:2d}"
+        print(f"{label:24s}: {rate:10,.0f} images/s ({rate / reference:5.1f}x the reference)"
+              f", {gib:5.2f} GiB per member")  # fmt: skip
+    best = max(rates, key=rates.get)
+    hours = {k: TABLE4_IMAGES / rates[k] / 3600 for k in (1, best)}
+    print(f"best pack: {best} ({rates[best]:,.0f} images/s, {rates[best] / rates[1]:.1f}x one "
+          f"trial)")  # fmt: skip
+    print(f"Table 4, 3 seeds, 200 epochs on FER2013: {hours[best]:.2f} device-hours packed by "
+          f"{best}, against {hours[1]:.2f} with one trial per device")  # fmt: skip
+    print(f"(measured in {time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

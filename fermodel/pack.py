@@ -1,0 +1,191 @@
+"""Packed trials: K trials of one architecture trained as one program on one device.
+
+The paper's studies are many small trials of the same network (Table 4 on FER2013 with 3 seeds is
+12 ResNet-50 trials at 48x48); one such trial issues about a thousand small kernels per step
+and cannot fill a GPU. HFTA (Wang et al., MLSys 2021) fuses same-architecture trials into one
+model; here ``torch.vmap`` does it: the members' weights, BatchNorm statistics and Island
+centers are stacked along a leading axis of size K, and one step of all members is one vmapped
+call, in which every convolution of the K members runs as one grouped convolution, every
+BatchNorm as one BatchNorm over K times the channels, and so on, whatever the network.
+
+Each member stays numerically the trial it would be alone: it is built alone (its own seed's
+initialisation, optimiser, schedule, loss), then its tensors are re-pointed at its slice of the
+stack, so that its own ``nn.Module``, torch optimiser and scheduler go on working on it: it
+draws its own batches and augmentations from its own generators, its optimiser steps its own
+weights with its own learning rate, its plateau schedule decides for it alone, and it is
+evaluated, selected, checkpointed (in the single trial's format, so that it may continue alone
+or in another pack) and tested as a trial. The losses of the members are summed for one
+backward pass; no operation mixes members, so each gets exactly its own gradients.
+
+Limits, written where they bind: members share the architecture, the data, the augmentation
+ranges and the schedule length (``fermodel.config.pack_key``); the stack is in the default
+memory format (vmap cannot keep channels-last); dropout masks (VGG, MobileNetV2) come from the
+pack's random stream, so such members equal their lone trials in distribution, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch.func import functional_call
+
+from fermodel.augment import AugmentParams, apply_params, sample_params
+from fermodel.losses import joint_loss_step
+
+
+class PackedStep:
+    """One training step of every member of a pack (``fermodel.engine.Member``\\ s that are
+    built, and restored when continued, before they are packed)."""
+
+    def __init__(self, members: list, aug, device: torch.device):
+        self.members, self.aug, self.device = members, aug, device
+        nets = [m.parts.net for m in members]
+        self.params = _stack(nets, "named_parameters", requires_grad=True)
+        self.buffers = _stack(nets, "named_buffers")
+        self.grads = [torch.zeros_like(p) for p in self.params.values()]
+        for p, g in zip(self.params.values(), self.grads, strict=True):
+            p.grad = g
+        for k, net in enumerate(nets):  # each member's own tensors become views of the stack
+            for name, p in net.named_parameters():
+                p.data = self.params[name].detach()[k]
+                p.grad = self.params[name].grad[k]
+            for name, b in net.named_buffers():
+                b.data = self.buffers[name][k]
+        self.centers = self._stack_centers()
+        self.template = copy.deepcopy(nets[0]).to("meta")
+        self.template.channels_last = False  # vmap cannot keep a memory format
+        self.lam, self.lam1, self.alpha = self._loss_weights()
+        self.x, self.y = self._training_data()
+        self.alive = [True] * len(members)
+
+    def _stack_centers(self) -> torch.Tensor:
+        """The members' class centers as one [K, classes, features] buffer (ones for a member
+        without centers: its weights are zero, and ones keep every term finite)."""
+        aux = [m.parts.criterion.aux for m in self.members]
+        known = next((a.centers for a in aux if a is not None), None)
+        classes = len(self.members[0].splits.train.classes)
+        features = self.members[0].parts.model.num_features
+        dtype = self.members[0].parts.dtype
+        like = known if known is not None else torch.ones(classes, features, device=self.device,
+                                                          dtype=dtype)  # fmt: skip
+        centers = torch.stack([a.centers.detach() if a is not None else torch.ones_like(like)
+                               for a in aux])  # fmt: skip
+        for k, a in enumerate(aux):
+            if a is not None:
+                a.centers.data = centers[k]
+        return centers
+
+    def _loss_weights(self):
+        """Per member: lam (0 for ce), lam1 (0 unless island) and alpha (0 for ce)."""
+        lam, lam1, alpha = [], [], []
+        for m in self.members:
+            c = m.config
+            lam.append(c.lam if c.loss != "ce" else 0.0)
+            lam1.append(c.lam1 if c.loss == "island" else 0.0)
+            alpha.append(c.alpha if c.loss != "ce" else 0.0)
+        dtype = self.members[0].parts.dtype
+        return (torch.tensor(v, device=self.device, dtype=dtype) for v in (lam, lam1, alpha))
+
+    def _training_data(self):
+        """[K, N, ...] training images and labels: one copy, expanded, when the members train
+        on the same split; stacked when they do not (folds of equal size)."""
+        trains = [m.splits.train for m in self.members]
+        same = all(np.array_equal(t.ids, trains[0].ids) for t in trains[1:])
+        if same:
+            x = trains[0].images.to(self.device)
+            y = trains[0].labels.to(self.device)
+            k = len(trains)
+            return x.expand(k, *x.shape), y.expand(k, *y.shape)
+        return (torch.stack([t.images for t in trains]).to(self.device),
+                torch.stack([t.labels for t in trains]).to(self.device))  # fmt: skip
+
+    def train(self) -> None:
+        self.template.train()
+
+    def drop(self, k: int) -> None:
+        """Member ``k`` diverged: its optimiser no longer steps (its slice is left as it is)."""
+        self.alive[k] = False
+
+    def __call__(self, idx: torch.Tensor):
+        """Train every member on its batch ``idx[k]``; returns logits [K, B, C], labels [K, B],
+        total and cross-entropy losses [K] (not synchronised)."""
+        k, b = idx.shape
+        rows = torch.arange(k, device=idx.device)[:, None]
+        images, y = self.x[rows, idx], self.y[rows, idx]
+        drawn = [sample_params(b, self.aug, m.augment_gen) for m in self.members]
+        x = apply_params(images.flatten(0, 1), _concat(drawn), self.aug.padding_mode)
+        x = x.view(k, b, *x.shape[1:])
+        torch._foreach_zero_(self.grads)
+        logits, total, ce, centers = torch.vmap(self._member, randomness="different")(
+            self.params, self.buffers, self.centers, x, y, self.lam, self.lam1, self.alpha
+        )
+        total.sum().backward()
+        with torch.no_grad():
+            self.centers.copy_(centers)
+        for member, alive in zip(self.members, self.alive, strict=True):
+            if alive:
+                member.parts.optimizer.step()
+        return logits.detach(), y, total.detach(), ce.detach()
+
+    def _member(self, params, buffers, centers, x, y, lam, lam1, alpha):
+        with self.members[0].parts.autocast():
+            logits, emb = functional_call(self.template, (params, buffers), (x,),
+                                          {"return_embedding": True})  # fmt: skip
+        dtype = self.centers.dtype
+        total, ce, _, new_centers = joint_loss_step(logits.to(dtype), emb.to(dtype), y, centers,
+                                                    lam, lam1, alpha)  # fmt: skip
+        return logits, total, ce, new_centers
+
+
+def _stack(nets, which: str, requires_grad: bool = False) -> dict[str, torch.Tensor]:
+    tensors = [dict(getattr(net, which)()) for net in nets]
+    stacked = {}
+    for name in tensors[0]:
+        t = torch.stack([d[name].detach().contiguous() for d in tensors])
+        stacked[name] = t.requires_grad_() if requires_grad else t
+    return stacked
+
+
+def _concat(drawn: list[AugmentParams]) -> AugmentParams:
+    """The members' augmentation parameters as one batch (they share which parts are on)."""
+    return AugmentParams(*(None if parts[0] is None else torch.cat(parts)
+                           for parts in zip(*drawn, strict=True)))  # fmt: skip
+
+
+def pack_throughput(config, data, k: int, steps: int = 8, warmup: int = 3) -> float:
+    """Training images/s of a pack of ``k`` members of ``config`` (seeds 0 to k - 1) on the
+    config's device, as the engine trains them (k = 1: a trial alone). MemoryError when the
+    pack does not fit on the device."""
+    import time
+
+    from fermodel import engine
+
+    device = engine.resolve_device(config.device)
+    members = step = None
+    try:
+        members = [engine.make_member(config.replace(seed=s), data, device) for s in range(k)]
+        step = engine.make_step(members, device)
+        step.train()
+        n, b = len(members[0].splits.train), config.batch_size
+        idx = torch.stack([torch.randperm(n, device=device)[:b] for _ in range(k)])
+        for _ in range(warmup):
+            step(idx)
+        _sync(device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            step(idx)
+        _sync(device)
+        return k * idx.shape[1] * steps / (time.perf_counter() - started)
+    except torch.cuda.OutOfMemoryError as err:
+        raise MemoryError(f"a pack of {k} does not fit: {str(err).splitlines()[0]}") from None
+    finally:
+        del members, step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,134 @@
+"""Packed trials (fermodel.pack): K trials of one architecture trained as one vmapped program are
+each the trial they would be alone: same per-epoch losses, same selected epoch, the same test
+predictions; a member that diverges ends alone; a pack's checkpoint continues each member, in a
+pack or alone. And no training step, alone or packed, waits for the device.
+
+The comparisons run in float64 (precision "fp64"). In float32 a packed member and its lone
+trial run different kernels (grouped against plain convolutions), whose rounding differs by
+about 1e-7, and training amplifies any such difference: a lone trial whose weights are scaled by
+1 + 1e-7 is as far from itself after a few Adam steps (1e-3 relative after one epoch, percents
+after ten steps on this set) as the packed member is. In float64 the same amplification leaves
+both within 1e-10, so the checks below test the packing itself, not the rounding.
+"""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fermodel.config import LOSS_KINDS, TrialConfig
+from fermodel.data import make_synthetic
+from fermodel.engine import TrainingDiverged, fit, fit_pack
+from fermodel.models import build_model
+from fermodel.ops import OpCounter
+
+BASE = dict(backbone="shufflenet_v2_x0_5", attention="none", epochs=2, batch_size=16,
+            synthetic_subjects=10, synthetic_images_per_class=2, device="cpu",
+            channels_last=False, tta="none", precision="fp64")  # fmt: skip
+LOSSES = ("train_loss", "train_ce", "val_loss")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic(num_subjects=10, images_per_class=2, seed=0)
+
+
+def configs(**changes) -> list[TrialConfig]:
+    """Three members: seeds 0, 1, 2, the last with another learning rate and the Island loss."""
+    base = {**BASE, **changes}
+    return [TrialConfig(**base, seed=0, loss="ce"), TrialConfig(**base, seed=1, loss="center"),
+            TrialConfig(**base, seed=2, loss="island", lr=3e-3)]  # fmt: skip
+
+
+def learned(history: list[dict]) -> list[dict]:
+    """A history without its timings."""
+    return [{k: v for k, v in h.items() if k not in ("images_per_second", "epoch_seconds")}
+            for h in history]  # fmt: skip
+
+
+def assert_same_trial(packed, alone) -> None:
+    assert len(packed.history) == len(alone.history)
+    for mine, theirs in zip(packed.history, alone.history, strict=True):
+        for key in LOSSES:
+            assert math.isclose(mine[key], theirs[key], rel_tol=1e-4), (key, mine, theirs)
+    assert packed.best_epoch == alone.best_epoch
+    same = sum(a == b for a, b in zip(packed.test_predictions, alone.test_predictions,
+                                      strict=True))  # fmt: skip
+    assert same >= 0.99 * len(alone.test_predictions)
+
+
+@pytest.mark.slow
+def test_a_pack_of_three_trains_as_the_three_trials_alone(data):
+    members = configs()
+    packed = fit_pack(members, data)
+    for config, result in zip(members, packed, strict=True):
+        assert_same_trial(result, fit(config, data))
+
+
+@pytest.mark.slow
+def test_a_member_that_diverges_fails_alone_and_the_others_finish(data):
+    members = configs()
+    members[1] = members[1].replace(lam=1e308)  # its center term overflows at the first step
+    results = fit_pack(members, data)
+    assert isinstance(results[1], TrainingDiverged)
+    assert (results[1].epoch, results[1].step) == (1, 1)
+    for i in (0, 2):
+        assert_same_trial(results[i], fit(members[i], data))
+
+
+@pytest.mark.slow
+def test_a_packs_checkpoint_continues_each_member_packed_or_alone(data, tmp_path):
+    members = configs(epochs=3, checkpoint_every=1)
+
+    def keep(metrics, folder):
+        if folder is not None and metrics[0]["epoch"] == 2:
+            for index in range(len(members)):
+                target = tmp_path / str(index)
+                target.mkdir()
+                (target / "state.pt").write_bytes((Path(folder) / str(index) / "state.pt")
+                                                  .read_bytes())  # fmt: skip
+
+    straight = fit_pack(members, data, report=keep)
+    files = [tmp_path / str(i) for i in range(len(members))]
+    # each member's checkpoint holds its own weights only, not the pack's stacks
+    alone_size = sum(t.numel() for t in torch.load(files[0] / "state.pt")["model"].values())
+    model = build_model("shufflenet_v2_x0_5", "none", 7, 1)
+    weights = sum(t.numel() for t in model.state_dict().values())
+    assert alone_size == weights
+    continued = fit_pack(members, data, checkpoints=files)
+    for a, b in zip(continued, straight, strict=True):
+        assert learned(a.history) == learned(b.history)
+        assert a.test_predictions == b.test_predictions
+    # one member continues alone, as a trial: the epochs it had are kept, the rest trained
+    alone = fit(members[2], data, checkpoint=files[2])
+    assert learned(alone.history[:2]) == learned(straight[2].history[:2])
+    assert_same_trial(alone, straight[2])
+
+
+def test_members_must_share_everything_but_their_member_keys(data):
+    a = TrialConfig(**BASE)
+    with pytest.raises(ValueError, match="must share every key but seed, lr"):
+        fit_pack([a, a.replace(backbone="resnet18")], data)
+    with pytest.raises(ValueError, match="at least one"):
+        fit_pack([], data)
+
+
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+@pytest.mark.parametrize("packed", [False, True], ids=["alone", "packed"])
+def test_a_training_step_never_waits_for_the_device(data, kind, packed):
+    """Augmentation, forward, joint loss, backward and update: no op copies a value to the host
+    or sizes its output from the data (the epoch's bookkeeping syncs outside the step)."""
+    from fermodel import engine
+
+    config = TrialConfig(**{**BASE, "loss": kind, "epochs": 1})
+    members = [engine.make_member(config.replace(seed=s), data, torch.device("cpu"))
+               for s in range(2 if packed else 1)]  # fmt: skip
+    step = engine.make_step(members, torch.device("cpu"))
+    step.train()
+    idx = torch.arange(16).repeat(len(members), 1)
+    step(idx)  # the optimiser's state exists from here on, as in every later step
+    with OpCounter() as ops:
+        step(idx)
+    assert ops.kernels > 100, "no step was recorded"
+    assert not ops.host_syncs, sorted(set(ops.host_syncs))

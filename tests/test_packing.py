@@ -1,0 +1,69 @@
+"""Which grid trials share a pack (orchestrate.packing), and --pack on the command line."""
+
+import pytest
+
+from fermodel.config import TrialConfig
+from fermodel.data import make_synthetic
+from fermodel.engine import data_key
+from orchestrate.ablation import main
+from orchestrate.ledger import Fate
+from orchestrate.packing import best_size, pack_fates
+from search_spaces.study import TrialSpec, trial_identity
+
+
+@pytest.fixture(scope="module")
+def datasets():
+    config = TrialConfig(synthetic_subjects=10, synthetic_images_per_class=2)
+    return {data_key(config): make_synthetic(num_subjects=10, images_per_class=2, seed=0)}
+
+
+def fate(cell: str, seed: int, epoch: int = 0, **changes) -> Fate:
+    config = TrialConfig(synthetic_subjects=10, synthetic_images_per_class=2, seed=seed,
+                         **changes)  # fmt: skip
+    spec = TrialSpec(cell, seed, 0, config, trial_identity("s", config))
+    if epoch:
+        return Fate(spec, "continue", "interrupted", f"/ckpt/{cell}{seed}", "run", epoch)
+    return Fate(spec, "run", "new")
+
+
+def names(packs) -> list[list[str]]:
+    return [[f.spec.key for f in pack] for pack in packs]
+
+
+def test_trials_that_differ_only_in_member_keys_share_packs_of_at_most_k(datasets):
+    fates = [fate("ce", s, loss="ce") for s in range(3)]
+    fates += [fate("island", s, loss="island", lr=3e-4) for s in range(3)]
+    packs = pack_fates(fates, 4, datasets)
+    assert names(packs) == [
+        ["ce-seed0-fold0", "ce-seed1-fold0", "ce-seed2-fold0", "island-seed0-fold0"],
+        ["island-seed1-fold0", "island-seed2-fold0"],
+    ]
+    assert names(pack_fates(fates, 1, datasets)) == [[f.spec.key] for f in fates]
+
+
+def test_other_architectures_and_other_checkpoint_epochs_go_to_other_packs(datasets):
+    fates = [fate("psa", 0), fate("eca", 0, attention="eca"), fate("psa", 1),
+             fate("psa", 2, epoch=3), fate("psa", 3, epoch=3), fate("psa", 4, epoch=2)]
+    packs = pack_fates(fates, 8, datasets)
+    assert names(packs) == [
+        ["psa-seed0-fold0", "psa-seed1-fold0"],
+        ["eca-seed0-fold0"],
+        ["psa-seed2-fold0", "psa-seed3-fold0"],
+        ["psa-seed4-fold0"],
+    ]
+
+
+def test_auto_takes_the_smallest_pack_within_five_percent_of_the_best():
+    assert best_size({1: 1000.0, 2: 1900.0, 4: 3500.0, 8: 3600.0, 16: 3650.0}) == 4
+    assert best_size({1: 1000.0, 2: 1900.0, 4: 3000.0, 8: 3600.0, 16: 3650.0}) == 8
+    assert best_size({1: 1000.0, 2: 900.0}) == 1
+    assert best_size({}) == 1
+
+
+@pytest.mark.parametrize("value", ["0", "two", "1.5"])
+def test_a_bad_pack_is_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys, value):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--study", "table4", "--pack", value, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --pack must be a whole number >= 1 or auto, got {value!r}\n"
+    assert not list(tmp_path.iterdir())  # nothing made
