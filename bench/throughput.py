@@ -135,9 +135,9 @@ class PILFaces(Dataset):
         return self.transform(self.images[i]), self.labels[i]
 
 
-def reference(images, labels, device, steps):
-    model = build_model(attention="psa").to(device)
-    criterion = JointLoss("island").to(device)
+def reference(images, labels, device, steps, backbone="resnet50", attention="psa"):
+    model = build_model(backbone, attention).to(device)
+    criterion = JointLoss("island", feat_dim=model.num_features).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = DataLoader(PILFaces(images, labels), batch_size=BATCH, shuffle=True, drop_last=True)
     batches = iter(loader)

@@ -56,6 +56,8 @@ __all__ = [
     "apply_params",
     "augment",
     "augment_copies",
+    "draw",
+    "params_from_draws",
     "predict_tta",
     "sample_params",
     "to_float",
@@ -201,7 +203,17 @@ class AugmentParams(NamedTuple):
 
 def sample_params(n: int, config: AugmentConfig, generator: torch.Generator) -> AugmentParams:
     """Draw the parameters of ``n`` samples from ``generator``, on the generator's device."""
-    u = torch.rand(n, _NUM_DRAWS, generator=generator, device=generator.device)
+    return params_from_draws(draw(n, generator), config)
+
+
+def draw(n: int, generator: torch.Generator) -> torch.Tensor:
+    """The uniform draws ``[n, 7]`` that ``params_from_draws`` turns into parameters (several
+    generators' draws concatenated give the parameters of all their samples at once)."""
+    return torch.rand(n, _NUM_DRAWS, generator=generator, device=generator.device)
+
+
+def params_from_draws(u: torch.Tensor, config: AugmentConfig) -> AugmentParams:
+    """Per-sample parameters from uniform draws ``u`` ``[N, 7]``."""
 
     def symmetric(column: int, half_width: float) -> torch.Tensor:
         return (2.0 * u[:, column] - 1.0) * half_width

@@ -146,8 +146,9 @@ class GraphedStep:
 
 
 def state_tensors(members: list, step) -> list[torch.Tensor]:
-    """What a training step changes: weights, buffers (BatchNorm statistics, centers), the
-    optimisers' state and learning rates, and a pack's stacks and gradients."""
+    """What a training step changes and the next one reads: weights, buffers (BatchNorm
+    statistics, centers), the optimisers' state, and a pack's stacks (gradients are made anew
+    by every step)."""
     out: list[torch.Tensor] = []
     for m in members:
         out += [*m.parts.model.parameters(), *m.parts.model.buffers(), *m.parts.criterion.buffers()]
@@ -156,7 +157,6 @@ def state_tensors(members: list, step) -> list[torch.Tensor]:
     for name in ("params", "buffers"):
         out += list(getattr(step, name, {}).values())
     out += [t for t in (getattr(step, "centers", None),) if t is not None]
-    out += list(getattr(step, "grads", []))
     seen, unique = set(), []
     for t in out:  # a member's weights may be views of a pack's stacks: each tensor once
         if id(t) not in seen:

@@ -49,12 +49,12 @@ def center_term(features: torch.Tensor, centers: torch.Tensor, labels: torch.Ten
 def center_pull(features: torch.Tensor, centers: torch.Tensor, labels: torch.Tensor):
     """``delta_c_j = sum_{i: y_i=j} (c_j - x_i) / (1 + n_j)`` for every class j."""
     x = features.detach().to(centers.dtype)
-    # index_add rather than bincount, which waits for the device to size its output; out of
-    # place, so that it also runs under vmap (packed trials)
-    ones = torch.ones_like(labels, dtype=centers.dtype)
-    counts = torch.zeros(centers.shape[0], dtype=centers.dtype, device=centers.device)
-    counts = counts.index_add(0, labels, ones)
-    feature_sums = torch.zeros_like(centers).index_add(0, labels, x)
+    # per-class counts and sums through a one-hot matrix: no bincount (which waits for the
+    # device to size its output) and one batched matmul under vmap (packed trials)
+    classes = torch.arange(centers.shape[0], device=centers.device)
+    one_hot = (labels[:, None] == classes).to(centers.dtype)
+    counts = one_hot.sum(0)
+    feature_sums = one_hot.T @ x
     return (counts[:, None] * centers - feature_sums) / (1 + counts[:, None])
 
 

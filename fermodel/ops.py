@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+# profiler markers (the optimisers' record_function): dispatched, but no work on the device
+MARKERS = frozenset({"_record_function_enter_new", "_record_function_exit"})
 # ops that copy a value to the host or size their output from the data
 HOST_SYNC = frozenset({"_local_scalar_dense", "item", "nonzero", "bincount", "masked_select",
                        "unique_dim", "_unique2", "boolean-mask index"})  # fmt: skip
@@ -33,7 +35,7 @@ class OpCounter(TorchDispatchMode):
             name = "boolean-mask index"
         if _is_view(func):
             self.views += 1
-        else:
+        elif name not in MARKERS:
             self.names.append(name)
         return func(*args, **(kwargs or {}))
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from fermodel.augment import AugmentParams, apply_params, sample_params
+from fermodel.augment import apply_params, draw, params_from_draws
 from fermodel.losses import joint_loss_step
 
 
@@ -44,13 +44,10 @@ class PackedStep:
         nets = [m.parts.net for m in members]
         self.params = _stack(nets, "named_parameters", requires_grad=True)
         self.buffers = _stack(nets, "named_buffers")
-        self.grads = [torch.zeros_like(p) for p in self.params.values()]
-        for p, g in zip(self.params.values(), self.grads, strict=True):
-            p.grad = g
+        self.member_params = [list(net.named_parameters()) for net in nets]
         for k, net in enumerate(nets):  # each member's own tensors become views of the stack
-            for name, p in net.named_parameters():
+            for name, p in self.member_params[k]:
                 p.data = self.params[name].detach()[k]
-                p.grad = self.params[name].grad[k]
             for name, b in net.named_buffers():
                 b.data = self.buffers[name][k]
         self.centers = self._stack_centers()
@@ -114,18 +111,23 @@ class PackedStep:
         k, b = idx.shape
         rows = torch.arange(k, device=idx.device)[:, None]
         images, y = self.x[rows, idx], self.y[rows, idx]
-        drawn = [sample_params(b, self.aug, m.augment_gen) for m in self.members]
-        x = apply_params(images.flatten(0, 1), _concat(drawn), self.aug.padding_mode)
+        # each member's own draws, as alone, turned into parameters all at once
+        drawn = torch.cat([draw(b, m.augment_gen) for m in self.members])
+        x = apply_params(images.flatten(0, 1), params_from_draws(drawn, self.aug),
+                         self.aug.padding_mode)  # fmt: skip
         x = x.view(k, b, *x.shape[1:])
-        torch._foreach_zero_(self.grads)
+        for p in self.params.values():
+            p.grad = None  # backward then assigns fresh gradients (no accumulation kernels)
         logits, total, ce, centers = torch.vmap(self._member, randomness="different")(
             self.params, self.buffers, self.centers, x, y, self.lam, self.lam1, self.alpha
         )
         total.sum().backward()
         with torch.no_grad():
             self.centers.copy_(centers)
-        for member, alive in zip(self.members, self.alive, strict=True):
+        for index, (member, alive) in enumerate(zip(self.members, self.alive, strict=True)):
             if alive:
+                for name, p in self.member_params[index]:  # views: no kernel
+                    p.grad = self.params[name].grad[index]
                 member.parts.optimizer.step()
         return logits.detach(), y, total.detach(), ce.detach()
 
@@ -148,16 +150,10 @@ def _stack(nets, which: str, requires_grad: bool = False) -> dict[str, torch.Ten
     return stacked
 
 
-def _concat(drawn: list[AugmentParams]) -> AugmentParams:
-    """The members' augmentation parameters as one batch (they share which parts are on)."""
-    return AugmentParams(*(None if parts[0] is None else torch.cat(parts)
-                           for parts in zip(*drawn, strict=True)))  # fmt: skip
-
-
-def pack_throughput(config, data, k: int, steps: int = 8, warmup: int = 3) -> float:
+def pack_throughput(config, data, k: int, steps: int = 8, warmup: int = 3) -> tuple[float, str]:
     """Training images/s of a pack of ``k`` members of ``config`` (seeds 0 to k - 1) on the
-    config's device, as the engine trains them (k = 1: a trial alone). MemoryError when the
-    pack does not fit on the device."""
+    config's device, as the engine trains them (k = 1: a trial alone), and how the step ran
+    (its CUDA graphs note, or "eager"). MemoryError when the pack does not fit."""
     import time
 
     from fermodel import engine
@@ -177,7 +173,8 @@ def pack_throughput(config, data, k: int, steps: int = 8, warmup: int = 3) -> fl
         for _ in range(steps):
             step(idx)
         _sync(device)
-        return k * idx.shape[1] * steps / (time.perf_counter() - started)
+        how = next((n for n in members[0].notes if "CUDA graphs" in n), "eager")
+        return k * idx.shape[1] * steps / (time.perf_counter() - started), how
     except torch.cuda.OutOfMemoryError as err:
         raise MemoryError(f"a pack of {k} does not fit: {str(err).splitlines()[0]}") from None
     finally:

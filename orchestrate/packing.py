@@ -68,7 +68,7 @@ def measure_size(config_values: dict, data, gpus: float, limit: int) -> tuple[in
         measured: dict[int, float] = {}
         for k in (s for s in SIZES if s <= max(limit, 1)):
             try:
-                measured[k] = pack_throughput(config, dataset, k)
+                measured[k] = pack_throughput(config, dataset, k)[0]
             except MemoryError:
                 break
             previous = [v for size, v in measured.items() if size < k]

@@ -307,3 +307,25 @@ def test_a_checkpoint_written_on_cuda_resumes_on_the_cpu_and_says_what_changed(t
     assert resumed.history[0] == straight.history[0]  # epoch 1 is the checkpoint's
     assert any("written on another device type" in note for note in resumed.notes)
     assert not any("device type" in note for note in straight.notes)
+
+
+@pytest.mark.slow
+def test_every_trial_in_a_reused_process_compiles_afresh(monkeypatch):
+    """A reused Ray actor trains trial after trial: each compiled model must be compiled, not
+    run eagerly because earlier trials used up dynamo's recompile limit (the attention variants
+    share one bottleneck ``forward``). Dynamo's eager backend: tracing, not code generation."""
+    import functools
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    counters.clear()
+    x = torch.rand(2, 1, 48, 48)
+    for attention in ("se", "eca", "cbam"):  # a third variant would pass the limit of 2
+        config = TrialConfig(attention=attention, compile=True, device="cpu")
+        engine.build_parts(config, 7, torch.device("cpu")).step_net(x)
+        assert counters["frames"]["ok"] == counters["frames"]["total"], dict(counters["frames"])
+    assert counters["frames"]["total"] == 3
+    torch._dynamo.reset()

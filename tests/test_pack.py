@@ -132,3 +132,22 @@ def test_a_training_step_never_waits_for_the_device(data, kind, packed):
         step(idx)
     assert ops.kernels > 100, "no step was recorded"
     assert not ops.host_syncs, sorted(set(ops.host_syncs))
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_on_the_cpu():
+    """bench/gpu.py, small, on the CPU: its figures are printed (their values are a machine's)."""
+    import subprocess
+    import sys
+
+    bench = Path(__file__).parent.parent / "bench" / "gpu.py"
+    done = subprocess.run([sys.executable, str(bench), "--small", "--steps", "2", "--packs",
+                           "1,2,8", "--device", "cpu"], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "ops per step, alone" in out and "ops per step, pack of  8" in out
+    assert out.count(", 0 host syncs") == 2
+    for label in ("reference pipeline", "one trial (engine)", "pack of  2", "pack of  8",
+                  "best pack:", "device-hours packed by"):  # fmt: skip
+        assert label in out, out

@@ -42,8 +42,14 @@ def test_trials_that_differ_only_in_member_keys_share_packs_of_at_most_k(dataset
 
 
 def test_other_architectures_and_other_checkpoint_epochs_go_to_other_packs(datasets):
-    fates = [fate("psa", 0), fate("eca", 0, attention="eca"), fate("psa", 1),
-             fate("psa", 2, epoch=3), fate("psa", 3, epoch=3), fate("psa", 4, epoch=2)]
+    fates = [
+        fate("psa", 0),
+        fate("eca", 0, attention="eca"),
+        fate("psa", 1),
+        fate("psa", 2, epoch=3),
+        fate("psa", 3, epoch=3),
+        fate("psa", 4, epoch=2),
+    ]
     packs = pack_fates(fates, 8, datasets)
     assert names(packs) == [
         ["psa-seed0-fold0", "psa-seed1-fold0"],
@@ -67,3 +73,10 @@ def test_a_bad_pack_is_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys, v
     err = capsys.readouterr().err
     assert err == f"error: --pack must be a whole number >= 1 or auto, got {value!r}\n"
     assert not list(tmp_path.iterdir())  # nothing made
+
+
+def test_trials_sharing_a_gpu_are_bounded_to_their_share_of_its_memory():
+    from orchestrate.trainable import memory_fraction
+
+    assert memory_fraction(0.25) == 0.25 and memory_fraction(0.5) == 0.5
+    assert memory_fraction(1.0) is None and memory_fraction(0.0) is None  # whole device, CPU
