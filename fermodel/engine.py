@@ -177,11 +177,12 @@ def _optimizer(c: TrialConfig, params, device: torch.device) -> torch.optim.Opti
     do once per weight tensor: a step that waits for the device). On CUDA the learning rate is
     a tensor on the device, which the schedules change in place, so that a captured CUDA graph
     reads the current value."""
-    lr = torch.tensor(c.lr, device=device) if device.type == "cuda" else c.lr
-    if c.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=c.weight_decay, fused=True)
-    if c.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=c.weight_decay, fused=True)
+    cuda = device.type == "cuda"
+    lr = torch.tensor(c.lr, device=device) if cuda else c.lr
+    if c.optimizer in ("adam", "adamw"):
+        # capturable: its step counter and learning rate stay on the device (graph capture)
+        adam = torch.optim.Adam if c.optimizer == "adam" else torch.optim.AdamW
+        return adam(params, lr=lr, weight_decay=c.weight_decay, fused=True, capturable=cuda)
     return torch.optim.SGD(params, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay,
                            fused=True)  # fmt: skip
 

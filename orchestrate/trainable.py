@@ -17,6 +17,7 @@ storage and a retry that finds it fails again at once instead of training to the
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -192,12 +193,17 @@ def run_pack(
              if session and (text := session.read_text(note)) is not None}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="fer-resume-") as restored:
         sources = _member_sources(specs, restored, storage_uri)
-        finals = {i: json.loads((src / RESULTS_FILE).read_text())
-                  for i, src in sources.items() if (src / RESULTS_FILE).is_file()}  # fmt: skip
+        finals = {i: src for i, src in sources.items() if (src / RESULTS_FILE).is_file()}
         live = [i for i in range(len(specs)) if i not in finals and i not in ended]
         results = {}
         if live:
             results = _train_members(live, configs, datasets, sources, session, notes)
+        _report_final(results, finals, ended, started)
+
+
+def _report_final(results: dict, finals: dict, ended: dict, started: float) -> None:
+    """The pack's last report: each member's test figures and artifacts in its subfolder (a
+    member that had finished before this attempt: its earlier figures and files, again)."""
     with tempfile.TemporaryDirectory(prefix="fer-final-") as folder:
         members = {str(i): {"diverged": text} for i, text in ended.items()}
         for i, result in results.items():
@@ -209,8 +215,9 @@ def run_pack(
             (Path(folder) / str(i)).mkdir()
             write_artifacts(Path(folder) / str(i), final, result)
             members[str(i)] = final
-        for i, final in finals.items():  # finished before this attempt: the same figures
-            members[str(i)] = final
+        for i, source in finals.items():
+            shutil.copytree(source, Path(folder) / str(i))
+            members[str(i)] = json.loads((source / RESULTS_FILE).read_text())
         epoch = max((m.get("epoch", 0) for m in members.values()), default=0)
         tune.report({"epoch": epoch, "completed": 1, "members": members},
                     checkpoint=tune.Checkpoint.from_directory(folder))  # fmt: skip

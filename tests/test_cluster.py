@@ -242,9 +242,11 @@ class Rig:
         return own_view([sys.executable, *self.args(study, *extra)], hosts=self.hosts)
 
     def stop(self) -> None:
+        # Ray nodes drain for up to 30 s on SIGTERM: the rig's are disposable, killed at once
         for group in [self.mlflow, *self.workers, self.head, self.s3]:
             if group is not None:
-                group.stop()
+                group.stop(signal.SIGKILL if group in (self.head, *self.workers) else
+                           signal.SIGTERM)  # fmt: skip
         for i in range(len(self.workers)):
             shutil.rmtree(f"{self.temp}w{i}", ignore_errors=True)
         shutil.rmtree(self.temp, ignore_errors=True)

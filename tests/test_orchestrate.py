@@ -321,7 +321,7 @@ def test_a_resumed_tuning_study_continues_its_optuna_history(
 
     db = tmp_path / "m.db"
     cmd = [sys.executable, "-m", "orchestrate.ablation", "--study", study_file(RESUMED_HPO),
-           "--preset", "tiny", "--epochs", "3", "--storage", str(tmp_path / "ray"),
+           "--preset", "tiny", "--epochs", "2", "--storage", str(tmp_path / "ray"),
            "--tracking-uri", f"sqlite:///{db}", "--max-concurrent", "1",
            "--no-log-checkpoints"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

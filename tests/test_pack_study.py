@@ -1,7 +1,8 @@
 """A packed grid study through `python -m orchestrate.ablation --pack K`: one Tune trial trains
 the pack, and everywhere else each member is a trial: its own MLflow run with its metrics,
-artifacts and model, its own row in the report, which equals the unpacked study's; stopped
-mid-study and invoked again, every member continues from the pack's checkpoint. Real Ray (the
+artifacts and model, its own row in the report, which equals the study's trials trained
+alone (an unpacked study's trials: packs of one); stopped mid-study and invoked again, every
+member continues from the pack's checkpoint. Real Ray (the
 session's local cluster, and the stopped driver's own), a real MLflow store, real signals."""
 
 import json
@@ -82,11 +83,20 @@ def finished(folder: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def unpacked(ray_cluster, tmp_path_factory):
+def unpacked(tmp_path_factory):
+    """Each trial of the study alone, as an unpacked study trains it (``fit``, a pack of one):
+    its epoch losses, test accuracy and predictions, by cell."""
+    from fermodel.engine import fit, load_trial_data
+    from search_spaces import load_study
+
     folder = tmp_path_factory.mktemp("unpacked")
     (folder / "packed.toml").write_text(STUDY)
-    assert main([*command(folder, "--pack", "1"), "--no-log-checkpoints"]) == 0
-    return finished(folder)
+    out = {}
+    for spec in load_study(folder / "packed.toml").trials("tiny"):
+        result = fit(spec.config, load_trial_data(spec.config))
+        history = {key: [h[key] for h in result.history] for key in ("train_loss", "val_loss")}
+        out[spec.cell] = (history, result.test["accuracy"], result.test_predictions, None)
+    return out
 
 
 def test_a_packed_study_stopped_and_continued_is_its_trials_alone(

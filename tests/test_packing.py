@@ -80,3 +80,20 @@ def test_trials_sharing_a_gpu_are_bounded_to_their_share_of_its_memory():
 
     assert memory_fraction(0.25) == 0.25 and memory_fraction(0.5) == 0.5
     assert memory_fraction(1.0) is None and memory_fraction(0.0) is None  # whole device, CPU
+
+
+def test_auto_measures_packs_of_growing_size_until_they_stop_paying(ray_cluster, datasets):
+    """The measurement --pack auto runs on a GPU node, here as a Ray task on the CPU."""
+    from orchestrate.packing import SIZES, measure_size
+
+    config = TrialConfig(
+        backbone="shufflenet_v2_x0_5",
+        attention="none",
+        batch_size=16,
+        synthetic_subjects=10,
+        synthetic_images_per_class=2,
+        device="cpu",
+    )
+    k, measured = measure_size(config.to_dict(), next(iter(datasets.values())), 0, 4)
+    assert set(measured) <= {s for s in SIZES if s <= 4} and 1 in measured
+    assert k == best_size(measured) and all(v > 0 for v in measured.values())
