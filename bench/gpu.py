@@ -37,7 +37,8 @@ TABLE4_IMAGES = 12 * 200 * 28_709  # 4 cells x 3 seeds, 200 epochs, FER2013's tr
 def step_ops(config: TrialConfig, data, k: int) -> tuple[int, int]:
     """(non-view ops, host syncs) of one training step of a pack of ``k`` (1: alone)."""
     device = engine.resolve_device(config.device)
-    members = [engine.make_member(config.replace(seed=s), data, device) for s in range(k)]
+    eager = config.replace(cuda_graphs=False)  # a graph's replay would hide the ops
+    members = [engine.make_member(eager.replace(seed=s), data, device) for s in range(k)]
     step = engine.make_step(members, device)
     step.train()
     idx = torch.arange(config.batch_size, device=device).repeat(k, 1)
@@ -66,6 +67,11 @@ def measure(config: TrialConfig, data, k: int, steps: int) -> tuple[float, float
         torch.cuda.reset_peak_memory_stats(device)
     rate, how = pack_throughput(config, data, k, steps=steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
+    if "trained from CUDA graphs" in how:
+        how = "graphed"
+    elif "CUDA graphs off" in how:
+        how = how.removeprefix("CUDA graphs off: ").split("; trained eagerly")[0]
+        how = f"eager, the graphs failed their check: {how}"
     return rate, peak / k, how
 
 

@@ -74,16 +74,24 @@ class Snapshot:
 
     @torch.no_grad()
     def restore(self) -> None:
+        """Puts the state back; raises RuntimeError when a generator refuses its state (a CUDA
+        generator once registered with a graph may), after restoring everything else."""
         for t in self.tensors():
             if id(t) in self.saved:
                 t.copy_(self.saved[id(t)][1])
             else:
                 t.zero_()
+        refused = []
         for generator, state in zip(self.generators, self.states, strict=True):
-            generator.set_state(state)
+            try:
+                generator.set_state(state)  # in place: a graph that registered it keeps it
+            except RuntimeError as err:
+                refused.append(str(err).splitlines()[0])
         torch.set_rng_state(self.cpu_rng)
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
+        if refused:
+            raise RuntimeError(f"an augmentation generator refused its saved state: {refused[0]}")
 
 
 class GraphedStep:
@@ -132,9 +140,12 @@ class GraphedStep:
             graphed = [self(b)[2].detach().clone() for b in batches]
             graph_weights = _weights(self.members)
         except Exception as err:  # a capture that fails: the trial trains eagerly
-            return f"capturing the step failed ({type(err).__name__}: {str(err)[:200]})"
-        finally:
             saved.restore()
+            return f"capturing the step failed ({type(err).__name__}: {str(err)[:200]})"
+        try:
+            saved.restore()
+        except RuntimeError as err:
+            return str(err)
         for step, (a, b) in enumerate(zip(eager, graphed, strict=True), 1):
             if not torch.allclose(a, b, rtol=TOLERANCE, atol=1e-6):
                 return (f"the graph's losses differ from eager ones at step {step} "

@@ -173,7 +173,7 @@ def pack_throughput(config, data, k: int, steps: int = 8, warmup: int = 3) -> tu
         for _ in range(steps):
             step(idx)
         _sync(device)
-        how = next((n for n in members[0].notes if "CUDA graphs" in n), "eager")
+        how = next((note for note in members[0].notes if "CUDA graphs" in note), "eager")
         return k * idx.shape[1] * steps / (time.perf_counter() - started), how
     except torch.cuda.OutOfMemoryError as err:
         raise MemoryError(f"a pack of {k} does not fit: {str(err).splitlines()[0]}") from None

@@ -29,7 +29,6 @@ from ray import tune
 from fermodel.checkpoint import STATE_FILE
 from fermodel.config import TrialConfig
 from fermodel.engine import TrainingDiverged, data_key, fit
-from fermodel.plots import plot_trial
 from orchestrate.interrupt import checkpoint_requested
 from orchestrate.storage import Storage
 
@@ -82,6 +81,8 @@ def final_metrics(result, seconds: float) -> dict:
 
 
 def write_artifacts(folder: Path, final: dict, result) -> None:
+    from fermodel.plots import plot_trial  # matplotlib: imported by the actors that finish
+
     (folder / RESULTS_FILE).write_text(json.dumps(final) + "\n")
     (folder / "predictions.json").write_text(json.dumps({
         "classes": list(result.classes), "ids": result.test_ids, "groups": result.test_groups,

@@ -43,7 +43,7 @@ loss = "island"
 name = "c"
 loss = "center"
 [presets.tiny]
-epochs = 4
+epochs = 3
 batch_size = 8
 image_size = 32
 tta = "none"
@@ -170,7 +170,7 @@ def test_a_stopped_study_continues_to_the_uninterrupted_result(
         if run.info.status != "FINISHED":
             continue
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
-        assert sorted(steps) == [1, 2, 3, 4], steps  # the whole trial, each epoch once
+        assert sorted(steps) == [1, 2, 3], steps  # the whole trial, each epoch once
         earlier = last_epoch.get(run.data.tags["trial_identity"])
         if earlier is None:
             continue  # finished before the signal

@@ -24,14 +24,14 @@ from fermodel.models import build_model
 from fermodel.ops import OpCounter
 
 BASE = dict(backbone="shufflenet_v2_x0_5", attention="none", epochs=2, batch_size=16,
-            synthetic_subjects=10, synthetic_images_per_class=2, device="cpu",
+            synthetic_subjects=6, synthetic_images_per_class=2, device="cpu",
             channels_last=False, tta="none", precision="fp64")  # fmt: skip
 LOSSES = ("train_loss", "train_ce", "val_loss")
 
 
 @pytest.fixture(scope="module")
 def data():
-    return make_synthetic(num_subjects=10, images_per_class=2, seed=0)
+    return make_synthetic(num_subjects=6, images_per_class=2, seed=0)
 
 
 def configs(**changes) -> list[TrialConfig]:
