@@ -322,7 +322,9 @@ def test_a_study_on_nodes_that_share_no_disk_keeps_its_checkpoints_in_s3(rig):
     assert not list(rig.s3_keys("studies/.fer-storage-check"))  # the checks leave no marker
 
 
-def test_the_same_study_submitted_as_a_ray_job_finishes(rig):
+def test_a_study_submitted_as_a_ray_job_finishes_and_shows_in_the_mlflow_ui(rig):
+    from playwright.sync_api import sync_playwright
+
     study = study_file(rig.folder, "asjob", cells=1)
     entry = ["python", *rig.args(study)]  # the job's own python: the head's PATH has this venv
     address = ["--address", f"http://127.0.0.1:{rig.dashboard}"]
@@ -335,8 +337,31 @@ def test_the_same_study_submitted_as_a_ray_job_finishes(rig):
         time.sleep(2)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout
-    _, runs = children(rig.uri, "asjob")
+    client, runs = children(rig.uri, "asjob")
     assert len(runs) == 1 and {r.info.status for r in runs} == {"FINISHED"}
+    # the study in the rig server's UI, in a real browser: its runs, and a child's artifacts
+    exp = client.get_experiment_by_name("asjob")
+    parent = client.search_runs([exp.experiment_id], "tags.study_parent = 'true'")[0]
+    child = runs[0]
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = chromium(p)
+        page = browser.new_page(viewport={"width": 1500, "height": 1000})
+        page.goto(rig.uri)
+        page.get_by_text("Model training").first.click()  # MLflow 3 opens in its GenAI mode
+        page.goto(f"{rig.uri}/#/experiments/{exp.experiment_id}/runs")
+        page.get_by_text(parent.info.run_name).first.wait_for(timeout=60_000)
+        page.get_by_text(f"{1 + len(runs)} matching runs").wait_for(timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "mlflow_experiment.png"), full_page=True)
+        page.goto(f"{rig.uri}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}")
+        page.get_by_text(parent.info.run_name).first.wait_for(timeout=60_000)
+        page.goto(f"{rig.uri}/#/experiments/{exp.experiment_id}/runs/{child.info.run_id}/artifacts")
+        page.get_by_text("confusion_matrix.png").first.wait_for(timeout=60_000)
+        page.get_by_text("confusion_matrix.png").first.click()
+        page.locator("img").last.wait_for(timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "mlflow_confusion_matrix.png"), full_page=True)
+        browser.close()
+    assert (ARTIFACTS / "mlflow_confusion_matrix.png").stat().st_size > 10_000
 
 
 def test_a_rig_whose_setup_fails_stops_what_it_started(tmp_path, monkeypatch):
@@ -373,38 +398,6 @@ def test_the_mlflow_server_admits_the_compose_host_names_and_refuses_others(rig)
     assert status("mlflow:5000") == 200  # as compose's clients send it
     assert status(f"127.0.0.1:{rig.mlflow_port}") == 200  # the published port, from a browser
     assert status(f"mlflow.evil.example:{rig.mlflow_port}") == 403
-
-
-def test_the_mlflow_ui_shows_the_study_in_a_real_browser(rig):
-    from playwright.sync_api import sync_playwright
-
-    # its own study: xdist may give this test a rig of its own, without the other tests' runs
-    study = study_file(rig.folder, "browse", cells=1)
-    done = run(rig.ablation(study), rig.env, rig.folder)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    client, runs = children(rig.uri, "browse")
-    exp = client.get_experiment_by_name("browse")
-    parent = client.search_runs([exp.experiment_id], "tags.study_parent = 'true'")[0]
-    child = runs[0]
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = chromium(p)
-        page = browser.new_page(viewport={"width": 1500, "height": 1000})
-        page.goto(rig.uri)
-        page.get_by_text("Model training").first.click()  # MLflow 3 opens in its GenAI mode
-        page.goto(f"{rig.uri}/#/experiments/{exp.experiment_id}/runs")
-        page.get_by_text(parent.info.run_name).first.wait_for(timeout=60_000)
-        page.get_by_text(f"{1 + len(runs)} matching runs").wait_for(timeout=60_000)
-        page.screenshot(path=str(ARTIFACTS / "mlflow_experiment.png"), full_page=True)
-        page.goto(f"{rig.uri}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}")
-        page.get_by_text(parent.info.run_name).first.wait_for(timeout=60_000)
-        page.goto(f"{rig.uri}/#/experiments/{exp.experiment_id}/runs/{child.info.run_id}/artifacts")
-        page.get_by_text("confusion_matrix.png").first.wait_for(timeout=60_000)
-        page.get_by_text("confusion_matrix.png").first.click()
-        page.locator("img").last.wait_for(timeout=60_000)
-        page.screenshot(path=str(ARTIFACTS / "mlflow_confusion_matrix.png"), full_page=True)
-        browser.close()
-    assert (ARTIFACTS / "mlflow_confusion_matrix.png").stat().st_size > 10_000
 
 
 def test_a_local_storage_is_refused_on_nodes_that_share_no_disk(rig):

@@ -386,14 +386,15 @@ def test_holm_adjusts_within_each_family_and_question_on_its_own():
         {"family": "A", "plus": ["steady"], "minus": ["basic"]},
         {"family": "B", "label": "steady vs lucky", "plus": ["steady"], "minus": ["lucky"]},
     ]}  # fmt: skip
-    c = build_report(study_data(cells, meta), 2000).contrasts
+    report = build_report(study_data(cells, meta), 2000)
+    c = report.contrasts
     assert list(c.family) == ["A", "A", "B"]
     for question in ("testset", "runs"):
         raw = list(c[f"{question}_p"])
         assert list(c[f"{question}_p_holm"][:2]) == pytest.approx(holm(raw[:2]))
         assert c[f"{question}_p_holm"][2] == pytest.approx(raw[2])  # a family of one
     # the family is printed once, on its first row
-    text = format_table(build_report(study_data(cells, meta), 2000))
+    text = format_table(report)
     lines = [x for x in text.splitlines() if "vs" in x and ("[" in x)]
     assert [x.split()[0] for x in lines] == ["A", "steady", "B"]  # "steady vs basic" in A
 
