@@ -78,6 +78,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from fermodel.resnet import GlobalAvgPool
+
 TIMM_PREFIX = "timm:"
 
 
@@ -211,7 +213,7 @@ def build_torchvision(
     layers = {child: source.get_submodule(child) for child in spec.trunk}
     if spec.final_relu:
         layers["final_relu"] = nn.ReLU()
-    layers["avgpool"] = nn.AdaptiveAvgPool2d(1)
+    layers["avgpool"] = GlobalAvgPool()
     return BackboneAdapter(layers, spec.num_features, num_classes, f"{spec.stem}.weight", name)
 
 

@@ -55,6 +55,7 @@ class PackedStep:
         self.template.channels_last = False  # vmap cannot keep a memory format
         self.lam, self.lam1, self.alpha = self._loss_weights()
         self.x, self.y = self._training_data()
+        self.rows = torch.arange(len(members), device=device)[:, None]  # once: one op less a step
         self.alive = [True] * len(members)
 
     def _stack_centers(self) -> torch.Tensor:
@@ -109,8 +110,7 @@ class PackedStep:
         """Train every member on its batch ``idx[k]``; returns logits [K, B, C], labels [K, B],
         total and cross-entropy losses [K] (not synchronised)."""
         k, b = idx.shape
-        rows = torch.arange(k, device=idx.device)[:, None]
-        images, y = self.x[rows, idx], self.y[rows, idx]
+        images, y = self.x[self.rows, idx], self.y[self.rows, idx]
         # each member's own draws, as alone, turned into parameters all at once
         drawn = torch.cat([draw(b, m.augment_gen) for m in self.members])
         x = apply_params(images.flatten(0, 1), params_from_draws(drawn, self.aug),

@@ -17,6 +17,15 @@ from fermodel.attention import attention_spec, create_attention
 RESNET50_LAYERS = (3, 4, 6, 3)
 
 
+class GlobalAvgPool(nn.Module):
+    """``nn.AdaptiveAvgPool2d(1)`` as a mean over height and width: the same numbers, and
+    ``torch.vmap`` (packed trials) batches it, where adaptive pooling falls back to a loop over
+    the members (no batching rule for its ``as_strided_``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3), keepdim=True)
+
+
 class Bottleneck(nn.Module):
     """1x1 reduce, 3x3 (or its replacement), 1x1 expand, with three injection points:
 
@@ -88,7 +97,7 @@ class ResNet(nn.Module):
             stride = 1 if i == 0 else 2
             setattr(self, f"layer{i + 1}", self._make_layer(inplanes, planes, depth, stride))
             inplanes = planes * Bottleneck.expansion
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         self.num_features = inplanes
         self.fc = nn.Linear(self.num_features, num_classes)
         self._init_weights()
