@@ -596,12 +596,12 @@ def _train(members: list[Member], data, device, report, checkpoint_now) -> list:
     if batches and batches[-1][1] - batches[-1][0] < 2:
         batches.pop()
     for epoch in range(starts.pop() + 1, first.epochs + 1):
-        ended = [m.alive for m in members]
+        was_alive = [m.alive for m in members]
         seen, seconds, sums = _train_epoch(members, step, epoch, batches, device)
         metrics = [_end_epoch(m, epoch, seen, seconds, *s) if m.alive else None
                    for m, s in zip(members, sums, strict=True)]  # fmt: skip
         metrics = [m.failed if was and not m.alive else x
-                   for m, was, x in zip(members, ended, metrics, strict=True)]  # fmt: skip
+                   for m, was, x in zip(members, was_alive, metrics, strict=True)]  # fmt: skip
         if report is not None:
             _report(members, epoch, metrics, report, cadence, checkpoint_now)
         if not any(m.alive for m in members):

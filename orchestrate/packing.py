@@ -63,7 +63,9 @@ def measure_size(config_values: dict, data, gpus: float, limit: int) -> tuple[in
     def measure(values: dict, dataset) -> dict:
         from fermodel.config import TrialConfig
         from fermodel.pack import pack_throughput
+        from orchestrate.trainable import prepare_worker
 
+        prepare_worker(1, gpus)  # held to the trials' share of the device: a pack must fit it
         config = TrialConfig.from_dict(values)
         measured: dict[int, float] = {}
         for k in (s for s in SIZES if s <= max(limit, 1)):

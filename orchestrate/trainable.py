@@ -113,7 +113,9 @@ def memory_fraction(gpus: float) -> float | None:
     return gpus if 0 < gpus < 1 else None
 
 
-def _prepare_worker(cpus: float, gpus: float) -> None:
+def prepare_worker(cpus: float, gpus: float) -> None:
+    """A trial's process (or the pack-size measurement's): torch threads as its CPUs, and its
+    GPU memory held to its share of the device."""
     torch.set_num_threads(max(1, int(cpus)))
     share = memory_fraction(gpus)
     if share is not None and torch.cuda.is_available():
@@ -131,7 +133,7 @@ def run_trial(
 ) -> None:
     """A tuning sample: one trial, reported flat (its scheduler and searcher read the metrics)."""
     started = time.perf_counter()
-    _prepare_worker(cpus, gpus)
+    prepare_worker(cpus, gpus)
     session = Storage(session_uri) if session_uri else None
     note = f"{FAILURES}/{tune.get_context().get_trial_id()}.txt"
     if session and (earlier := session.read_text(note)) is not None:  # a diverged trial's retry
@@ -184,7 +186,7 @@ def run_pack(
     member that diverged leaves a note in the session's storage, so that a retry of the pack
     (a lost node) does not train it again; members that had finished report again."""
     started = time.perf_counter()
-    _prepare_worker(cpus, gpus)
+    prepare_worker(cpus, gpus)
     session = Storage(session_uri) if session_uri else None
     specs = member_specs(params)
     configs = [TrialConfig.from_dict(s["config"]) for s in specs]
