@@ -12,8 +12,9 @@ Prints, for PSA-ResNet-50 at 48x48, batch 32, Island loss (the paper's trial):
   epochs on FER2013 (12 trials x 200 epochs x 28,709 training images) with it, against one
   trial per device.
 
-On the CPU it runs small (``--small``: ShuffleNetV2 x0.5, packs of 1, 2, 4) so that its test
-runs in seconds; on an H100-class GPU the whole run takes a few minutes.
+On the CPU it runs small (``--small``: ShuffleNetV2 x0.5; its test asks for packs of 1, 2, 8)
+so that the test runs in seconds; on an H100-class GPU the whole run should take a few minutes
+(not yet measured: no GPU has run it).
 
     .venv/bin/python bench/gpu.py [--device cuda] [--steps 20] [--packs 1,2,4,8,16,32]
 """
@@ -77,9 +78,13 @@ def measure(config: TrialConfig, data, k: int, steps: int) -> tuple[float, float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--packs", default="1,2,4,8,16,32")
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N"
+    )
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    parser.add_argument(
+        "--packs", default="1,2,4,8,16,32", help="pack sizes to measure, comma-separated"
+    )
     parser.add_argument("--small", action="store_true", help="ShuffleNetV2 x0.5 (the CPU test)")
     args = parser.parse_args()
     packs = [int(k) for k in args.packs.split(",")]
