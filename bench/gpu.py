@@ -68,11 +68,6 @@ def measure(config: TrialConfig, data, k: int, steps: int) -> tuple[float, float
         torch.cuda.reset_peak_memory_stats(device)
     rate, how = pack_throughput(config, data, k, steps=steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
-    if "trained from CUDA graphs" in how:
-        how = "graphed"
-    elif "CUDA graphs off" in how:
-        how = how.removeprefix("CUDA graphs off: ").split("; trained eagerly")[0]
-        how = f"eager, the graphs failed their check: {how}"
     return rate, peak / k, how
 
 

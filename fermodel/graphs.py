@@ -133,6 +133,7 @@ class GraphedStep:
         """Train ``batches`` eagerly, then from the graph, from the same state; None when
         they agree within ``TOLERANCE``, else why not. The state is put back either way."""
         saved = self.snapshot()
+        failed = None
         try:
             eager = [self.step(b)[2].detach().clone() for b in batches]
             eager_weights = _weights(self.members)
@@ -140,12 +141,13 @@ class GraphedStep:
             graphed = [self(b)[2].detach().clone() for b in batches]
             graph_weights = _weights(self.members)
         except Exception as err:  # a capture that fails: the trial trains eagerly
-            saved.restore()
-            return f"capturing the step failed ({type(err).__name__}: {str(err)[:200]})"
-        try:
+            failed = f"capturing the step failed ({type(err).__name__}: {str(err)[:200]})"
+        try:  # once, whatever happened above
             saved.restore()
         except RuntimeError as err:
-            return str(err)
+            failed = failed or str(err)
+        if failed:
+            return failed
         for step, (a, b) in enumerate(zip(eager, graphed, strict=True), 1):
             if not torch.allclose(a, b, rtol=TOLERANCE, atol=1e-6):
                 return (f"the graph's losses differ from eager ones at step {step} "

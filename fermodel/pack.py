@@ -152,11 +152,13 @@ def _stack(nets, which: str, requires_grad: bool = False) -> dict[str, torch.Ten
 
 def pack_throughput(config, data, k: int, steps: int = 8, warmup: int = 3) -> tuple[float, str]:
     """Training images/s of a pack of ``k`` members of ``config`` (seeds 0 to k - 1) on the
-    config's device, as the engine trains them (k = 1: a trial alone), and how the step ran
-    (its CUDA graphs note, or "eager"). MemoryError when the pack does not fit."""
+    config's device, as the engine trains them (k = 1: a trial alone), and how the step ran:
+    "graphed", or "eager" (with the graphs' refusal note on CUDA). MemoryError when the pack
+    does not fit."""
     import time
 
     from fermodel import engine
+    from fermodel.graphs import GraphedStep
 
     device = engine.resolve_device(config.device)
     members = step = None
@@ -173,7 +175,8 @@ def pack_throughput(config, data, k: int, steps: int = 8, warmup: int = 3) -> tu
         for _ in range(steps):
             step(idx)
         _sync(device)
-        how = next((note for note in members[0].notes if "CUDA graphs" in note), "eager")
+        refused = [note for note in members[0].notes if "CUDA graphs off" in note]
+        how = "graphed" if isinstance(step, GraphedStep) else "; ".join(["eager", *refused])
         return k * idx.shape[1] * steps / (time.perf_counter() - started), how
     except torch.cuda.OutOfMemoryError as err:
         raise MemoryError(f"a pack of {k} does not fit: {str(err).splitlines()[0]}") from None
