@@ -13,10 +13,12 @@ Prints, for PSA-ResNet-50 at 48x48, batch 32, Island loss (the paper's trial):
   trial per device.
 
 On the CPU it runs small (``--small``: ShuffleNetV2 x0.5; its test asks for packs of 1, 2, 8)
-so that the test runs in seconds; on an H100-class GPU the whole run should take a few minutes
-(not yet measured: no GPU has run it).
+so that the test runs in seconds. On a GPU (bench/device_check.sh runs it there) it takes about
+a minute; on an H200 with torch 2.11 the bf16 packs ("auto") failed their check there and ran
+their members one after another (README, Benchmarks), so ``--precision fp32`` measures packs.
 
     .venv/bin/python bench/gpu.py [--device cuda] [--steps 20] [--packs 1,2,4,8,16,32]
+                                  [--precision auto|fp32|bf16]
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from fermodel.pack import pack_throughput
 TABLE4_IMAGES = 12 * 200 * 28_709  # 4 cells x 3 seeds, 200 epochs, FER2013's training split
 
 
-def step_ops(config: TrialConfig, data, k: int) -> tuple[int, int]:
-    """(non-view ops, host syncs) of one training step of a pack of ``k`` (1: alone)."""
+def step_ops(config: TrialConfig, data, k: int) -> tuple[int, int, str]:
+    """(non-view ops, host syncs, "" or the note of a pack that failed its check) of one
+    training step of a pack of ``k`` (1: alone)."""
     device = engine.resolve_device(config.device)
     eager = config.replace(cuda_graphs=False)  # a graph's replay would hide the ops
     members = [engine.make_member(eager.replace(seed=s), data, device) for s in range(k)]
@@ -46,7 +49,8 @@ def step_ops(config: TrialConfig, data, k: int) -> tuple[int, int]:
     step(idx)  # the optimiser's state exists from the second step on
     with OpCounter() as ops:
         step(idx)
-    return ops.kernels, len(ops.host_syncs)
+    off = [n for n in members[0].notes if n.startswith("packing off")]
+    return ops.kernels, len(ops.host_syncs), "; ".join(off)
 
 
 def reference_rate(config: TrialConfig, data, steps: int) -> float:
@@ -66,7 +70,7 @@ def measure(config: TrialConfig, data, k: int, steps: int) -> tuple[float, float
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    rate, how = pack_throughput(config, data, k, steps=steps)
+    rate, how, _ = pack_throughput(config, data, k, steps=steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else float("nan")
     return rate, peak / k, how
 
@@ -81,26 +85,31 @@ def main() -> None:
         "--packs", default="1,2,4,8,16,32", help="pack sizes to measure, comma-separated"
     )
     parser.add_argument("--small", action="store_true", help="ShuffleNetV2 x0.5 (the CPU test)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="the trials' arithmetic (fermodel's precision key); default auto: "
+                        "bf16 on CUDA, which packs refused on an H200 (fermodel.pack)")  # fmt: skip
     args = parser.parse_args()
     packs = [int(k) for k in args.packs.split(",")]
     device = engine.resolve_device(args.device)
     model = dict(backbone="shufflenet_v2_x0_5", attention="none") if args.small else {}
     config = TrialConfig(**model, batch_size=32, loss="island", device=str(device),
+                         precision=args.precision,
                          synthetic_subjects=20, synthetic_images_per_class=4)  # fmt: skip
     data = make_synthetic(num_subjects=20, images_per_class=4)  # 560 images
     name = "ShuffleNetV2 x0.5" if args.small else "PSA-ResNet-50"
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {device} ({gpu}), torch {torch.__version__}, {name}, 48x48x1, batch 32, "
-          f"Island loss, {args.steps} timed steps")  # fmt: skip
+          f"Island loss, precision {args.precision}, {args.steps} timed steps")  # fmt: skip
 
-    alone_ops, alone_syncs = step_ops(config, data, 1)
+    alone_ops, alone_syncs, _ = step_ops(config, data, 1)
     print(f"ops per step, alone     : {alone_ops:6d} non-view ({alone_ops / 32:6.1f} per image), "
           f"{alone_syncs} host syncs")  # fmt: skip
     for k in (k for k in packs if k in (4, 8, 16)):
-        ops, syncs = step_ops(config, data, k)
+        ops, syncs, off = step_ops(config, data, k)
         ratio = (ops / (32 * k)) / (alone_ops / 32)
         print(f"ops per step, pack of {k:2d}: {ops:6d} non-view ({ops / (32 * k):6.1f} per "
-              f"image, {ratio:.2f}x one trial's), {syncs} host syncs")  # fmt: skip
+              f"image, {ratio:.2f}x one trial's), {syncs} host syncs{'; ' if off else ''}"
+              f"{off}")  # fmt: skip
 
     started = time.perf_counter()
     reference = reference_rate(config, data, args.steps)

@@ -164,7 +164,10 @@ class PSA(nn.Module):
         feats = torch.stack([branch(x) for branch in self.branches], dim=1)  # [N, S, C/S, H, W]
         n, s, c, h, w = feats.shape
         scores = self.se.weights(feats.reshape(n * s, c, h, w)).reshape(n, s, c, 1, 1)
-        weighted = feats * scores.softmax(dim=1)
+        # in at least fp32, as CUDA's autocast computes a softmax (also in a bf16 pack,
+        # which casts by hand: fermodel.pack)
+        weights = scores.softmax(dim=1, dtype=torch.promote_types(scores.dtype, torch.float32))
+        weighted = feats * weights
         return weighted.flip(1).reshape(n, s * c, h, w)
 
 

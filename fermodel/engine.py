@@ -541,26 +541,28 @@ class _SoloStep:
 
 
 def make_step(members: list[Member], device):
-    """The training step of a trial alone (its module, maybe compiled) or of a pack; on CUDA
-    replayed from CUDA graphs once they pass their check (``fermodel.graphs``), which each
-    member's notes record either way."""
+    """The training step of a trial alone (its module, maybe compiled) or of a pack (once it
+    passes its check, else its members one after another: ``fermodel.pack.checked_pack``); on
+    CUDA replayed from CUDA graphs once they pass their check (``fermodel.graphs``). Each
+    member's notes record how its steps ran."""
+    from fermodel.graphs import CHECK_STEPS, GraphedStep
+
     aug = _augment_config(members[0].config)
+    n, b = len(members[0].splits.train), members[0].config.batch_size
+    draw = torch.Generator().manual_seed(0)  # the checks' batches: any, their steps are undone
+    batches = [torch.randint(n, (len(members), min(b, n)), generator=draw).to(device)
+               for _ in range(CHECK_STEPS)]  # fmt: skip
     if len(members) == 1:
         step = _SoloStep(members[0], aug, device)
     else:
-        from fermodel.pack import PackedStep
+        from fermodel.pack import checked_pack
 
-        step = PackedStep(members, aug, device)
+        step = checked_pack(members, [_SoloStep(m, aug, device) for m in members], aug,
+                            device, batches[0])  # fmt: skip
     capture = capture_for(members, device)
     if capture is None:
         return step
-    from fermodel.graphs import CHECK_STEPS, GraphedStep
-
     graphed = GraphedStep(step, members, capture)
-    n, b = len(members[0].splits.train), members[0].config.batch_size
-    draw = torch.Generator().manual_seed(0)  # the check's batches: any, its steps are undone
-    batches = [torch.randint(n, (len(members), min(b, n)), generator=draw).to(device)
-               for _ in range(CHECK_STEPS)]  # fmt: skip
     step.train()
     why = graphed.check(batches)
     note = ("trained from CUDA graphs (checked against eager steps at the start)" if why is None

@@ -21,11 +21,29 @@ Limits, written where they bind: members share the architecture, the data, the a
 ranges and the schedule length (``fermodel.config.pack_key``); the stack is in the default
 memory format (vmap cannot keep channels-last); dropout masks (VGG, MobileNetV2) come from the
 pack's random stream, so such members equal their lone trials in distribution, not bit for bit.
+
+Mixed precision (bf16, "auto" on CUDA) is applied by hand, not by ``torch.autocast``, which
+vmap does not honour: on the CPU it is ignored, and on CUDA (torch 2.11, an H200) it cast some
+convolutions and not the bias of others, whose step then failed ("Input type (c10::BFloat16)
+and bias type (float) should be the same"). A bf16 pack does what autocast does in these
+networks: every convolution and linear layer runs in bf16 (weights, biases and inputs cast),
+every BatchNorm in fp32 on its input's values, returning its input's dtype (what a mixed
+kernel computes alone), every other op in the dtype it is given (the models compute their one
+op that autocast puts in fp32, PSA's softmax, in fp32 themselves). A member then computes each
+op in the precision of its lone trial; its rounding differs, as its kernels do. This runs on
+the CPU; on that H200 vmap's batch norm refused it ("NYI: querying is_contiguous inside of vmap
+for memory_format other than torch.contiguous_format"), as it refused bf16 input with fp32
+statistics in its backward ("Expected running_mean to have type BFloat16 but got Float").
+
+So a pack checks itself before it trains (``checked_pack``): where its packed step fails or
+gives a member other losses than its own step, the members train one after another, each by
+its own step (``LoopedStep``), and their notes say why.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -53,6 +71,7 @@ class PackedStep:
         self.centers = self._stack_centers()
         self.template = copy.deepcopy(nets[0]).to("meta")
         self.template.channels_last = False  # vmap cannot keep a memory format
+        self.lowered = _lower_precision(self.template) if members[0].parts.use_bf16 else set()
         self.lam, self.lam1, self.alpha = self._loss_weights()
         self.x, self.y = self._training_data()
         self.rows = torch.arange(len(members), device=device)[:, None]  # once: one op less a step
@@ -118,8 +137,10 @@ class PackedStep:
         x = x.view(k, b, *x.shape[1:])
         for p in self.params.values():
             p.grad = None  # backward then assigns fresh gradients (no accumulation kernels)
+        params = {name: p.to(torch.bfloat16) if name in self.lowered else p
+                  for name, p in self.params.items()}  # fmt: skip
         logits, total, ce, centers = torch.vmap(self._member, randomness="different")(
-            self.params, self.buffers, self.centers, x, y, self.lam, self.lam1, self.alpha
+            params, self.buffers, self.centers, x, y, self.lam, self.lam1, self.alpha
         )
         total.sum().backward()
         with torch.no_grad():
@@ -132,13 +153,100 @@ class PackedStep:
         return logits.detach(), y, total.detach(), ce.detach()
 
     def _member(self, params, buffers, centers, x, y, lam, lam1, alpha):
-        with self.members[0].parts.autocast():
-            logits, emb = functional_call(self.template, (params, buffers), (x,),
-                                          {"return_embedding": True})  # fmt: skip
+        logits, emb = functional_call(self.template, (params, buffers), (x,),
+                                      {"return_embedding": True})  # fmt: skip
         dtype = self.centers.dtype
         total, ce, _, new_centers = joint_loss_step(logits.to(dtype), emb.to(dtype), y, centers,
                                                     lam, lam1, alpha)  # fmt: skip
         return logits, total, ce, new_centers
+
+
+class LoopedStep:
+    """The members of a pack that failed its check, each trained by its own step as alone, one
+    after another (a diverged member steps on too, as in a packed step: its results are no
+    longer read)."""
+
+    def __init__(self, solos: list):
+        self.solos = solos
+
+    def train(self) -> None:
+        for solo in self.solos:
+            solo.train()
+
+    def drop(self, k: int) -> None:
+        pass
+
+    def __call__(self, idx: torch.Tensor):
+        outs = [solo(idx[k : k + 1]) for k, solo in enumerate(self.solos)]
+        return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+
+
+def checked_pack(members: list, solos: list, aug, device: torch.device, idx: torch.Tensor):
+    """The members' ``PackedStep`` if one packed step on batches ``idx`` runs on this device and
+    gives each member the losses its own step (``solos``) gives from the same state, else a
+    ``LoopedStep`` of ``solos``; each member's notes say which and why. The check's steps are
+    undone (``fermodel.graphs.Snapshot``), so the trials train exactly the steps they would."""
+    from fermodel.graphs import Snapshot, state_tensors
+
+    packed = PackedStep(members, aug, device)
+    saved = Snapshot(lambda: state_tensors(members, packed), [m.augment_gen for m in members])
+    why = None
+    try:
+        packed.train()
+        together = packed(idx)[2].detach().double().cpu()
+        saved.restore()
+        for solo in solos:
+            solo.train()
+        alone = torch.cat([solo(idx[k : k + 1])[2].detach() for k, solo in enumerate(solos)])
+        alone = alone.double().cpu()
+    except Exception as err:  # vmap of an op this device's kernels refuse
+        why = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    try:  # once, whatever happened above
+        saved.restore()
+    except RuntimeError as err:
+        why = why or str(err)
+    if why is None:
+        tolerance = 5e-2 if members[0].parts.use_bf16 else 1e-3  # bf16 rounds to 2 decimals
+        if not torch.allclose(together, alone, rtol=tolerance, atol=1e-6):
+            why = (f"its losses {together.tolist()} differ from the members' own "
+                   f"{alone.tolist()}")  # fmt: skip
+    if why is None:
+        return packed
+    note = f"packing off: a packed step failed its check ({why}); trained one after another"
+    for m in members:
+        m.notes.append(note)
+    return LoopedStep(solos)
+
+
+LOWER_PRECISION = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)  # what autocast lowers here
+NORMS = (torch.nn.modules.batchnorm._BatchNorm,)
+
+
+def _lower_precision(template: torch.nn.Module) -> set[str]:
+    """Sets the template's layers to bf16 mixed precision (the module docstring); returns the
+    names of the weights and biases that the step gives them in bf16."""
+    names = set()
+    for prefix, module in template.named_modules():
+        if isinstance(module, LOWER_PRECISION):
+            module.register_forward_pre_hook(_inputs_to_bf16)
+            names |= {f"{prefix}.{name}" for name, _ in module.named_parameters(recurse=False)}
+        elif isinstance(module, NORMS):
+            module.register_forward_pre_hook(_norm_input_to_fp32)
+            module.register_forward_hook(_norm_output_as_its_input)
+    return names
+
+
+def _inputs_to_bf16(module, args):
+    return tuple(a.to(torch.bfloat16) if torch.is_tensor(a) else a for a in args)
+
+
+def _norm_input_to_fp32(module, args):
+    module.input_dtype = args[0].dtype  # read back by the forward hook of this same call
+    return (args[0].float(), *args[1:])
+
+
+def _norm_output_as_its_input(module, args, output):
+    return output.to(module.input_dtype)
 
 
 def _stack(nets, which: str, requires_grad: bool = False) -> dict[str, torch.Tensor]:
@@ -150,11 +258,16 @@ def _stack(nets, which: str, requires_grad: bool = False) -> dict[str, torch.Ten
     return stacked
 
 
-def pack_throughput(config, data, k: int, steps: int = 8, warmup: int = 3) -> tuple[float, str]:
+class Throughput(NamedTuple):
+    rate: float  # training images/s
+    how: str  # "graphed" or "eager", with the notes of checks that failed
+    packed: bool  # False when the pack failed its check and its members ran one after another
+
+
+def pack_throughput(config, data, k: int, steps: int = 8, warmup: int = 3) -> Throughput:
     """Training images/s of a pack of ``k`` members of ``config`` (seeds 0 to k - 1) on the
-    config's device, as the engine trains them (k = 1: a trial alone), and how the step ran:
-    "graphed", or "eager" (with the graphs' refusal note on CUDA). MemoryError when the pack
-    does not fit."""
+    config's device, as the engine trains them (k = 1: a trial alone), and how the step ran.
+    MemoryError when the pack does not fit."""
     import time
 
     from fermodel import engine
@@ -175,9 +288,13 @@ def pack_throughput(config, data, k: int, steps: int = 8, warmup: int = 3) -> tu
         for _ in range(steps):
             step(idx)
         _sync(device)
-        refused = [note for note in members[0].notes if "CUDA graphs off" in note]
-        how = "graphed" if isinstance(step, GraphedStep) else "; ".join(["eager", *refused])
-        return k * idx.shape[1] * steps / (time.perf_counter() - started), how
+        rate = k * idx.shape[1] * steps / (time.perf_counter() - started)
+        graphed = isinstance(step, GraphedStep)
+        refused = [n for n in members[0].notes if n.startswith(("CUDA graphs off", "packing off"))]
+        looped = isinstance(step.step if graphed else step, LoopedStep)
+        return Throughput(
+            rate, "; ".join(["graphed" if graphed else "eager", *refused]), not looped
+        )
     except torch.cuda.OutOfMemoryError as err:
         raise MemoryError(f"a pack of {k} does not fit: {str(err).splitlines()[0]}") from None
     finally:

@@ -55,8 +55,9 @@ def best_size(throughputs: dict[int, float]) -> int:
 
 def measure_size(config_values: dict, data, gpus: float, limit: int) -> tuple[int, dict]:
     """On a GPU node (a Ray task asking for the trials' GPUs): images/s of packs of the
-    ``SIZES`` up to ``limit`` members, stopping at the first that does not fit or gains
-    less than ``WITHIN``; returns the size to use and what was measured."""
+    ``SIZES`` up to ``limit`` members, stopping at the first that does not fit, fails its
+    check on the device (``fermodel.pack.checked_pack``) or gains less than ``WITHIN``;
+    returns the size to use and what was measured."""
     import ray
 
     @ray.remote(num_gpus=gpus, num_cpus=1)
@@ -70,9 +71,12 @@ def measure_size(config_values: dict, data, gpus: float, limit: int) -> tuple[in
         measured: dict[int, float] = {}
         for k in (s for s in SIZES if s <= max(limit, 1)):
             try:
-                measured[k] = pack_throughput(config, dataset, k)[0]
+                rate, _, packed = pack_throughput(config, dataset, k)
             except MemoryError:
                 break
+            if not packed:  # failed its check on this device: larger packs would too
+                break
+            measured[k] = rate
             previous = [v for size, v in measured.items() if size < k]
             if previous and measured[k] < (1 + WITHIN) * max(previous):
                 break
