@@ -537,7 +537,11 @@ class _SoloStep:
         y = self.y[i]
         logits, out = train_step(self.member.parts, self.x[i], y, self.aug,
                                  self.member.augment_gen)  # fmt: skip
-        return logits[None], y[None], out.total.reshape(1), out.ce.reshape(1)
+        # detached, as a pack's: outputs that kept the step's autograd graph alive kept its
+        # gradient accumulators too, made on the stream of the eager steps before a CUDA
+        # graph's capture (torch warned of the stream mismatch on an H200)
+        return (logits.detach()[None], y[None], out.total.detach().reshape(1),
+                out.ce.detach().reshape(1))  # fmt: skip
 
 
 def make_step(members: list[Member], device):
