@@ -160,6 +160,10 @@ def pytest_configure(config):
     import secrets
 
     os.environ.setdefault(MARKER, f"{os.getpid()}-{secrets.token_hex(4)}")
+    # and one for the processes they start (fermodel.train, bench/gpu.py): OpenMP threads of
+    # processes that share cores spin while they wait (two 2-thread trainings side by side on
+    # this 2-core machine took 86-95 CPU-s and 43-49 s, one thread each 34 CPU-s and 18 s)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     if os.environ.get("PYTEST_XDIST_WORKER"):
         # one torch thread per test process: two workers with two threads each on two cores
         # would spend their time switching (the trials Ray starts set their own)
