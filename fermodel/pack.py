@@ -19,8 +19,9 @@ backward pass; no operation mixes members, so each gets exactly its own gradient
 
 Limits, written where they bind: members share the architecture, the data, the augmentation
 ranges and the schedule length (``fermodel.config.pack_key``); the stack is in the default
-memory format (vmap cannot keep channels-last); dropout masks (VGG, MobileNetV2) come from the
-pack's random stream, so such members equal their lone trials in distribution, not bit for bit.
+memory format (vmap cannot keep channels-last). No model here has dropout (the torchvision
+backbones' heads are replaced without theirs): a pack would draw its masks from another stream
+than a lone trial, which its check (below) does not allow for.
 
 Mixed precision (bf16, "auto" on CUDA) is applied by hand, not by ``torch.autocast``, which
 vmap does not honour: on the CPU it is ignored, and on CUDA (torch 2.11, an H200) it cast some

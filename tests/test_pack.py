@@ -188,6 +188,7 @@ def test_every_architecture_packs_without_a_loop_over_its_members(data, backbone
     members = [engine.make_member(config.replace(seed=s), data, torch.device("cpu"))
                for s in range(2)]  # fmt: skip
     step = engine.make_step(members, torch.device("cpu"))
+    assert isinstance(step, PackedStep), members[0].notes  # it passed its check (dropout too)
     step.train()
     torch._C._functorch._set_vmap_fallback_enabled(False)  # an op without a batching rule raises
     try:
