@@ -167,8 +167,11 @@ class MLflowTrials(Callback):
         if completed:
             final = {k: v for k, v in result.items() if FINAL_KEYS.match(k)}
             log_metrics(self.client, run_id, final, step=step)
-            if "node_id" in result:  # which Ray node ran the trial's last attempt
-                self.client.set_tag(run_id, "ray_node_id", str(result["node_id"]))
+            # which Ray node ran the trial's last attempt, and how (CUDA graphs, packing off...)
+            tags = {"ray_node_id": result.get("node_id"), "notes": result.get("notes")}
+            tags = [RunTag(k, str(v)[:5000]) for k, v in tags.items() if v]
+            if tags:
+                self.client.log_batch(run_id, tags=tags)
         else:
             epoch = {k: v for k, v in result.items() if EPOCH_KEYS.match(k)}
             log_metrics(self.client, run_id, epoch, step=step)

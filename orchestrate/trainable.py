@@ -61,7 +61,7 @@ def trial_config(params: dict, base: dict, index: int | None = None) -> tuple[Tr
 
 def final_metrics(result, seconds: float) -> dict:
     """The trial's last result: test figures, selection, cost (``trial_seconds`` is the wall
-    time of this attempt inside the trial, from data to artifacts)."""
+    time of this attempt inside the trial, from data to artifacts) and its notes."""
     out = {f"test_{k}": v for k, v in result.test.items()}
     full = result.test_full or {}
     out.update({f"test_full_{k}": full[k] for k in ("accuracy", "macro_f1") if k in full})
@@ -76,6 +76,7 @@ def final_metrics(result, seconds: float) -> dict:
         checkpoint_seconds=result.checkpoint_seconds,
         epoch=len(result.history),
         completed=1,
+        notes=" | ".join(result.notes),  # how it ran: data, graphs, packing, resumption
     )
     return out
 

@@ -52,6 +52,7 @@ def test_the_demo_cells_are_clearly_above_chance(ray_cluster, tmp_path):
         for metric in ("val_accuracy", "train_loss", "lr"):
             assert len(client.get_metric_history(run.info.run_id, metric)) == epochs
         assert "test_macro_f1" in run.data.metrics
+        assert run.data.tags["notes"].startswith("synthetic: 40 subjects")  # how the trial ran
         names = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"confusion_matrix.png", "curves.png", "per_class_report.json",
                 "predictions.json"} <= names  # fmt: skip

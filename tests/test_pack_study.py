@@ -141,6 +141,9 @@ def test_a_packed_study_stopped_and_continued_is_its_trials_alone(
         assert run.data.tags["continues_run"] == earlier[cell].info.run_id
         assert int(run.data.tags["continues_after_epoch"]) >= 1
         assert run.data.tags["pack_size"] == "3"
+        # its notes say how it ran: on the synthetic set, packed (no "packing off")
+        assert run.data.tags["notes"].startswith("synthetic: ")
+        assert "packing off" not in run.data.tags["notes"]
         alone_history, _, alone_predictions, _ = unpacked[cell]
         for key, values in history.items():
             assert len(values) == 3  # each epoch once
