@@ -626,7 +626,9 @@ def test_an_autoscaling_cluster_is_waited_for_up_to_the_node_timeout(tmp_path):
 
 def test_a_worker_node_killed_mid_study_has_its_trials_restored_from_s3(rig):
     """It takes the rig's worker away, and starts it again at the end."""
-    epochs = 5
+    # long enough that the worker's trial is still training when the head's has two epochs
+    # (with 5, a trial that started seconds earlier once finished on the worker first)
+    epochs = 8
     study = study_file(rig.folder, "nodekill", epochs=epochs)
     driver = subprocess.Popen(rig.ablation(study, "--max-failures", "3"), env=rig.env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -634,6 +636,7 @@ def test_a_worker_node_killed_mid_study_has_its_trials_restored_from_s3(rig):
 
     def both_trained_two_epochs():
         client, runs = children(rig.uri, "nodekill")
+        assert not [r for r in runs if r.info.status == "FINISHED"], "a trial ended before"
         return len(runs) == 2 and all(
             len(client.get_metric_history(r.info.run_id, "val_accuracy")) >= 2 for r in runs
         )
