@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from test_pack import assert_same_trial
 
 from fermodel import engine
 from fermodel.config import TrialConfig
@@ -20,7 +21,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 BASE = dict(backbone="resnet50", attention="psa", epochs=2, batch_size=16,
             synthetic_subjects=6, synthetic_images_per_class=2, device="cuda", tta="none",
             loss="island")  # fmt: skip
-LOSSES = ("train_loss", "train_ce", "val_loss")
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +31,6 @@ def data():
 def graphs_note(result) -> str:
     (note,) = [n for n in result.notes if "CUDA graphs" in n]
     return note
-
-
-def assert_same_trial(a, b) -> None:
-    assert len(a.history) == len(b.history)
-    for mine, theirs in zip(a.history, b.history, strict=True):
-        for key in LOSSES:
-            assert math.isclose(mine[key], theirs[key], rel_tol=1e-4), (key, mine, theirs)
-    assert a.best_epoch == b.best_epoch
-    same = sum(x == y for x, y in zip(a.test_predictions, b.test_predictions, strict=True))
-    assert same >= 0.9 * len(b.test_predictions)
 
 
 def test_a_trial_as_users_run_it_checks_its_graphs_and_trains_from_them(data):
@@ -81,7 +71,7 @@ def test_graphed_trials_train_the_steps_each_trains_alone_eagerly(data, pack, mo
         assert graphs_note(result).startswith("trained from CUDA graphs"), result.notes
         assert not [n for n in result.notes if n.startswith("packing off")]
         alone = fit(config.replace(cuda_graphs=False), data)
-        assert_same_trial(result, alone)
+        assert_same_trial(result, alone, agreeing=0.9)  # GPU rounding may flip 1 of 14 images
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["alone", "packed"])
