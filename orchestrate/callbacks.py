@@ -65,9 +65,11 @@ class MLflowTrials(Callback):
         self.client = self.tracker = None
         self.runs: dict[tuple, str] = {}  # (Ray trial id, member) -> MLflow run id (writer)
         self.ended: set[tuple] = set()  # members whose run has its terminal state
+        self.hosts: dict[tuple, str] = {}  # (Ray trial id, member) -> the host tagged on its run
 
     def __getstate__(self):
-        return {**self.__dict__, "client": None, "tracker": None, "runs": {}, "ended": set()}
+        return {**self.__dict__, "client": None, "tracker": None, "runs": {}, "ended": set(),
+                "hosts": {}}  # fmt: skip
 
     def _submit(self, what: str, write) -> None:
         LIVE[self.session].writer.submit(what, write)
@@ -83,9 +85,10 @@ class MLflowTrials(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         tid, config, result = trial.trial_id, dict(trial.config), dict(result)
+        host = result.get("hostname")  # Tune fills it in on the node that trained the epoch
         for member, values in member_results(result):
             self._submit(f"result {tid}", lambda m=member, v=values: self._log_result(
-                tid, config, m, v, bool(result.get("completed"))))  # fmt: skip
+                tid, config, m, v, bool(result.get("completed")), host))  # fmt: skip
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         tid, config = trial.trial_id, dict(trial.config)
@@ -156,13 +159,18 @@ class MLflowTrials(Callback):
             copy_epochs(self.client, continues["run"], run_id, continues["epoch"])
         return run_id
 
-    def _log_result(self, trial_id, config: dict, member, result: dict, completed: bool) -> None:
+    def _log_result(self, trial_id, config: dict, member, result: dict, completed: bool,
+                    host: str | None) -> None:  # fmt: skip
         if (trial_id, member) in self.ended:
             return
         if "diverged" in result:  # a pack member that diverged; the others go on
             self._fail(trial_id, config, member, f"TrainingDiverged: {result['diverged']}")
             return
         run_id = self._run_for(trial_id, config, member)
+        if host and self.hosts.get((trial_id, member)) != host:
+            # where a running trial trains now, in the UI while it runs (it moves with a lost node)
+            self.client.set_tag(run_id, "host", host)
+            self.hosts[trial_id, member] = host
         step = int(result.get("epoch", 0))
         if completed:
             final = {k: v for k, v in result.items() if FINAL_KEYS.match(k)}
