@@ -38,8 +38,8 @@ TABLE4_IMAGES = 12 * 200 * 28_709  # 4 cells x 3 seeds, 200 epochs, FER2013's tr
 
 
 def step_ops(config: TrialConfig, data, k: int) -> tuple[int, int, str]:
-    """(non-view ops, host syncs, "" or the note of a pack that failed its check) of one
-    training step of a pack of ``k`` (1: alone)."""
+    """(non-view ops, host syncs, "" or the note of a pack that failed its first check) of
+    one training step of a pack of ``k`` (1: alone)."""
     device = engine.resolve_device(config.device)
     eager = config.replace(cuda_graphs=False)  # a graph's replay would hide the ops
     members = [engine.make_member(eager.replace(seed=s), data, device) for s in range(k)]
@@ -49,8 +49,8 @@ def step_ops(config: TrialConfig, data, k: int) -> tuple[int, int, str]:
     step(idx)  # the optimiser's state exists from the second step on
     with OpCounter() as ops:
         step(idx)
-    off = [n for n in members[0].notes if n.startswith("packing off")]
-    return ops.kernels, len(ops.host_syncs), "; ".join(off)
+    how = [n for n in members[0].notes if n.startswith(("packing off", "packed with"))]
+    return ops.kernels, len(ops.host_syncs), "; ".join(how)
 
 
 def reference_rate(config: TrialConfig, data, steps: int) -> float:

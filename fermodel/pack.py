@@ -36,14 +36,19 @@ the CPU; on that H200 vmap's batch norm refused it ("NYI: querying is_contiguous
 for memory_format other than torch.contiguous_format"), as it refused bf16 input with fp32
 statistics in its backward ("Expected running_mean to have type BFloat16 but got Float").
 
-So a pack checks itself before it trains (``checked_pack``): where its packed step fails or
-gives a member other losses than its own step, the members train one after another, each by
-its own step (``LoopedStep``), and their notes say why.
+So a pack checks itself before it trains (``checked_pack``). Where its packed step fails or
+gives a member other losses than its own step, it tries once more with every BatchNorm written
+in plain ops (a mean and variance, a scale and shift, the running statistics updated as torch
+does), which vmap batches in any dtype and memory format, at about ten more kernels per
+BatchNorm per step for the whole pack; torch's batch norm is kept where it passes, since it is
+one fused kernel. Where that fails too, the members train one after another, each by its own
+step (``LoopedStep``). Their notes say which and why.
 """
 
 from __future__ import annotations
 
 import copy
+import types
 from typing import NamedTuple
 
 import numpy as np
@@ -58,7 +63,7 @@ class PackedStep:
     """One training step of every member of a pack (``fermodel.engine.Member``\\ s that are
     built, and restored when continued, before they are packed)."""
 
-    def __init__(self, members: list, aug, device: torch.device):
+    def __init__(self, members: list, aug, device: torch.device, plain_norms: bool = False):
         self.members, self.aug, self.device = members, aug, device
         nets = [m.parts.net for m in members]
         self.params = _stack(nets, "named_parameters", requires_grad=True)
@@ -72,6 +77,7 @@ class PackedStep:
         self.centers = self._stack_centers()
         self.template = copy.deepcopy(nets[0]).to("meta")
         self.template.channels_last = False  # vmap cannot keep a memory format
+        self.plain_norms = _write_norms_in_plain_ops(self.template) if plain_norms else 0
         self.lowered = _lower_precision(self.template) if members[0].parts.use_bf16 else set()
         self.lam, self.lam1, self.alpha = self._loss_weights()
         self.x, self.y = self._training_data()
@@ -184,12 +190,35 @@ class LoopedStep:
 
 def checked_pack(members: list, solos: list, aug, device: torch.device, idx: torch.Tensor):
     """The members' ``PackedStep`` if one packed step on batches ``idx`` runs on this device and
-    gives each member the losses its own step (``solos``) gives from the same state, else a
-    ``LoopedStep`` of ``solos``; each member's notes say which and why. The check's steps are
-    undone (``fermodel.graphs.Snapshot``), so the trials train exactly the steps they would."""
+    gives each member the losses its own step (``solos``) gives from the same state; failing
+    that, the same with its BatchNorms in plain ops; else a ``LoopedStep`` of ``solos``. Each
+    member's notes say which and why. The checks' steps are undone
+    (``fermodel.graphs.Snapshot``), so the trials train exactly the steps they would."""
+    packed = PackedStep(members, aug, device)
+    why = _check(packed, members, solos, idx)
+    if why is None:
+        return packed
+    plain = PackedStep(members, aug, device, plain_norms=True)
+    if plain.plain_norms:  # a network without BatchNorm would only fail again
+        again = _check(plain, members, solos, idx)
+        if again is None:
+            note = (f"packed with BatchNorm in plain ops: the packed step with torch's failed "
+                    f"its check ({why})")  # fmt: skip
+            for m in members:
+                m.notes.append(note)
+            return plain
+        why = f"{why}; with BatchNorm in plain ops: {again}"
+    note = f"packing off: a packed step failed its check ({why}); trained one after another"
+    for m in members:
+        m.notes.append(note)
+    return LoopedStep(solos)
+
+
+def _check(packed: PackedStep, members: list, solos: list, idx: torch.Tensor) -> str | None:
+    """Why one packed step on ``idx`` is not each member's own step from the same state (None
+    when it is); the state is put back either way."""
     from fermodel.graphs import Snapshot, state_tensors
 
-    packed = PackedStep(members, aug, device)
     saved = Snapshot(lambda: state_tensors(members, packed), [m.augment_gen for m in members])
     why = None
     try:
@@ -211,12 +240,7 @@ def checked_pack(members: list, solos: list, aug, device: torch.device, idx: tor
         if not torch.allclose(together, alone, rtol=tolerance, atol=1e-6):
             why = (f"its losses {together.tolist()} differ from the members' own "
                    f"{alone.tolist()}")  # fmt: skip
-    if why is None:
-        return packed
-    note = f"packing off: a packed step failed its check ({why}); trained one after another"
-    for m in members:
-        m.notes.append(note)
-    return LoopedStep(solos)
+    return why
 
 
 LOWER_PRECISION = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)  # what autocast lowers here
@@ -235,6 +259,39 @@ def _lower_precision(template: torch.nn.Module) -> set[str]:
             module.register_forward_pre_hook(_norm_input_to_fp32)
             module.register_forward_hook(_norm_output_as_its_input)
     return names
+
+
+def _write_norms_in_plain_ops(template: torch.nn.Module) -> int:
+    """Gives the template's BatchNorms the forward ``_plain_norm`` (the module docstring);
+    returns how many. A BatchNorm without weights, running statistics or a momentum keeps
+    torch's."""
+    count = 0
+    for module in template.modules():
+        if (isinstance(module, NORMS) and module.affine and module.track_running_stats
+                and module.momentum is not None):  # fmt: skip
+            module.forward = types.MethodType(_plain_norm, module)
+            count += 1
+    return count
+
+
+def _plain_norm(self, x: torch.Tensor) -> torch.Tensor:
+    """BatchNorm's forward in plain ops: normalised by the batch's statistics in training, by
+    the running ones in evaluation; the running variance is updated with the unbiased
+    variance, as torch's is."""
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if self.training:
+        var, mean = torch.var_mean(x, dims, correction=0)
+        with torch.no_grad():
+            n = x.numel() // x.shape[1]
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+            self.running_var.mul_(1 - m).add_(var, alpha=m * n / (n - 1))
+            self.num_batches_tracked.add_(1)
+    else:
+        mean, var = self.running_mean, self.running_var
+    scale = self.weight * torch.rsqrt(var + self.eps)
+    return x * scale.view(shape) + (self.bias - mean * scale).view(shape)
 
 
 def _inputs_to_bf16(module, args):
@@ -291,7 +348,8 @@ def pack_throughput(config, data, k: int, steps: int = 8, warmup: int = 3) -> Th
         _sync(device)
         rate = k * idx.shape[1] * steps / (time.perf_counter() - started)
         graphed = isinstance(step, GraphedStep)
-        refused = [n for n in members[0].notes if n.startswith(("CUDA graphs off", "packing off"))]
+        refused = [n for n in members[0].notes
+                   if n.startswith(("CUDA graphs off", "packing off", "packed with"))]  # fmt: skip
         looped = isinstance(step.step if graphed else step, LoopedStep)
         return Throughput(
             rate, "; ".join(["graphed" if graphed else "eager", *refused]), not looped
