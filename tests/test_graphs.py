@@ -6,6 +6,7 @@ itself needs a GPU (bench/gpu.py runs it there)."""
 
 import pytest
 import torch
+from test_pack import batch_norm_refused_by_vmap
 
 from fermodel import engine, graphs
 from fermodel.config import TrialConfig
@@ -45,8 +46,13 @@ def with_capture(monkeypatch, capture) -> None:
     monkeypatch.setattr(engine, "capture_for", lambda members, device: capture)
 
 
-@pytest.mark.parametrize("pack", [1, 2], ids=["alone", "pack of 2"])
-def test_a_checked_graphed_trial_trains_exactly_the_eager_steps(data, monkeypatch, pack):
+@pytest.mark.parametrize("pack, norms", [(1, "torch"), (2, "torch"), (2, "plain")],
+                         ids=["alone", "pack of 2", "pack of 2, plain BatchNorm"])  # fmt: skip
+def test_a_checked_graphed_trial_trains_exactly_the_eager_steps(data, monkeypatch, pack, norms):
+    """With plain BatchNorms too (a pack where vmap refuses torch's), whose running
+    statistics a graph's replay must update as the eager step does."""
+    if norms == "plain":
+        monkeypatch.setattr(torch.nn.functional, "batch_norm", batch_norm_refused_by_vmap)
     configs = [TrialConfig(**BASE, seed=s) for s in range(pack)]
     eager = fit_pack(configs, data)
     with_capture(monkeypatch, graphs.EagerCapture())
@@ -54,6 +60,7 @@ def test_a_checked_graphed_trial_trains_exactly_the_eager_steps(data, monkeypatc
     for a, b in zip(graphed, eager, strict=True):
         assert learned(a) == learned(b)
         assert any("trained from CUDA graphs" in note for note in a.notes)
+        assert any("plain ops" in note for note in a.notes) == (norms == "plain")
 
 
 @pytest.mark.parametrize("capture, why", [
