@@ -431,6 +431,10 @@ class GracefulStop(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.running.add(trial.trial_id)
+        if self.waiting is not None and not self.stopped:
+            # Tune launched it before the signal: it checkpoints at the end of its first epoch,
+            # and the study waits for that (else an epoch it reported would be lost)
+            self.waiting.add(trial.trial_id)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         self._settled(trial)

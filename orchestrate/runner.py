@@ -436,8 +436,8 @@ def _tuner(inv: Invocation, datasets: dict, out):
                      Describe(plan.study.name, plan.base), options.log_checkpoints),
         Progress(len(inv.fates) or plan.size, session, earlier=inv.earlier, out=out,
                  log=str(inv.log_file)),
+        CheckpointIndex(storage.uri),  # before the stop that a checkpoint may set off
         GracefulStop(session, path),
-        CheckpointIndex(storage.uri),
     ]  # fmt: skip
     if plan.study.kind == "tune" and not storage.local:
         callbacks.append(JournalMirror(storage, session))

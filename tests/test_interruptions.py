@@ -178,5 +178,39 @@ def test_a_stopped_study_continues_to_the_uninterrupted_result(
         resumed_after = int(run.data.tags.get("continues_after_epoch", 0))
         if how != "SIGKILL" and trained:
             # a graceful stop checkpoints the epoch it was in: nothing trained before is lost
-            assert run.data.tags.get("continues_run") == earlier.info.run_id
+            assert run.data.tags.get("continues_run") == earlier.info.run_id, output
             assert resumed_after >= trained, (trained, resumed_after)
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["started before", "started after"])
+def test_the_stop_waits_for_every_trial_that_started_to_checkpoint(tmp_path, capsys, late):
+    """Tune may have launched a trial before the signal and report its start after it: that
+    trial checkpoints at the end of its first epoch too, and the stop waits for it (a schedule
+    above once lost such a trial's first epoch: the other trial's checkpoint stopped the study
+    between its epoch's result and its checkpoint)."""
+    from types import SimpleNamespace
+
+    from orchestrate.callbacks import GracefulStop
+    from orchestrate.interrupt import FLAG, INTERRUPTED
+
+    handed_over = []
+    stop = GracefulStop("late-start", str(tmp_path))
+    stop.tune_handler = lambda signum, frame: handed_over.append(signum)
+    a, b = SimpleNamespace(trial_id="a"), SimpleNamespace(trial_id="b")
+    stop.on_trial_start(0, [], a)
+    if not late:
+        stop.on_trial_start(0, [], b)
+    try:
+        stop._on_signal(signal.SIGINT, None)
+    finally:
+        INTERRUPTED.pop("late-start", None)
+    assert (tmp_path / FLAG).exists()  # the trials read it at the end of their epoch
+    assert "waiting for " + ("1" if late else "2") in capsys.readouterr().err
+    if late:
+        stop.on_trial_start(0, [], b)
+    stop.on_checkpoint(0, [], a, None)
+    assert not handed_over
+    stop.on_checkpoint(0, [], b, None)
+    assert handed_over == [signal.SIGINT]
+    stop.on_trial_start(0, [], SimpleNamespace(trial_id="c"))  # after the hand-over: not waited
+    assert handed_over == [signal.SIGINT]
