@@ -14,8 +14,9 @@ Prints, for PSA-ResNet-50 at 48x48, batch 32, Island loss (the paper's trial):
 
 On the CPU it runs small (``--small``: ShuffleNetV2 x0.5; its test asks for packs of 1, 2, 8)
 so that the test runs in seconds. On a GPU (bench/device_check.sh runs it there) it takes about
-a minute; on an H200 with torch 2.11 the bf16 packs ("auto") failed their check there and ran
-their members one after another (README, Benchmarks), so ``--precision fp32`` measures packs.
+a minute. On an H200 with torch 2.11 the bf16 packs ("auto") failed their check with torch's
+batch norm (README, Benchmarks); a pack now retries with plain BatchNorms, and each line
+prints the note of how its step ran. ``--precision fp32`` measures fp32 packs.
 
     .venv/bin/python bench/gpu.py [--device cuda] [--steps 20] [--packs 1,2,4,8,16,32]
                                   [--precision auto|fp32|bf16]
@@ -32,7 +33,7 @@ from fermodel import engine
 from fermodel.config import TrialConfig
 from fermodel.data import make_synthetic
 from fermodel.ops import OpCounter
-from fermodel.pack import pack_throughput
+from fermodel.pack import PACKING_OFF_NOTE, PLAIN_NORMS_NOTE, pack_throughput
 
 TABLE4_IMAGES = 12 * 200 * 28_709  # 4 cells x 3 seeds, 200 epochs, FER2013's training split
 
@@ -49,7 +50,7 @@ def step_ops(config: TrialConfig, data, k: int) -> tuple[int, int, str]:
     step(idx)  # the optimiser's state exists from the second step on
     with OpCounter() as ops:
         step(idx)
-    how = [n for n in members[0].notes if n.startswith(("packing off", "packed with"))]
+    how = [n for n in members[0].notes if n.startswith((PACKING_OFF_NOTE, PLAIN_NORMS_NOTE))]
     return ops.kernels, len(ops.host_syncs), "; ".join(how)
 
 

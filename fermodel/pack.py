@@ -199,17 +199,18 @@ def checked_pack(members: list, solos: list, aug, device: torch.device, idx: tor
     why = _check(packed, members, solos, idx)
     if why is None:
         return packed
-    plain = PackedStep(members, aug, device, plain_norms=True)
-    if plain.plain_norms:  # a network without BatchNorm would only fail again
+    # a network without such BatchNorms would only fail again
+    if any(_plain_norm_fits(m) for m in members[0].parts.net.modules()):
+        plain = PackedStep(members, aug, device, plain_norms=True)
         again = _check(plain, members, solos, idx)
         if again is None:
-            note = (f"packed with BatchNorm in plain ops: the packed step with torch's failed "
-                    f"its check ({why})")  # fmt: skip
+            note = (f"{PLAIN_NORMS_NOTE}: the packed step with torch's failed its check "
+                    f"({why})")  # fmt: skip
             for m in members:
                 m.notes.append(note)
             return plain
         why = f"{why}; with BatchNorm in plain ops: {again}"
-    note = f"packing off: a packed step failed its check ({why}); trained one after another"
+    note = f"{PACKING_OFF_NOTE}: a packed step failed its check ({why}); trained one after another"
     for m in members:
         m.notes.append(note)
     return LoopedStep(solos)
@@ -244,6 +245,11 @@ def _check(packed: PackedStep, members: list, solos: list, idx: torch.Tensor) ->
     return why
 
 
+# how a pack's members' notes start when its first packed step failed its check (bench/gpu.py
+# and pack_throughput pick them out)
+PLAIN_NORMS_NOTE = "packed with BatchNorm in plain ops"
+PACKING_OFF_NOTE = "packing off"
+
 LOWER_PRECISION = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)  # what autocast lowers here
 NORMS = (torch.nn.modules.batchnorm._BatchNorm,)
 
@@ -262,14 +268,19 @@ def _lower_precision(template: torch.nn.Module) -> set[str]:
     return names
 
 
+def _plain_norm_fits(module: torch.nn.Module) -> bool:
+    """Whether ``_plain_norm`` computes ``module``: a BatchNorm with weights, running statistics
+    and a momentum (others keep torch's)."""
+    return (isinstance(module, NORMS) and module.affine and module.track_running_stats
+            and module.momentum is not None)  # fmt: skip
+
+
 def _write_norms_in_plain_ops(template: torch.nn.Module) -> int:
     """Gives the template's BatchNorms the forward ``_plain_norm`` (the module docstring);
-    returns how many. A BatchNorm without weights, running statistics or a momentum keeps
-    torch's."""
+    returns how many."""
     count = 0
     for module in template.modules():
-        if (isinstance(module, NORMS) and module.affine and module.track_running_stats
-                and module.momentum is not None):  # fmt: skip
+        if _plain_norm_fits(module):
             module.forward = types.MethodType(_plain_norm, module)
             count += 1
     return count
@@ -349,8 +360,8 @@ def pack_throughput(config, data, k: int, steps: int = 8, warmup: int = 3) -> Th
         _sync(device)
         rate = k * idx.shape[1] * steps / (time.perf_counter() - started)
         graphed = isinstance(step, GraphedStep)
-        refused = [n for n in members[0].notes
-                   if n.startswith(("CUDA graphs off", "packing off", "packed with"))]  # fmt: skip
+        kinds = ("CUDA graphs off", PACKING_OFF_NOTE, PLAIN_NORMS_NOTE)
+        refused = [n for n in members[0].notes if n.startswith(kinds)]
         looped = isinstance(step.step if graphed else step, LoopedStep)
         return Throughput(
             rate, "; ".join(["graphed" if graphed else "eager", *refused]), not looped
