@@ -4,7 +4,8 @@ Tune's own handler stops the experiment at once, and running trials lose the epo
 last checkpoint, which with adaptive checkpointing can be many. Here the first SIGINT or SIGTERM
 stops scheduling (no further trial starts), asks every running trial to write a checkpoint at
 the end of its current epoch (a flag file in the session's storage that the trainable reads once
-an epoch; any node sees it, as it sees its checkpoints), and hands over to Tune's own handler
+an epoch; any node sees it, as it sees its checkpoints; a trial trains no further epoch after
+that checkpoint), and hands over to Tune's own handler
 once each has checkpointed or ended; Tune then saves its state and returns. A second SIGINT
 hands over at once; after SIGTERM (what Kubernetes, Slurm, ``docker stop`` and systemd send)
 the wait is bounded by ``TERM_GRACE`` seconds, within the 30 s Kubernetes grants by default.
@@ -18,6 +19,7 @@ they replace the C-level handler Ray's core worker installs (which prints a stac
 from __future__ import annotations
 
 import signal
+import time
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -43,6 +45,25 @@ class Interrupted(KeyboardInterrupt):
 def checkpoint_requested(session: Storage) -> bool:
     """In a trial: whether the driver asked for a checkpoint now."""
     return session.read_text(FLAG) is not None
+
+
+class StopRequest:
+    """In a trial: the engine's ``checkpoint_now`` (whether the driver asked for a checkpoint,
+    read once an epoch), and the pause after that checkpoint is reported. A trial that trained
+    on would report epochs past the checkpoint the driver waits for; Tune processes a result
+    and its checkpoint as two events, so the stop could fall between them and lose an epoch the
+    run already shows. Tune ends the paused trial when it stops (within 5 s)."""
+
+    def __init__(self, session: Storage):
+        self.session, self.asked = session, False
+
+    def __call__(self) -> bool:
+        self.asked = self.asked or checkpoint_requested(self.session)
+        return self.asked
+
+    def pause_after_checkpoint(self) -> None:
+        while self.asked:
+            time.sleep(60)
 
 
 def clear(session_uri: str) -> None:

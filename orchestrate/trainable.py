@@ -29,7 +29,7 @@ from ray import tune
 from fermodel.checkpoint import STATE_FILE
 from fermodel.config import TrialConfig
 from fermodel.engine import TrainingDiverged, data_key, fit
-from orchestrate.interrupt import checkpoint_requested
+from orchestrate.interrupt import StopRequest
 from orchestrate.storage import Storage
 
 RESULTS_FILE = "results.json"
@@ -152,11 +152,14 @@ def run_trial(
                 return
             start = Path(restored) / STATE_FILE
 
+        asked = StopRequest(session) if session else None
+
         def report(metrics: dict, folder: str | None) -> None:
             checkpoint = tune.Checkpoint.from_directory(folder) if folder else None
             tune.report(metrics, checkpoint=checkpoint)
+            if checkpoint and asked:
+                asked.pause_after_checkpoint()
 
-        asked = (lambda: checkpoint_requested(session)) if session else None
         try:
             result = fit(config, data, report=report, checkpoint=start, checkpoint_now=asked)
         except TrainingDiverged as err:
@@ -249,6 +252,7 @@ def _train_members(live: list[int], configs, datasets, sources, session, notes) 
 
     data = datasets[data_key(configs[live[0]])]
     starts = [sources[i] / STATE_FILE if i in sources else None for i in live]
+    asked = StopRequest(session) if session else None
 
     def report(metrics: list, folder: str | None) -> None:
         members = {}
@@ -271,8 +275,9 @@ def _train_members(live: list[int], configs, datasets, sources, session, notes) 
                     (Path(folder) / str(position)).rename(Path(named) / str(i))
             tune.report({"epoch": epoch, "members": members},
                         checkpoint=tune.Checkpoint.from_directory(named))  # fmt: skip
+        if asked:
+            asked.pause_after_checkpoint()
 
-    asked = (lambda: checkpoint_requested(session)) if session else None
     out = fit_pack([configs[i] for i in live], data, report=report, checkpoints=starts,
                    checkpoint_now=asked)  # fmt: skip
     return dict(zip(live, out, strict=True))
