@@ -29,18 +29,18 @@ import time
 
 import torch
 
-from fermodel import engine
+from fermodel import engine, pack
 from fermodel.config import TrialConfig
 from fermodel.data import make_synthetic
 from fermodel.ops import OpCounter
-from fermodel.pack import PACKING_OFF_NOTE, PLAIN_NORMS_NOTE, pack_throughput
+from fermodel.pack import PACK_NOTES, pack_throughput
 
 TABLE4_IMAGES = 12 * 200 * 28_709  # 4 cells x 3 seeds, 200 epochs, FER2013's training split
 
 
 def step_ops(config: TrialConfig, data, k: int) -> tuple[int, int, str]:
-    """(non-view ops, host syncs, "" or the note of a pack that failed its first check) of
-    one training step of a pack of ``k`` (1: alone)."""
+    """(non-view ops, host syncs, "" or the note of how the pack's step ran) of one training
+    step of a pack of ``k`` (1: alone)."""
     device = engine.resolve_device(config.device)
     eager = config.replace(cuda_graphs=False)  # a graph's replay would hide the ops
     members = [engine.make_member(eager.replace(seed=s), data, device) for s in range(k)]
@@ -50,7 +50,7 @@ def step_ops(config: TrialConfig, data, k: int) -> tuple[int, int, str]:
     step(idx)  # the optimiser's state exists from the second step on
     with OpCounter() as ops:
         step(idx)
-    how = [n for n in members[0].notes if n.startswith((PACKING_OFF_NOTE, PLAIN_NORMS_NOTE))]
+    how = [n for n in members[0].notes if n.startswith(PACK_NOTES)]
     return ops.kernels, len(ops.host_syncs), "; ".join(how)
 
 
@@ -87,9 +87,12 @@ def main() -> None:
     )
     parser.add_argument("--small", action="store_true", help="ShuffleNetV2 x0.5 (the CPU test)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="the trials' arithmetic (fermodel's precision key); default auto: "
-                        "bf16 on CUDA, which packs refused on an H200 (fermodel.pack)")  # fmt: skip
+                        help="the trials' arithmetic (fermodel's precision key); default "
+                        "auto: bf16 on CUDA (vmap packs refused it on an H200)")  # fmt: skip
+    parser.add_argument("--vmap", action="store_true",
+                        help="pack by torch.vmap where packs would be fused (fermodel.fused)")
     args = parser.parse_args()
+    pack.FUSION = not args.vmap
     packs = [int(k) for k in args.packs.split(",")]
     device = engine.resolve_device(args.device)
     model = dict(backbone="shufflenet_v2_x0_5", attention="none") if args.small else {}
@@ -104,13 +107,12 @@ def main() -> None:
 
     alone_ops, alone_syncs, _ = step_ops(config, data, 1)
     print(f"ops per step, alone     : {alone_ops:6d} non-view ({alone_ops / 32:6.1f} per image), "
-          f"{alone_syncs} host syncs")  # fmt: skip
+          f"{alone_syncs} host syncs", flush=True)  # fmt: skip
     for k in (k for k in packs if k in (4, 8, 16)):
-        ops, syncs, off = step_ops(config, data, k)
-        ratio = (ops / (32 * k)) / (alone_ops / 32)
-        print(f"ops per step, pack of {k:2d}: {ops:6d} non-view ({ops / (32 * k):6.1f} per "
-              f"image, {ratio:.2f}x one trial's), {syncs} host syncs{'; ' if off else ''}"
-              f"{off}")  # fmt: skip
+        ops, syncs, how = step_ops(config, data, k)
+        print(f"ops per step, pack of {k:2d}: {ops:6d} non-view ({ops / alone_ops:.2f}x one "
+              f"trial's step, {ops / (32 * k):6.1f} per image), {syncs} host syncs; {how}",
+              flush=True)  # fmt: skip
 
     started = time.perf_counter()
     reference = reference_rate(config, data, args.steps)
@@ -129,8 +131,10 @@ def main() -> None:
         rates[k] = rate
         label = "one trial (engine)" if k == 1 else f"pack of {k:2d}"
         memory = f", {gib:5.2f} GiB per member" if gib == gib else ""  # nan off CUDA
+        # Table 4's estimate after every size: the run may be cut off before the last
         print(f"{label:24s}: {rate:10,.0f} images/s ({rate / reference:5.1f}x the "
-              f"reference){memory}; {how}")  # fmt: skip
+              f"reference){memory}; Table 4: {TABLE4_IMAGES / rate / 3600:.2f} device-hours; "
+              f"{how}", flush=True)  # fmt: skip
     best = max(rates, key=rates.get)
     hours = {k: TABLE4_IMAGES / rates[k] / 3600 for k in (1, best)}
     print(f"best pack: {best} ({rates[best]:,.0f} images/s, {rates[best] / rates[1]:.1f}x one "

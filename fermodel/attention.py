@@ -59,11 +59,16 @@ class CBAM(nn.Module):
         self.spatial = nn.Conv2d(2, 1, spatial_kernel, padding=spatial_kernel // 2, bias=False)
         self.spatial_bn = nn.BatchNorm2d(1)
 
+    members = 1  # trials side by side in the channels (a fused pack: fermodel.fused)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channel = self.mlp(x.mean(dim=(2, 3))) + self.mlp(x.amax(dim=(2, 3)))
         x = x * torch.sigmoid(channel)[:, :, None, None]
-        pooled = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
-        return x * torch.sigmoid(self.spatial_bn(self.spatial(pooled)))
+        n, _, h, w = x.shape
+        per_member = x.view(n, self.members, -1, h, w)  # the spatial gate pools each one's own
+        pooled = torch.stack([per_member.amax(2), per_member.mean(2)], 2).view(n, -1, h, w)
+        gate = torch.sigmoid(self.spatial_bn(self.spatial(pooled)))
+        return (per_member * gate[:, :, None]).reshape(x.shape)
 
 
 def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
@@ -83,9 +88,12 @@ class ECA(nn.Module):
             raise ValueError(f"ECA kernel_size must be a positive odd integer, got {k}")
         self.conv = nn.Conv1d(1, 1, k, padding=k // 2, bias=False)
 
+    members = 1  # trials side by side in the channels (a fused pack: fermodel.fused)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean(dim=(2, 3))[:, None, :]  # channels become the 1-D sequence
-        w = torch.sigmoid(self.conv(s))[:, 0, :, None, None]
+        n = x.shape[0]
+        s = x.mean(dim=(2, 3)).view(n, self.members, -1)  # each one's channels: a 1-D sequence
+        w = torch.sigmoid(self.conv(s)).view(n, -1, 1, 1)
         return x * w
 
 
@@ -160,6 +168,8 @@ class PSA(nn.Module):
         )
         self.se = SqueezeExcite(split, reduction=reduction)
 
+    members = 1  # trials side by side in the channels (a fused pack: fermodel.fused)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = torch.stack([branch(x) for branch in self.branches], dim=1)  # [N, S, C/S, H, W]
         n, s, c, h, w = feats.shape
@@ -167,8 +177,10 @@ class PSA(nn.Module):
         # in at least fp32, as CUDA's autocast computes a softmax (also in a bf16 pack,
         # which casts by hand: fermodel.pack)
         weights = scores.softmax(dim=1, dtype=torch.promote_types(scores.dtype, torch.float32))
-        weighted = feats * weights
-        return weighted.flip(1).reshape(n, s * c, h, w)
+        weighted = (feats * weights).flip(1)
+        # each member's branches together (with one member, a view of the same order)
+        per_member = weighted.unflatten(2, (self.members, -1)).transpose(1, 2)
+        return per_member.reshape(n, s * c, h, w)
 
 
 @dataclass(frozen=True)

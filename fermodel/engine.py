@@ -144,6 +144,7 @@ class _Normalized(torch.nn.Module):
         super().__init__()
         self.model, self.channels_last, self.image_size = model, channels_last, image_size
         self.in_chans, self.dtype = in_chans, dtype
+        self.members = 1  # trials side by side in the channels (a fused pack: fermodel.fused)
 
     def forward(self, x: torch.Tensor, return_embedding: bool = False):
         x = x.to(self.dtype)
@@ -151,8 +152,10 @@ class _Normalized(torch.nn.Module):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
                               align_corners=False)  # fmt: skip
         x = (x - MEAN) / STD
-        if x.shape[1] != self.in_chans:  # the gray image on each channel of an RGB stem
-            x = x.expand(-1, self.in_chans, -1, -1)
+        if x.shape[1] != self.in_chans * self.members:  # gray on each channel of an RGB stem
+            n, _, h, w = x.shape
+            x = x.view(n, self.members, 1, h, w).expand(-1, -1, self.in_chans, -1, -1)
+            x = x.reshape(n, -1, h, w) if self.members > 1 else x[:, 0]
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x, return_embedding=return_embedding)

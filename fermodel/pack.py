@@ -3,10 +3,15 @@
 The paper's studies are many small trials of the same network (Table 4 on FER2013 with 3 seeds is
 12 ResNet-50 trials at 48x48); one such trial issues about a thousand small kernels per step
 and cannot fill a GPU. HFTA (Wang et al., MLSys 2021) fuses same-architecture trials into one
-model; here ``torch.vmap`` does it: the members' weights, BatchNorm statistics and Island
-centers are stacked along a leading axis of size K, and one step of all members is one vmapped
-call, in which every convolution of the K members runs as one grouped convolution, every
-BatchNorm as one BatchNorm over K times the channels, and so on, whatever the network.
+model. A pack takes the first of three routes whose step passes its check (``checked_pack``):
+
+- fused (``FusedStep``): the ResNet family, written so that ``fermodel.fused`` can lay the K
+  members side by side in the channels of one network; a step costs about one trial's kernels;
+- vmapped (``PackedStep``): any other network, by ``torch.vmap`` over the members' weights,
+  BatchNorm statistics and Island centers stacked along a leading axis of size K; every
+  convolution of the K members runs as one grouped convolution, every BatchNorm as one over K
+  times the channels, at about twice one trial's kernels whatever K;
+- looped (``LoopedStep``): the members one after another.
 
 Each member stays numerically the trial it would be alone: it is built alone (its own seed's
 initialisation, optimiser, schedule, loss), then its tensors are re-pointed at its slice of the
@@ -18,13 +23,14 @@ or in another pack) and tested as a trial. The losses of the members are summed 
 backward pass; no operation mixes members, so each gets exactly its own gradients.
 
 Limits, written where they bind: members share the architecture, the data, the augmentation
-ranges and the schedule length (``fermodel.config.pack_key``); the stack is in the default
-memory format (vmap cannot keep channels-last). No model here has dropout (the torchvision
-backbones' heads are replaced without theirs): a pack would draw its masks from another stream
-than a lone trial, which its check (below) does not allow for.
+ranges and the schedule length (``fermodel.config.pack_key``); a vmapped stack is in the
+default memory format (vmap cannot keep channels-last; a fused network keeps it). No model
+here has dropout (the torchvision backbones' heads are replaced without theirs): a pack would
+draw its masks from another stream than a lone trial, which its check does not allow for.
 
-Mixed precision (bf16, "auto" on CUDA) is applied by hand, not by ``torch.autocast``, which
-vmap does not honour: on the CPU it is ignored, and on CUDA (torch 2.11, an H200) it cast some
+A fused network runs under the members' autocast, as a lone trial. In a vmapped pack, mixed
+precision (bf16, "auto" on CUDA) is applied by hand, not by ``torch.autocast``, which vmap does
+not honour: on the CPU it is ignored, and on CUDA (torch 2.11, an H200) it cast some
 convolutions and not the bias of others, whose step then failed ("Input type (c10::BFloat16)
 and bias type (float) should be the same"). A bf16 pack does what autocast does in these
 networks: every convolution and linear layer runs in bf16 (weights, biases and inputs cast),
@@ -57,33 +63,24 @@ import torch
 from torch.func import functional_call
 
 from fermodel.augment import apply_params, draw, params_from_draws
+from fermodel.fused import fuse, member_slices, why_not_fusable
 from fermodel.losses import joint_loss_step
 
 
-class PackedStep:
-    """One training step of every member of a pack (``fermodel.engine.Member``\\ s that are
-    built, and restored when continued, before they are packed)."""
+class _Pack:
+    """What the packed steps share: the members' Island centers as one stack, their loss
+    weights, their training data, the augmentation of their batches, and their optimisers."""
 
-    def __init__(self, members: list, aug, device: torch.device, plain_norms: bool = False):
+    def __init__(self, members: list, aug, device: torch.device):
         self.members, self.aug, self.device = members, aug, device
-        nets = [m.parts.net for m in members]
-        self.params = _stack(nets, "named_parameters", requires_grad=True)
-        self.buffers = _stack(nets, "named_buffers")
-        self.member_params = [list(net.named_parameters()) for net in nets]
-        for k, net in enumerate(nets):  # each member's own tensors become views of the stack
-            for name, p in self.member_params[k]:
-                p.data = self.params[name].detach()[k]
-            for name, b in net.named_buffers():
-                b.data = self.buffers[name][k]
         self.centers = self._stack_centers()
-        self.template = copy.deepcopy(nets[0]).to("meta")
-        self.template.channels_last = False  # vmap cannot keep a memory format
-        self.plain_norms = _write_norms_in_plain_ops(self.template) if plain_norms else 0
-        self.lowered = _lower_precision(self.template) if members[0].parts.use_bf16 else set()
         self.lam, self.lam1, self.alpha = self._loss_weights()
         self.x, self.y = self._training_data()
         self.rows = torch.arange(len(members), device=device)[:, None]  # once: one op less a step
         self.alive = [True] * len(members)
+        self.params: dict[str, torch.Tensor] = {}  # what the step trains (its stacks)
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.grads: list[list[tuple]] = []  # per member: (its weight, a stack, its part of it)
 
     def _stack_centers(self) -> torch.Tensor:
         """The members' class centers as one [K, classes, features] buffer (ones for a member
@@ -127,7 +124,7 @@ class PackedStep:
                 torch.stack([t.labels for t in trains]).to(self.device))  # fmt: skip
 
     def train(self) -> None:
-        self.template.train()
+        raise NotImplementedError
 
     def drop(self, k: int) -> None:
         """Member ``k`` diverged: its optimiser no longer steps (its slice is left as it is)."""
@@ -142,31 +139,84 @@ class PackedStep:
         drawn = torch.cat([draw(b, m.augment_gen) for m in self.members])
         x = apply_params(images.flatten(0, 1), params_from_draws(drawn, self.aug),
                          self.aug.padding_mode)  # fmt: skip
-        x = x.view(k, b, *x.shape[1:])
         for p in self.params.values():
             p.grad = None  # backward then assigns fresh gradients (no accumulation kernels)
-        params = {name: p.to(torch.bfloat16) if name in self.lowered else p
-                  for name, p in self.params.items()}  # fmt: skip
-        logits, total, ce, centers = torch.vmap(self._member, randomness="different")(
-            params, self.buffers, self.centers, x, y, self.lam, self.lam1, self.alpha
+        logits, emb = self._forward(x.view(k, b, *x.shape[1:]))
+        dtype = self.centers.dtype
+        total, ce, _, centers = torch.vmap(joint_loss_step)(
+            logits.to(dtype), emb.to(dtype), y, self.centers, self.lam, self.lam1, self.alpha
         )
         total.sum().backward()
         with torch.no_grad():
             self.centers.copy_(centers)
-        for index, (member, alive) in enumerate(zip(self.members, self.alive, strict=True)):
+        for member, alive, grads in zip(self.members, self.alive, self.grads, strict=True):
             if alive:
-                for name, p in self.member_params[index]:  # views: no kernel
-                    p.grad = self.params[name].grad[index]
+                for p, whole, part in grads:  # views: no kernel
+                    p.grad = whole.grad[part]
                 member.parts.optimizer.step()
         return logits.detach(), y, total.detach(), ce.detach()
 
-    def _member(self, params, buffers, centers, x, y, lam, lam1, alpha):
-        logits, emb = functional_call(self.template, (params, buffers), (x,),
-                                      {"return_embedding": True})  # fmt: skip
-        dtype = self.centers.dtype
-        total, ce, _, new_centers = joint_loss_step(logits.to(dtype), emb.to(dtype), y, centers,
-                                                    lam, lam1, alpha)  # fmt: skip
-        return logits, total, ce, new_centers
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [K, B, classes] and embeddings [K, B, features] of the members' batches
+        ``x`` [K, B, C, H, W]."""
+        raise NotImplementedError
+
+
+class FusedStep(_Pack):
+    """One training step of every member of a pack as one network of K times the channels
+    (``fermodel.fused``): the members' activations side by side, in channels-last where the
+    members train so, under the members' autocast."""
+
+    def __init__(self, members: list, aug, device: torch.device):
+        super().__init__(members, aug, device)
+        nets = [m.parts.net for m in members]
+        self.net = fuse(nets)
+        self.params = dict(self.net.named_parameters())
+        self.buffers = dict(self.net.named_buffers())
+        self.grads = member_slices(self.net, nets)
+
+    def train(self) -> None:
+        self.net.train()
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, b = x.shape[:2]
+        side_by_side = x.transpose(0, 1).reshape(b, -1, *x.shape[3:])  # [B, K*C, H, W]
+        with self.members[0].parts.autocast():
+            logits, emb = self.net(side_by_side, return_embedding=True)
+        return logits.view(b, k, -1).transpose(0, 1), emb.view(b, k, -1).transpose(0, 1)
+
+
+class PackedStep(_Pack):
+    """One training step of every member of a pack as one vmapped call (``torch.vmap``) over their
+    stacked weights (the module docstring): the route of networks that do not fuse."""
+
+    def __init__(self, members: list, aug, device: torch.device, plain_norms: bool = False):
+        super().__init__(members, aug, device)
+        nets = [m.parts.net for m in members]
+        self.params = _stack(nets, "named_parameters", requires_grad=True)
+        self.buffers = _stack(nets, "named_buffers")
+        self.grads = []
+        for k, net in enumerate(nets):  # each member's own tensors become views of the stack
+            self.grads.append([(p, self.params[name], k) for name, p in net.named_parameters()])
+            for name, p in net.named_parameters():
+                p.data = self.params[name].detach()[k]
+            for name, b in net.named_buffers():
+                b.data = self.buffers[name][k]
+        self.template = copy.deepcopy(nets[0]).to("meta")
+        self.template.channels_last = False  # vmap cannot keep a memory format
+        self.plain_norms = _write_norms_in_plain_ops(self.template) if plain_norms else 0
+        self.lowered = _lower_precision(self.template) if members[0].parts.use_bf16 else set()
+
+    def train(self) -> None:
+        self.template.train()
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        params = {name: p.to(torch.bfloat16) if name in self.lowered else p
+                  for name, p in self.params.items()}  # fmt: skip
+        return torch.vmap(self._member, randomness="different")(params, self.buffers, x)
+
+    def _member(self, params, buffers, x):
+        return functional_call(self.template, (params, buffers), (x,), {"return_embedding": True})
 
 
 class LoopedStep:
@@ -190,27 +240,36 @@ class LoopedStep:
 
 
 def checked_pack(members: list, solos: list, aug, device: torch.device, idx: torch.Tensor):
-    """The members' ``PackedStep`` if one packed step on batches ``idx`` runs on this device and
-    gives each member the losses its own step (``solos``) gives from the same state; failing
-    that, the same with its BatchNorms in plain ops; else a ``LoopedStep`` of ``solos``. Each
-    member's notes say which and why. The checks' steps are undone
-    (``fermodel.graphs.Snapshot``), so the trials train exactly the steps they would."""
-    packed = PackedStep(members, aug, device)
-    why = _check(packed, members, solos, idx)
-    if why is None:
-        return packed
+    """The first of the members' packed steps that runs on this device and gives each member,
+    on batches ``idx``, the losses its own step (``solos``) gives from the same state: fused
+    (``FusedStep``, for networks ``fermodel.fused`` takes), vmapped (``PackedStep``), vmapped
+    with its BatchNorms in plain ops; else a ``LoopedStep`` of ``solos``. Each member's notes
+    say which and why. The checks' steps are undone (``fermodel.graphs.Snapshot``), so the
+    trials train exactly the steps they would. An out-of-memory is raised, never taken for a
+    failed check: a smaller pack may fit."""
+    k = len(members)
+    net = members[0].parts.net
+    tries = []  # (note if it passes, how to build it)
+    failed = []  # why the tries before failed
+    unfused = why_not_fusable(net) if FUSION else "fusion turned off"
+    if unfused is None:
+        tries.append((f"{FUSED_NOTE}: {k} trials as one network of {k} times the channels",
+                      lambda: FusedStep(members, aug, device)))  # fmt: skip
+    else:
+        failed.append(f"not fused: {unfused}")
+    tries.append((VMAP_NOTE, lambda: PackedStep(members, aug, device)))
     # a network without such BatchNorms would only fail again
-    if any(_plain_norm_fits(m) for m in members[0].parts.net.modules()):
-        plain = PackedStep(members, aug, device, plain_norms=True)
-        again = _check(plain, members, solos, idx)
-        if again is None:
-            note = (f"{PLAIN_NORMS_NOTE}: the packed step with torch's failed its check "
-                    f"({why})")  # fmt: skip
+    if any(_plain_norm_fits(m) for m in net.modules()):
+        tries.append((PLAIN_NORMS_NOTE, lambda: PackedStep(members, aug, device, plain_norms=True)))
+    for note, build in tries:
+        step = build()
+        why = _check(step, members, solos, idx)
+        if why is None:
             for m in members:
-                m.notes.append(note)
-            return plain
-        why = f"{why}; with BatchNorm in plain ops: {again}"
-    note = f"{PACKING_OFF_NOTE}: a packed step failed its check ({why}); trained one after another"
+                m.notes.append(note + (f" ({'; '.join(failed)})" if failed else ""))
+            return step
+        failed.append(f"{note.split(':')[0]} failed its check: {why}")
+    note = f"{PACKING_OFF_NOTE}: {'; '.join(failed)}; trained one after another"
     for m in members:
         m.notes.append(note)
     return LoopedStep(solos)
@@ -231,6 +290,9 @@ def _check(packed: PackedStep, members: list, solos: list, idx: torch.Tensor) ->
             solo.train()
         alone = torch.cat([solo(idx[k : k + 1])[2].detach() for k, solo in enumerate(solos)])
         alone = alone.double().cpu()
+    except torch.cuda.OutOfMemoryError:
+        saved.restore()
+        raise
     except Exception as err:  # vmap of an op this device's kernels refuse
         why = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
     try:  # once, whatever happened above
@@ -245,10 +307,15 @@ def _check(packed: PackedStep, members: list, solos: list, idx: torch.Tensor) ->
     return why
 
 
-# how a pack's members' notes start when its first packed step failed its check (bench/gpu.py
-# and pack_throughput pick them out)
-PLAIN_NORMS_NOTE = "packed with BatchNorm in plain ops"
+FUSION = True  # False: packs of fusable networks take vmap too (bench/gpu.py --vmap measures it)
+
+# how a pack's members' notes start: the route its step took (bench/gpu.py and pack_throughput
+# pick them out)
+FUSED_NOTE = "packed fused"
+VMAP_NOTE = "packed by vmap"
+PLAIN_NORMS_NOTE = "packed by vmap with BatchNorm in plain ops"
 PACKING_OFF_NOTE = "packing off"
+PACK_NOTES = (FUSED_NOTE, VMAP_NOTE, PACKING_OFF_NOTE)
 
 LOWER_PRECISION = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)  # what autocast lowers here
 NORMS = (torch.nn.modules.batchnorm._BatchNorm,)
@@ -345,6 +412,8 @@ def pack_throughput(config, data, k: int, steps: int = 8, warmup: int = 3) -> Th
 
     device = engine.resolve_device(config.device)
     members = step = None
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = not config.deterministic  # as training sets it
     try:
         members = [engine.make_member(config.replace(seed=s), data, device) for s in range(k)]
         step = engine.make_step(members, device)
@@ -360,7 +429,7 @@ def pack_throughput(config, data, k: int, steps: int = 8, warmup: int = 3) -> Th
         _sync(device)
         rate = k * idx.shape[1] * steps / (time.perf_counter() - started)
         graphed = isinstance(step, GraphedStep)
-        kinds = ("CUDA graphs off", PACKING_OFF_NOTE, PLAIN_NORMS_NOTE)
+        kinds = ("CUDA graphs off", *PACK_NOTES)
         refused = [n for n in members[0].notes if n.startswith(kinds)]
         looped = isinstance(step.step if graphed else step, LoopedStep)
         return Throughput(
@@ -369,6 +438,7 @@ def pack_throughput(config, data, k: int, steps: int = 8, warmup: int = 3) -> Th
     except torch.cuda.OutOfMemoryError as err:
         raise MemoryError(f"a pack of {k} does not fit: {str(err).splitlines()[0]}") from None
     finally:
+        torch.backends.cudnn.benchmark = benchmark
         del members, step
         if device.type == "cuda":
             torch.cuda.empty_cache()

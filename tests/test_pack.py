@@ -85,8 +85,8 @@ def wrong(step, idx):
 
 
 @pytest.mark.parametrize("call, why", [
-    (failing, "(RuntimeError: NYI: querying is_contiguous inside of vmap"),
-    (wrong, "(its losses ["),
+    (failing, "RuntimeError: NYI: querying is_contiguous inside of vmap"),
+    (wrong, "its losses ["),
 ], ids=["failing", "wrong"])  # fmt: skip
 def test_a_pack_that_fails_its_check_trains_its_members_one_after_another(
     data, monkeypatch, call, why
@@ -97,7 +97,8 @@ def test_a_pack_that_fails_its_check_trains_its_members_one_after_another(
     members = configs(epochs=1)
     for config, result in zip(members, fit_pack(members, data), strict=True):
         (note,) = [n for n in result.notes if "packing off" in n]
-        assert note.startswith("packing off: a packed step failed its check " + why)
+        assert note.startswith("packing off: not fused: "), note
+        assert "; packed by vmap failed its check: " + why in note
         assert note.endswith("trained one after another")
         alone = fit(config, data)
         assert learned(result.history) == learned(alone.history)
@@ -139,8 +140,8 @@ def test_a_pack_whose_batch_norm_fails_packs_with_batch_norm_in_plain_ops(data, 
     results = fit_pack(members, data, report=keep)
     for index, (config, result) in enumerate(zip(members, results, strict=True)):
         (note,) = [n for n in result.notes if "pack" in n]
-        assert note.startswith("packed with BatchNorm in plain ops: the packed step with "
-                               "torch's failed its check (RuntimeError: NYI: querying")  # fmt: skip
+        assert note.startswith("packed by vmap with BatchNorm in plain ops (not fused: "), note
+        assert "packed by vmap failed its check: RuntimeError: NYI: querying" in note
         alone = {}
         assert_same_trial(result, fit(config, data, report=lambda m, f, a=alone: a.update(
             running_statistics(f)) if f else None))  # fmt: skip
@@ -229,8 +230,9 @@ def test_every_architecture_packs_without_a_loop_over_its_members(
     channels_last members: none falls back to a loop over the members, which would cost a
     kernel per member (adaptive pooling of channels_last activations once did). The same with
     BatchNorm in plain ops, where vmap refuses torch's."""
-    from fermodel import engine
+    from fermodel import engine, pack
 
+    monkeypatch.setattr(pack, "FUSION", False)  # the ResNet family fuses (tests/test_fused.py)
     if norms == "plain":
         monkeypatch.setattr(torch.nn.functional, "batch_norm", batch_norm_refused_by_vmap)
     changes = dict(backbone=backbone, attention=attention, batch_size=4, loss="island",
@@ -293,6 +295,9 @@ def test_a_bf16_pack_computes_in_the_precision_of_its_lone_trials(
     convolutions run in bf16 as their lone trials' do under autocast, and the loss differs from
     fp32's by bf16's rounding, as the lone trial's does, not by more and not by nothing. The
     same with BatchNorm in plain ops."""
+    from fermodel import pack
+
+    monkeypatch.setattr(pack, "FUSION", False)  # the ResNet family fuses (tests/test_fused.py)
     if norms == "plain":
         monkeypatch.setattr(torch.nn.functional, "batch_norm", batch_norm_refused_by_vmap)
     config = TrialConfig(**{**BASE, "backbone": "resnet50", "attention": attention,
@@ -300,8 +305,9 @@ def test_a_bf16_pack_computes_in_the_precision_of_its_lone_trials(
     fp32, _, _ = first_step(config.replace(precision="fp32"), data, 1)
     alone, alone_convs, _ = first_step(config.replace(precision="bf16"), data, 1)
     packed, packed_convs, notes = first_step(config.replace(precision="bf16"), data, 2)
-    how = [n.split(":")[0] for n in notes if "pack" in n]
-    assert how == ([] if norms == "torch" else ["packed with BatchNorm in plain ops"]), notes
+    how = [n.split(" (")[0] for n in notes if "pack" in n]
+    assert how == ["packed by vmap" if norms == "torch" else
+                   "packed by vmap with BatchNorm in plain ops"], notes  # fmt: skip
     assert alone_convs == packed_convs == {torch.bfloat16}
     assert packed != fp32  # cast: vmap under autocast alone left every op in fp32
     assert abs(alone - fp32) < 0.03 * fp32 and abs(packed - fp32) < 0.03 * fp32
