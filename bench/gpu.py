@@ -33,7 +33,8 @@ from fermodel import engine, pack
 from fermodel.config import TrialConfig
 from fermodel.data import make_synthetic
 from fermodel.ops import OpCounter
-from fermodel.pack import PACK_NOTES, pack_throughput
+from fermodel.pack import PACK_NOTES
+from fermodel.speed import pack_throughput
 
 TABLE4_IMAGES = 12 * 200 * 28_709  # 4 cells x 3 seeds, 200 epochs, FER2013's training split
 

@@ -440,6 +440,13 @@ def fit(
 PackReport = Callable[[list, str | None], None]
 
 
+def pack_group(config: TrialConfig, data: FERDataset, start_epoch: int = 0) -> tuple:
+    """Trials train together as one pack (``fit_pack``) when these are equal: every key but the
+    member keys (``fermodel.config.pack_key``), the epoch they continue from (0: fresh) and the
+    size of their training split (folds may differ by a few images)."""
+    return pack_key(config), start_epoch, len(trial_splits(config, data).train)
+
+
 def fit_pack(
     configs: list[TrialConfig],
     data: FERDataset | None = None,
@@ -592,19 +599,19 @@ def capture_for(members: list[Member], device):
 
 def _train(members: list[Member], data, device, report, checkpoint_now) -> list:
     first = members[0].config
-    starts = {m.start_epoch for m in members}
-    if len(starts) > 1:
-        raise ValueError(f"the members of a pack continue from one epoch, got {sorted(starts)}")
-    sizes = {len(m.splits.train) for m in members}
+    groups = {(pack_key(m.config), m.start_epoch, len(m.splits.train)) for m in members}
+    _, starts, sizes = (sorted(set(part)) for part in zip(*groups, strict=True))
+    if len(starts) > 1:  # pack_group's parts, read from the built members
+        raise ValueError(f"the members of a pack continue from one epoch, got {starts}")
     if len(sizes) > 1:
-        raise ValueError(f"the members of a pack train on splits of one size, got {sorted(sizes)}")
+        raise ValueError(f"the members of a pack train on splits of one size, got {sizes}")
     step = make_step(members, device)
     cadence = CheckpointCadence(first.checkpoint_every, first.epochs)
-    n = sizes.pop()
+    n = sizes[0]
     batches = [(s, min(s + first.batch_size, n)) for s in range(0, n, first.batch_size)]
     if batches and batches[-1][1] - batches[-1][0] < 2:
         batches.pop()
-    for epoch in range(starts.pop() + 1, first.epochs + 1):
+    for epoch in range(starts[0] + 1, first.epochs + 1):
         was_alive = [m.alive for m in members]
         seen, seconds, sums = _train_epoch(members, step, epoch, batches, device)
         metrics = [_end_epoch(m, epoch, seen, seconds, *s) if m.alive else None

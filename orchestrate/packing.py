@@ -1,12 +1,12 @@
 """Which grid trials train together as one pack (``fermodel.pack``), and how large a pack is.
 
-A pack holds trials that share everything but their member keys (``fermodel.config.pack_key``:
-seeds, learning rates, losses, folds may differ), continue from the same epoch (or all start
-fresh) and train on splits of one size (folds of a protocol may differ by a few images). They
-are taken in the plan's order, at most ``k`` to a pack.
+A pack holds trials of one ``fermodel.engine.pack_group``: they share everything but their
+member keys (seeds, learning rates, losses, folds may differ), continue from the same epoch (or
+all start fresh) and train on splits of one size (folds of a protocol may differ by a few
+images). They are taken in the plan's order, at most ``k`` to a pack.
 
 ``--pack auto`` (the command's default): on GPUs the size is measured at the start of the
-study, on a GPU node, for the study's first trial config (``fermodel.pack.pack_throughput``:
+study, on a GPU node, for the study's first trial config (``fermodel.speed.pack_throughput``:
 packs of 1, 2, 4, ... trained for a few steps): the smallest pack within 5% of the best
 throughput among those that fit in the trial's share of the device. Without GPUs it is 1: on
 a CPU the members' convolutions are slower grouped (bench/gpu.py on this project's 2-core
@@ -23,25 +23,18 @@ def pack_fates(fates: list, k: int, datasets: dict) -> list[list]:
     """The fates to run, in plan order, grouped into packs of at most ``k``."""
     if k <= 1:
         return [[f] for f in fates]
-    from fermodel.config import pack_key
+    from fermodel.engine import data_key, pack_group
 
     groups: dict[tuple, list] = {}
     for fate in fates:
         config = fate.spec.config
-        key = (pack_key(config), fate.epoch if fate.checkpoint else 0,
-               _train_size(config, datasets))  # fmt: skip
+        key = pack_group(config, datasets[data_key(config)], fate.epoch if fate.checkpoint else 0)
         groups.setdefault(key, []).append(fate)
     packs = []
     for members in groups.values():
         packs += [members[i : i + k] for i in range(0, len(members), k)]
     order = {id(f): n for n, f in enumerate(fates)}
     return sorted(packs, key=lambda pack: order[id(pack[0])])
-
-
-def _train_size(config, datasets: dict) -> int:
-    from fermodel.engine import data_key, trial_splits
-
-    return len(trial_splits(config, datasets[data_key(config)]).train)
 
 
 def best_size(throughputs: dict[int, float]) -> int:
@@ -63,7 +56,7 @@ def measure_size(config_values: dict, data, gpus: float, limit: int) -> tuple[in
     @ray.remote(num_gpus=gpus, num_cpus=1)
     def measure(values: dict, dataset) -> dict:
         from fermodel.config import TrialConfig
-        from fermodel.pack import pack_throughput
+        from fermodel.speed import pack_throughput
         from orchestrate.trainable import prepare_worker
 
         prepare_worker(1, gpus)  # held to the trials' share of the device: a pack must fit it

@@ -24,7 +24,8 @@ from fermodel.data import make_synthetic
 from fermodel.engine import TrainingDiverged, fit, fit_pack
 from fermodel.models import build_model
 from fermodel.ops import OpCounter
-from fermodel.pack import PackedStep, pack_throughput
+from fermodel.pack import PackedStep
+from fermodel.speed import pack_throughput
 
 BASE = dict(backbone="shufflenet_v2_x0_5", attention="none", epochs=2, batch_size=16,
             synthetic_subjects=6, synthetic_images_per_class=2, device="cpu",
