@@ -379,12 +379,15 @@ def predict_tta(
     mode: TTAMode | str = "none",
     crop_size: int = 42,
     batch_size: int | None = None,
+    members: int = 1,
 ) -> torch.Tensor:
     """Class probabilities ``[N, K]``: softmax of ``model`` averaged over the TTA views.
 
     ``model`` maps ``[B, C, H, W]`` to logits ``[B, K]`` and should be in eval mode (views are
     batched together, which would mix BatchNorm statistics in training mode). All V x N views go
     through the model in one call, or in chunks of at most ``batch_size`` images when given.
+    With ``members`` M > 1 the images and logits are M networks' side by side in the channels
+    (a fused pack, ``fermodel.fused``): logits ``[B, M*K]``, probabilities ``[N, M, K]``.
     """
     if batch_size is not None and (
         isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
@@ -407,6 +410,6 @@ def predict_tta(
             raise ValueError(
                 f"model returned {logits.shape[0]} rows of logits for a batch of {chunk.shape[0]}"
             )
-        outputs.append(logits.float().softmax(dim=-1))
-    probs = torch.cat(outputs)
-    return probs.reshape(num_views, n, -1).mean(dim=0)
+        outputs.append(logits.float().view(len(chunk), members, -1).softmax(dim=-1))
+    probs = torch.cat(outputs).reshape(num_views, n, members, -1).mean(dim=0)
+    return probs[:, 0] if members == 1 else probs

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -286,30 +287,46 @@ def _balance_arg(balance: str):
     return tuple(name.strip() for name in balance.split(",") if name.strip())
 
 
-@torch.inference_mode()
 def evaluate(model: _Normalized, images, labels, classes, batch_size, autocast, tta="none"):
     """Loss (cross-entropy), metrics, confusion matrix and predictions on one split."""
+    (out,) = evaluate_members(model, images[None], labels[None], classes, batch_size, autocast,
+                              tta)  # fmt: skip
+    return out
+
+
+@torch.inference_mode()
+def evaluate_members(model, images, labels, classes, batch_size, autocast, tta="none") -> list:
+    """``evaluate`` of M networks side by side in ``model``'s channels (a fused pack's network,
+    ``fermodel.fused``; M = 1: a trial's own) at once: ``images`` [M, N, C, H, W] (each member's
+    split, or one split expanded), ``labels`` [M, N]; one ``(metrics, confusion, predictions)``
+    per member."""
     model.eval()
-    k = len(classes)
-    loss_sum = torch.zeros((), device=images.device, dtype=torch.float64)
+    m, n = labels.shape
+    loss_sums = [torch.zeros((), device=images.device, dtype=torch.float64) for _ in range(m)]
     preds = []
-    for start in range(0, len(labels), batch_size):
-        x = to_float(images[start : start + batch_size])
-        y = labels[start : start + batch_size]
+    for start in range(0, n, batch_size):
+        x = to_float(images[:, start : start + batch_size]).transpose(0, 1).flatten(1, 2)
+        y = labels[:, start : start + batch_size]
         with autocast():
             if tta == "none":
-                logits = model(x).float()
-                loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
-                preds.append(logits.argmax(1))
-            else:
-                probs = predict_tta(model, x, tta, batch_size=batch_size)  # V views, chunked
-                loss_sum += F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum").double()
-                preds.append(probs.argmax(1))
-    pred = torch.cat(preds) if preds else labels[:0]
-    cm = confusion_matrix(labels, pred, k)
-    metrics = summarize(cm.cpu(), classes)
-    metrics["loss"] = loss_sum.item() / max(len(labels), 1)
-    return metrics, cm.cpu(), pred.cpu()
+                scores = model(x).float().view(len(x), m, -1)  # logits [B, M, classes]
+                for j in range(m):
+                    loss_sums[j] += F.cross_entropy(scores[:, j], y[j], reduction="sum").double()
+            else:  # probabilities averaged over the V views, chunked
+                scores = predict_tta(model, x, tta, batch_size=batch_size, members=m)
+                scores = scores[:, None] if m == 1 else scores
+                for j in range(m):
+                    log_probs = scores[:, j].clamp_min(1e-12).log()
+                    loss_sums[j] += F.nll_loss(log_probs, y[j], reduction="sum").double()
+        preds.append(scores.argmax(-1).T)
+    pred = torch.cat(preds, dim=1) if preds else labels[:, :0]
+    out = []
+    for j in range(m):
+        cm = confusion_matrix(labels[j], pred[j], len(classes))
+        metrics = summarize(cm.cpu(), classes)
+        metrics["loss"] = loss_sums[j].item() / max(n, 1)
+        out.append((metrics, cm.cpu(), pred[j].cpu()))
+    return out
 
 
 class CheckpointCadence:
@@ -611,11 +628,13 @@ def _train(members: list[Member], data, device, report, checkpoint_now) -> list:
     batches = [(s, min(s + first.batch_size, n)) for s in range(0, n, first.batch_size)]
     if batches and batches[-1][1] - batches[-1][0] < 2:
         batches.pop()
+    validate = _validation(members, step, device)
     for epoch in range(starts[0] + 1, first.epochs + 1):
         was_alive = [m.alive for m in members]
         seen, seconds, sums = _train_epoch(members, step, epoch, batches, device)
-        metrics = [_end_epoch(m, epoch, seen, seconds, *s) if m.alive else None
-                   for m, s in zip(members, sums, strict=True)]  # fmt: skip
+        vals = validate()
+        metrics = [_end_epoch(m, epoch, seen, seconds, *s, val) if m.alive else None
+                   for m, s, val in zip(members, sums, vals, strict=True)]  # fmt: skip
         metrics = [m.failed if was and not m.alive else x
                    for m, was, x in zip(members, was_alive, metrics, strict=True)]  # fmt: skip
         if report is not None:
@@ -657,14 +676,39 @@ def _train_epoch(members: list[Member], step, epoch: int, batches, device):
     return seen, seconds, list(sums)
 
 
-def _end_epoch(m: Member, epoch: int, seen: int, seconds: float, loss_sum, ce_sum, correct):
-    """Validation (with the test's TTA: the selected epoch is judged as it is tested), the
-    schedule's step, the best epoch so far, and the epoch's metrics, kept in the history."""
-    c, parts = m.config, m.parts
-    splits = m.splits
-    device = next(parts.model.parameters()).device
-    val, _, _ = evaluate(parts.net, splits.val.images.to(device), splits.val.labels.to(device),
-                         splits.val.classes, c.eval_batch_size, parts.autocast, c.tta)  # fmt: skip
+def _validation(members: list[Member], step, device) -> Callable[[], list[dict]]:
+    """Each member's validation metrics, with the test's TTA (the selected epoch is judged as it
+    is tested): a fused pack's members all at once through its network when they share their
+    TTA and evaluation batch and validate on splits of one size, else one after another. The
+    splits are moved to the device once."""
+    fused = getattr(getattr(step, "step", step), "net", None)  # a FusedStep's, maybe graphed
+    c = members[0].config
+    vals = [m.splits.val for m in members]
+    together = (fused is not None and len({(m.config.tta, m.config.eval_batch_size)
+                                            for m in members}) == 1
+                and len({len(v) for v in vals}) == 1)  # fmt: skip
+    if together:
+        same = all(np.array_equal(v.ids, vals[0].ids) for v in vals[1:])
+        if same:
+            x, y = vals[0].images.to(device), vals[0].labels.to(device)
+            x, y = x.expand(len(vals), *x.shape), y.expand(len(vals), *y.shape)
+        else:
+            x = torch.stack([v.images for v in vals]).to(device)
+            y = torch.stack([v.labels for v in vals]).to(device)
+        autocast = members[0].parts.autocast
+        return lambda: [metrics for metrics, _, _ in evaluate_members(
+            fused, x, y, vals[0].classes, c.eval_batch_size, autocast, c.tta)]  # fmt: skip
+    on_device = [(v.images.to(device), v.labels.to(device)) for v in vals]
+    return lambda: [evaluate(m.parts.net, *xy, v.classes, m.config.eval_batch_size,
+                             m.parts.autocast, m.config.tta)[0] if m.alive else None
+                    for m, xy, v in zip(members, on_device, vals, strict=True)]  # fmt: skip
+
+
+def _end_epoch(m: Member, epoch: int, seen: int, seconds: float, loss_sum, ce_sum, correct,
+               val: dict):  # fmt: skip
+    """The schedule's step on the epoch's validation metrics ``val``, the best epoch so far
+    (its weights kept where they are), and the epoch's metrics, kept in the history."""
+    parts = m.parts
     lr = float(parts.optimizer.param_groups[0]["lr"])  # a tensor on CUDA
     if isinstance(parts.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         parts.scheduler.step(val["loss"])
@@ -674,8 +718,8 @@ def _end_epoch(m: Member, epoch: int, seen: int, seconds: float, loss_sum, ce_su
         val["accuracy"] == m.best["accuracy"] and val["loss"] < m.best["loss"]
     ):
         m.best = {"accuracy": val["accuracy"], "loss": val["loss"], "epoch": epoch}
-        m.best_state = {k: v.detach().to("cpu", copy=True)
-                        for k, v in parts.model.state_dict().items()}  # fmt: skip
+        # a copy on the device: no copy to the host on each better epoch
+        m.best_state = {k: v.detach().clone() for k, v in parts.model.state_dict().items()}
     metrics = {
         "epoch": epoch,
         "train_loss": loss_sum / max(seen, 1),
@@ -750,5 +794,5 @@ def _test(m: Member, data: FERDataset, device, cadence) -> TrialResult:
         checkpoint_seconds=cadence.seconds,
         test_full=test_full,
         split_sizes={p: len(getattr(splits, p)) for p in ("train", "val", "test")},
-        model_state=m.best_state,
+        model_state=None if m.best_state is None else {k: v.cpu() for k, v in m.best_state.items()},
     )

@@ -74,10 +74,17 @@ def close(a: float, b: float) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("attention", list(ATTENTIONS))
-def test_a_fused_pack_trains_each_member_as_its_trial_alone(data, small_resnet, attention):
+def test_a_fused_pack_trains_each_member_as_its_trial_alone(data, small_resnet, attention,
+                                                           monkeypatch):  # fmt: skip
     configs = members(attention)
     packed_states: dict = {}
+    alone_evaluations = []  # the pack validates at once: a member alone only for its test
+    own = engine.evaluate
+    monkeypatch.setattr(engine, "evaluate", lambda *a, **k: alone_evaluations.append(1) or
+                        own(*a, **k))  # fmt: skip
     packed = fit_pack(configs, data, report=checkpoints_of(packed_states))
+    monkeypatch.setattr(engine, "evaluate", own)
+    assert len(alone_evaluations) == len(configs)
     sizes = {r.split_sizes["train"] for r in packed}
     assert len(sizes) == 1 and sizes.pop() % configs[0].batch_size not in (0, 1)  # a last,
     # smaller batch trains
@@ -190,3 +197,29 @@ def test_an_out_of_memory_in_a_packs_check_is_raised_not_looped(data, small_resn
         engine.make_step(ms, torch.device("cpu"))
     after = list(ms[0].parts.model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+@pytest.mark.parametrize("tta", ["none", "flip", "tencrop"])
+def test_a_fused_pack_is_evaluated_at_once_as_each_member_alone(data, small_resnet, tta):
+    """Validation through the fused network (``fermodel.engine._validation`` takes it for fused
+    packs): each member's loss, predictions and confusion matrix are those of its own network,
+    with every TTA, on its own fold's split."""
+    base = {**BASE, "attention": "cbam", "tta": tta, "eval_batch_size": 7}
+    configs = [TrialConfig(**base, seed=s, fold=s) for s in range(3)]
+    ms = [engine.make_member(c, data, torch.device("cpu")) for c in configs]
+    step = engine.make_step(ms, torch.device("cpu"))
+    assert isinstance(step, FusedStep)
+    step.train()
+    step(torch.arange(16).repeat(3, 1))  # trained a step: running statistics of their own
+    vals = [m.splits.val for m in ms]
+    x, y = torch.stack([v.images for v in vals]), torch.stack([v.labels for v in vals])
+    together = engine.evaluate_members(step.net, x, y, vals[0].classes, 7, ms[0].parts.autocast,
+                                       tta)  # fmt: skip
+    for m, v, (metrics, cm, pred) in zip(ms, vals, together, strict=True):
+        own, own_cm, own_pred = engine.evaluate(m.parts.net, v.images, v.labels, v.classes, 7,
+                                                m.parts.autocast, tta)  # fmt: skip
+        # TTA averages float32 probabilities (as a trial alone does, whatever its precision):
+        # logits equal to float64's rounding may round apart in float32
+        tolerance = 1e-9 if tta == "none" else 1e-6
+        assert abs(metrics["loss"] - own["loss"]) <= tolerance * own["loss"], (metrics, own)
+        assert torch.equal(pred, own_pred) and torch.equal(cm, own_cm)
