@@ -3,8 +3,7 @@
 With no arguments it runs ``table4`` (Basic, + joint loss, + PSA, + both) on the built-in
 synthetic set at the ``cpu`` preset, on a local Ray, logging to ``./mlflow.db``. Running it
 again runs only what is not finished: interrupted trials continue from their checkpoints, and
-added seeds, folds or cells train alone. It exits 0 when the study finished, 2 on bad input, and
-130 / 143 when SIGINT / SIGTERM stopped it (its runs KILLED, its trials resumable).
+added seeds, folds or cells train alone. Its exit codes are ``EXIT_CODES``.
 """
 
 from __future__ import annotations
@@ -17,6 +16,18 @@ from pathlib import Path
 
 from fermodel.cli import OneLineParser
 from fermodel.pretrained import PretrainedError
+
+# what job systems (Kubernetes, Slurm, CI) read: a diverged trial or one the scheduler stopped
+# early is a result of the study; a trial that failed by an error after its retries is not
+EXIT_CODES = """exit codes:
+  0    every planned trial ended as a result: finished (now or before), diverged, or stopped
+       early by the scheduler
+  2    bad input (a study file, a flag, a dataset, an unreachable store): nothing was created
+  3    the study ran and its report was written, but a trial failed by an error after its
+       retries, or no trial finished
+  130  stopped by SIGINT (Ctrl-C); 143 by SIGTERM: the same command continues the study
+"""
+TRIALS_FAILED = 3
 
 EXAMPLES = """examples:
   python -m orchestrate.ablation                              # table4, synthetic, cpu preset
@@ -38,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m orchestrate.ablation",
         description="Plan a study's trials (a paper table or a tuning study), run them on Ray Tune "
         "(local or a cluster), log every trial to MLflow and print the study's table.",
-        epilog=EXAMPLES,
+        epilog=EXAMPLES + "\n" + EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _study_arguments(p.add_argument_group("study (override the study file)"))
@@ -215,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             verbose=args.verbose,
             log_checkpoints=not args.no_log_checkpoints,
         )
-        run_study(study, options)
+        summary = run_study(study, options)
     except (StudyError, ConfigError, DatasetError, TrackingError, StorageError, ClusterError,
             PretrainedError, FileNotFoundError, ValueError) as err:  # fmt: skip
         print(f"error: {err}", file=sys.stderr)
@@ -227,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
               f"marked KILLED; finished trials are kept and unfinished ones continue from their "
               f"checkpoints. Continue with:\n  {again}", file=sys.stderr)  # fmt: skip
         return getattr(err, "exit_code", 130)
+    failed, finished = summary.get("failed", 0), summary.get("finished")
+    if failed or finished == 0:
+        why = (f"{failed} trial{'s' if failed != 1 else ''} failed by an error after its "
+               f"retries" if failed else "no trial finished")  # fmt: skip
+        print(f"error: {why} (exit {TRIALS_FAILED}); the report above has every trial's fate",
+              file=sys.stderr)  # fmt: skip
+        return TRIALS_FAILED
     return 0
 
 

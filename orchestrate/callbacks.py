@@ -28,6 +28,7 @@ from ray.tune import Callback
 
 from orchestrate.interrupt import FLAG, INTERRUPTED, TERM_GRACE, Interrupted
 from orchestrate.ledger import index_path
+from orchestrate.packing import member_results, member_specs, members_of
 from orchestrate.search import JOURNAL, LOCAL_JOURNALS
 from orchestrate.storage import Storage
 from orchestrate.tracking import (
@@ -45,7 +46,6 @@ from orchestrate.tracking import (
     mask,
     source_tags,
 )
-from orchestrate.trainable import member_specs
 
 
 class MLflowTrials(Callback):
@@ -228,19 +228,6 @@ class MLflowTrials(Callback):
                 classes = json.loads((folder / "predictions.json").read_text())["classes"]
                 log_model(self.uri, run_id, self.describe(config, member)["config"], classes,
                           state, step=best_epoch)  # fmt: skip
-
-
-def members_of(config: dict) -> list:
-    """The members of a Tune trial: a grid pack's indices, or [None] for a tuning sample."""
-    specs = member_specs(config)
-    return list(range(len(specs))) if specs else [None]
-
-
-def member_results(result: dict) -> list[tuple]:
-    """(member, its values) in a Tune result: a pack's by index, or the whole for a sample."""
-    if "members" in result:
-        return [(int(k), v) for k, v in result["members"].items()]
-    return [(None, result)]
 
 
 def error_text(trial) -> str:

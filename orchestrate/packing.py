@@ -1,4 +1,6 @@
-"""Which grid trials train together as one pack (``fermodel.pack``), and how large a pack is.
+"""Packs on the driver's side: which grid trials train together as one pack (``fermodel.pack``),
+how large a pack is, and how a Tune trial's config and results name its members (the
+trainable, ``orchestrate.trainable.run_pack``, reports each member under its index).
 
 A pack holds trials of one ``fermodel.engine.pack_group``: they share everything but their
 member keys (seeds, learning rates, losses, folds may differ), continue from the same epoch (or
@@ -6,11 +8,11 @@ all start fresh) and train on splits of one size (folds of a protocol may differ
 images). They are taken in the plan's order, at most ``k`` to a pack.
 
 ``--pack auto`` (the command's default): on GPUs the size is measured at the start of the
-study, on a GPU node, for the study's first trial config (``fermodel.speed.pack_throughput``:
+study, on a GPU node, for the study's first trial config (``orchestrate.trainable.measure_size``
+with ``fermodel.speed.pack_throughput``:
 packs of 1, 2, 4, ... trained for a few steps): the smallest pack within 5% of the best
 throughput among those that fit in the trial's share of the device. Without GPUs it is 1: on
-a CPU the members' convolutions are slower grouped (bench/gpu.py on this project's 2-core
-machine: 64 images/s for a pack of 4 of PSA-ResNet-50 against 84 for one trial).
+a CPU the members' convolutions are slower grouped (README, Benchmarks).
 """
 
 from __future__ import annotations
@@ -46,34 +48,19 @@ def best_size(throughputs: dict[int, float]) -> int:
     return min(k for k, v in throughputs.items() if v >= (1 - WITHIN) * best)
 
 
-def measure_size(config_values: dict, data, gpus: float, limit: int) -> tuple[int, dict]:
-    """On a GPU node (a Ray task asking for the trials' GPUs): images/s of packs of the
-    ``SIZES`` up to ``limit`` members, stopping at the first that does not fit, fails its
-    check on the device (``fermodel.pack.checked_pack``) or gains less than ``WITHIN``;
-    returns the size to use and what was measured."""
-    import ray
+def member_specs(params: dict) -> list[dict]:
+    """The grid trials a Tune trial trains as one pack (none for a tuning sample)."""
+    return list(params.get("members") or [])
 
-    @ray.remote(num_gpus=gpus, num_cpus=1)
-    def measure(values: dict, dataset) -> dict:
-        from fermodel.config import TrialConfig
-        from fermodel.speed import pack_throughput
-        from orchestrate.trainable import prepare_worker
 
-        prepare_worker(1, gpus)  # held to the trials' share of the device: a pack must fit it
-        config = TrialConfig.from_dict(values)
-        measured: dict[int, float] = {}
-        for k in (s for s in SIZES if s <= max(limit, 1)):
-            try:
-                rate, _, packed = pack_throughput(config, dataset, k)
-            except MemoryError:
-                break
-            if not packed:  # failed its check on this device: larger packs would too
-                break
-            measured[k] = rate
-            previous = [v for size, v in measured.items() if size < k]
-            if previous and measured[k] < (1 + WITHIN) * max(previous):
-                break
-        return measured
+def members_of(config: dict) -> list:
+    """The members of a Tune trial: a grid pack's indices, or [None] for a tuning sample."""
+    specs = member_specs(config)
+    return list(range(len(specs))) if specs else [None]
 
-    measured = ray.get(measure.remote(config_values, data))
-    return best_size(measured), measured
+
+def member_results(result: dict) -> list[tuple]:
+    """(member, its values) in a Tune result: a pack's by index, or the whole for a sample."""
+    if "members" in result:
+        return [(int(k), v) for k, v in result["members"].items()]
+    return [(None, result)]

@@ -163,7 +163,8 @@ class Describe:
         self.study, self.base = study, base
 
     def __call__(self, params: dict, index: int | None = None) -> dict:
-        from orchestrate.trainable import member_specs, trial_config
+        from orchestrate.packing import member_specs
+        from orchestrate.trainable import trial_config
 
         config, place = trial_config(params, self.base, index)
         name = f"{place['cell']}-seed{place['seed']}-fold{place['fold']}"
@@ -351,7 +352,7 @@ def _prepare(inv: Invocation, datasets: dict, private_ray: bool, out) -> None:
 def _auto_pack(inv: Invocation, datasets: dict, out) -> int:
     """``--pack auto``: 1 without GPUs; on GPUs measured for the first trial to run."""
     from fermodel.engine import data_key
-    from orchestrate.packing import measure_size
+    from orchestrate.trainable import measure_size
 
     options = inv.options
     if not options.gpus_per_trial or len(inv.to_run) < 2:
@@ -396,7 +397,19 @@ def _finish(inv: Invocation, out) -> dict:
         best = "none (no trial finished)"
     print(_next_steps(inv.options, tracker.experiment_id, paths, best), file=out)
     return {"session": session, "parent_run_id": tracker.parent_id, "report": report,
-            "table": report.table, "frame": report.trials, "model": best}  # fmt: skip
+            "table": report.table, "frame": report.trials, "model": best,
+            "finished": len(finished), "failed": _failed_by_errors(report.trials)}  # fmt: skip
+
+
+def _failed_by_errors(trials) -> int:
+    """Trials that ended FAILED by an error (after their retries), not by diverging: a
+    divergence is a result of training."""
+    from orchestrate.tracking import failure_reason
+
+    if trials.empty:
+        return 0
+    failed = trials[trials.status == "FAILED"]
+    return sum(failure_reason(text) != "divergence" for text in failed.error)
 
 
 def _nothing_finished(inv: Invocation, trials: int) -> str:

@@ -1,6 +1,7 @@
 """The Ray Tune trainables: a tuning sample is one Tune trial (``run_trial``); a grid study's
 Tune trial is a pack of one or more of its trials (``run_pack``, ``fermodel.engine.fit_pack``),
-each reported under its index in the pack. Data comes from Ray's object store.
+each reported under its index in the pack. Data comes from Ray's object store. And the task
+``--pack auto`` runs on a GPU node to measure pack sizes (``measure_size``).
 
 Per epoch it reports the engine's metrics with a checkpoint; at the end one more result holds
 the test figures (``completed: 1``) and a checkpoint folder of artifacts: predictions (for
@@ -30,6 +31,7 @@ from fermodel.checkpoint import STATE_FILE
 from fermodel.config import TrialConfig
 from fermodel.engine import TrainingDiverged, data_key, fit
 from orchestrate.interrupt import StopRequest
+from orchestrate.packing import SIZES, WITHIN, best_size, member_specs
 from orchestrate.storage import Storage
 
 RESULTS_FILE = "results.json"
@@ -39,11 +41,6 @@ FAILURES = "failures"  # folder of the session's storage: one note per diverged 
 
 class TrialDiverged(RuntimeError):
     """The trial's loss became NaN or inf (one message argument, so it pickles across Ray)."""
-
-
-def member_specs(params: dict) -> list[dict]:
-    """The grid trials a Tune trial trains as one pack (none for a tuning sample)."""
-    return list(params.get("members") or [])
 
 
 def trial_config(params: dict, base: dict, index: int | None = None) -> tuple[TrialConfig, dict]:
@@ -281,3 +278,33 @@ def _train_members(live: list[int], configs, datasets, sources, session, notes) 
     out = fit_pack([configs[i] for i in live], data, report=report, checkpoints=starts,
                    checkpoint_now=asked)  # fmt: skip
     return dict(zip(live, out, strict=True))
+
+
+def measure_size(config_values: dict, data, gpus: float, limit: int) -> tuple[int, dict]:
+    """On a GPU node (a Ray task asking for the trials' GPUs): images/s of packs of the
+    ``SIZES`` up to ``limit`` members, stopping at the first that does not fit, fails its
+    check on the device (``fermodel.pack.checked_pack``) or gains less than ``WITHIN``;
+    returns the size to use and what was measured (``orchestrate.packing`` says why)."""
+
+    @ray.remote(num_gpus=gpus, num_cpus=1)
+    def measure(values: dict, dataset) -> dict:
+        from fermodel.speed import pack_throughput
+
+        prepare_worker(1, gpus)  # held to the trials' share of the device: a pack must fit it
+        config = TrialConfig.from_dict(values)
+        measured: dict[int, float] = {}
+        for k in (s for s in SIZES if s <= max(limit, 1)):
+            try:
+                rate, _, packed = pack_throughput(config, dataset, k)
+            except MemoryError:
+                break
+            if not packed:  # failed its check on this device: larger packs would too
+                break
+            measured[k] = rate
+            previous = [v for size, v in measured.items() if size < k]
+            if previous and measured[k] < (1 + WITHIN) * max(previous):
+                break
+        return measured
+
+    measured = ray.get(measure.remote(config_values, data))
+    return best_size(measured), measured

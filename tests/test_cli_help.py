@@ -66,3 +66,14 @@ def test_help_prints(main_module, capsys):
         importlib.import_module(main_module).main(["--help"])
     assert done.value.code == 0
     assert "Default:" in capsys.readouterr().out
+
+
+def test_the_study_commands_help_lists_its_exit_codes():
+    """What a job system reads: every code the command returns, with its meaning."""
+    from orchestrate.ablation import TRIALS_FAILED
+
+    text = ablation_parser().format_help()
+    codes = text.split("exit codes:")[1]
+    for code in ("0", "2", str(TRIALS_FAILED), "130", "143"):
+        assert f"  {code} " in codes or f"; {code} " in codes, code
+    assert "failed by an error after its" in codes and "diverged" in codes

@@ -4,9 +4,9 @@ the selected epoch, the test predictions, and the BatchNorm statistics and Islan
 checkpoints hold; members differ in seed, fold, learning rate, weight decay and loss. A fused
 step costs about one trial's kernels whatever K is.
 
-The ResNet here has one or two bottlenecks a stage instead of ResNet-50's 3, 4, 6, 3: the same
-modules (every attention at its site, the downsampling first block of each stage, a plain
-block), at a fraction of the time; its input is 32x32 (``image_size``), for the same reason.
+The ResNet here has one bottleneck a stage instead of ResNet-50's 3, 4, 6, 3: the same modules
+(every attention at its site, each stage's first block with its downsampling), at a fraction
+of the time; its input is 32x32 (``image_size``), for the same reason.
 """
 
 from pathlib import Path
@@ -24,7 +24,7 @@ from fermodel.ops import OpCounter
 from fermodel.pack import FusedStep, PackedStep
 from fermodel.resnet import ResNet
 
-SMALL = (1, 2, 1, 1)
+SMALL = (1, 1, 1, 1)
 BASE = dict(backbone="resnet50", epochs=2, batch_size=16, synthetic_subjects=6,
             synthetic_images_per_class=2, device="cpu", tta="none", precision="fp64",
             protocol="kfold", folds=3, checkpoint_every=1, image_size=32)  # fmt: skip

@@ -140,11 +140,15 @@ def test_a_trial_lost_to_a_fault_reruns_alone_and_a_diverged_one_only_when_asked
                               args=(tmp_path, "faults", done, killed))  # fmt: skip
     killer.start()
     try:
-        assert main(args) == 0
+        # a trial failed by an error after its retries (none here): the report is written
+        # and printed, and the exit code says it (a diverged trial alone would not)
+        assert main(args) == 3
     finally:
         done.set()
         killer.join()
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "error: 1 trial failed by an error after its retries (exit 3)" in err
+    assert "next: browse the runs" in out
     assert killed, "no trial worker was killed"
     _, first = children(tmp_path, "faults")
     status = {r.data.tags["cell"]: r for r in first}
@@ -172,7 +176,7 @@ def test_a_trial_lost_to_a_fault_reruns_alone_and_a_diverged_one_only_when_asked
     finished = {r.data.tags["cell"] for r in second if r.info.status == "FINISHED"}
     assert finished == {"ce", "center"}
 
-    # asked, the diverged trial runs again, alone, and diverges again
+    # asked, the diverged trial runs again, alone, and diverges again: a result, exit 0
     assert main([*args, "--retry-failed"]) == 0
     out = capsys.readouterr().out
     _, third = children(tmp_path, "faults")

@@ -84,7 +84,8 @@ def test_trials_sharing_a_gpu_are_bounded_to_their_share_of_its_memory():
 
 def test_auto_measures_packs_of_growing_size_until_they_stop_paying(ray_cluster, datasets):
     """The measurement --pack auto runs on a GPU node, here as a Ray task on the CPU."""
-    from orchestrate.packing import SIZES, measure_size
+    from orchestrate.packing import SIZES
+    from orchestrate.trainable import measure_size
 
     config = TrialConfig(
         backbone="shufflenet_v2_x0_5",
