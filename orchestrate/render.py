@@ -29,8 +29,15 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from orchestrate.report import KFOLD_TEST, QUESTIONS, StudyReport
-from orchestrate.statistics import ALPHA, EXACT_LIMIT, POWER, SIGNIFICANT_SHARE
+from orchestrate.statistics import (
+    ALPHA,
+    EXACT_LIMIT,
+    KFOLD_TEST,
+    POWER,
+    QUESTIONS,
+    SIGNIFICANT_SHARE,
+)
+from orchestrate.study_report import StudyReport
 
 # the mark after a difference whose Holm-adjusted p-value is below the level
 MARKS = ((0.01, "**"), (ALPHA, "*"))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +26,14 @@ import pandas as pd
 from orchestrate.collect import StudyData
 from orchestrate.statistics import (
     ALPHA,
+    KFOLD_TEST,
     Predictions,
     check_weights,
     compare,
     holm,
     summarize_runs,
 )
+from orchestrate.study_report import StudyReport
 
 # the contrasts' raw columns (the CSV's): "testset_" answers "on this test set", "runs_" (and
 # seeds_needed) "across training runs"
@@ -44,8 +45,6 @@ RUNS_COLUMNS = ["runs_test", "runs_n", "runs_seeds", "runs_folds", "runs_units",
                 "runs_ci_low", "runs_ci_high", "runs_p", "runs_p_holm", "runs_significant",
                 "runs_sd", "runs_mde", "seeds_needed"]  # fmt: skip
 CONTRAST_COLUMNS = ["family", "comparison", "plus", "minus", *TESTSET_COLUMNS, *RUNS_COLUMNS]
-QUESTIONS = {"testset": "on this test set", "runs": "across training runs"}
-KFOLD_TEST = "corrected k-fold t"  # runs_test of the corrected k-fold t-test
 
 # the paper's own protocol per dataset, said where the study's differs (the paper column's note)
 PAPER_PROTOCOL = {
@@ -56,28 +55,6 @@ PAPER_PROTOCOL = {
     "fer2013": ("official", "the paper's FER2013 numbers are on its test set (PrivateTest) in "
                 "full: compare them with Full test (%), not with the deduplicated accuracy"),
 }  # fmt: skip
-
-
-@dataclass
-class StudyReport:
-    study: str
-    description: str
-    kind: str
-    dataset: str
-    session: str
-    title: str  # what was measured how: dataset, protocol, loss weights, leak handling
-    table: pd.DataFrame  # one row per cell
-    contrasts: pd.DataFrame  # one row per contrast (CONTRAST_COLUMNS)
-    trials: pd.DataFrame  # one row per trial
-    cost: dict
-    paper_note: str = ""  # why the paper's numbers are not comparable, where they are not
-    classes: list[str] = field(default_factory=list)
-    confusion: dict = field(default_factory=dict)  # cell label -> summed confusion matrix
-    curves: dict = field(default_factory=dict)  # cell label -> mean validation accuracy per epoch
-    best: pd.DataFrame | None = None  # tuning: best trials
-    importances: dict = field(default_factory=dict)  # tuning: parameter -> importance
-    distribution_png: bytes | None = None
-    ignored: int = 0  # finished runs of the experiment that are not trials of this plan
 
 
 def fold_ratio(trials: pd.DataFrame) -> float:

@@ -117,6 +117,10 @@ MAX_SEEDS = 1_000_000
 SIGNIFICANT_SHARE = float(stats.norm.ppf(1 - ALPHA / 2) / (stats.norm.ppf(1 - ALPHA / 2)
                                                            + stats.norm.ppf(POWER)))  # fmt: skip
 
+# the two questions a contrast answers apart, and the runs question's test on k-fold CV
+QUESTIONS = {"testset": "on this test set", "runs": "across training runs"}
+KFOLD_TEST = "corrected k-fold t"  # runs_test of the corrected k-fold t-test
+
 Key = tuple[int, int]  # (seed, fold)
 
 
