@@ -8,11 +8,11 @@
 #      the first out-of-memory: bf16 fused (K = 1 to 32), fp32 with TF32 fused, bf16 by vmap;
 #   3. the CUDA tests (tests/test_cuda.py and the CUDA augmentation test);
 #   4. one trial end to end through `python -m fermodel.train` (graphs, bf16, checkpoint).
-# Each part has its own time limit, cut to what is left of the budget (a part with under 20 s
-# left is skipped), and the next runs whatever the last did; every part's output goes to the
+# Each part has its own time limit, cut to what is left of the budget (a part with under
+# MIN_PART seconds left, default 20, is skipped), and the next runs whatever the last did; every part's output goes to the
 # terminal and to $OUT (or /tmp/device_check) as env.txt, gpu.txt, gpu32.txt, gpuvmap.txt,
-# tests.txt and train.txt. DEVICE (default cuda) and PYTHON (default python3) are for the
-# script's own test, which runs it on the CPU with a stand-in python.
+# tests.txt and train.txt. DEVICE (default cuda), PYTHON (default python3) and MIN_PART are for
+# the script's own test, which runs it on the CPU with a stand-in python.
 set -u
 out=${OUT:-/tmp/device_check}
 mkdir -p "$out"
@@ -20,13 +20,14 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 py=${PYTHON:-python3}
 device=${DEVICE:-cuda}
 budget=${BUDGET:-480}
+min_part=${MIN_PART:-20}
 
 part() {  # part NAME SECONDS COMMAND...: run it, its output to the terminal and $out/NAME.txt
     local name=$1 limit=$2
     shift 2
     local left=$((budget - SECONDS - 3))
     ((limit > left)) && limit=$left
-    if ((limit < 20)); then
+    if ((limit < min_part)); then
         echo "=== $name: skipped, ${left}s of the budget left" | tee "$out/$name.txt"
         return
     fi
@@ -43,7 +44,7 @@ part env 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clo
 part gpu 120 "$py" bench/gpu.py --device "$device" --steps 20 --packs 1,2,4,8,16,32
 part gpu32 80 "$py" bench/gpu.py --device "$device" --steps 20 --packs 1,4,16 --precision fp32
 part gpuvmap 60 "$py" bench/gpu.py --device "$device" --steps 20 --packs 1,4,16 --vmap
-part tests 100 "$py" -m pytest -q -s -p no:cacheprovider -o addopts="" -ra --durations=10 \
+part tests 130 "$py" -m pytest -q -s -p no:cacheprovider -o addopts="" -ra --durations=10 \
     tests/test_cuda.py "tests/test_augment.py::test_the_same_ops_run_on_a_cuda_batch"
 rm -rf /tmp/device_check_train
 part train 60 "$py" -m fermodel.train --device "$device" --epochs 4 --quiet \

@@ -40,18 +40,24 @@ def test_a_trial_as_users_run_it_checks_its_graphs_and_trains_from_them(data):
     assert all(math.isfinite(h["train_loss"]) for h in result.history)
 
 
+@pytest.mark.parametrize("route", ["fused", "vmap"])
 @pytest.mark.parametrize("precision", ["auto", "fp32"])
-def test_a_pack_checks_itself_and_its_graphs_and_trains(data, precision):
-    """A pack runs packed in both precisions, from checked graphs. In bf16 ("auto" here) torch
-    2.11 on an H200 refused vmap's batch norm (fermodel.pack), so it may pack with BatchNorm in
-    plain ops, saying so; it must not fall back to its members one after another."""
+def test_a_pack_checks_itself_and_its_graphs_and_trains(data, precision, route, monkeypatch):
+    """A pack runs packed in both precisions, from checked graphs, fused (the ResNet family's
+    route) and by vmap (its fallback). In bf16 ("auto" here) torch 2.11 on an H200 refused
+    vmap's batch norm (fermodel.pack), so a vmap pack may use BatchNorm in plain ops, saying
+    so; no pack may fall back to its members one after another."""
+    from fermodel import pack
+
+    monkeypatch.setattr(pack, "FUSION", route == "fused")
     results = fit_pack([TrialConfig(**BASE, seed=s, precision=precision) for s in range(2)], data)
     for result in results:
         assert graphs_note(result).startswith("trained from CUDA graphs"), result.notes
         assert all(math.isfinite(h["train_loss"]) for h in result.history)
-    how = [n for n in results[0].notes if n.startswith(("packing off", "packed with"))]
-    print(precision, how)  # what this GPU and torch did, in the test's output (-s)
-    assert not [n for n in how if n.startswith("packing off")]
+    how = [n for n in results[0].notes if n.startswith(pack.PACK_NOTES)]
+    print(precision, route, how)  # what this GPU and torch did, in the test's output (-s)
+    assert len(how) == 1 and not how[0].startswith(pack.PACKING_OFF_NOTE), how
+    assert how[0].startswith(pack.FUSED_NOTE if route == "fused" else pack.VMAP_NOTE), how
 
 
 # the smaller network for two epochs; the paper's for one: a ResNet-50 trained from scratch on

@@ -25,15 +25,15 @@ from fermodel.pack import FusedStep, PackedStep
 from fermodel.resnet import ResNet
 
 SMALL = (1, 1, 1, 1)
-BASE = dict(backbone="resnet50", epochs=2, batch_size=16, synthetic_subjects=6,
-            synthetic_images_per_class=2, device="cpu", tta="none", precision="fp64",
+BASE = dict(backbone="resnet50", epochs=2, batch_size=8, synthetic_subjects=6,
+            synthetic_images_per_class=1, device="cpu", tta="none", precision="fp64",
             protocol="kfold", folds=3, checkpoint_every=1, image_size=32)  # fmt: skip
 LOSSES = ("train_loss", "train_ce", "val_loss")
 
 
 @pytest.fixture(scope="module")
 def data():
-    return make_synthetic(num_subjects=6, images_per_class=2, seed=0)
+    return make_synthetic(num_subjects=6, images_per_class=1, seed=0)
 
 
 @pytest.fixture
