@@ -210,7 +210,7 @@ def test_a_fused_pack_is_evaluated_at_once_as_each_member_alone(data, small_resn
     step = engine.make_step(ms, torch.device("cpu"))
     assert isinstance(step, FusedStep)
     step.train()
-    step(torch.arange(16).repeat(3, 1))  # trained a step: running statistics of their own
+    step(torch.arange(8).repeat(3, 1))  # trained a step: running statistics of their own
     vals = [m.splits.val for m in ms]
     x, y = torch.stack([v.images for v in vals]), torch.stack([v.labels for v in vals])
     together = engine.evaluate_members(step.net, x, y, vals[0].classes, 7, ms[0].parts.autocast,
