@@ -22,7 +22,8 @@ from fermodel.pretrained import PretrainedError
 EXIT_CODES = """exit codes:
   0    every planned trial ended as a result: finished (now or before), diverged, or stopped
        early by the scheduler
-  2    bad input (a study file, a flag, a dataset, an unreachable store): nothing was created
+  2    bad input (a study file, a flag, a dataset, an unreachable store), or the study is
+       already running (its holder named): nothing was created
   3    the study ran and its report was written, but a trial failed by an error after its
        retries, or no trial finished
   130  stopped by SIGINT (Ctrl-C); 143 by SIGTERM: the same command continues the study

@@ -25,6 +25,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from orchestrate.lease import Lease
 from orchestrate.storage import Storage
 from search_spaces import Study
 
@@ -204,6 +205,7 @@ class Invocation:
     storage: Storage
     session: str
     writer: object  # orchestrate.tracking.Writer
+    lease: Lease
     resumed: bool = False  # a tuning session restored from its storage
     fates: list = field(default_factory=list)  # grids: every planned trial's fate
     tracker: object = None  # orchestrate.tracking.StudyTracker, once the store is open
@@ -229,8 +231,6 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
     A study stopped by SIGINT or SIGTERM raises ``orchestrate.interrupt.Interrupted`` (a
     KeyboardInterrupt) after marking its open runs KILLED."""
     out = out or sys.stdout
-    from orchestrate.cluster import quiet_ray, start_ray, tune_errors_to
-    from orchestrate.interrupt import on_sigterm_before_tune
     from orchestrate.tracking import Writer, check_reachable
 
     plan = make_plan(study, options)
@@ -245,14 +245,27 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
     session, resumed = _session(plan, options, storage)
     check_reachable(options.tracking_uri)
     datasets = load_datasets(plan)
+    lease = Lease.acquire(storage, study.name, session, out)  # LeaseHeld: another runs it
+    try:
+        inv = Invocation(plan, options, storage, session,
+                         Writer(budget=options.mlflow_retry_budget), lease, resumed)  # fmt: skip
+        return _run(inv, datasets, out)
+    finally:
+        lease.release()
+
+
+def _run(inv: Invocation, datasets: dict, out) -> dict:
+    """Ray started (or joined), the study's Tune run, its report; every run closed at the end."""
+    from orchestrate.cluster import quiet_ray, start_ray, tune_errors_to
+    from orchestrate.interrupt import on_sigterm_before_tune
+
+    options = inv.options
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, on_sigterm_before_tune) if main else None
     quiet_ray(options.verbose)
     started_ray = start_ray(options.address, options.verbose)
     if main:  # after Ray, whose core worker put its own handler in
         signal.signal(signal.SIGTERM, on_sigterm_before_tune)
-    inv = Invocation(plan, options, storage, session, Writer(budget=options.mlflow_retry_budget),
-                     resumed)  # fmt: skip
     status = "FAILED"
     try:
         _prepare(inv, datasets, started_ray, out)
@@ -567,6 +580,7 @@ def _open_parent(inv: Invocation, distribution: bytes) -> None:
                 "tracking_uri": options.tracking_uri, "ray_address": options.address or "local"},
         config=plan.configs()[0],
     )  # fmt: skip
+    inv.lease.update(parent_run=parent)
     with tempfile.TemporaryDirectory() as folder:
         Path(folder, STUDY_ARTIFACT).write_text(study.path.read_text())
         Path(folder, DISTRIBUTION_ARTIFACT).write_bytes(distribution)

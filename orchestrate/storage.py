@@ -130,6 +130,49 @@ class Storage:
                 return None
             raise
 
+    def create_text(self, relative: str, text: str) -> bool:
+        """Create a small file only if it does not exist; False when it does. Atomic where the
+        storage can say so (a folder: an exclusive create; S3: a conditional put), so of two
+        writers racing for one name exactly one wins; elsewhere it is a check, then a write."""
+        target = self.join(relative)
+        if self.local:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as out:
+                out.write(text.encode())
+                out.flush()
+                os.fsync(out.fileno())
+            return True
+        if self.uri.startswith("s3://"):
+            import boto3
+            from botocore.exceptions import ClientError
+
+            bucket, _, key = target[len("s3://"):].partition("/")
+            try:  # boto3 reads AWS_ENDPOINT_URL and the credentials as pyarrow does
+                boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=text.encode(),
+                                              IfNoneMatch="*")  # fmt: skip
+            except ClientError as err:
+                if err.response.get("Error", {}).get("Code") in ("PreconditionFailed",
+                                                                 "ConditionalRequestConflict"):
+                    return False
+                raise
+            return True
+        if self.read_text(relative) is not None:
+            return False
+        self.write_text(relative, text)
+        return True
+
+    def files(self, relative: str) -> list[str]:
+        """Names of the files in a folder below the storage (none when it does not exist)."""
+        from pyarrow import fs
+
+        filesystem, path = Storage(self.join(relative)).filesystem()
+        infos = filesystem.get_file_info(fs.FileSelector(path, allow_not_found=True))
+        return sorted(i.base_name for i in infos if i.type == fs.FileType.File)
+
     # ------------------------------------------------------------------- markers, sessions
 
     def write_marker(self) -> str:
