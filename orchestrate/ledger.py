@@ -12,9 +12,9 @@ identities that have no FINISHED run in the experiment, whichever invocation ran
 - ``diverged``: its newest run FAILED with a non-finite loss. Training is deterministic given
   its config, so it would diverge again: skipped unless ``--retry-failed``.
 
-A run still RUNNING when an invocation starts belongs to a driver that was killed (SIGKILL, a
-lost machine): it is closed as KILLED with a ``closed_by`` tag, and its trial continues. One
-invocation per study at a time is assumed, as with any shared experiment.
+An invocation holds the study's lease (``orchestrate.lease``), so a run still RUNNING when it
+starts belongs to a driver that is gone (SIGKILL, a lost machine): it is closed as KILLED with a
+``closed_by`` tag, and its trial continues.
 """
 
 from __future__ import annotations

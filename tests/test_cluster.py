@@ -18,6 +18,7 @@ stop every Ray on the machine). Token authentication stays on: every process get
 
 import os
 import platform
+import re
 import secrets
 import shutil
 import signal
@@ -442,8 +443,9 @@ def test_trials_that_fit_on_no_node_are_refused_within_seconds(rig, flags, asked
 def test_a_killed_driver_is_continued_from_s3_by_the_next_invocation_elsewhere(rig):
     study = study_file(rig.folder, "driverkill", epochs=3)
     cmd = rig.ablation(study, "--max-concurrent", "1")
-    driver = subprocess.Popen(cmd, env=rig.env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, cwd=rig.folder)  # fmt: skip
+    driver = subprocess.Popen(cmd, env={**rig.env, "FER_LEASE_SECONDS": "8"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              cwd=rig.folder)  # fmt: skip
 
     def one_finished_one_checkpointed():
         client, runs = children(rig.uri, "driverkill")
@@ -463,10 +465,24 @@ def test_a_killed_driver_is_continued_from_s3_by_the_next_invocation_elsewhere(r
     finished = {r.info.run_id for r in before if r.info.status == "FINISHED"}
     killed = [r for r in before if r.info.status == "RUNNING"]
     assert len(finished) == 1 and len(killed) == 1
-    # a new working folder, the same command: the checkpoint can only be found in the bucket
+    # another machine, a new working folder, the same command: it cannot tell that the driver
+    # is gone, so the study's lease holds it off until it expires, and nothing is created ...
     elsewhere = rig.folder / "elsewhere"
     elsewhere.mkdir()
-    done = run(cmd, rig.env, elsewhere)
+    there = own_view([sys.executable, *rig.args(study, "--max-concurrent", "1")],
+                     hosts=rig.hosts, hostname="rig-other")  # fmt: skip
+    refused = run(there, rig.env, elsewhere)
+    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+    said = re.fullmatch(r"error: study driverkill is already running \(host [^,]+, pid "
+                        rf"{driver.pid}, since .*; lease in {rig.storage}/leases/driverkill\): "
+                        r"if it is gone, its lease expires at .* \(in (\d) s\) and the same "
+                        r"command continues the study then\n", refused.stderr)  # fmt: skip
+    assert said, refused.stderr
+    assert not list(elsewhere.iterdir())
+    time.sleep(int(said.group(1)) + 1)
+    # ... then continues it: the checkpoint can only be found in the bucket
+    done = run(there, rig.env, elsewhere)
+    assert "lease: taking over study driverkill from host " in done.stdout
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "0 to run, 1 to continue, 1 finished before (skipped)" in done.stdout
     client, after = children(rig.uri, "driverkill")
@@ -489,6 +505,28 @@ def test_a_killed_driver_is_continued_from_s3_by_the_next_invocation_elsewhere(r
     # nothing of the study's state is local, only the report it was asked to write here
     assert [p.name for p in elsewhere.iterdir()] == ["reports"]
     assert {p.name for p in next((elsewhere / "reports").iterdir()).iterdir()} >= {"report.html"}
+
+
+def test_a_study_launched_twice_on_s3_and_a_server_trains_each_trial_once(rig):
+    study = study_file(rig.folder, "launchedtwice")
+    first, second = rig.folder / "first", rig.folder / "second"  # two users' working folders
+    first.mkdir(), second.mkdir()
+    cmd = rig.ablation(study)
+    one = subprocess.Popen(cmd, env=rig.env, cwd=first, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    time.sleep(1)
+    two = run(cmd, rig.env, second)
+    out, err = one.communicate(timeout=600)
+    assert one.returncode == 0, out[-3000:] + err[-3000:]
+    assert two.returncode == 2, two.stdout[-3000:] + two.stderr[-3000:]
+    assert "Traceback" not in err + two.stderr and two.stdout == ""
+    assert two.stderr.startswith("error: study launchedtwice is already running (host ")
+    assert len(two.stderr.splitlines()) == 1 and not list(second.iterdir())
+    client, runs = children(rig.uri, "launchedtwice")
+    assert sorted(r.data.tags["cell"] for r in runs) == ["ce", "center"]  # each trained once
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    exp = client.get_experiment_by_name("launchedtwice")
+    assert len(client.search_runs([exp.experiment_id], "tags.study_parent = 'true'")) == 1
 
 
 def test_a_minute_long_mlflow_outage_delays_no_trial_and_loses_nothing(rig):
