@@ -6,11 +6,16 @@ model. No weights are stored twice: when the best epoch is the checkpoint's own 
 ``best_model`` is the marker ``SAME_AS_MODEL`` and the reader takes ``model`` for it;
 otherwise it is the best epoch's weights alone (a state dict of tensors, no optimiser state).
 It is written to a temporary file beside the target and renamed, so a crash never leaves a
-half-written checkpoint, and read with ``weights_only=True``, so loading cannot run code.
+half-written checkpoint, and read with ``weights_only=True``, so loading cannot run code. It
+carries a checksum of its contents (``CHECKSUM``: every tensor's bytes, every value), checked on
+reading: damage that still unpickles (a flipped bit in the weights, which torch's own reader
+does not notice) is refused like a truncated file. Checkpoints written before it are read
+unchecked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from pathlib import Path
 
@@ -20,6 +25,7 @@ from fermodel.files import write_atomically
 
 STATE_FILE = "state.pt"
 SAME_AS_MODEL = "model"  # ``best_model`` when the best epoch is the checkpointed one
+CHECKSUM = "checksum"
 
 
 class CheckpointError(ValueError):
@@ -27,7 +33,35 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(directory, state: dict) -> Path:
+    state = {**state, CHECKSUM: content_digest(state)}
     return write_atomically(Path(directory) / STATE_FILE, lambda f: torch.save(state, f))
+
+
+def content_digest(value) -> str:
+    """A SHA-256 of a checkpoint's contents as loaded: keys, values and each tensor's dtype,
+    shape and bytes, in order (a checkpoint's dicts keep their order through a save)."""
+    digest = hashlib.sha256()
+
+    def walk(v) -> None:
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel():
+                digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        elif isinstance(v, dict):
+            digest.update(f"D{len(v)}".encode())
+            for key, item in v.items():
+                digest.update(repr(key).encode())
+                walk(item)
+        elif isinstance(v, (list, tuple)):
+            digest.update(f"L{len(v)}".encode())
+            for item in v:
+                walk(item)
+        else:
+            digest.update(repr(v).encode())
+
+    walk(value)
+    return digest.hexdigest()
 
 
 def load_checkpoint(path) -> dict:
@@ -47,6 +81,10 @@ def load_checkpoint(path) -> dict:
         raise CheckpointError(f"{file}: unreadable checkpoint ({err})") from None
     if not isinstance(state, dict) or "config" not in state or "epoch" not in state:
         raise CheckpointError(f"{file}: not a checkpoint of this project")
+    written = state.pop(CHECKSUM, None)
+    if written is not None and written != content_digest(state):
+        raise CheckpointError(f"{file}: damaged checkpoint (its contents do not match the "
+                              "checksum written with them)")  # fmt: skip
     return state
 
 

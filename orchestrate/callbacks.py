@@ -27,7 +27,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune import Callback
 
 from orchestrate.interrupt import FLAG, INTERRUPTED, TERM_GRACE, Interrupted
-from orchestrate.ledger import index_path
+from orchestrate.ledger import remember
 from orchestrate.packing import member_results, member_specs, members_of
 from orchestrate.search import JOURNAL, LOCAL_JOURNALS
 from orchestrate.storage import Storage
@@ -66,10 +66,11 @@ class MLflowTrials(Callback):
         self.runs: dict[tuple, str] = {}  # (Ray trial id, member) -> MLflow run id (writer)
         self.ended: set[tuple] = set()  # members whose run has its terminal state
         self.hosts: dict[tuple, str] = {}  # (Ray trial id, member) -> the host tagged on its run
+        self.continuing: dict[str, dict] = {}  # run id -> the run and epoch it continues
 
     def __getstate__(self):
         return {**self.__dict__, "client": None, "tracker": None, "runs": {}, "ended": set(),
-                "hosts": {}}  # fmt: skip
+                "hosts": {}, "continuing": {}}  # fmt: skip
 
     def _submit(self, what: str, write) -> None:
         LIVE[self.session].writer.submit(what, write)
@@ -155,8 +156,8 @@ class MLflowTrials(Callback):
         for start in range(0, len(params), 100):
             self.client.log_batch(run_id, params=params[start : start + 100])
         self.tracker.log_input(run_id, info["config"])
-        if continues:  # the epochs before the checkpoint, so the run shows the whole trial
-            copy_epochs(self.client, continues["run"], run_id, continues["epoch"])
+        if continues:  # copied at its first result, which says after which epoch it went on
+            self.continuing[run_id] = continues
         return run_id
 
     def _log_result(self, trial_id, config: dict, member, result: dict, completed: bool,
@@ -167,6 +168,13 @@ class MLflowTrials(Callback):
             self._fail(trial_id, config, member, f"TrainingDiverged: {result['diverged']}")
             return
         run_id = self._run_for(trial_id, config, member)
+        if (continues := self.continuing.pop(run_id, None)) is not None:
+            # the epochs before its checkpoint, so that the run shows the whole trial; an older
+            # one than planned when the newest was damaged (from scratch: none)
+            epoch = int(result.get("continued_after_epoch", continues["epoch"]))
+            if epoch != continues["epoch"]:
+                self.client.set_tag(run_id, "continues_after_epoch", str(epoch))
+            copy_epochs(self.client, continues["run"], run_id, epoch)
         if host and self.hosts.get((trial_id, member)) != host:
             # where a running trial trains now, in the UI while it runs (it moves with a lost node)
             self.client.set_tag(run_id, "host", host)
@@ -258,7 +266,7 @@ class CheckpointIndex(Callback):
                 continue
             entry = {"path": f"{checkpoint.path}/{member}", "epoch": int(last.get("epoch", 0)),
                      "trial": trial.trial_id}  # fmt: skip
-            storage.write_text(index_path(specs[member]["identity"]), json.dumps(entry))
+            remember(storage, specs[member]["identity"], entry)
 
 
 class Progress(Callback):
@@ -308,6 +316,8 @@ class Progress(Callback):
         for member, values in member_results(result):
             if "diverged" in values and (trial.trial_id, member) in self.running:
                 self._failed(trial, member, f"TrainingDiverged: {values['diverged']}", False)
+            if "checkpoint_damage" in values:
+                self._print(f"{_name(trial, member)}: {values['checkpoint_damage']}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}

@@ -7,7 +7,10 @@ identities that have no FINISHED run in the experiment, whichever invocation ran
 - ``finished``: a FINISHED run exists; nothing runs (the report takes its newest).
 - ``continue``: unfinished (killed, interrupted, lost, failed) with a checkpoint in the
   storage's index (``checkpoints/<identity>.json``, written by ``CheckpointIndex`` whenever
-  Tune persists one); it resumes from there and redoes at most the epochs since.
+  Tune persists one); it resumes from there and redoes at most the epochs since. The index
+  keeps the trial's ``INDEX_DEPTH`` newest checkpoints: one found damaged when the trial reads
+  it is named in its notes and dropped from the index (``forget``), and the trial continues from
+  the next older one that is intact, or from scratch.
 - ``run``: never started, or unfinished without a checkpoint; it starts from scratch.
 - ``diverged``: its newest run FAILED with a non-finite loss. Training is deterministic given
   its config, so it would diverge again: skipped unless ``--retry-failed``.
@@ -26,6 +29,7 @@ from orchestrate.storage import Storage
 
 IDENTITY_TAG = "trial_identity"
 INDEX = "checkpoints"  # folder of the storage: one small JSON file per identity
+INDEX_DEPTH = 3  # checkpoints an index entry remembers (Tune keeps two per trial)
 ACTIONS = ("finished", "continue", "run", "diverged")
 
 
@@ -39,6 +43,7 @@ class Fate:
     checkpoint: str = ""  # the checkpoint to continue from (a path in the storage)
     run_id: str = ""  # the run that decided (the finished, diverged or continued one)
     epoch: int = 0  # the epoch of the checkpoint
+    older: tuple = ()  # (path, epoch) of older checkpoints, newest first: if it is damaged
 
     @property
     def runs(self) -> bool:
@@ -49,20 +54,36 @@ def index_path(identity: str) -> str:
     return f"{INDEX}/{identity}.json"
 
 
-def newest_checkpoint(storage: Storage, identity: str) -> tuple[str, int]:
-    """The newest checkpoint Tune persisted for this identity and its epoch, if it still
-    exists, else ("", 0)."""
-    from pyarrow import fs
-
+def indexed(storage: Storage, identity: str) -> list[dict]:
+    """The identity's indexed checkpoints ({"path", "epoch", ...}), newest first."""
     text = storage.read_text(index_path(identity))
     if text is None:
-        return "", 0
+        return []
     entry = json.loads(text)
-    path = entry.get("path", "")
+    return entry.get("checkpoints", [entry] if "path" in entry else [])
+
+
+def remember(storage: Storage, identity: str, entry: dict) -> None:
+    """Index a checkpoint Tune persisted as the identity's newest."""
+    older = [e for e in indexed(storage, identity) if e.get("path") != entry["path"]]
+    entries = [entry, *older][:INDEX_DEPTH]
+    storage.write_text(index_path(identity), json.dumps({"checkpoints": entries}))
+
+
+def forget(storage: Storage, identity: str, path: str) -> None:
+    """Drop a damaged checkpoint from the index: no invocation tries it again."""
+    entries = [e for e in indexed(storage, identity) if e.get("path") != path]
+    storage.write_text(index_path(identity), json.dumps({"checkpoints": entries}))
+
+
+def checkpoints(storage: Storage, identity: str) -> list[tuple[str, int]]:
+    """(path, epoch) of the identity's indexed checkpoints that still exist, newest first."""
+    from pyarrow import fs
+
     filesystem, _ = storage.filesystem()
-    if not path or filesystem.get_file_info(path).type != fs.FileType.Directory:
-        return "", 0
-    return path, int(entry.get("epoch", 0))
+    return [(e["path"], int(e.get("epoch", 0))) for e in indexed(storage, identity)
+            if e.get("path") and filesystem.get_file_info(e["path"]).type
+            == fs.FileType.Directory]  # fmt: skip
 
 
 def identity_runs(tracker) -> dict[str, list]:
@@ -98,7 +119,8 @@ def plan_fates(specs, tracker, storage: Storage, retry_failed: bool = False) -> 
             fates.append(Fate(spec, "diverged", "diverged before (--retry-failed runs it "
                               "again)", run_id=newest.info.run_id))  # fmt: skip
             continue
-        checkpoint, epoch = newest_checkpoint(storage, spec.identity)
+        found = checkpoints(storage, spec.identity)
+        checkpoint, epoch = found[0] if found else ("", 0)
         if newest is None:
             reason = "new"
         else:
@@ -107,7 +129,7 @@ def plan_fates(specs, tracker, storage: Storage, retry_failed: bool = False) -> 
                       }.get(newest.info.status, newest.info.status.lower())  # fmt: skip
         if checkpoint and newest is not None:
             fates.append(Fate(spec, "continue", f"{reason}; continues after epoch {epoch}",
-                              checkpoint, newest.info.run_id, epoch))  # fmt: skip
+                              checkpoint, newest.info.run_id, epoch, tuple(found[1:])))  # fmt: skip
         else:
             fates.append(Fate(spec, "run", reason))
     return fates

@@ -475,7 +475,7 @@ def _tuner(inv: Invocation, datasets: dict, out):
             name=session,
             storage_path=storage.uri,
             failure_config=FailureConfig(max_failures=options.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),  # one to fall back on
             callbacks=callbacks,
             verbose=0,
         ),
@@ -612,6 +612,7 @@ def _spec(f) -> dict:
     """A grid trial as its Tune config holds it: place, identity, where it continues from."""
     return {"cell": f.spec.cell, "seed": f.spec.seed, "fold": f.spec.fold,
             "identity": f.spec.identity, "resume_from": f.checkpoint,
+            "older": [list(entry) for entry in f.older],
             "continues": {"run": f.run_id, "epoch": f.epoch} if f.checkpoint else None,
             "config": f.spec.config.to_dict()}  # fmt: skip
 
@@ -627,6 +628,7 @@ def _tune_config(plan: Plan, options: RunOptions, storage, session: str):
             max_concurrent_trials=options.max_concurrent,
             reuse_actors=True,
             scheduler=PausableFIFO(session),
+            trial_dirname_creator=trial_folder,
         )
     from orchestrate.search import FinalOnlyOptunaSearch, asha, optuna_storage, tpe
 
@@ -643,7 +645,14 @@ def _tune_config(plan: Plan, options: RunOptions, storage, session: str):
         scheduler=asha(int(plan.base.get("epochs", 200)), t, session) or PausableFIFO(session),
         num_samples=t.num_samples,
         max_concurrent_trials=options.max_concurrent or default_concurrency(t.num_samples),
+        trial_dirname_creator=trial_folder,
     )
+
+
+def trial_folder(trial) -> str:
+    """A Tune trial's folder in the storage: its trainable and id (Tune's default appends the
+    whole config, a pack's members included, which makes paths hundreds of characters long)."""
+    return f"{trial.trainable_name}_{trial.trial_id}"
 
 
 def default_concurrency(num_samples: int) -> int:

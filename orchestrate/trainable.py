@@ -95,16 +95,6 @@ def write_artifacts(folder: Path, final: dict, result) -> None:
         torch.save(result.model_state, folder / BEST_MODEL_FILE)
 
 
-def _earlier_checkpoint(spec: dict, storage_uri: str | None):
-    """The checkpoint an earlier invocation left for this grid trial (``orchestrate.ledger``),
-    when it is still in the storage."""
-    path = spec.get("resume_from")
-    if not path or not storage_uri:
-        return None
-    filesystem, _ = Storage(storage_uri).filesystem()
-    return tune.Checkpoint(path, filesystem=filesystem)
-
-
 def memory_fraction(gpus: float) -> float | None:
     """The share of its GPU's memory a trial asking for ``gpus`` of one may allocate: Ray's
     fractional GPUs are logical, so trials sharing a device are bounded here (None: whole)."""
@@ -196,12 +186,12 @@ def run_pack(
     ended = {i: text for i, note in notes.items()
              if session and (text := session.read_text(note)) is not None}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="fer-resume-") as restored:
-        sources = _member_sources(specs, restored, storage_uri)
+        sources, damage = _member_sources(specs, restored, storage_uri)
         finals = {i: src for i, src in sources.items() if (src / RESULTS_FILE).is_file()}
         live = [i for i in range(len(specs)) if i not in finals and i not in ended]
         results = {}
         if live:
-            results = _train_members(live, configs, datasets, sources, session, notes)
+            results = _train_members(live, configs, datasets, sources, session, notes, damage)
         _report_final(results, finals, ended, started)
 
 
@@ -227,29 +217,77 @@ def _report_final(results: dict, finals: dict, ended: dict, started: float) -> N
                     checkpoint=tune.Checkpoint.from_directory(folder))  # fmt: skip
 
 
-def _member_sources(specs: list[dict], folder: str, storage_uri: str | None) -> dict:
-    """Each member's checkpoint folder, copied into ``folder``: from this Tune trial's own
-    checkpoint (a retried pack) or from the one an earlier invocation indexed for it."""
-    sources = {}
+def _member_sources(specs: list[dict], folder: str, storage_uri: str | None
+                    ) -> tuple[dict, dict]:  # fmt: skip
+    """Each member's intact checkpoint folder, copied into ``folder``: this Tune trial's own
+    (a retried pack), else the newest intact one an earlier invocation indexed for it
+    (``orchestrate.ledger``); and, for members whose checkpoints were found damaged, what was
+    damaged and the epoch they continue after instead (0: from scratch). A damaged checkpoint
+    is dropped from the index, so no later invocation tries it again."""
+    from orchestrate.ledger import forget
+
+    sources, damaged, after = {}, {}, {}
     own = tune.get_checkpoint()
     if own is not None:
         own.to_directory(folder)
-        sources = {int(p.name): p for p in Path(folder).iterdir() if p.name.isdigit()}
+        for member in (p for p in Path(folder).iterdir() if p.name.isdigit()):
+            if (why := _damaged(member)) is None:
+                sources[int(member.name)] = member
+            else:
+                damaged[int(member.name)] = [f"{own.path}/{member.name}: {why}"]
+    storage = Storage(storage_uri) if storage_uri else None
     for i, spec in enumerate(specs):
-        if i not in sources and (earlier := _earlier_checkpoint(spec, storage_uri)) is not None:
-            target = Path(folder) / f"earlier-{i}"
-            earlier.to_directory(str(target))
-            sources[i] = target
-    return sources
+        if i in sources or storage is None:
+            continue
+        filesystem, _ = storage.filesystem()
+        for n, (path, epoch) in enumerate(_indexed(spec)):
+            target = Path(folder) / f"earlier-{i}-{n}"
+            try:
+                tune.Checkpoint(path, filesystem=filesystem).to_directory(str(target))
+                why = _damaged(target)
+            except OSError as err:  # deleted since the plan, or unreadable
+                why = f"cannot be read ({err})"
+            if why is None:
+                sources[i], after[i] = target, epoch
+                break
+            damaged.setdefault(i, []).append(f"{path} (epoch {epoch}): {why}")
+            forget(storage, spec["identity"], path)
+    return sources, {i: (texts, after.get(i, 0)) for i, texts in damaged.items()}
 
 
-def _train_members(live: list[int], configs, datasets, sources, session, notes) -> dict:
-    """``fit_pack`` on the live members, reporting each epoch under their pack indices."""
+def _indexed(spec: dict) -> list[tuple[str, int]]:
+    """The checkpoints the plan found for a grid trial, newest first."""
+    if not spec.get("resume_from"):
+        return []
+    newest = (spec["resume_from"], (spec.get("continues") or {}).get("epoch", 0))
+    return [newest, *(tuple(entry) for entry in spec.get("older", []))]
+
+
+def _damaged(folder: Path) -> str | None:
+    """Why a member's checkpoint folder cannot be continued from, or None (finished members'
+    folders hold their results instead)."""
+    from fermodel.checkpoint import CheckpointError, load_checkpoint
+
+    if (folder / RESULTS_FILE).is_file():
+        return None
+    try:
+        load_checkpoint(folder)
+    except CheckpointError as err:
+        return str(err).split(": ", 1)[-1]
+    return None
+
+
+def _train_members(live: list[int], configs, datasets, sources, session, notes,
+                   damage: dict) -> dict:  # fmt: skip
+    """``fit_pack`` on the live members, reporting each epoch under their pack indices. A
+    member whose checkpoints were damaged says so in its first report and in its notes."""
     from fermodel.engine import fit_pack
 
     data = datasets[data_key(configs[live[0]])]
     starts = [sources[i] / STATE_FILE if i in sources else None for i in live]
     asked = StopRequest(session) if session else None
+    said = {i: _damage_note(*damage[i]) for i in live if i in damage}
+    unsaid = dict(said)
 
     def report(metrics: list, folder: str | None) -> None:
         members = {}
@@ -260,6 +298,9 @@ def _train_members(live: list[int], configs, datasets, sources, session, notes) 
                 members[str(i)] = {"diverged": str(entry)}
             elif entry is not None:
                 members[str(i)] = entry
+                if i in unsaid:
+                    members[str(i)] = {**entry, "checkpoint_damage": unsaid.pop(i),
+                                       "continued_after_epoch": damage[i][1]}  # fmt: skip
         epoch = next((m["epoch"] for m in members.values() if "epoch" in m), 0)
         if folder is None:
             tune.report({"epoch": epoch, "members": members})
@@ -277,7 +318,15 @@ def _train_members(live: list[int], configs, datasets, sources, session, notes) 
 
     out = fit_pack([configs[i] for i in live], data, report=report, checkpoints=starts,
                    checkpoint_now=asked)  # fmt: skip
+    for i, result in zip(live, out, strict=True):
+        if i in said and not isinstance(result, TrainingDiverged):
+            result.notes.insert(0, said[i])
     return dict(zip(live, out, strict=True))
+
+
+def _damage_note(damaged: list[str], epoch: int) -> str:
+    went = f"continued after epoch {epoch}" if epoch else "started over (no intact checkpoint)"
+    return f"damaged checkpoint(s) skipped: {'; '.join(damaged)}; {went}"
 
 
 def measure_size(config_values: dict, data, gpus: float, limit: int) -> tuple[int, dict]:

@@ -343,7 +343,7 @@ def test_a_resumed_tuning_study_continues_its_optuna_history(
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 130
-    (session,) = [p.name for p in (tmp_path / "ray").iterdir()]
+    (session,) = [p.name for p in (tmp_path / "ray").iterdir() if p.name != "leases"]
     storage = optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "ray" / session / JOURNAL))
     )
