@@ -26,9 +26,12 @@ EXIT_CODES = """exit codes:
        already running (its holder named): nothing was created
   3    the study ran and its report was written, but a trial failed by an error after its
        retries, or no trial finished
+  4    --storage is full: the study stopped, its runs closed; free space there and run the
+       same command, which continues it
   130  stopped by SIGINT (Ctrl-C); 143 by SIGTERM: the same command continues the study
 """
 TRIALS_FAILED = 3
+STORAGE_FULL = 4
 
 EXAMPLES = """examples:
   python -m orchestrate.ablation                              # table4, synthetic, cpu preset
@@ -191,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     from fermodel.config import ConfigError
     from fermodel.data import DatasetError
     from orchestrate.cluster import ClusterError
+    from orchestrate.full_storage import StorageFull
     from orchestrate.runner import RunOptions, run_study
     from orchestrate.storage import Storage, StorageError
     from orchestrate.tracking import TrackingError, default_tracking_uri
@@ -232,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
             PretrainedError, FileNotFoundError, ValueError) as err:  # fmt: skip
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except StorageFull as err:
+        print(f"error: {err} (exit {STORAGE_FULL})", file=sys.stderr)
+        return STORAGE_FULL
     except KeyboardInterrupt as err:
         given = argv if argv is not None else sys.argv[1:]
         again = "python -m orchestrate.ablation " + shlex.join(given)  # the same command

@@ -20,6 +20,7 @@ lease is looked for.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -119,8 +120,9 @@ class Lease:
             self._thread.join()
         try:
             self.update(released=True)
-        except OSError as err:  # it expires by itself
-            print(f"lease: could not release {self.path}: {err}", file=sys.stderr)
+        except OSError as err:  # it expires by itself (a full storage has been said already)
+            if err.errno != errno.ENOSPC:
+                print(f"lease: could not release {self.path}: {err}", file=sys.stderr)
 
     def _start(self) -> None:
         self._thread = threading.Thread(target=self._renew, name="study-lease", daemon=True)

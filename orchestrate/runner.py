@@ -25,6 +25,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from orchestrate.full_storage import StorageFull
 from orchestrate.lease import Lease
 from orchestrate.storage import Storage
 from search_spaces import Study
@@ -271,7 +272,7 @@ def _run(inv: Invocation, datasets: dict, out) -> dict:
         _prepare(inv, datasets, started_ray, out)
         if inv.size:
             with tune_errors_to(inv.log_file, options.verbose):
-                _tuner(inv, datasets, out).fit()
+                _fit(inv, datasets, out)
         inv.writer.flush()
         _raise_if_interrupted(inv)
         summary = _finish(inv, out)
@@ -279,6 +280,9 @@ def _run(inv: Invocation, datasets: dict, out) -> dict:
         return summary
     except KeyboardInterrupt:
         status = "KILLED"
+        raise
+    except StorageFull:
+        _report_what_can_be(inv, out)
         raise
     finally:
         _end(inv, status, out)
@@ -378,6 +382,39 @@ def _auto_pack(inv: Invocation, datasets: dict, out) -> int:
     return k
 
 
+def _fit(inv: Invocation, datasets: dict, out) -> None:
+    """Tune's run; a storage found full on the way (by a trial or by the driver) ends it as
+    ``StorageFull`` (``orchestrate.full_storage``), whatever Tune raised after it."""
+    from orchestrate.full_storage import FULL, no_space
+
+    FULL.pop(inv.session, None)
+    try:
+        _tuner(inv, datasets, out).fit()
+    except Exception as err:
+        if inv.session not in FULL and not no_space(err):
+            raise
+        FULL.setdefault(inv.session, str(err))
+    if inv.session in FULL:
+        raise StorageFull.of(inv.storage.uri, FULL.pop(inv.session))
+
+
+def _report_what_can_be(inv: Invocation, out) -> None:
+    """A study stopped early (its storage full): its runs closed, its table printed and its
+    report written from what MLflow holds, as far as the disks allow."""
+    from orchestrate.render import format_table
+
+    tracker, writer, session = inv.tracker, inv.writer, inv.session
+    try:
+        writer.flush()
+        writer.call(lambda: _close_leftovers(tracker, session, "KILLED"))
+        folder = Path(inv.options.reports) / session
+        report, paths = writer.call(lambda: _publish_report(tracker, session, folder))
+        print("\n" + format_table(report), file=out)
+        print(f"report: {next(p for p in paths if p.name == 'report.html')}", file=out)
+    except Exception as err:  # the report is a courtesy here: the stop is the message
+        print(f"report: not written ({str(err).splitlines()[0][:300]})", file=out)
+
+
 def _raise_if_interrupted(inv: Invocation) -> None:
     from orchestrate.interrupt import INTERRUPTED, Interrupted
 
@@ -441,6 +478,7 @@ def _tuner(inv: Invocation, datasets: dict, out):
         MLflowTrials,
         Progress,
     )
+    from orchestrate.full_storage import FullStorageStop, FullStorageWatch
     from orchestrate.tracking import LIVE
     from orchestrate.trainable import run_pack, run_trial
 
@@ -464,6 +502,7 @@ def _tuner(inv: Invocation, datasets: dict, out):
                  log=str(inv.log_file)),
         CheckpointIndex(storage.uri),  # before the stop that a checkpoint may set off
         GracefulStop(session, path),
+        FullStorageWatch(session),
     ]  # fmt: skip
     if plan.study.kind == "tune" and not storage.local:
         callbacks.append(JournalMirror(storage, session))
@@ -475,6 +514,7 @@ def _tuner(inv: Invocation, datasets: dict, out):
             name=session,
             storage_path=storage.uri,
             failure_config=FailureConfig(max_failures=options.max_failures),
+            stop=FullStorageStop(session),
             checkpoint_config=CheckpointConfig(num_to_keep=2),  # one to fall back on
             callbacks=callbacks,
             verbose=0,
