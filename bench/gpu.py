@@ -90,8 +90,11 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="the trials' arithmetic (fermodel's precision key); default "
                         "auto: bf16 on CUDA (vmap packs refused it on an H200)")  # fmt: skip
-    parser.add_argument("--vmap", action="store_true",
-                        help="pack by torch.vmap where packs would be fused (fermodel.fused)")
+    parser.add_argument(
+        "--vmap",
+        action="store_true",
+        help="pack by torch.vmap where packs would be fused (fermodel.fused)",
+    )
     args = parser.parse_args()
     pack.FUSION = not args.vmap
     packs = [int(k) for k in args.packs.split(",")]

@@ -1,8 +1,10 @@
 """One runner per study at a time: a lease in the study's storage.
 
-An invocation claims its study after every check and before it starts Ray or opens an MLflow
-run. The lease is a small file, ``<storage>/leases/<study>/<generation>.json``, naming its holder
-(host, pid, session, parent run, since when) and renewed by a thread while the holder lives. A
+An invocation claims its study after every check (the cluster's resources and the storage's
+reach included) and before it writes anything or opens an MLflow run; a look before Ray starts
+(``Lease.check``) refuses a second invocation of a running study at once. The lease is a small
+file, ``<storage>/leases/<study>/<generation>.json``, naming its holder (host, pid, session,
+parent run, since when) and renewed by a thread while the holder lives. A
 generation is only ever created if absent (an exclusive create in a folder, a conditional put on
 S3), so of two invocations started together exactly one gets it; the other refuses with one line
 naming the holder (``LeaseHeld``: exit 2, nothing created). Refusing, not sharing the trials, is
@@ -76,6 +78,15 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+
+    @staticmethod
+    def check(storage: Storage, study: str) -> None:
+        """Raise ``LeaseHeld`` when the study is running now: a look, before the checks that
+        take a while (Ray's start), so that a second invocation refuses at once."""
+        _, current = _newest(storage, f"{FOLDER}/{study}")
+        now = time.time()
+        if current is not None and current.stale(now) is None:
+            raise LeaseHeld(_refusal(study, storage, current, now))
 
     @classmethod
     def acquire(cls, storage: Storage, study: str, session: str, out=None) -> Lease:
@@ -161,8 +172,10 @@ def _refusal(study: str, storage: Storage, holder: Holder, now: float) -> str:
         after = "stop it first, or wait for it to end"
     else:
         expires = holder.renewed + holder.expiry
-        after = (f"if it is gone, its lease expires at {_clock(expires)} (in "
-                 f"{max(0, expires - now):.0f} s) and the same command continues the study then")
+        after = (
+            f"if it is gone, its lease expires at {_clock(expires)} (in "
+            f"{max(0, expires - now):.0f} s) and the same command continues the study then"
+        )
     return f"study {study} is already running ({holder.describe()}; lease in {where}): {after}"
 
 

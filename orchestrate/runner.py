@@ -206,8 +206,8 @@ class Invocation:
     storage: Storage
     session: str
     writer: object  # orchestrate.tracking.Writer
-    lease: Lease
     resumed: bool = False  # a tuning session restored from its storage
+    lease: Lease | None = None  # this study's, once every check has passed
     fates: list = field(default_factory=list)  # grids: every planned trial's fate
     tracker: object = None  # orchestrate.tracking.StudyTracker, once the store is open
     earlier: int = 0  # trials finished before this invocation
@@ -245,18 +245,16 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
     storage.check()
     session, resumed = _session(plan, options, storage)
     check_reachable(options.tracking_uri)
+    Lease.check(storage, study.name)  # a running study refuses a second invocation at once
     datasets = load_datasets(plan)
-    lease = Lease.acquire(storage, study.name, session, out)  # LeaseHeld: another runs it
-    try:
-        inv = Invocation(plan, options, storage, session,
-                         Writer(budget=options.mlflow_retry_budget), lease, resumed)  # fmt: skip
-        return _run(inv, datasets, out)
-    finally:
-        lease.release()
+    inv = Invocation(plan, options, storage, session, Writer(budget=options.mlflow_retry_budget),
+                     resumed)  # fmt: skip
+    return _run(inv, datasets, out)
 
 
 def _run(inv: Invocation, datasets: dict, out) -> dict:
-    """Ray started (or joined), the study's Tune run, its report; every run closed at the end."""
+    """Ray started (or joined), the study's lease, its Tune run, its report; every run closed
+    and the lease released at the end."""
     from orchestrate.cluster import quiet_ray, start_ray, tune_errors_to
     from orchestrate.interrupt import on_sigterm_before_tune
 
@@ -290,6 +288,8 @@ def _run(inv: Invocation, datasets: dict, out) -> dict:
             import ray
 
             ray.shutdown()
+        if inv.lease is not None:
+            inv.lease.release()
         if main:
             signal.signal(signal.SIGTERM, previous)
 
@@ -348,6 +348,8 @@ def _prepare(inv: Invocation, datasets: dict, private_ray: bool, out) -> None:
     check_resources(options.cpus_per_trial, options.gpus_per_trial, options.node_timeout, out)
     if not private_ray or len(alive_nodes()) > 1:
         check_storage_shared(inv.storage)
+    # the last check, the first write: LeaseHeld when another invocation runs this study
+    inv.lease = Lease.acquire(inv.storage, study.name, inv.session, out)
     interrupt.clear(inv.storage.join(inv.session))  # a flag of an earlier invocation
     inv.tracker = inv.writer.call(
         lambda: StudyTracker(options.tracking_uri, study.name, DatasetInputs(datasets))

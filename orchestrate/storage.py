@@ -150,13 +150,15 @@ class Storage:
             import boto3
             from botocore.exceptions import ClientError
 
-            bucket, _, key = target[len("s3://"):].partition("/")
+            bucket, _, key = target[len("s3://") :].partition("/")
             try:  # boto3 reads AWS_ENDPOINT_URL and the credentials as pyarrow does
                 boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=text.encode(),
                                               IfNoneMatch="*")  # fmt: skip
             except ClientError as err:
-                if err.response.get("Error", {}).get("Code") in ("PreconditionFailed",
-                                                                 "ConditionalRequestConflict"):
+                if err.response.get("Error", {}).get("Code") in (
+                    "PreconditionFailed",
+                    "ConditionalRequestConflict",
+                ):
                     return False
                 raise
             return True

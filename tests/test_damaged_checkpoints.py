@@ -124,9 +124,8 @@ def test_a_damaged_checkpoint_is_named_skipped_and_never_tried_again(
                 for cell, entries in indexed.items()}  # fmt: skip
     assert all(len(v) >= 2 for v in existing.values()), existing
     damaged = {"newest": [existing["newest"][0]], "every": existing["every"]}
-    for cell, entries in damaged.items():
-        for path, _ in entries:
-            damage(Path(path), how)
+    for path, _ in [*damaged["newest"], *damaged["every"]]:
+        damage(Path(path), how)
 
     monkeypatch.chdir(folder)
     assert main(command(folder, concurrency)) == 0

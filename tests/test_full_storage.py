@@ -28,7 +28,7 @@ loss = "ce"
 name = "b"
 loss = "center"
 [presets.tiny]
-epochs = 4
+epochs = 3
 batch_size = 8
 image_size = 32
 tta = "none"
@@ -103,6 +103,6 @@ def test_a_storage_that_fills_stops_the_study_in_one_line_and_the_same_command_f
     assert "RUNNING" not in {r.info.status for r in children}
     for run in finished:  # every epoch once, continued or not
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
-        assert sorted(steps) == [1, 2, 3, 4]
+        assert sorted(steps) == [1, 2, 3]
     # the checkpoint written before the disk filled was kept, and continued from
     assert "1 to run, 1 to continue, 0 finished before (skipped)" in second

@@ -60,15 +60,14 @@ EXIT = {"SIGINT to the driver": 130, "SIGINT to the process group": 130, "SIGTER
         "SIGKILL": -9}  # fmt: skip
 
 
-def schedules(n: int = 6, seed: int = 2026) -> list[tuple[str, str, int]]:
-    """n distinct (signal, moment, trials at a time) draws, every signal among them."""
+def schedules(seed: int = 2026) -> list[tuple[str, str, int]]:
+    """One (signal, moment, trials at a time) draw per signal, drawn again until every moment
+    and both concurrencies are among them."""
     rng = random.Random(seed)
-    drawn = [(s, rng.choice(MOMENTS), rng.choice((1, 2))) for s in SIGNALS]
-    while len(drawn) < n:
-        pick = (rng.choice(SIGNALS), rng.choice(MOMENTS), rng.choice((1, 2)))
-        if pick not in drawn:
-            drawn.append(pick)
-    return drawn
+    while True:
+        drawn = [(s, rng.choice(MOMENTS), rng.choice((1, 2))) for s in SIGNALS]
+        if {m for _, m, _ in drawn} == set(MOMENTS) and {c for *_, c in drawn} == {1, 2}:
+            return drawn
 
 
 def command(folder: Path, concurrency: int) -> list[str]:

@@ -149,12 +149,24 @@ synthetic_images_per_class = 2
 
 
 @pytest.mark.slow
-def test_a_study_launched_twice_in_one_folder_trains_each_trial_once(tmp_path):
+def test_a_study_launched_twice_in_one_folder_trains_each_trial_once(ray_cluster, tmp_path):
+    import ray
     from mlflow.tracking import MlflowClient
 
     (tmp_path / "twice.toml").write_text(TWICE)
-    cmd = [sys.executable, "-m", "orchestrate.ablation", "--study", "twice.toml", "--preset",
-           "tiny", "--no-log-checkpoints"]  # as a user types it, twice, in one folder
+    # as a user types it, twice, in one folder (on the tests' running Ray: it starts faster)
+    cmd = [
+        sys.executable,
+        "-m",
+        "orchestrate.ablation",
+        "--study",
+        "twice.toml",
+        "--preset",
+        "tiny",
+        "--no-log-checkpoints",
+        "--address",
+        ray.get_runtime_context().gcs_address,
+    ]
     first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)  # fmt: skip
     time.sleep(1)
@@ -165,7 +177,8 @@ def test_a_study_launched_twice_in_one_folder_trains_each_trial_once(tmp_path):
     assert second.stdout == "" and "Traceback" not in err + second.stderr
     refusal = second.stderr.splitlines()
     assert len(refusal) == 1 and refusal[0].startswith(
-        f"error: study twice is already running (host {socket.gethostname()}, pid {first.pid}, ")
+        f"error: study twice is already running (host {socket.gethostname()}, pid {first.pid}, "
+    )
     assert f"lease in {tmp_path / 'ray_results'}/leases/twice)" in refusal[0]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("twice").experiment_id])
