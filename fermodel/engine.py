@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from fermodel.augment import AugmentConfig, augment, predict_tta, to_float
 from fermodel.checkpoint import SAME_AS_MODEL, best_model, load_checkpoint, save_checkpoint
 from fermodel.config import DATA_KEYS, MEMBER_KEYS, PLACE_KEYS, TrialConfig, pack_key
+from fermodel.cost import model_cost, peak_memory_mb, start_peak_memory
 from fermodel.data import FERDataset, load_dataset, make_splits
 from fermodel.losses import JointLoss
 from fermodel.metrics import confusion_matrix, summarize
@@ -81,6 +82,7 @@ class TrialResult:
     # field's figure, FER2013's full PrivateTest), beside ``test`` on its deduplicated part
     test_full: dict | None = None
     split_sizes: dict = field(default_factory=dict)  # images of train, val and test
+    cost: dict = field(default_factory=dict)  # the selected model's, measured (fermodel.cost)
     model_state: dict | None = field(default=None, repr=False)  # the selected model (CPU)
 
     def to_dict(self) -> dict:
@@ -499,6 +501,7 @@ def fit_pack(
     try:
         data = load_trial_data(first) if data is None else data
         device = resolve_device(first.device)
+        start_peak_memory(device)
         checkpoints = list(checkpoints) if checkpoints is not None else [None] * len(configs)
         members = [make_member(c, data, device, ckpt)
                    for c, ckpt in zip(configs, checkpoints, strict=True)]  # fmt: skip
@@ -641,7 +644,8 @@ def _train(members: list[Member], data, device, report, checkpoint_now) -> list:
             _report(members, epoch, metrics, report, cadence, checkpoint_now)
         if not any(m.alive for m in members):
             break
-    return [_test(m, data, device, cadence) if m.alive else m.failed for m in members]
+    peak = peak_memory_mb(device, len(members))
+    return [_test(m, data, device, cadence, peak) if m.alive else m.failed for m in members]
 
 
 def _train_epoch(members: list[Member], step, epoch: int, batches, device):
@@ -752,11 +756,15 @@ def _report(members, epoch: int, metrics: list, report, cadence, checkpoint_now)
         report(metrics, folder)
 
 
-def _test(m: Member, data: FERDataset, device, cadence) -> TrialResult:
-    """The selected epoch's model on the test split, evaluated once."""
+def _test(m: Member, data: FERDataset, device, cadence, peak_mb: float) -> TrialResult:
+    """The selected epoch's model on the test split, evaluated once, and what it costs."""
     c, parts, splits = m.config, m.parts, m.splits
     if m.best_state is not None:
         parts.model.load_state_dict(m.best_state)
+    key = (c.backbone, c.attention, c.in_chans, c.image_size, c.precision, c.channels_last,
+           len(data.classes), str(device), torch.get_num_threads())  # fmt: skip
+    cost = model_cost(parts.net, (c.in_chans, c.image_size, c.image_size), device, key,
+                      parts.autocast)  # fmt: skip
     args = (data.classes, c.eval_batch_size, parts.autocast, c.tta)
     test_x, test_y = splits.test.images.to(device), splits.test.labels.to(device)
     test, cm, pred = evaluate(parts.net, test_x, test_y, *args)
@@ -794,5 +802,6 @@ def _test(m: Member, data: FERDataset, device, cadence) -> TrialResult:
         checkpoint_seconds=cadence.seconds,
         test_full=test_full,
         split_sizes={p: len(getattr(splits, p)) for p in ("train", "val", "test")},
+        cost={**cost, "peak_memory_mb": peak_mb},
         model_state=None if m.best_state is None else {k: v.cpu() for k, v in m.best_state.items()},
     )

@@ -22,6 +22,8 @@ PLAN_ARTIFACT = "plan.json"  # a grid invocation's parent: the identities of its
 DISTRIBUTION_ARTIFACT = "class_distribution.png"
 PREDICTIONS_ARTIFACT = "predictions.json"
 # trial-config params the report states (its title, the fold correction)
+# what each trial's selected model costs (fermodel.cost), measured on its device
+COST_METRICS = ("params", "gflops", "latency_ms", "throughput", "peak_memory_mb")
 STATED_PARAMS = ("loss", "lam", "lam1", "protocol", "folds", "drop_leaked", "clean",
                  "drop_mislabeled", "labels")  # fmt: skip
 
@@ -76,7 +78,7 @@ def trial_frame(runs) -> pd.DataFrame:
                 **{k: v for k, v in metrics.items() if k.startswith(("test_", "best_"))},
                 **{k: metrics.get(k, math.nan)
                    for k in ("train_seconds", "trial_seconds", "mean_images_per_second",
-                             "train_images", "test_images")},
+                             "train_images", "test_images", *COST_METRICS)},
             }
         )  # fmt: skip
     return pd.DataFrame(rows)

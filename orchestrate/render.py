@@ -204,6 +204,20 @@ def cell_columns(report: StudyReport) -> list[Column]:
         if report.paper_note:
             meaning += f"; {PAPER_MARK} {report.paper_note}"
         cols.append(Column("", header, lambda r: _num(r.paper), meaning))
+    if "latency_ms" in t and t.latency_ms.notna().any():
+        cost = "what it costs"
+        cols += [
+            Column(cost, "Params (M)", lambda r: _num(r.params / 1e6),
+                   "the model's parameters, in millions"),
+            Column(cost, "GFLOPs", lambda r: f"{r.gflops:.3g}",
+                   "floating-point operations of one forward pass on one image, in billions "
+                   "(torch's flop counter: a multiply-add is 2; grouped convolutions counted with "
+                   "their grouped weights)"),
+            Column(cost, "Latency (ms)", lambda r: f"{r.latency_ms:.3g}",
+                   "milliseconds per image at batch 1 on the device the trials trained on, eval "
+                   "mode: the median of timed runs after warm-up, median over the trials "
+                   "(throughput at batch 64 and peak training memory: study_table.csv)"),
+        ]  # fmt: skip
     return cols
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from orchestrate.collect import StudyData
+from orchestrate.collect import COST_METRICS, StudyData
 from orchestrate.statistics import (
     ALPHA,
     KFOLD_TEST,
@@ -98,6 +98,8 @@ def cell_rows(data: StudyData, order: list[str], labels: dict, paper: dict) -> p
             "gpu_hours": hours * data.gpus_per_trial,
             "images_per_second": sub.mean_images_per_second.mean() if len(sub) else math.nan,
         }  # fmt: skip
+        for col in COST_METRICS:  # the cell's architecture on the trials' device
+            row[col] = sub[col].median() if col in sub and len(sub) else math.nan
         for col in sorted(c for c in sub.columns if c.startswith("test_recall_")):
             row[col.replace("test_", "")] = 100 * sub[col].mean()
         rows.append(row)

@@ -442,7 +442,8 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict, step: int) -> 
 EPOCH_KEYS = re.compile(r"^(epoch|train_\w+|val_\w+|lr|images_per_second|epoch_seconds)$")
 FINAL_KEYS = re.compile(r"^(test_\w+|best_epoch|best_val_accuracy|trial_seconds|train_seconds|"
                         r"mean_images_per_second|checkpoints|checkpoint_seconds|train_images|"
-                        r"val_images)$")  # fmt: skip
+                        r"val_images|params|gflops|latency_ms|throughput|latency_threads|"
+                        r"peak_memory_mb)$")  # fmt: skip
 
 
 def failure_reason(text: str) -> str:

@@ -71,6 +71,7 @@ def final_metrics(result, seconds: float) -> dict:
         mean_images_per_second=result.images_per_second,
         checkpoints=len(result.checkpoint_epochs),  # written by this attempt
         checkpoint_seconds=result.checkpoint_seconds,
+        **result.cost,  # params, GFLOPs, latency and throughput, peak memory (fermodel.cost)
         epoch=len(result.history),
         completed=1,
         notes=" | ".join(result.notes),  # how it ran: data, graphs, packing, resumption
@@ -129,6 +130,7 @@ def run_trial(
     config, _ = trial_config(params, base)
     data = datasets[data_key(config)]
     previous = tune.get_checkpoint()
+    damaged = None
     with tempfile.TemporaryDirectory(prefix="fer-resume-") as restored:
         start = None
         if previous is not None:
@@ -138,6 +140,8 @@ def run_trial(
                 tune.report(final, checkpoint=tune.Checkpoint.from_directory(restored))
                 return
             start = Path(restored) / STATE_FILE
+            if (why := _damaged(Path(restored))) is not None:  # Tune keeps no older one to try
+                start, damaged = None, _damage_note([f"{previous.path}: {why}"], 0)
 
         asked = StopRequest(session) if session else None
 
@@ -153,6 +157,8 @@ def run_trial(
             if session:
                 session.write_text(note, str(err))
             raise TrialDiverged(str(err)) from None
+        if damaged:
+            result.notes.insert(0, damaged)
 
     with tempfile.TemporaryDirectory(prefix="fer-final-") as folder:
         final = final_metrics(result, time.perf_counter() - started)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fermodel import ATTENTIONS, LOSS_KINDS, engine
-from fermodel.checkpoint import SAME_AS_MODEL, CheckpointError, load_checkpoint
+from fermodel.checkpoint import SAME_AS_MODEL, CheckpointError, load_checkpoint, save_checkpoint
 from fermodel.config import TrialConfig
 from fermodel.data import make_synthetic
 from fermodel.engine import TrainingDiverged, fit
@@ -181,6 +181,32 @@ def test_checkpoints_are_refused_when_they_need_arbitrary_objects(tmp_path):
         load_checkpoint(tmp_path / "elsewhere")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "one bit flipped in a weight", "a value"])
+def test_a_damaged_checkpoint_is_refused_even_when_it_still_unpickles(tmp_path, damage):
+    state = {"config": {"seed": 0}, "epoch": 3, "history": [{"loss": 0.5}],
+             "model": {"w": torch.randn(64, 64), "n": torch.tensor(7)},
+             "rng": torch.ByteTensor(32).random_()}  # fmt: skip
+    file = save_checkpoint(tmp_path, state)
+    assert load_checkpoint(tmp_path)["model"]["w"].equal(state["model"]["w"])  # intact: read
+    data = bytearray(file.read_bytes())
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "one bit flipped in a weight":
+        weights = state["model"]["w"].numpy().tobytes()
+        data[bytes(data).index(weights[:64]) + 1000] ^= 0x01  # inside w's bytes
+    else:  # rewritten by something that knows the format, the checksum left as it was
+        saved = torch.load(file, weights_only=True)
+        saved["epoch"] = 4
+        torch.save(saved, file)
+        data = bytearray(file.read_bytes())
+    file.write_bytes(bytes(data))
+    why = "unreadable checkpoint" if damage == "truncated" else "damaged checkpoint .*checksum"
+    with pytest.raises(CheckpointError, match=why):
+        load_checkpoint(tmp_path)
+    torch.save(state, file)  # written before checkpoints had checksums: read unchecked
+    assert load_checkpoint(tmp_path)["epoch"] == 3
+
+
 def test_a_diverging_run_names_epoch_and_step(tiny):
     with pytest.raises(TrainingDiverged, match="non-finite loss at epoch 1, step 1") as err:
         fit(quick(loss="center", lam=1e38), tiny)
@@ -288,8 +314,6 @@ def test_a_deterministic_trial_fixes_the_cublas_workspace(tiny, monkeypatch):
 
 
 def test_a_checkpoint_written_on_cuda_resumes_on_the_cpu_and_says_what_changed(tiny, tmp_path):
-    from fermodel.checkpoint import save_checkpoint
-
     saved = {}
 
     def keep(metrics, folder):

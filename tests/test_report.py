@@ -34,7 +34,8 @@ from orchestrate.statistics import SIGNIFICANT_SHARE, Predictions, holm, summari
 from search_spaces import STUDY_DIR, load_study
 
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
-CELLS_READABLE = ["Cell", "n", "Accuracy (%)", "95% CI (%)", "Macro F1 (%)", "Paper (%)"]
+CELLS_READABLE = ["Cell", "n", "Accuracy (%)", "95% CI (%)", "Macro F1 (%)", "Paper (%)",
+                  "Params (M)", "GFLOPs", "Latency (ms)"]  # fmt: skip
 CONTRASTS_READABLE = ["Family", "Comparison", "Δ (points)", "95% CI (points)", "MDE (points)",
                       "Δ (points)", "95% CI (points)", "MDE (points)", "Seeds needed"]  # fmt: skip
 
@@ -155,7 +156,7 @@ def test_the_html_report_renders_in_headless_chromium(finished_study):
         assert not [h for h in headers if "_" in h or "holm" in h.lower()], headers
         # the header row above the contrasts' columns says which question each group answers
         questions = page.locator("th.question").all_inner_texts()
-        assert questions == ["on this test set", "across training runs"]
+        assert questions == ["what it costs", "on this test set", "across training runs"]
         # the same rows and numbers as the Markdown tables, the numbers right-aligned
         for table, (_, rows) in zip((cells, contrasts), markdown_tables(markdown), strict=True):
             body = table.locator("tbody tr")
@@ -165,7 +166,8 @@ def test_the_html_report_renders_in_headless_chromium(finished_study):
         assert align == "right"
         legend_box = page.locator("dl.legend")
         terms = legend_box.locator("dt").all_inner_texts()
-        assert legend_box.is_visible() and terms[:6] == CELLS_READABLE
+        assert legend_box.is_visible() and terms[:6] == CELLS_READABLE[:6]
+        assert terms[6:9] == [f"{h}, what it costs" for h in CELLS_READABLE[6:]]
         assert {"Δ (points), on this test set", "95% CI (points), across training runs",
                 "* and **", "Family"} <= set(terms)  # fmt: skip
         text = legend_box.inner_text()
@@ -264,7 +266,8 @@ def test_the_latex_and_markdown_tables_print_mlflows_numbers(finished_study):
     (md_cell_headers, md_cells), (md_headers, md_contrasts) = markdown_tables(md.read_text())
     assert md_cells == list(rows.values()) and md_contrasts == [joint]
     assert [h.split(", ")[0] for h in md_headers] == CONTRASTS_READABLE
-    assert md_headers[2] == "Δ (points), on this test set" and md_cell_headers == CELLS_READABLE
+    assert md_headers[2] == "Δ (points), on this test set"
+    assert [h.split(", ")[0] for h in md_cell_headers] == CELLS_READABLE
 
 
 def test_cost_counts_gpu_hours_and_what_early_stopping_saved():
