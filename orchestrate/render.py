@@ -218,7 +218,18 @@ def cell_columns(report: StudyReport) -> list[Column]:
                    "mode: the median of timed runs after warm-up, median over the trials "
                    "(throughput at batch 64 and peak training memory: study_table.csv)"),
         ]  # fmt: skip
+        if t.front.notna().any():
+            cols.append(Column(cost, "Front", _front_text,
+                               "on the Pareto front of accuracy (higher) against latency "
+                               "(lower): no other cell is at least as accurate and as fast and "
+                               "better in one; otherwise the cells that are"))  # fmt: skip
     return cols
+
+
+def _front_text(r) -> str:
+    if r.front is None or r.front != r.front:
+        return ""
+    return "yes" if r.front else f"below {r.dominated_by}"
 
 
 # ------------------------------------------------------------------------------ the contrasts

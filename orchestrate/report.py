@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrate.collect import COST_METRICS, StudyData
+from orchestrate.pareto import dominators, on_front
 from orchestrate.statistics import (
     ALPHA,
     KFOLD_TEST,
@@ -103,7 +104,25 @@ def cell_rows(data: StudyData, order: list[str], labels: dict, paper: dict) -> p
         for col in sorted(c for c in sub.columns if c.startswith("test_recall_")):
             row[col.replace("test_", "")] = 100 * sub[col].mean()
         rows.append(row)
-    return pd.DataFrame(rows)
+    return _front(pd.DataFrame(rows))
+
+
+FRONT = [("accuracy", "max"), ("latency_ms", "min")]  # what a deployment trades
+
+
+def _front(table: pd.DataFrame) -> pd.DataFrame:
+    """Each cell's place against the others on accuracy and latency: on the Pareto front, or
+    dominated (by which cells); left empty unless two cells or more have both figures."""
+    table["front"], table["dominated_by"] = None, ""
+    known = table[table.accuracy.notna() & table.latency_ms.notna()] if len(table) else table
+    if len(known) < 2:
+        return table
+    points = known[[m for m, _ in FRONT]].to_numpy()
+    front = on_front(points, FRONT)
+    for index, on, by in zip(known.index, front, dominators(points, FRONT), strict=True):
+        table.at[index, "front"] = bool(on)
+        table.at[index, "dominated_by"] = ", ".join(known.cell.iloc[i] for i in by)
+    return table
 
 
 def _verdict(p: float) -> str:

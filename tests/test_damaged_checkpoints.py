@@ -48,12 +48,13 @@ DAMAGE = ("truncated", "bytes flipped", "file deleted")
 EPOCHS = 6
 
 
-def schedule(seed: int = 27) -> list[tuple[str, int]]:
-    """Each damage once, with one or two trials at a time drawn, both among them."""
+def schedule(seed: int = 27) -> list[tuple[str, str, int]]:
+    """Two draws of (damage to the newest checkpoint of one trial, damage to every checkpoint
+    of the other, trials at a time): every damage and both concurrencies among them."""
     rng = random.Random(seed)
     while True:
-        drawn = [(d, rng.choice((1, 2))) for d in DAMAGE]
-        if {c for _, c in drawn} == {1, 2}:
+        drawn = [(rng.choice(DAMAGE), rng.choice(DAMAGE), c) for c in (1, 2)]
+        if {d for a, b, _ in drawn for d in (a, b)} == set(DAMAGE):
             return drawn
 
 
@@ -70,15 +71,19 @@ def runs(folder: Path):
 
 
 @pytest.fixture(scope="session")
-def interrupted(tmp_path_factory):
-    """A folder where both trials checkpointed at least twice before a SIGINT stopped them."""
+def interrupted(ray_cluster, tmp_path_factory):
+    """A folder where both trials checkpointed at least twice before a SIGINT stopped them (its
+    driver a process of its own, on the tests' Ray: it starts faster)."""
+    import ray
 
     def make() -> str:
         folder = tmp_path_factory.mktemp("interrupted")
         (folder / "damage.toml").write_text(STUDY)
+        address = ["--address", ray.get_runtime_context().gcs_address]
         driver = subprocess.Popen([sys.executable, "-m", "orchestrate.ablation",
-                                   *command(folder, 2)], cwd=folder, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+                                   *command(folder, 2), *address], cwd=folder,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  start_new_session=True)  # fmt: skip
         deadline = time.time() + 300
         while time.time() < deadline and driver.poll() is None:
             found = [json.loads(f.read_text())["checkpoints"] for f in
@@ -107,9 +112,9 @@ def damage(checkpoint: Path, how: str) -> None:
         state.unlink()
 
 
-@pytest.mark.parametrize("how, concurrency", schedule())
+@pytest.mark.parametrize("newest, every, concurrency", schedule())
 def test_a_damaged_checkpoint_is_named_skipped_and_never_tried_again(
-    interrupted, tmp_path, how, concurrency, monkeypatch, capsys
+    interrupted, tmp_path, newest, every, concurrency, monkeypatch, capsys
 ):
     folder = tmp_path / "study"
     shutil.copytree(interrupted, folder)
@@ -124,8 +129,9 @@ def test_a_damaged_checkpoint_is_named_skipped_and_never_tried_again(
                 for cell, entries in indexed.items()}  # fmt: skip
     assert all(len(v) >= 2 for v in existing.values()), existing
     damaged = {"newest": [existing["newest"][0]], "every": existing["every"]}
-    for path, _ in [*damaged["newest"], *damaged["every"]]:
-        damage(Path(path), how)
+    for cell, how in (("newest", newest), ("every", every)):
+        for path, _ in damaged[cell]:
+            damage(Path(path), how)
 
     monkeypatch.chdir(folder)
     assert main(command(folder, concurrency)) == 0

@@ -35,7 +35,7 @@ from search_spaces import STUDY_DIR, load_study
 
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 CELLS_READABLE = ["Cell", "n", "Accuracy (%)", "95% CI (%)", "Macro F1 (%)", "Paper (%)",
-                  "Params (M)", "GFLOPs", "Latency (ms)"]  # fmt: skip
+                  "Params (M)", "GFLOPs", "Latency (ms)", "Front"]  # fmt: skip
 CONTRASTS_READABLE = ["Family", "Comparison", "Δ (points)", "95% CI (points)", "MDE (points)",
                       "Δ (points)", "95% CI (points)", "MDE (points)", "Seeds needed"]  # fmt: skip
 
@@ -167,7 +167,7 @@ def test_the_html_report_renders_in_headless_chromium(finished_study):
         legend_box = page.locator("dl.legend")
         terms = legend_box.locator("dt").all_inner_texts()
         assert legend_box.is_visible() and terms[:6] == CELLS_READABLE[:6]
-        assert terms[6:9] == [f"{h}, what it costs" for h in CELLS_READABLE[6:]]
+        assert terms[6:10] == [f"{h}, what it costs" for h in CELLS_READABLE[6:]]
         assert {"Δ (points), on this test set", "95% CI (points), across training runs",
                 "* and **", "Family"} <= set(terms)  # fmt: skip
         text = legend_box.inner_text()
