@@ -79,8 +79,7 @@ class MLflowTrials(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         tid, config = trial.trial_id, dict(trial.config)
-        # Tune numbers a study's trials in creation order: the tag starts with that number
-        number = str(trial.experiment_tag).split("_", 1)[0]
+        number = tuned_name(trial)
         for member in members_of(config):
             self._submit(f"start {tid}", lambda m=member: self._run_for(tid, config, m, number))
 
@@ -113,7 +112,7 @@ class MLflowTrials(Callback):
         self.tracker = LIVE[self.session].tracker
         self.client = self.tracker.client
 
-    def _run_for(self, trial_id: str, config: dict, member, number: str = "") -> str:
+    def _run_for(self, trial_id: str, config: dict, member, tuned: str = "") -> str:
         self._connect()
         if (trial_id, member) in self.runs:
             return self.runs[trial_id, member]
@@ -126,15 +125,15 @@ class MLflowTrials(Callback):
             run_id = existing[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
         else:
-            run_id = self._new_run(trial_id, config, member, number)
+            run_id = self._new_run(trial_id, config, member, tuned)
         self.runs[trial_id, member] = run_id
         return run_id
 
-    def _new_run(self, trial_id: str, config: dict, member, number: str) -> str:
+    def _new_run(self, trial_id: str, config: dict, member, tuned: str) -> str:
         info = self.describe(config, member)
         name = info["name"]
         if member is None:  # a tuning sample
-            name = f"tuned-{int(number):03d}" if number.isdigit() else f"tuned-{trial_id}"
+            name = tuned or f"tuned-{trial_id}"
         tags = {
             MLFLOW_PARENT_RUN_ID: self.tracker.parent_id,
             MLFLOW_RUN_NAME: name,
@@ -310,6 +309,8 @@ class Progress(Callback):
         for member in members:
             self.running.add((trial.trial_id, member))
         names = ", ".join(_name(trial, m) for m in members)
+        if members == [None]:  # a tuning sample: what it tries
+            names += f" ({sampled_text(trial.config)})"
         self._print(f"started {names}" if len(members) == 1 else f"started a pack: {names}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -353,7 +354,23 @@ def _name(trial, member=None) -> str:
     if member is not None:
         spec = member_specs(trial.config)[member]
         return f"{spec['cell']} seed {spec['seed']} fold {spec['fold']}"
-    return trial.trial_id
+    return tuned_name(trial)
+
+
+def tuned_name(trial) -> str:
+    """A tuning trial's name, its MLflow run's: Tune numbers a study's trials in creation order,
+    and its experiment tag starts with that number."""
+    number = str(trial.experiment_tag).split("_", 1)[0]
+    return f"tuned-{int(number):03d}" if number.isdigit() else f"tuned-{trial.trial_id}"
+
+
+def sampled_text(config: dict) -> str:
+    """A tuning trial's sampled values, short: numbers to 3 significant digits."""
+
+    def short(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    return ", ".join(f"{k}={short(v)}" for k, v in sorted(config.items()))
 
 
 class GracefulStop(Callback):

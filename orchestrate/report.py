@@ -205,6 +205,9 @@ def describe_setup(data: StudyData) -> str:
         parts.append("the paper's 2:1 split (one subject's frames on both sides)")
     joint = t[t["loss"].isin(["island", "center"])] if "loss" in t else t.iloc[:0]
     weights = sorted({(r.loss, str(r.lam), str(r.lam1)) for r in joint.itertuples()})
+    if data.kind == "tune":  # each trial samples its own: the trials table shows them
+        weights = []
+        parts.append("hyperparameters sampled per trial")
     for loss, lam, lam1 in weights:
         extra = f", lam1 {lam1}" if loss == "island" else ""
         parts.append(f"{loss} loss lam {lam}{extra}")

@@ -262,6 +262,10 @@ def _run(inv: Invocation, datasets: dict, out) -> dict:
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, on_sigterm_before_tune) if main else None
     quiet_ray(options.verbose)
+    if not options.verbose:  # Optuna's INFO lines ("A new study created ...") are not the study's
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     started_ray = start_ray(options.address, options.verbose)
     if main:  # after Ray, whose core worker put its own handler in
         signal.signal(signal.SIGTERM, on_sigterm_before_tune)

@@ -1,6 +1,7 @@
 """python -m orchestrate.ablation on a real Ray cluster with a real MLflow store."""
 
 import io
+import re
 import signal
 import subprocess
 import sys
@@ -113,6 +114,17 @@ def test_a_tuning_study_samples_its_conditional_space_and_diverging_trials_fail_
     assert all(r.info.status != "RUNNING" for r in all_runs)
     children = [r for r in all_runs if r.data.tags.get("study_parent") == "false"]
     assert sorted(r.info.run_name for r in children) == [f"tuned-{i:03d}" for i in range(1, 6)]
+    # progress names each trial as its run is named, with what it samples; no library lines
+    started = dict(re.findall(r"<- started (tuned-\d+) \((.*)\)$", printed, re.MULTILINE))
+    for run in children:
+        sampled = dict(kv.split("=") for kv in run.data.tags["sampled"].split(","))
+        shown = dict(kv.split("=") for kv in started[run.info.run_name].split(", "))
+        assert shown.keys() == sampled.keys()
+        for key, value in sampled.items():  # numbers to 3 significant digits
+            same = shown[key] == value or float(shown[key]) == pytest.approx(float(value), 5e-3)
+            assert same, (key, shown[key], value)
+    assert "A new study created" not in printed + captured.out + captured.err
+    assert "hyperparameters sampled per trial" in report.title
     diverged = []
     for run in children:
         sampled = dict(kv.split("=") for kv in run.data.tags["sampled"].split(","))
