@@ -8,8 +8,10 @@
   out, as in the papers' figures.
 - ``latency_ms``: milliseconds per image at batch 1; ``throughput``: images per second at batch
   64. The model in eval mode under ``torch.inference_mode``, as ``predict`` runs it (the input
-  normalisation included), eager: each the median of repeated timed runs after ``WARMUP`` untimed
-  ones, synchronised on a GPU, on the CPU with the process's torch threads (``latency_threads``).
+  normalisation included), eager: each the median of repeated timed runs after untimed warm-up
+  runs (``WARMUP`` and at least ``MIN_RUNS`` timed ones at batch 1; one and three at batch 64,
+  each as long as 64 single images), synchronised on a GPU, on the CPU with the process's torch
+  threads (``latency_threads``).
 - ``peak_memory_mb`` (training, ``peak_memory_mb``): on CUDA the peak torch allocated while the
   trial (or its pack, shared by its members) trained; on the CPU the process's peak resident
   set, an upper bound in a worker that trained other trials before.
@@ -49,7 +51,9 @@ def model_cost(net: nn.Module, shape: tuple[int, int, int], device, key: tuple |
         batch = torch.zeros(BATCH, *shape, device=device)
         with torch.inference_mode(), context():
             runs = timed_runs(lambda: net(one), device)
-            per_batch = statistics.median(timed_runs(lambda: net(batch), device))
+            # a batch takes BATCH times longer: fewer runs give as steady a median
+            per_batch = statistics.median(timed_runs(lambda: net(batch), device, warmup=1,
+                                                     min_runs=3, budget=0.0))  # fmt: skip
             gflops = forward_flops(net, one) / 1e9
     finally:
         net.train(was_training)
