@@ -33,8 +33,22 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(directory, state: dict) -> Path:
-    state = {**state, CHECKSUM: content_digest(state)}
+    # on the host once: the checksum reads the bytes that torch.save then writes (a GPU
+    # trial's tensors would otherwise be copied off the device twice)
+    state = _on_host(state)
+    state[CHECKSUM] = content_digest(state)
     return write_atomically(Path(directory) / STATE_FILE, lambda f: torch.save(state, f))
+
+
+def _on_host(value):
+    """``value`` with every tensor on the CPU (a CPU tensor is kept as it is)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _on_host(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_host(v) for v in value)
+    return value
 
 
 def content_digest(value) -> str:
@@ -44,7 +58,7 @@ def content_digest(value) -> str:
 
     def walk(v) -> None:
         if isinstance(v, torch.Tensor):
-            t = v.detach().cpu().contiguous()
+            t = v.detach().contiguous()  # on the host (saved and loaded states are)
             digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
             if t.numel():
                 digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
