@@ -632,12 +632,14 @@ def _train(members: list[Member], data, device, report, checkpoint_now) -> list:
     if batches and batches[-1][1] - batches[-1][0] < 2:
         batches.pop()
     validate = _validation(members, step, device)
+    # measured before training, so every epoch's report carries it (schedulers rank on it)
+    costs = [architecture_cost(m, len(data.classes), device) for m in members]
     for epoch in range(starts[0] + 1, first.epochs + 1):
         was_alive = [m.alive for m in members]
         seen, seconds, sums = _train_epoch(members, step, epoch, batches, device)
         vals = validate()
-        metrics = [_end_epoch(m, epoch, seen, seconds, *s, val) if m.alive else None
-                   for m, s, val in zip(members, sums, vals, strict=True)]  # fmt: skip
+        metrics = [_end_epoch(m, epoch, seen, seconds, *s, val, cost) if m.alive else None
+                   for m, s, val, cost in zip(members, sums, vals, costs, strict=True)]  # fmt: skip
         metrics = [m.failed if was and not m.alive else x
                    for m, was, x in zip(members, was_alive, metrics, strict=True)]  # fmt: skip
         if report is not None:
@@ -709,9 +711,10 @@ def _validation(members: list[Member], step, device) -> Callable[[], list[dict]]
 
 
 def _end_epoch(m: Member, epoch: int, seen: int, seconds: float, loss_sum, ce_sum, correct,
-               val: dict):  # fmt: skip
+               val: dict, cost: dict):  # fmt: skip
     """The schedule's step on the epoch's validation metrics ``val``, the best epoch so far
-    (its weights kept where they are), and the epoch's metrics, kept in the history."""
+    (its weights kept where they are), and the epoch's metrics (with the architecture's
+    ``cost``), kept in the history."""
     parts = m.parts
     lr = float(parts.optimizer.param_groups[0]["lr"])  # a tensor on CUDA
     if isinstance(parts.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -735,6 +738,7 @@ def _end_epoch(m: Member, epoch: int, seen: int, seconds: float, loss_sum, ce_su
         "best_epoch": m.best["epoch"],
         "images_per_second": seen / seconds,
         "epoch_seconds": seconds,
+        **{k: cost[k] for k in ARCHITECTURE_COST},
     }
     m.history.append(metrics)
     return metrics
@@ -756,15 +760,25 @@ def _report(members, epoch: int, metrics: list, report, cadence, checkpoint_now)
         report(metrics, folder)
 
 
+ARCHITECTURE_COST = ("params", "gflops", "latency_ms", "throughput")  # in every epoch's metrics
+
+
+def architecture_cost(m: Member, classes: int, device) -> dict:
+    """What the member's model costs to run (``fermodel.cost``): its architecture's, whatever
+    its weights, measured once per process."""
+    c = m.config
+    key = (c.backbone, c.attention, c.in_chans, c.image_size, c.precision, c.channels_last,
+           classes, str(device), torch.get_num_threads())  # fmt: skip
+    return model_cost(m.parts.net, (c.in_chans, c.image_size, c.image_size), device, key,
+                      m.parts.autocast)  # fmt: skip
+
+
 def _test(m: Member, data: FERDataset, device, cadence, peak_mb: float) -> TrialResult:
     """The selected epoch's model on the test split, evaluated once, and what it costs."""
     c, parts, splits = m.config, m.parts, m.splits
     if m.best_state is not None:
         parts.model.load_state_dict(m.best_state)
-    key = (c.backbone, c.attention, c.in_chans, c.image_size, c.precision, c.channels_last,
-           len(data.classes), str(device), torch.get_num_threads())  # fmt: skip
-    cost = model_cost(parts.net, (c.in_chans, c.image_size, c.image_size), device, key,
-                      parts.autocast)  # fmt: skip
+    cost = architecture_cost(m, len(data.classes), device)
     args = (data.classes, c.eval_batch_size, parts.autocast, c.tta)
     test_x, test_y = splits.test.images.to(device), splits.test.labels.to(device)
     test, cm, pred = evaluate(parts.net, test_x, test_y, *args)

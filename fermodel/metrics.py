@@ -12,7 +12,8 @@ def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int
 
 
 def summarize(cm: torch.Tensor, classes: tuple[str, ...]) -> dict[str, float]:
-    """accuracy, macro_f1 and recall_<class> for every class (NaN where a class has no image).
+    """accuracy, macro_f1, recall_<class> for every class (NaN where a class has no image) and
+    min_recall, the lowest of them (the class a model serves worst).
 
     Macro F1 averages the per-class F1 over the classes that occur among the labels or the
     predictions (scikit-learn's convention), a class with no true positive scoring 0.
@@ -30,4 +31,6 @@ def summarize(cm: torch.Tensor, classes: tuple[str, ...]) -> dict[str, float]:
     recall = torch.where(support > 0, tp / support.clamp(min=1), torch.full_like(tp, float("nan")))
     for name, value in zip(classes, recall.tolist(), strict=True):
         out[f"recall_{name}"] = value
+    supported = recall[support > 0]
+    out["min_recall"] = supported.min().item() if len(supported) else float("nan")
     return out

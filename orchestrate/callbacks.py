@@ -26,6 +26,7 @@ from mlflow.entities import Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune import Callback
 
+from fermodel.engine import ARCHITECTURE_COST
 from orchestrate.interrupt import FLAG, INTERRUPTED, TERM_GRACE, Interrupted
 from orchestrate.ledger import remember
 from orchestrate.packing import member_results, member_specs, members_of
@@ -66,11 +67,12 @@ class MLflowTrials(Callback):
         self.runs: dict[tuple, str] = {}  # (Ray trial id, member) -> MLflow run id (writer)
         self.ended: set[tuple] = set()  # members whose run has its terminal state
         self.hosts: dict[tuple, str] = {}  # (Ray trial id, member) -> the host tagged on its run
+        self.costed: set[tuple] = set()  # members whose run has its architecture's cost
         self.continuing: dict[str, dict] = {}  # run id -> the run and epoch it continues
 
     def __getstate__(self):
         return {**self.__dict__, "client": None, "tracker": None, "runs": {}, "ended": set(),
-                "hosts": {}, "continuing": {}}  # fmt: skip
+                "hosts": {}, "costed": set(), "continuing": {}}  # fmt: skip
 
     def _submit(self, what: str, write) -> None:
         LIVE[self.session].writer.submit(what, write)
@@ -189,6 +191,9 @@ class MLflowTrials(Callback):
                 self.client.log_batch(run_id, tags=tags)
         else:
             epoch = {k: v for k, v in result.items() if EPOCH_KEYS.match(k)}
+            if (trial_id, member) not in self.costed:  # a trial stopped early has it too
+                epoch.update({k: result[k] for k in ARCHITECTURE_COST if k in result})
+                self.costed.add((trial_id, member))
             log_metrics(self.client, run_id, epoch, step=step)
 
     def _complete(self, trial_id, config: dict, member, last: dict, completed: bool,

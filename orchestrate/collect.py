@@ -36,6 +36,7 @@ class StudyData:
     meta: dict  # the study file as logged on the parent run ({} if absent)
     trials: pd.DataFrame  # one row per trial of the session
     preset: str = ""
+    data_path: str = ""
     gpus_per_trial: float = 0.0
     predictions: dict[str, dict] = field(default_factory=dict)  # run id -> predictions.json
     curves: dict[str, list[float]] = field(default_factory=dict)  # run id -> val accuracy/epoch
@@ -63,6 +64,7 @@ def trial_frame(runs) -> pd.DataFrame:
         rows.append(
             {
                 "run_id": run.info.run_id,
+                "name": run.info.run_name or "",
                 "status": run.info.status,
                 "cell": tags.get("cell", ""),
                 "seed": int(tags.get("seed", 0)),
@@ -137,6 +139,7 @@ def collect(tracker, session: str) -> StudyData:
         meta={},
         trials=pd.DataFrame(),
         preset=first.data.params.get("preset", ""),
+        data_path=first.data.params.get("data_path", "").replace("None", ""),
         gpus_per_trial=float(first.data.params.get("gpus_per_trial", 0) or 0),
     )
     with tempfile.TemporaryDirectory(prefix="fer-report-") as folder:

@@ -23,6 +23,7 @@ import time
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from orchestrate.mo_asha import ParetoASHA
 from orchestrate.storage import Storage
 
 FLAG = "checkpoint-now"  # file in the session's storage: running trials checkpoint at once
@@ -95,6 +96,12 @@ class PausableFIFO(_Pausable, FIFOScheduler):
 
 
 class PausableASHA(_Pausable, ASHAScheduler):
+    def __init__(self, session: str, **asha):
+        super().__init__(**asha)
+        self.session = session
+
+
+class PausableParetoASHA(_Pausable, ParetoASHA):
     def __init__(self, session: str, **asha):
         super().__init__(**asha)
         self.session = session

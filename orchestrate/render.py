@@ -315,6 +315,8 @@ def _contrast_rows(report: StudyReport) -> pd.DataFrame:
 
 def legend(report: StudyReport) -> list[tuple[str, str]]:
     """(column or mark, meaning in words) for both readable tables."""
+    if report.tuning is not None:
+        return [(c.name, c.meaning) for c in trial_columns(report)]
     entries = [(c.name, c.meaning) for c in cell_columns(report)]
     cols = contrast_columns(report)
     entries += [(c.name, c.meaning) for c in cols]
@@ -340,8 +342,125 @@ def _rows(cols: list[Column], frame: pd.DataFrame) -> list[list[str]]:
     return [[c.text(row) for c in cols] for row in frame.itertuples()]
 
 
+# ------------------------------------------------------------------------------ tuning
+
+# how a trial metric reads: header, factor, format, meaning
+METRIC_TEXT = {
+    "best_val_accuracy": ("Best val. (%)", 100, ".2f", "the best validation accuracy over its "
+                          "epochs, in percent (the epoch whose model the trial keeps)"),
+    "val_accuracy": ("Val. (%)", 100, ".2f", "validation accuracy of its last epoch, in %"),
+    "val_macro_f1": ("Val. macro F1 (%)", 100, ".2f", "validation macro F1 of its last epoch"),
+    "val_min_recall": ("Val. min recall (%)", 100, ".2f",
+                       "the lowest per-class validation recall of its last epoch"),
+    "latency_ms": ("Latency (ms)", 1, ".3g", "milliseconds per image at batch 1 on the device it "
+                   "trained on (median of timed runs after warm-up)"),
+    "params": ("Params (M)", 1e-6, ".2f", "the model's parameters, in millions"),
+    "gflops": ("GFLOPs", 1, ".3g", "floating-point operations of one forward pass on one image"),
+    "throughput": ("Images/s", 1, ".0f", "images per second at batch 64 on its device"),
+}  # fmt: skip
+
+
+def metric_text(metric: str, value) -> str:
+    _, factor, fmt, _ = METRIC_TEXT.get(metric, (metric, 1, ".4g", ""))
+    return "" if _missing(value) else format(float(value) * factor, fmt)
+
+
+def _param_text(value) -> str:
+    if _missing(value):
+        return ""
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def trial_columns(report: StudyReport) -> list[Column]:
+    """The tuning trials table: name, sampled parameters, fate, objectives, place."""
+    t = report.tuning
+    cols = [Column("", "Trial", lambda r: str(r.name), "the trial, named as its MLflow run",
+                   left=True)]  # fmt: skip
+    cols += [Column("sampled", p, lambda r, p=p: _param_text(getattr(r, f"param_{p}")),
+                    f"the {p} Optuna sampled (empty: not sampled, its condition unmet)")
+             for p in t.params]  # fmt: skip
+    cols += [
+        Column("", "Fate", lambda r: str(r.fate),
+               "finished (trained to its last epoch), stopped at an early-stopping rung (its "
+               "results are low-fidelity: not ranked), failed (why), or interrupted", left=True),
+        Column("", "Epochs", lambda r: str(r.epochs_run), "epochs it trained"),
+    ]  # fmt: skip
+    for metric, mode in t.goals:
+        header, _, _, meaning = METRIC_TEXT.get(metric, (metric, 1, "", metric))
+        cols.append(
+            Column(
+                "objectives",
+                header,
+                lambda r, m=metric: metric_text(m, getattr(r, m)),
+                f"{meaning}; {'higher' if mode == 'max' else 'lower'} is better",
+            )
+        )
+    if t.constraints:
+        cols.append(Column("", "Feasible", lambda r: "no: " + r.violates if r.violates else
+                           ("yes" if r.status == "FINISHED" else ""),
+                           "whether it meets every constraint of the study ("
+                           + "; ".join(t.constraints) + ")", left=True))  # fmt: skip
+    if len(t.goals) > 1:
+        cols.append(Column("", "Front", _trial_front_text,
+                           "on the Pareto front of the ranked trials (finished and feasible): "
+                           "no other is at least as good in every objective and better in one; "
+                           "otherwise the trials that are", left=True))  # fmt: skip
+    return cols
+
+
+def _trial_front_text(r) -> str:
+    if not r.ranked:
+        return ""
+    return "yes" if r.front else f"below {r.dominated_by}"
+
+
+def _goals_text(goals, values: dict) -> str:
+    return ", ".join(f"{METRIC_TEXT.get(m, (m,))[0]} {metric_text(m, values[m])}" for m, _ in goals)
+
+
+def tuning_lines(report: StudyReport) -> list[str]:
+    """What the tuning found, in sentences: the best configuration, its re-run, what mattered,
+    the front."""
+    t = report.tuning
+    if t is None:
+        return []
+    lines = []
+    ranked = "finished and feasible" if t.constraints else "finished"
+    if t.best is None:
+        lines.append(f"best configuration: none (no {ranked} trial)")
+    else:
+        b = t.best
+        params = ", ".join(f"{p}={_param_text(v)}" for p, v in b["params"].items())
+        test = metric_text("best_val_accuracy", b["test_accuracy"])
+        lines.append(f"best configuration ({t.goals[0][0]} among {ranked} trials): {b['name']} "
+                     f"({params}): {_goals_text(t.goals, b['values'])}"
+                     + (f"; test accuracy {test}% (shown after the choice, never used for it)"
+                        if test else ""))  # fmt: skip
+        if t.rerun:
+            lines.append(f"re-run it over seeds as a grid study: {t.rerun}")
+    ranked_count = int(t.trials.ranked.sum()) if len(t.trials) else 0
+    for metric, values in t.importances.items():
+        ranked_params = ", ".join(f"{p} {v:.2f}" for p, v in values.items())
+        lines.append(f"importance for {metric} over {ranked_count} {ranked} trials "
+                     f"({t.importance_method}): {ranked_params}")  # fmt: skip
+    if len(t.goals) > 1 and t.front:
+        last = t.history.hypervolume.iloc[-1] if len(t.history) else math.nan
+        reference = ", ".join(f"{m} {v:.4g}" for (m, _), v in zip(t.goals, t.reference,
+                                                                     strict=True))  # fmt: skip
+        lines.append(f"Pareto front: {', '.join(t.front)}; hypervolume {last:.4g} (reference "
+                     f"point {reference})")  # fmt: skip
+    infeasible = int((t.trials.violates != "").sum()) if len(t.trials) else 0
+    if t.constraints:
+        lines.append(f"constraints {'; '.join(t.constraints)}: {infeasible} trial(s) infeasible")
+    return lines
+
+
 def _tables(report: StudyReport) -> list[tuple[list[Column], list[list[str]]]]:
-    """(columns, rows) of the cells table, and of the contrasts table when there is one."""
+    """(columns, rows) of the cells table, and of the contrasts table when there is one; a
+    tuning study's trials table instead."""
+    if report.tuning is not None:
+        cols = trial_columns(report)
+        return [(cols, _rows(cols, report.tuning.trials))]
     out = [(cell_columns(report), _rows(cell_columns(report), report.table))]
     cols = contrast_columns(report)
     if cols:
@@ -445,6 +564,8 @@ def format_table(report: StudyReport) -> str:
     lines = [report.title]
     for cols, rows in tables:
         lines += ["", *_text_table(cols, rows)]
+    if report.tuning is not None:
+        return "\n".join([*lines, "", *tuning_lines(report), *_cost_lines(report)])
     return "\n".join(lines + _short_legend(report) + _cost_lines(report))
 
 
@@ -470,6 +591,7 @@ def markdown_table(report: StudyReport) -> str:
             *("| " + " | ".join(map(esc, row)) + " |" for row in rows),
         ]
     lines.append("")
+    lines += [f"- {esc(line)}" for line in tuning_lines(report)]
     lines += [f"- **{esc(name)}**: {esc(meaning)}." for name, meaning in _full_legend(report)]
     return "\n".join(lines)
 
@@ -520,6 +642,7 @@ def latex_table(report: StudyReport) -> str:
     """The readable tables as one LaTeX float with booktabs rules (``\\usepackage{booktabs}``),
     each question's label over its columns, the title and the legend in the caption."""
     caption = report.title + ". " + " ".join(f"{n}: {m}." for n, m in legend(report))
+    caption += "".join(f" {line[0].upper()}{line[1:]}." for line in tuning_lines(report))
     lines = [
         r"\begin{table}[htbp]",
         r"\centering",
@@ -582,13 +705,118 @@ def _curves_figure(report: StudyReport) -> bytes | None:
 
 
 def _importance_figure(report: StudyReport) -> bytes | None:
-    if not report.importances:
+    values = report.tuning.importances if report.tuning else {}
+    if not values:
         return None
-    fig = Figure(figsize=(6, 2.8), layout="constrained")
+    names = sorted({p for v in values.values() for p in v})
+    fig = Figure(figsize=(6.5, 0.5 + 0.45 * len(names) * len(values)), layout="constrained")
     ax = fig.subplots()
-    names = list(report.importances)
-    ax.barh(names, [report.importances[n] for n in names])
-    ax.set_xlabel("importance (Optuna, fANOVA)")
+    height = 0.8 / len(values)
+    for i, (metric, scores) in enumerate(values.items()):
+        ax.barh(np.arange(len(names)) + i * height, [scores.get(n, 0.0) for n in names],
+                height=height, label=metric)  # fmt: skip
+    ax.set_yticks(np.arange(len(names)) + height * (len(values) - 1) / 2, names)
+    ax.set_xlabel("importance: share of the objective's variance (fANOVA)")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _history_figure(report: StudyReport) -> bytes | None:
+    t = report.tuning
+    h = t.history
+    if not len(h) or h.best.isna().all():
+        return None
+    fig = Figure(figsize=(7, 3.4), layout="constrained")
+    ax = fig.subplots()
+    metric = t.goals[0][0]
+    ax.step(
+        h.trial_hours,
+        [float(metric_text(metric, v) or "nan") for v in h.best],
+        where="post",
+        label=f"best {METRIC_TEXT.get(metric, (metric,))[0]} so far",
+    )
+    ax.set_xlabel("trial-hours spent (trials in sampling order)")
+    ax.set_ylabel(METRIC_TEXT.get(metric, (metric,))[0])
+    if "hypervolume" in h:
+        other = ax.twinx()
+        other.step(h.trial_hours, h.hypervolume, where="post", color="tab:orange",
+                   label="hypervolume")  # fmt: skip
+        other.set_ylabel("hypervolume of the front")
+        other.legend(loc="lower right", fontsize=7)
+    ax.legend(loc="upper left", fontsize=7)
+    return _png(fig)
+
+
+def _slice_figure(report: StudyReport) -> bytes | None:
+    t = report.tuning
+    frame = t.trials[t.trials.ranked]
+    if not len(frame) or not t.params:
+        return None
+    metric = t.goals[0][0]
+    fig = Figure(figsize=(3.2 * len(t.params), 3), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(t.params)))
+    y = [float(metric_text(metric, v)) for v in frame[metric]]
+    for ax, p in zip(axes, t.params, strict=True):
+        x = frame[f"param_{p}"]
+        known = x.map(lambda v: not _missing(v)).to_numpy(dtype=bool)
+        values = x[known]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            ax.scatter(values.astype(float), np.array(y)[known], s=18)
+            if len(values) and values.astype(float).min() > 0:
+                ax.set_xscale("log")
+        else:
+            labels = sorted({str(v) for v in values})
+            ax.scatter([labels.index(str(v)) for v in values], np.array(y)[known], s=18)
+            ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=7)
+        ax.set_xlabel(p)
+    axes[0].set_ylabel(METRIC_TEXT.get(metric, (metric,))[0])
+    return _png(fig)
+
+
+def _front_figure(report: StudyReport) -> bytes | None:
+    """Accuracy (or the first objective) against latency (or the second): a tuning study's
+    trials (infeasible ones crossed) or a grid's cells (their 95% intervals), point size by
+    parameters, the Pareto front joined."""
+    if report.tuning is not None:
+        t = report.tuning
+        if len(t.goals) < 2:
+            return None
+        (y_metric, _), (x_metric, x_mode) = t.goals[:2]
+        frame = t.trials[t.trials[[y_metric, x_metric]].notna().all(axis=1)]
+        names, low, high = frame.name, None, None
+        y = frame[y_metric].astype(float) * METRIC_TEXT.get(y_metric, ("", 1))[1]
+        x = frame[x_metric].astype(float) * METRIC_TEXT.get(x_metric, ("", 1))[1]
+        front, crossed = frame.front.to_numpy(bool), (frame.violates != "").to_numpy(bool)
+    else:
+        table = report.table
+        if "latency_ms" not in table or table.front.isna().all():
+            return None
+        frame = table[table.accuracy.notna() & table.latency_ms.notna()]
+        y_metric, x_metric, x_mode, names = "accuracy", "latency_ms", "min", frame.cell
+        y, x = frame.accuracy.astype(float), frame.latency_ms.astype(float)
+        low, high = frame.ci95_low.astype(float), frame.ci95_high.astype(float)
+        front, crossed = frame.front.astype(bool).to_numpy(), np.zeros(len(frame), bool)
+    if not len(frame):
+        return None
+    params = frame.params.astype(float) if "params" in frame else pd.Series(np.nan, frame.index)
+    size = 30 + 170 * (params / params.max()).fillna(0.3) if params.notna().any() else 60
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.subplots()
+    if low is not None and low.notna().any():
+        ax.errorbar(x, y, yerr=[y - low, high - y], fmt="none", ecolor="#999", lw=1)
+    ax.scatter(x[~crossed], y[~crossed], s=np.asarray(size)[~crossed] if np.ndim(size) else size,
+               c=np.where(front[~crossed], "tab:red", "tab:blue"), alpha=0.75)  # fmt: skip
+    if crossed.any():
+        ax.scatter(x[crossed], y[crossed], marker="x", c="#777", label="infeasible")
+        ax.legend(fontsize=7)
+    order = np.argsort(x[front].to_numpy())
+    ax.plot(x[front].to_numpy()[order], y[front].to_numpy()[order], c="tab:red", lw=1)
+    for xi, yi, name in zip(x, y, names, strict=True):
+        ax.annotate(str(name), (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(METRIC_TEXT.get(x_metric, (x_metric,))[0]
+                  + (" (lower is better)" if x_mode == "min" else ""))  # fmt: skip
+    ax.set_ylabel("test accuracy (%), mean and 95% CI" if report.tuning is None
+                  else METRIC_TEXT.get(y_metric, (y_metric,))[0])  # fmt: skip
     return _png(fig)
 
 
@@ -612,15 +840,6 @@ def _html_table(cols: list[Column], rows: list[list[str]]) -> str:
     return f"<table><thead>{head}</thead><tbody>{body}</tbody></table>"
 
 
-def _best_html(best: pd.DataFrame) -> str:
-    cols = [Column("", "Sampled parameters", str, "", left=True),
-            Column("", "Best validation accuracy (%)", str, ""),
-            Column("", "Test accuracy (%)", str, "")]  # fmt: skip
-    rows = [[params, _num(100 * val), _num(100 * test)]
-            for params, val, test in best.itertuples(index=False)]  # fmt: skip
-    return _html_table(cols, rows)
-
-
 def to_html(report: StudyReport) -> str:
     def img(data: bytes | None, alt: str) -> str:
         if data is None:
@@ -630,7 +849,13 @@ def to_html(report: StudyReport) -> str:
 
     esc = html.escape
     tables = _tables(report)
-    if tables[0][1]:
+    if report.tuning is not None:
+        body = ["<h2>Trials</h2>", _html_table(*tables[0]),
+                "".join(f"<p>{esc(line)}</p>" for line in tuning_lines(report)),
+                "<h3>Legend</h3><dl class=legend>" + "".join(
+                    f"<dt>{esc(name)}</dt><dd>{esc(meaning)}.</dd>"
+                    for name, meaning in _full_legend(report)) + "</dl>"]  # fmt: skip
+    elif tables[0][1]:
         body = ["<h2>Test accuracy per cell</h2>", _html_table(*tables[0])]
         if len(tables) > 1:
             body += ["<h2>Comparisons</h2>", _html_table(*tables[1])]
@@ -640,20 +865,31 @@ def to_html(report: StudyReport) -> str:
         ) + "</dl>")  # fmt: skip
     else:
         body = ["<p>no finished trials</p>"]
+    found = []
+    if report.tuning is not None:  # what the search found, before what the trials cost
+        t = report.tuning
+        found = [
+            "<h2>What the search found</h2>",
+            img(_front_figure(report), "the trials' objectives, the Pareto front joined"),
+            img(_history_figure(report), "optimisation history against trial-hours"),
+            img(_importance_figure(report), f"parameter importances ({t.importance_method})"),
+            img(_slice_figure(report), f"{t.goals[0][0]} against each sampled parameter"),
+        ]
+    elif front := _front_figure(report):
+        caption = "accuracy against latency per cell (point size: parameters), the front joined"
+        found = [img(front, caption)]
     parts = [
         f"<h1>{esc(': '.join(filter(None, (report.study, report.description))))}</h1>",
         f"<p class=title>{esc(report.title)}</p>",
         f"<p>session <code>{esc(report.session)}</code></p>",
         *body,
+        *found,
         "<h2>Cost</h2>",
         "".join(f"<p>{esc(line)}</p>" for line in _cost_lines(report)),
         img(_confusion_figure(report), "confusion matrices (test, rows normalised, all trials)"),
         img(_curves_figure(report), "validation accuracy per epoch"),
         img(report.distribution_png, "class distribution of the training split"),
     ]
-    if report.best is not None:
-        parts += ["<h2>Best configurations</h2>", _best_html(report.best)]
-        parts.append(img(_importance_figure(report), "parameter importances"))
     style = ("body{font-family:sans-serif;margin:2em;max-width:75em}table{border-collapse:"
              "collapse}td,th{border:1px solid #bbb;padding:3px 7px;font-size:13px}"
              "td.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}"

@@ -257,15 +257,18 @@ def build_report(data: StudyData, n_resamples: int = 10_000) -> StudyReport:
             for i, h in enumerate(histories):
                 padded[i, : len(h)] = h
             curves[labels.get(cell, cell)] = list(np.nanmean(padded, axis=0))
-    best, importances = (None, {})
-    if data.kind == "tune" and len(done):
-        best, importances = _tuning(done, meta)
+    tuning = None
+    if data.kind == "tune" and len(data.trials):
+        from orchestrate.tuning import tuning_report
+
+        tuning = tuning_report(data)
     return StudyReport(
         study=data.study,
         description=meta.get("description", ""),
         kind=data.kind,
         dataset=data.dataset,
         session=data.session,
+        preset=data.preset,
         title=describe_setup(data),
         table=table,
         contrasts=contrasts,
@@ -275,8 +278,7 @@ def build_report(data: StudyData, n_resamples: int = 10_000) -> StudyReport:
         classes=classes,
         confusion=confusion,
         curves=curves,
-        best=best,
-        importances=importances,
+        tuning=tuning,
         distribution_png=data.distribution_png,
         ignored=data.ignored,
     )
@@ -305,45 +307,6 @@ def _cost(frame: pd.DataFrame, gpus: float) -> dict:
     return cost
 
 
-def _tuning(done: pd.DataFrame, meta: dict) -> tuple[pd.DataFrame, dict]:
-    import optuna
-
-    sampled = [dict(kv.split("=", 1) for kv in s.split(",") if kv) for s in done.sampled]
-    best = done.assign(params=[", ".join(f"{k}={v}" for k, v in s.items()) for s in sampled])
-    metric = "best_val_accuracy"
-    best = best.sort_values(metric, ascending=False)[["params", metric, "test_accuracy"]].head(10)
-    space = {p["name"]: p for p in meta.get("space", [])}
-    always = [n for n, p in space.items() if not p.get("when")]
-    distributions = {}
-    for name in always:
-        p = space[name]
-        if p["type"] == "categorical":
-            distributions[name] = optuna.distributions.CategoricalDistribution(p["choices"])
-        else:
-            log = p["type"] == "loguniform"
-            distributions[name] = optuna.distributions.FloatDistribution(
-                p["low"], p["high"], log=log
-            )
-    study = optuna.create_study(direction="maximize")
-    for values, score in zip(sampled, done[metric], strict=True):
-        if all(n in values for n in always) and score == score:
-            params = {n: _sampled_value(space[n], values[n]) for n in always}
-            study.add_trial(optuna.trial.create_trial(
-                params=params, distributions=distributions, value=float(score)
-            ))  # fmt: skip
-    importances = {}
-    if len(study.trials) >= 2 and len(set(t.value for t in study.trials)) > 1:
-        importances = dict(optuna.importance.get_param_importances(study))
-    return best.reset_index(drop=True), importances
-
-
-def _sampled_value(param: dict, text: str):
-    """A sampled value as the study file typed it (MLflow tags hold text)."""
-    if param["type"] != "categorical":
-        return float(text)
-    return next((c for c in param["choices"] if str(c) == text), text)
-
-
 def write_report(report: StudyReport, folder) -> list[Path]:
     """The readable tables (terminal text, Markdown, LaTeX, the HTML page) and the data (cells,
     contrasts and trials as CSV) in ``folder``."""
@@ -351,11 +314,14 @@ def write_report(report: StudyReport, folder) -> list[Path]:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    rerun = write_rerun(report, folder)
     texts = {"study_table.md": markdown_table(report), "study_table.txt": format_table(report),
              "report.tex": latex_table(report), "report.html": to_html(report)}  # fmt: skip
     data = {"study_table.csv": report.table, "contrasts.csv": report.contrasts,
             "trials.csv": report.trials}  # fmt: skip
-    paths = []
+    if report.tuning is not None:
+        data["tuning_trials.csv"] = report.tuning.trials
+    paths = [rerun] if rerun else []
     for name, frame in data.items():
         frame.to_csv(folder / name, index=False)
         paths.append(folder / name)
@@ -363,6 +329,21 @@ def write_report(report: StudyReport, folder) -> list[Path]:
         (folder / name).write_text(text + "\n")
         paths.append(folder / name)
     return paths
+
+
+def write_rerun(report: StudyReport, folder) -> Path | None:
+    """A tuning study's re-run (``orchestrate.tuning``) as a study file in ``folder``; the
+    report then names the command that runs it."""
+    from orchestrate.tuning import RERUN_FILE, rerun_command, toml_text
+
+    tuning = report.tuning
+    if tuning is None or tuning.rerun_study is None:
+        return None
+    path = Path(folder) / RERUN_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(toml_text(tuning.rerun_study))
+    tuning.rerun = rerun_command(path, report.preset)
+    return path
 
 
 def find_session(tracker, study: str | None = None, run_id: str | None = None):

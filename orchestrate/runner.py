@@ -112,13 +112,18 @@ def describe_plan(plan: Plan, options: RunOptions, fates: list | None = None) ->
         t = plan.tune
         epochs = int(plan.base.get("epochs", 200))
         stops = rungs(epochs, t.grace_period, t.reduction_factor)
+        goals = ", ".join(f"{m} ({mode})" for m, mode in t.goals)
         lines.append(
             f"{t.num_samples} trials sampled by Optuna TPE, "
-            f"{options.max_concurrent or default_concurrency(t.num_samples)} at a time; ASHA on "
-            f"{t.metric} ({t.mode}), grace {t.grace_period}, reduction {t.reduction_factor}: "
+            f"{options.max_concurrent or default_concurrency(t.num_samples)} at a time; "
+            f"{'MO-ASHA' if len(t.goals) > 1 else 'ASHA'} on {goals}, grace {t.grace_period}, "
+            f"reduction {t.reduction_factor}: "
             + (f"may stop trials after epochs {', '.join(map(str, stops))} of {epochs}"
                if stops else f"no rung before the last of {epochs} epochs, no early stopping")
         )  # fmt: skip
+        if t.constraints:
+            lines.append("constraints (a trial that breaks one is infeasible): "
+                         + ", ".join(map(str, t.constraints)))  # fmt: skip
         for p in study.space:
             when = f" when {p.when}" if p.when else ""
             values = list(p.choices) if p.type == "categorical" else f"[{p.low}, {p.high}]"
@@ -432,7 +437,7 @@ def _finish(inv: Invocation, out) -> dict:
     """Close what is left, write and log the report, register the best model, say where."""
     from orchestrate import sessions
     from orchestrate.render import format_table
-    from orchestrate.tracking import register_best
+    from orchestrate.tracking import FEASIBLE_ALIAS, register_best, tag_tuning
 
     tracker, writer, session = inv.tracker, inv.writer, inv.session
     writer.call(lambda: _close_leftovers(tracker, session, "FAILED"))
@@ -440,9 +445,15 @@ def _finish(inv: Invocation, out) -> dict:
     report, paths = writer.call(lambda: _publish_report(tracker, session, folder))
     finished = list(report.trials[report.trials.status == "FINISHED"].run_id) if len(
         report.trials) else []  # fmt: skip
-    best = None
+    best = feasible = None
     if inv.options.log_checkpoints and finished:
         best = writer.call(lambda: register_best(tracker, session, finished))
+    if (tuning := report.tuning) is not None:
+        writer.call(lambda: tag_tuning(tracker, tuning))
+        if inv.options.log_checkpoints and tuning.constraints and tuning.best:
+            chosen = f"best {tuning.goals[0][0]} with {'; '.join(tuning.constraints)}"
+            feasible = writer.call(lambda: register_best(
+                tracker, session, [tuning.best["run_id"]], FEASIBLE_ALIAS, chosen))  # fmt: skip
     sessions.mark_finished(inv.storage, session, {"parent_run_id": tracker.parent_id})
     print("\n" + format_table(report), file=out)
     if not finished:
@@ -452,6 +463,9 @@ def _finish(inv: Invocation, out) -> dict:
     if not finished:
         best = "none (no trial finished)"
     print(_next_steps(inv.options, tracker.experiment_id, paths, best), file=out)
+    if feasible:
+        print(f"best feasible model ({'; '.join(report.tuning.constraints)}): {feasible}",
+              file=out)  # fmt: skip
     return {"session": session, "parent_run_id": tracker.parent_id, "report": report,
             "table": report.table, "frame": report.trials, "model": best,
             "finished": len(finished), "failed": _failed_by_errors(report.trials)}  # fmt: skip
@@ -679,14 +693,17 @@ def _tune_config(plan: Plan, options: RunOptions, storage, session: str):
     from orchestrate.search import FinalOnlyOptunaSearch, asha, optuna_storage, tpe
 
     t = plan.tune
+    metrics, modes = zip(*t.goals, strict=True)
+    several = len(t.goals) > 1
     return TuneConfig(
         search_alg=FinalOnlyOptunaSearch(
             space=plan.study.sample,
-            metric=t.metric,
-            mode=t.mode,
+            metric=list(metrics) if several else metrics[0],
+            mode=list(modes) if several else modes[0],
             sampler=tpe(seed=0),
             study_name=session,
             storage=optuna_storage(storage, session),
+            constraints=t.constraints,
         ),
         scheduler=asha(int(plan.base.get("epochs", 200)), t, session) or PausableFIFO(session),
         num_samples=t.num_samples,

@@ -33,7 +33,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, SourceType
+from mlflow.entities import (
+    Dataset,
+    DatasetInput,
+    InputTag,
+    Metric,
+    Param,
+    RunTag,
+    SourceType,
+)
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import (
     MLFLOW_DATASET_CONTEXT,
@@ -384,13 +392,15 @@ def log_model(uri: str, run_id: str, config, classes: list[str], weights: dict, 
 
 
 def register_best(
-    tracker: StudyTracker, session: str, run_ids: list[str] | None = None
-) -> str | None:
+    tracker: StudyTracker, session: str, run_ids: list[str] | None = None,
+    alias: str = BEST_ALIAS, chosen_by: str = "",
+) -> str | None:  # fmt: skip
     """Register the best trial on validation accuracy (never test; ties: the trial that started
     first) among ``run_ids`` (the report's trials: a grid plan's identities, whichever invocation
     ran them), or the session's, as a new version of the registered model named after the
-    study, and point its alias ``best`` at it. Returns ``models:/<study>@best``, or None when
-    that trial has no logged model."""
+    study, and point its alias (``best``) at it. Returns ``models:/<study>@<alias>``, or None
+    when that trial has no logged model. ``chosen_by`` says, on the version, how a caller that
+    passes one run chose it (a tuning study's constrained best)."""
     client, name = tracker.client, tracker.study
     runs = ([client.get_run(r) for r in run_ids] if run_ids is not None
             else tracker.session_runs(session))  # fmt: skip
@@ -409,15 +419,32 @@ def register_best(
         about = f"Study {name}'s best model on validation accuracy; alias {BEST_ALIAS}: the newest"
         client.create_registered_model(name, description=about)
     tags = {"session": session, "trial": best.info.run_name,
-            "best_val_accuracy": best.data.metrics["best_val_accuracy"]}  # fmt: skip
+            "best_val_accuracy": best.data.metrics["best_val_accuracy"],
+            "chosen_by": chosen_by or "best validation accuracy"}  # fmt: skip
     # the model's own location: MLflow's SQL registry looks a models:/<id> source up in the
     # process's global store, not in this client's
     version = client.create_model_version(
         name, source=model.artifact_location, run_id=best.info.run_id, tags=tags,
         model_id=model.model_id,
     )  # fmt: skip
-    client.set_registered_model_alias(name, BEST_ALIAS, version.version)
-    return f"models:/{name}@{BEST_ALIAS}"
+    client.set_registered_model_alias(name, alias, version.version)
+    return f"models:/{name}@{alias}"
+
+
+FEASIBLE_ALIAS = "best_feasible"  # a tuning study with constraints: its best feasible trial
+
+
+def tag_tuning(tracker: StudyTracker, tuning) -> None:
+    """Each ranked trial's place on its run: ``pareto_front`` (several objectives) and, with
+    constraints, ``feasible`` on every trial whose constrained values are known."""
+    for row in tuning.trials.itertuples():
+        tags = {}
+        if len(tuning.goals) > 1 and row.ranked:
+            tags["pareto_front"] = str(bool(row.front)).lower()
+        if tuning.constraints and row.status == "FINISHED":
+            tags["feasible"] = "false" if row.violates else "true"
+        if tags:
+            tracker.client.log_batch(row.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def copy_epochs(client: MlflowClient, source: str, target: str, last_epoch: int) -> None:
@@ -439,7 +466,8 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict, step: int) -> 
         client.log_batch(run_id, metrics=batch[start : start + MAX_BATCH])
 
 
-EPOCH_KEYS = re.compile(r"^(epoch|train_\w+|val_\w+|lr|images_per_second|epoch_seconds)$")
+EPOCH_KEYS = re.compile(r"^(epoch|train_\w+|val_\w+|best_val_accuracy|lr|images_per_second|"
+                        r"epoch_seconds)$")  # fmt: skip
 FINAL_KEYS = re.compile(r"^(test_\w+|best_epoch|best_val_accuracy|trial_seconds|train_seconds|"
                         r"mean_images_per_second|checkpoints|checkpoint_seconds|train_images|"
                         r"val_images|params|gflops|latency_ms|throughput|latency_threads|"

@@ -13,6 +13,9 @@ A study names its trials and how they run:
 - ``kind = "tune"``: a ``[tune]`` table (metric, mode, samples, ASHA's grace period and
   reduction factor) and a ``[[space]]`` list of parameters, each ``categorical``, ``uniform``,
   ``loguniform`` or ``int``, optionally active only ``when`` other parameters take given values.
+  A multi-objective study names ``objectives = { best_val_accuracy = "max", latency_ms = "min" }``
+  instead of metric and mode, and any study may name ``constraints = ["latency_ms <= 5"]``
+  (``METRICS`` lists what trials report: validation figures and their architecture's cost).
 - ``[run]``: dataset, data path, protocol (``auto``: k-fold on CK+, the official splits
   elsewhere), folds, seeds; ``[defaults]``: config keys for every trial; ``[presets.NAME]``:
   config keys (and ``tune`` settings, and ``seeds``, which ``--seeds`` overrides) of a named
@@ -25,7 +28,8 @@ here instead, before anything runs; an error names the file, the key and the pro
   combination of ``[defaults]``, each preset and every grid cell;
 - ``paper``: keys must be datasets this project knows (``fermodel.config.DATASETS``), values
   accuracies in percent;
-- ``[tune]`` and ``[presets.NAME.tune]``: a metric the trainable reports, mode max or min,
+- ``[tune]`` and ``[presets.NAME.tune]``: a metric the trainable reports, mode max or min
+  (the same for each objective and constraint; objectives not beside metric or mode),
   ``num_samples`` and ``grace_period`` at least 1, ``reduction_factor`` at least 2 (ASHA asserts
   it), and a grace period below the last epoch of every preset (ASHA's first rung is at the
   grace period; one at or past the last epoch never stops anything); a grid study has no tune
@@ -42,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field, replace
@@ -68,7 +73,11 @@ RUN_OWNED = {"dataset", "data_path", "protocol", "fold", "folds", "seed"}
 # trial_splits reads) decide the data a trial sees. A tuning study reads its dataset once, on
 # the driver, from the base config, so none of them may be sampled per trial.
 DATASET_KEYS = frozenset(DATA_KEYS) | frozenset(SPLIT_KEYS)
-METRICS = ("best_val_accuracy", "val_accuracy", "val_macro_f1")  # what the trainable reports
+# what a tuning trial reports every epoch, so what it can be ranked, stopped and chosen by:
+# validation figures, and the cost of running its architecture (fermodel.cost)
+METRICS = ("best_val_accuracy", "val_accuracy", "val_macro_f1", "val_min_recall",
+           "params", "gflops", "latency_ms", "throughput")  # fmt: skip
+CONSTRAINT = re.compile(r"^\s*(\w+)\s*(<=|>=)\s*([-+]?[0-9.]+(?:[eE][-+]?\d+)?)\s*$")
 
 
 class StudyError(ValueError):
@@ -112,12 +121,36 @@ class Param:
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """``metric <= bound`` or ``metric >= bound``; as Optuna takes it, a value <= 0 is met."""
+
+    metric: str
+    op: str
+    bound: float
+    written: str = ""  # the bound as the study file writes it
+
+    def excess(self, value: float) -> float:
+        return value - self.bound if self.op == "<=" else self.bound - value
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {self.written or format(self.bound, 'g')}"
+
+
+@dataclass(frozen=True)
 class TuneSettings:
     metric: str = "best_val_accuracy"
     mode: str = "max"
     num_samples: int = 20
     grace_period: int = 1
     reduction_factor: int = 3
+    # several objectives replace metric and mode: ((metric, "max" | "min"), ...)
+    objectives: tuple = ()
+    constraints: tuple = ()  # Constraint, ...
+
+    @property
+    def goals(self) -> list[tuple[str, str]]:
+        """What the search optimises: the objectives, or the one metric and its mode."""
+        return list(self.objectives) or [(self.metric, self.mode)]
 
 
 def trial_identity(study: str, config: TrialConfig) -> str:
@@ -623,6 +656,12 @@ def _tune_keys(table, where: str, fail) -> dict:
     for key, value in table.items():
         if key not in known:
             raise fail(f"{where}.{key}", f"unknown key; allowed: {', '.join(known)}")
+        if key == "objectives":
+            out[key] = _objectives(value, f"{where}.{key}", fail)
+            continue
+        if key == "constraints":
+            out[key] = _constraints(value, f"{where}.{key}", fail)
+            continue
         kind = type(getattr(TuneSettings(), key))
         if not isinstance(value, kind) or isinstance(value, bool):
             raise fail(f"{where}.{key}", f"expected {kind.__name__}, got {value!r}")
@@ -634,11 +673,46 @@ def _tune_keys(table, where: str, fail) -> dict:
     if out.get("metric", METRICS[0]) not in METRICS:
         raise fail(f"{where}.metric", f"must be one of {', '.join(METRICS)}, "
                    f"got {out['metric']!r}")  # fmt: skip
+    if "objectives" in out and ({"metric", "mode"} & set(out)):
+        raise fail(f"{where}.objectives", "replaces metric and mode: give one or the other")
     factor = out.get("reduction_factor", 2)
     if factor < 2:  # ASHAScheduler asserts reduction_factor > 1
         raise fail(f"{where}.reduction_factor", f"must be at least 2 (ASHA keeps 1 in "
                    f"reduction_factor trials at each rung), got {factor}")  # fmt: skip
     return out
+
+
+def _metric(name, where: str, fail) -> str:
+    if name not in METRICS:
+        raise fail(where, f"{name!r} is not a metric trials report; one of {', '.join(METRICS)}")
+    return name
+
+
+def _objectives(value, where: str, fail) -> tuple:
+    """``{ best_val_accuracy = "max", latency_ms = "min" }``: metrics and their directions, in
+    order (the first is what ASHA and the progress line read with one objective)."""
+    if not isinstance(value, dict) or not value:
+        raise fail(where, 'must map metrics to "max" or "min", as { best_val_accuracy = "max" }')
+    for metric, mode in value.items():
+        _metric(metric, f"{where}.{metric}", fail)
+        if mode not in ("max", "min"):
+            raise fail(f"{where}.{metric}", f'mode must be "max" or "min", got {mode!r}')
+    return tuple(value.items())
+
+
+def _constraints(value, where: str, fail) -> tuple:
+    """``["latency_ms <= 5", ...]``: a trial that breaks one is infeasible."""
+    if not isinstance(value, list):
+        raise fail(where, 'must be a list such as ["latency_ms <= 5"]')
+    out = []
+    for i, text in enumerate(value):
+        match = CONSTRAINT.match(text) if isinstance(text, str) else None
+        if match is None:
+            raise fail(f"{where}[{i}]", f'must read "METRIC <= NUMBER" or "METRIC >= NUMBER", '
+                       f"got {text!r}")  # fmt: skip
+        metric, op, bound = match.groups()
+        out.append(Constraint(_metric(metric, f"{where}[{i}]", fail), op, float(bound), bound))
+    return tuple(out)
 
 
 def _trial_keys(table: dict, where: str, fail) -> dict:

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -109,7 +110,10 @@ def test_a_tuning_study_samples_its_conditional_space_and_diverging_trials_fail_
     assert "Traceback" not in printed + captured.out + captured.err
     report = summary["report"]
     assert report.kind == "tune" and report.cost["trials"] == 5
-    assert set(report.importances) <= {"loss", "lam1", "lam", "lr"}
+    tuning = report.tuning  # every trial in sampling order, its parameters and its fate
+    assert list(tuning.trials.name) == [f"tuned-{i:03d}" for i in range(1, 6)]
+    assert tuning.params == ["loss", "lam1", "lam", "lr"]
+    assert all(set(v) <= {"loss", "lr"} for v in tuning.importances.values())  # conditional out
     _, all_runs = runs(tmp_path, "minihpo")
     assert all(r.info.status != "RUNNING" for r in all_runs)
     children = [r for r in all_runs if r.data.tags.get("study_parent") == "false"]
@@ -141,7 +145,18 @@ def test_a_tuning_study_samples_its_conditional_space_and_diverging_trials_fail_
         assert run.info.status == "FINISHED"
         if run.data.tags.get("stopped_early") != "true":  # trained to the end: tested
             assert "test_accuracy" in run.data.metrics and run.data.metrics["best_epoch"] >= 1
-    assert len(diverged) == 2 and 1 <= len(report.best) <= 3
+    assert len(diverged) == 2
+    fates = dict(zip(tuning.trials.name, tuning.trials.fate, strict=True))
+    for run in children:
+        fate = fates[run.info.run_name]
+        if run in diverged:
+            assert fate == "failed: divergence"
+        elif run.data.tags.get("stopped_early") == "true":
+            assert fate == f"stopped at rung 1 (epoch {int(run.data.metrics['epoch'])})"
+        else:
+            assert fate == "finished"
+    assert tuning.best["name"] in {r.info.run_name for r in children if fates[r.info.run_name]
+                                   == "finished"}  # fmt: skip
     # one line per failed trial, naming where Ray's tracebacks went (retries included)
     failed = [ln for ln in printed.splitlines() if "<- failed " in ln]
     assert len(failed) == 2 and all("non-finite loss" in ln for ln in failed)
@@ -200,7 +215,10 @@ def test_asha_rungs_fall_before_the_last_epoch(epochs, grace, reduction, expecte
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--study", "table9"], "unknown study 'table9'; shipped: hpo, table3, table4, table5"),
+        (
+            ["--study", "table9"],
+            "unknown study 'table9'; shipped: hpo, hpo_pareto, table3, table4, table5",
+        ),
         (["--dataset", "fer2013"], "data_path: dataset 'fer2013' needs the path"),
         (
             ["--dataset", "ckplus", "--data", "/no/such/ck", "--pretrained", "none"],
@@ -251,6 +269,10 @@ def test_bad_options_are_rejected_before_any_run(tmp_path, monkeypatch, capsys, 
             "space[1].when.loss: must be a list of loss's choices",
         ),
         (HPO.replace("low = 0.1", "low = -1.0"), "space[1].low: needs numbers low < high"),
+        (
+            HPO.replace("[tune]", '[tune]\nconstraints = ["val_loss <= 1"]'),
+            "tune.constraints[0]: 'val_loss' is not a metric trials report",
+        ),
         ("name = [", "not valid TOML"),
     ],
 )
@@ -305,42 +327,55 @@ def test_credentials_never_reach_params_or_tags(tmp_path):
     tracker.end_parent("FINISHED")
 
 
-RESUMED_HPO = """
-name = "resumehpo"
+PARETO_HPO = """
+name = "paretohpo"
 kind = "tune"
 [run]
 dataset = "synthetic"
 [defaults]
-backbone = "shufflenet_v2_x0_5"
 attention = "none"
 [tune]
-num_samples = 3
+objectives = { best_val_accuracy = "max", latency_ms = "min" }
+constraints = ["params <= 1000000"]
+num_samples = 4
 grace_period = 1
 reduction_factor = 2
+[[space]]
+name = "backbone"
+type = "categorical"
+choices = ["shufflenet_v2_x0_5", "mobilenet_v2"]
 [[space]]
 name = "lr"
 type = "loguniform"
 low = 0.0001
 high = 0.01
 """
+SMALL = {"shufflenet_v2_x0_5": True, "mobilenet_v2": False}  # 0.35 M and 2.2 M parameters
 
 
 @pytest.mark.slow
-def test_a_resumed_tuning_study_continues_its_optuna_history(
+def test_a_multi_objective_tuning_study_interrupted_and_continued_keeps_its_front(
     ray_cluster, tmp_path, study_file, monkeypatch, capsys
 ):
-    import optuna
+    """Two objectives and a constraint, stopped by SIGINT after a trial finished and continued:
+    Optuna holds both values of every complete trial, PRUNED for the trials MO-ASHA stopped and
+    each trial's constraint; the runs say which are feasible and on the front; the report shows
+    every trial, the front and its figures in a browser, and its re-run command runs the best
+    configuration."""
+    from conftest import chromium
+    from playwright.sync_api import sync_playwright
+
+    from orchestrate.tuning import RERUN_FILE
 
     db = tmp_path / "m.db"
-    cmd = [sys.executable, "-m", "orchestrate.ablation", "--study", study_file(RESUMED_HPO),
+    cmd = [sys.executable, "-m", "orchestrate.ablation", "--study", study_file(PARETO_HPO),
            "--preset", "tiny", "--epochs", "2", "--storage", str(tmp_path / "ray"),
-           "--tracking-uri", f"sqlite:///{db}", "--max-concurrent", "1",
-           "--no-log-checkpoints"]  # fmt: skip
+           "--tracking-uri", f"sqlite:///{db}", "--max-concurrent", "1"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def children():
         client = MlflowClient(f"sqlite:///{db}")
-        exp = client.get_experiment_by_name("resumehpo") if db.exists() else None
+        exp = client.get_experiment_by_name("paretohpo") if db.exists() else None
         if exp is None:
             return []
         return client.search_runs([exp.experiment_id], "tags.study_parent = 'false'")
@@ -356,27 +391,76 @@ def test_a_resumed_tuning_study_continues_its_optuna_history(
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 130
     (session,) = [p.name for p in (tmp_path / "ray").iterdir() if p.name != "leases"]
-    storage = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp_path / "ray" / session / JOURNAL))
-    )
-    before = {t.number: t.params for t in optuna.load_study(study_name=session,
-                                                             storage=storage).trials}  # fmt: skip
+
+    def journal():
+        storage = optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(tmp_path / "ray" / session / JOURNAL))
+        )
+        return optuna.load_study(study_name=session, storage=storage).trials
+
+    before = {t.number: t.params for t in journal()}
     assert len(before) in (2, 3)  # one finished, one running, maybe one more sampled
 
-    # the same command continues the session (--resume would insist on one); in this process,
-    # on the session's Ray, which starts faster
+    # the same command continues the session; in this process, on the session's Ray
     monkeypatch.chdir(tmp_path)
     assert main(cmd[3:]) == 0
-    assert f"continuing {tmp_path / 'ray' / session}" in capsys.readouterr().out
-    storage = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp_path / "ray" / session / JOURNAL))
-    )
-    after = optuna.load_study(study_name=session, storage=storage).trials
-    assert [t.number for t in after] == [0, 1, 2]  # numbered on, nothing sampled twice
+    printed = capsys.readouterr().out
+    assert f"continuing {tmp_path / 'ray' / session}" in printed
+    after = journal()
+    assert [t.number for t in after] == [0, 1, 2, 3]  # numbered on, nothing sampled twice
     assert {t.number: t.params for t in after if t.number in before} == before
-    assert {t.state for t in after} <= {optuna.trial.TrialState.COMPLETE,
-                                        optuna.trial.TrialState.PRUNED}  # fmt: skip
-    runs = children()
-    assert len(runs) == 3 and {r.info.status for r in runs} == {"FINISHED"}
-    sampled = sorted(float(r.data.params["lr"]) for r in runs)
-    assert sampled == pytest.approx(sorted(t.params["lr"] for t in after))
+    runs = {r.data.tags["ray_trial_id"]: r for r in children()}
+    assert len(runs) == 4 and {r.info.status for r in runs.values()} == {"FINISHED"}
+    by_lr = {round(float(r.data.params["lr"]), 12): r for r in runs.values()}
+    State = optuna.trial.TrialState
+    for trial in after:
+        run = by_lr[round(trial.params["lr"], 12)]
+        stopped = run.data.tags.get("stopped_early") == "true"
+        assert trial.state == (State.PRUNED if stopped else State.COMPLETE)
+        if trial.state == State.COMPLETE:  # both objectives, as the run logged them
+            assert trial.values == [run.data.metrics["best_val_accuracy"],
+                                    run.data.metrics["latency_ms"]]  # fmt: skip
+        # told as a constraint, never as a low score: positive excess is infeasible
+        small = SMALL[trial.params["backbone"]]
+        (excess,) = trial.constraints.values()
+        assert (excess <= 0) == small
+        assert excess == run.data.metrics["params"] - 1_000_000
+        assert run.data.tags["feasible"] == str(small).lower()
+        ranked = not stopped and small
+        assert ("pareto_front" in run.data.tags) == ranked
+
+    # the report: every trial with its fate, the front, the best feasible model, the re-run
+    folder = tmp_path / "reports" / session
+    trials = pd.read_csv(folder / "tuning_trials.csv")
+    assert sorted(trials.name) == [f"tuned-{i:03d}" for i in range(1, 5)]
+    assert set(trials.fate) <= {"finished", "stopped at rung 1 (epoch 1)"}
+    line = next(ln for ln in printed.splitlines() if ln.startswith("re-run it over seeds"))
+    assert line.endswith(f"--study reports/{session}/{RERUN_FILE} --preset tiny")  # from here
+    best = next(ln for ln in printed.splitlines() if ln.startswith("best configuration"))
+    best_name = best.split(": ")[1].split(" ")[0]
+    best_run = next(r for r in runs.values() if r.info.run_name == best_name)
+    assert SMALL[best_run.data.params["backbone"]]  # the best is feasible
+    assert "best feasible model (params <= 1000000): models:/paretohpo@best_feasible" in printed
+    version = MlflowClient(f"sqlite:///{db}").get_model_version_by_alias(
+        "paretohpo", "best_feasible"
+    )
+    assert version.run_id == best_run.info.run_id
+    rerun = load_study(folder / RERUN_FILE)
+    config = rerun.trials("tiny")[0].config
+    assert rerun.seeds_for("tiny") == 3 and config.backbone == best_run.data.params["backbone"]
+    assert config.lr == float(best_run.data.params["lr"])
+    with sync_playwright() as p:
+        browser = chromium(p)
+        page = browser.new_page(viewport={"width": 1300, "height": 900})
+        page.goto((folder / "report.html").as_uri())
+        rows = page.locator("table").first.locator("tbody tr")
+        assert rows.count() == 4 and rows.first.is_visible()
+        text = page.locator("body").inner_text()
+        assert "Pareto front" in text and "hypervolume" in text and best_name in text
+        images = page.locator("img")
+        alts = images.evaluate_all("ims => ims.map(im => im.alt)")
+        assert any(a.startswith("the trials' objectives") for a in alts), alts
+        assert any(a.startswith("optimisation history") for a in alts), alts
+        for i in range(images.count()):
+            assert images.nth(i).evaluate("im => im.complete && im.naturalWidth > 100")
+        browser.close()

@@ -107,8 +107,47 @@ BAD = [
     pytest.param(
         TUNE + '[presets.cpu.tune]\nmetric = "test_accuracy"\n',
         "presets.cpu.tune.metric",
-        "must be one of best_val_accuracy, val_accuracy, val_macro_f1, got 'test_accuracy'",
+        "must be one of best_val_accuracy, val_accuracy, val_macro_f1, val_min_recall, params, "
+        "gflops, latency_ms, throughput, got 'test_accuracy'",
         id="preset-metric",
+    ),
+    pytest.param(
+        TUNE.replace(
+            "[tune]", '[tune]\nobjectives = { best_val_accuracy = "max", test_accuracy = "max" }'
+        ),
+        "tune.objectives.test_accuracy",
+        "'test_accuracy' is not a metric trials report; one of best_val_accuracy, val_accuracy, "
+        "val_macro_f1, val_min_recall, params, gflops, latency_ms, throughput",
+        id="objective-unknown-metric",
+    ),
+    pytest.param(
+        TUNE.replace(
+            "[tune]", '[tune]\nobjectives = { best_val_accuracy = "max", latency_ms = "lowest" }'
+        ),
+        "tune.objectives.latency_ms",
+        'mode must be "max" or "min", got \'lowest\'',
+        id="objective-mode",
+    ),
+    pytest.param(
+        TUNE.replace(
+            "[tune]", '[tune]\nmetric = "val_accuracy"\nobjectives = { latency_ms = "min" }'
+        ),
+        "tune.objectives",
+        "replaces metric and mode: give one or the other",
+        id="objectives-beside-metric",
+    ),
+    pytest.param(
+        TUNE.replace("[tune]", '[tune]\nconstraints = ["latency <= 5"]'),
+        "tune.constraints[0]",
+        "'latency' is not a metric trials report; one of best_val_accuracy, val_accuracy, "
+        "val_macro_f1, val_min_recall, params, gflops, latency_ms, throughput",
+        id="constraint-unknown-metric",
+    ),
+    pytest.param(
+        TUNE.replace("[tune]", '[tune]\nconstraints = ["latency_ms < 5"]'),
+        "tune.constraints[0]",
+        'must read "METRIC <= NUMBER" or "METRIC >= NUMBER", got \'latency_ms < 5\'',
+        id="constraint-form",
     ),
     pytest.param(
         TUNE + '[presets.cpu.tune]\nmode = "maximum"\n',
@@ -403,8 +442,11 @@ def test_a_valid_tuning_study_with_fractional_and_integer_ranges_loads_and_sampl
         assert config.batch_size == sampled["batch_size"] and config.epochs == 4
 
 
-def test_the_shipped_studies_are_the_four_of_the_paper():
-    assert list_studies() == ["hpo", "table3", "table4", "table5"]
+def test_the_shipped_studies_are_the_papers_tables_and_two_tuning_studies():
+    assert list_studies() == ["hpo", "hpo_pareto", "table3", "table4", "table5"]
+    goals = load_study("hpo_pareto").tune_settings("cpu")
+    assert goals.goals == [("best_val_accuracy", "max"), ("latency_ms", "min")]
+    assert [str(c) for c in goals.constraints] == ["latency_ms <= 25"]
 
 
 @pytest.mark.parametrize("name", list_studies())
