@@ -2,6 +2,7 @@
 
 import io
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -449,6 +450,9 @@ def test_a_multi_objective_tuning_study_interrupted_and_continued_keeps_its_fron
     config = rerun.trials("tiny")[0].config
     assert rerun.seeds_for("tiny") == 3 and config.backbone == best_run.data.params["backbone"]
     assert config.lr == float(best_run.data.params["lr"])
+    capsys.readouterr()
+    assert main([*shlex.split(line.split(": ", 1)[1])[3:], "--dry-run"]) == 0  # as printed
+    assert "study paretohpo_rerun (grid)" in capsys.readouterr().out
     with sync_playwright() as p:
         browser = chromium(p)
         page = browser.new_page(viewport={"width": 1300, "height": 900})
