@@ -206,6 +206,9 @@ class MLflowTrials(Callback):
                                 int(last.get("best_epoch", 0)))  # fmt: skip
         if not completed:
             self.client.set_tag(run_id, "stopped_early", "true")
+            if (seconds := last.get("time_total_s")) is not None:  # Tune's clock: what it cost
+                log_metrics(self.client, run_id, {"trial_seconds": float(seconds)},
+                            step=int(last.get("epoch", 0)))  # fmt: skip
         self.client.set_terminated(run_id, "FINISHED")
         self.ended.add((trial_id, member))
 

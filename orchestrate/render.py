@@ -96,8 +96,11 @@ def _marked(diff: float, p: float) -> str:
     """A difference in points with its significance mark."""
     if _missing(diff):
         return ""
-    mark = next((m for level, m in MARKS if not _missing(p) and p < level), "")
-    return f"{diff:+.2f}{mark}"
+    return f"{diff:+.2f}{_mark(p)}"
+
+
+def _mark(p: float) -> str:
+    return next((m for level, m in MARKS if not _missing(p) and p < level), "")
 
 
 def _runs_interval(row) -> str:
@@ -439,6 +442,9 @@ def tuning_lines(report: StudyReport) -> list[str]:
         if t.rerun:
             lines.append(f"re-run it over seeds as a grid study: {t.rerun}")
     ranked_count = int(t.trials.ranked.sum()) if len(t.trials) else 0
+    if not t.importances and t.params:
+        lines.append(f"importance: not computed: {ranked_count} {ranked} trial(s); fANOVA needs "
+                     f"3 or more whose objectives vary")  # fmt: skip
     for metric, values in t.importances.items():
         ranked_params = ", ".join(f"{p} {v:.2f}" for p, v in values.items())
         lines.append(f"importance for {metric} over {ranked_count} {ranked} trials "
@@ -773,6 +779,56 @@ def _slice_figure(report: StudyReport) -> bytes | None:
     return _png(fig)
 
 
+def _forest_figure(report: StudyReport) -> bytes | None:
+    """Each contrast's difference with its 95% interval, both questions side by side (on this
+    test set above, across training runs below), its Holm mark in the label."""
+    computed = _computed(report)
+    if not len(computed):
+        return None
+    fig = Figure(figsize=(7.5, 0.9 + 0.55 * len(computed)), layout="constrained")
+    ax = fig.subplots()
+    labels = []
+    for i, row in enumerate(computed.itertuples()):
+        y = len(computed) - 1 - i
+        marks = [_mark(row.testset_p_holm) or "·", _mark(row.runs_p_holm) or "·"]
+        labels.append(f"{row.family}: {row.comparison} {marks[0]} {marks[1]}")
+        for offset, diff, low, high, color, name in (
+            (
+                0.15,
+                row.testset_diff,
+                row.testset_ci_low,
+                row.testset_ci_high,
+                "tab:blue",
+                "on this test set",
+            ),
+            (
+                -0.15,
+                row.runs_diff,
+                row.runs_ci_low,
+                row.runs_ci_high,
+                "tab:orange",
+                "across training runs",
+            ),
+        ):
+            if _missing(diff):
+                continue
+            err = None if _missing(low) else [[diff - low], [high - diff]]
+            ax.errorbar(
+                [diff],
+                [y + offset],
+                xerr=err,
+                fmt="o",
+                color=color,
+                capsize=3,
+                label=name if i == 0 else None,
+            )
+    ax.axvline(0, color="#555", lw=1)
+    ax.set_yticks(range(len(computed)), labels[::-1], fontsize=7)
+    ax.set_xlabel("difference (percentage points) with its 95% interval")
+    ax.legend(fontsize=7, loc="best")
+    return _png(fig)
+
+
 def _front_figure(report: StudyReport) -> bytes | None:
     """Accuracy (or the first objective) against latency (or the second): a tuning study's
     trials (infeasible ones crossed) or a grid's cells (their 95% intervals), point size by
@@ -858,7 +914,10 @@ def to_html(report: StudyReport) -> str:
     elif tables[0][1]:
         body = ["<h2>Test accuracy per cell</h2>", _html_table(*tables[0])]
         if len(tables) > 1:
-            body += ["<h2>Comparisons</h2>", _html_table(*tables[1])]
+            forest = ("each comparison's difference and 95% interval, both questions (marks: "
+                      "Holm-adjusted, test set then runs)")  # fmt: skip
+            body += ["<h2>Comparisons</h2>", _html_table(*tables[1]),
+                     img(_forest_figure(report), forest)]  # fmt: skip
         body.append("<h3>Legend</h3><dl class=legend>" + "".join(
             f"<dt>{esc(name)}</dt><dd>{esc(meaning)}.</dd>"
             for name, meaning in _full_legend(report)

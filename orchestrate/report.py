@@ -298,7 +298,8 @@ def _cost(frame: pd.DataFrame, gpus: float) -> dict:
     }
     stopped = frame[frame.stopped_early & (frame.epochs_run > 0)]
     if len(stopped):
-        per_epoch = stopped.train_seconds / stopped.epochs_run
+        # a stopped trial logged its wall time (Tune's clock), not its training time
+        per_epoch = stopped.train_seconds.fillna(stopped.trial_seconds) / stopped.epochs_run
         saved = ((stopped.planned_epochs - stopped.epochs_run).clip(lower=0) * per_epoch).sum()
         full = hours * 3600 + saved
         cost["stopped_early"] = len(stopped)

@@ -174,7 +174,8 @@ def test_the_html_report_renders_in_headless_chromium(finished_study):
         assert "percentage points" in text and "Holm" in text and "not adjusted" in text
         images = page.locator("img")
         alts = images.evaluate_all("ims => ims.map(im => im.alt)")
-        assert [a.split(" ")[0] for a in alts] == ["accuracy", "confusion", "validation", "class"]
+        assert [a.split(" ")[0] for a in alts] == ["each", "accuracy", "confusion", "validation",
+                                                   "class"]  # fmt: skip
         for i in range(images.count()):
             loaded = images.nth(i).evaluate("im => im.complete && im.naturalWidth > 100")
             assert loaded, f"image {i} did not render"
