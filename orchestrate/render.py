@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 from orchestrate.statistics import (
     ALPHA,
     EXACT_LIMIT,
+    INVERT_LIMIT,
     KFOLD_TEST,
     POWER,
     QUESTIONS,
@@ -103,6 +104,13 @@ def _mark(p: float) -> str:
     return next((m for level, m in MARKS if not _missing(p) and p < level), "")
 
 
+def _testset_interval(row) -> str:
+    note = getattr(row, "testset_note", "")
+    if isinstance(note, str) and note:
+        return note
+    return _interval(row.testset_ci_low, row.testset_ci_high, "+.2f")
+
+
 def _runs_interval(row) -> str:
     note = row.runs_significant
     if isinstance(note, str) and note.startswith("n/a"):  # no spread to judge it by
@@ -124,6 +132,13 @@ def _computed(report: StudyReport) -> pd.DataFrame:
     """The contrasts whose questions were computed."""
     c = report.contrasts
     return c[c.testset_diff.notna()] if len(c) else c
+
+
+def _ci_method(computed: pd.DataFrame) -> str:
+    few = computed.testset_n <= INVERT_LIMIT
+    if few.all():
+        return "CI: the values it does not reject"
+    return "bootstrap CI" if not few.any() else "CI: inverted test or bootstrap (by units)"
 
 
 def _units(computed: pd.DataFrame) -> str:
@@ -271,19 +286,23 @@ def contrast_columns(report: StudyReport) -> list[Column]:
                "points, each image's correctness averaged over the seeds first; it answers "
                "whether these trained models differ on these test images, not whether the gain "
                "survives another training seed"),
-        Column(testset, "95% CI (points)",
-               lambda r: _interval(r.testset_ci_low, r.testset_ci_high, "+.2f"),
-               f"95% percentile {resampler} interval of that difference, in percentage "
-               f"points, resampling the {units} of the test set (the independent unit is the "
-               f"subject where the predictions name one, else the image); not adjusted for "
+        Column(testset, "95% CI (points)", _testset_interval,
+               f"95% interval of that difference, in percentage points, over the {units} of "
+               f"the test set (the independent unit is the subject where the predictions name "
+               f"one, else the image): up to {INVERT_LIMIT} units the differences the sign-flip "
+               f"test does not reject (its inversion, which keeps its level with few units), "
+               f"beyond that the percentile {resampler} interval; 'n/a' where no outcome could "
+               f"reach p < {ALPHA} (5 units or fewer) or no image changed; not adjusted for "
                f"multiple comparisons, while the marks are, so an interval can exclude 0 "
                f"without a mark"),
         Column(testset, "MDE (points)", lambda r: _num(r.testset_mde),
                f"noise floor: the true difference this test detects with {POWER:.0%} power at "
-               f"two-sided {ALPHA} before Holm's adjustment, with these {units} (normal "
-               f"approximation of the sign-flip test), in percentage points; an observed "
-               f"difference below it can still be significant, from about "
-               f"{SIGNIFICANT_SHARE:.2f} x MDE"),
+               f"two-sided {ALPHA} before Holm's adjustment, with these {units}, in percentage "
+               f"points: up to {INVERT_LIMIT} units the sign-flip test's own power, counted "
+               f"(exact in its few possible p-values), beyond that its normal approximation; "
+               f"empty where no p < {ALPHA} is possible; an observed difference below it can "
+               f"still be significant, from about {SIGNIFICANT_SHARE:.2f} x MDE in the normal "
+               f"limit"),
         Column(across, "Δ (points)", lambda r: _marked(r.runs_diff, r.runs_p_holm),
                f"the mean over the {runs} of the contrast of the runs' test accuracies, in "
                f"percentage points, each run's cells joined by seed and fold; it answers "
@@ -551,7 +570,7 @@ def _short_legend(report: StudyReport) -> list[str]:
         *lines,
         "Δ: the comparison's plus cells minus its minus cells (A vs B: A - B), in points",
         f"on this test set: do these models differ on these images? (exact sign-flip test, "
-        f"bootstrap CI, over {_units(computed)})",
+        f"{_ci_method(computed)}, over {_units(computed)})",
         f"across training runs: {runs}",
         f"* / **: Holm-adjusted p < {ALPHA} / 0.01 within each family and question; the CIs "
         f"are not adjusted",

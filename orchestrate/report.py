@@ -40,7 +40,8 @@ from orchestrate.study_report import StudyReport
 # seeds_needed) "across training runs"
 TESTSET_COLUMNS = ["testset_unit", "testset_n", "testset_diff", "testset_ci_low",
                    "testset_ci_high", "testset_p", "testset_p_exact", "testset_p_error",
-                   "testset_p_holm", "testset_significant", "testset_mde"]  # fmt: skip
+                   "testset_p_holm", "testset_significant", "testset_mde",
+                   "testset_note"]  # fmt: skip
 RUNS_COLUMNS = ["runs_test", "runs_n", "runs_seeds", "runs_folds", "runs_units", "runs_fold_ratio",
                 "runs_diff",
                 "runs_ci_low", "runs_ci_high", "runs_p", "runs_p_holm", "runs_significant",
@@ -156,7 +157,7 @@ def contrast_rows(data: StudyData, contrasts, n_resamples: int = 10_000) -> pd.D
             "testset_unit": t["unit"], "testset_n": t["n_units"], "testset_diff": t["difference"],
             "testset_ci_low": t["ci_low"], "testset_ci_high": t["ci_high"],
             "testset_p": t["p_value"], "testset_p_exact": t["p_exact"],
-            "testset_p_error": t["p_error"], "testset_mde": t["mde"],
+            "testset_p_error": t["p_error"], "testset_mde": t["mde"], "testset_note": t["note"],
             "runs_test": KFOLD_TEST if r["corrected"] else "paired t",
             "runs_n": r["n_runs"], "runs_seeds": r["n_seeds"], "runs_folds": r["n_folds"],
             "runs_units": r["n_units"],

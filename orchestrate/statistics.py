@@ -111,6 +111,12 @@ BATCH = 1000
 # the exact sign-flip distribution costs (changed units) x (their integer sum) additions; beyond
 # this many (about a second) the p-value is Monte Carlo, with its error bound
 EXACT_LIMIT = 200_000_000
+# up to this many units the test-set interval and noise floor come from the sign-flip test
+# itself (inverted; its power counted), beyond it from the bootstrap and the normal limit
+INVERT_LIMIT = 60
+ENUMERATE = 12  # units: up to here every sign vector, beyond it Monte Carlo ones
+NOISE_DRAWS = 400  # random outcomes the noise floor's power is counted over
+POWER_SIGNS = 1000  # sign vectors each of those outcomes is tested with (beyond ENUMERATE)
 # seeds_needed is searched up to here; beyond it the observed difference is as good as none
 MAX_SEEDS = 1_000_000
 # the smallest observed difference that can be significant, as a share of the test-set MDE
@@ -314,6 +320,75 @@ def _unit_name(grouped: np.ndarray) -> str:
     return "subject or image" if grouped.any() else "image"
 
 
+def smallest_p(units: int) -> float:
+    """The smallest two-sided p-value a sign-flip test over ``units`` can give: 2 / 2**units."""
+    return 2.0 / 2.0**units
+
+
+def _sign_vectors(g: int, n: int, rng) -> np.ndarray:
+    """[S, g] signs: all 2**g of them up to ENUMERATE units, else ``n`` random ones and the
+    identity (so that a Monte Carlo p-value is never 0)."""
+    if g <= ENUMERATE:
+        return ((np.arange(2**g)[:, None] >> np.arange(g)) & 1) * 2.0 - 1.0
+    return np.vstack([np.ones(g), rng.choice((-1.0, 1.0), size=(n - 1, g))])
+
+
+def _flip_p(x: np.ndarray, signs: np.ndarray) -> np.ndarray:
+    """The sign-flip p-value of each row of ``x`` [B, g] under the sign vectors ``signs``."""
+    x = np.atleast_2d(x)
+    observed = np.abs(x.sum(axis=1))
+    flipped = np.abs(signs @ x.T)  # [S, B]
+    return (flipped >= observed * (1 - 1e-12) - 1e-12).mean(axis=0)
+
+
+def _bisect(inside, outside, accepted, tol: float = 1e-7) -> float:
+    """The boundary between ``inside`` (where ``accepted``) and ``outside`` (where not)."""
+    for _ in range(200):
+        if abs(outside - inside) <= tol:
+            break
+        middle = (inside + outside) / 2
+        inside, outside = (middle, outside) if accepted(middle) else (inside, middle)
+    return (inside + outside) / 2
+
+
+def _inverted_interval(u, m, signs) -> tuple[float, float]:
+    """The 95% interval (percent) of the image-level difference as the values delta the
+    sign-flip test does not reject: the units' ``u - delta * m`` are symmetric about 0 under
+    that difference. Needs ``smallest_p(g) < ALPHA``: far enough out every unit has one sign."""
+    estimate = float(u.sum() / m.sum())
+    means = u / m
+
+    def kept(delta: float) -> bool:
+        return float(_flip_p(u - delta * m, signs)[0]) >= ALPHA
+
+    low = _bisect(estimate, float(means.min()) - 1.0, kept)
+    high = _bisect(estimate, float(means.max()) + 1.0, kept)
+    return 100.0 * low, 100.0 * high
+
+
+def _sign_flip_mde(u, m, signs, noise) -> float:
+    """The true difference (percent) the sign-flip test over these units detects with POWER:
+    each unit a random sign of its observed size ``|u|`` (the spread the test's own null
+    distribution has) plus the difference times its images, power counted over the ``noise``
+    sign vectors. Exact in its discreteness, where the normal approximation is not: with 6
+    units only the all-one-sign outcome reaches p < 0.05. The sizes are scaled to the spread's
+    median-unbiased value, sqrt((g - 1) / chi2_0.5(g - 1)) times the observed (1.07 for 6
+    units, 1.00 at 60): a few units' spread is more often below the true one than above, and
+    unscaled the printed floor was found about 75% of the time, not 80%
+    (tests/test_small_test_sets.py)."""
+    g = len(u)
+    size = np.abs(u) * math.sqrt((g - 1) / stats.chi2.ppf(0.5, g - 1))
+
+    def detected(delta: float) -> bool:
+        y = noise * size + delta * m
+        return float((_flip_p(y, signs) < ALPHA).mean()) >= POWER
+
+    high = _z_sum() * math.sqrt(float(np.sum(u**2))) / float(m.sum())
+    while not detected(high):
+        high *= 2
+    return 100.0 * _bisect(high, 0.0, detected, tol=1e-6)
+
+
 def _unit_interval(u, m, difference: float, n_resamples: int, rng) -> tuple[float, float]:
     """The percentile bootstrap interval (percent) of sum(u) / sum(m) over resampled units."""
     means = u / m
@@ -375,14 +450,30 @@ def on_test_set(
 
     # from the integers, so that whole-image gains come out exact (45 of 300 -> 15.0)
     difference = 100.0 * float(v.sum()) / lcm / n
-    ci_low, ci_high = _unit_interval(u, m, difference, n_resamples, boot_rng)
     changed = v[v != 0]
     p_value, p_error, exact = _unit_sign_flip(changed, lcm, n_resamples, perm_rng)
-
-    spread = math.sqrt(float(np.sum(u**2)))
-    mde = 100.0 * _z_sum() * spread / n if spread > 0 else math.nan
     unit = _unit_name(joined.grouped)
     units = f"{unit}s" if unit != "subject or image" else "subjects (images without one)"
+
+    spread = math.sqrt(float(np.sum(u**2)))
+    note, ci_low, ci_high, mde = "", math.nan, math.nan, math.nan
+    if smallest_p(g) >= ALPHA:  # no outcome reaches the level: no interval, no noise floor
+        note = f"n/a: no p < {ALPHA} is possible with {g} {units}"
+        interval = "none (the test cannot reject)"
+    elif spread == 0:
+        note = "n/a: no test image changed"
+        interval = "none (the cells agree on every image)"
+    elif g <= INVERT_LIMIT:  # the test's own interval and power, exact in its discreteness
+        signs = _sign_vectors(g, n_resamples, boot_rng)
+        ci_low, ci_high = _inverted_interval(u, m, signs)
+        noise = boot_rng.choice((-1.0, 1.0), size=(NOISE_DRAWS, g))
+        mde = _sign_flip_mde(u, m, _sign_vectors(g, POWER_SIGNS, boot_rng), noise)
+        interval = "the sign-flip test inverted"
+    else:
+        ci_low, ci_high = _unit_interval(u, m, difference, n_resamples, boot_rng)
+        mde = 100.0 * _z_sum() * spread / n
+        resampler = "cluster bootstrap" if joined.grouped.any() else "bootstrap"
+        interval = f"percentile {resampler} over {units} ({n_resamples} resamples)"
     if exact:
         flips = "exact"
         pairwise = len(weights) == 2 and g == n and len(next(iter(joined.runs.values()))) == 1
@@ -390,7 +481,6 @@ def on_test_set(
             flips += ", = McNemar's exact test"
     else:
         flips = f"Monte Carlo, {n_resamples} sign vectors, p within ±{p_error:.4f} (95%)"
-    resampler = "cluster bootstrap" if joined.grouped.any() else "bootstrap"
     hits = joined.hits.items()
     return {
         "difference": difference,
@@ -400,6 +490,7 @@ def on_test_set(
         "p_exact": bool(exact),
         "p_error": p_error,
         "mde": mde,
+        "note": note,
         "unit": unit,
         "n_units": g,
         "n_images": n,
@@ -407,8 +498,7 @@ def on_test_set(
         "n_changed": int(np.sum(joined.numerator != 0)),
         "n_units_changed": int(changed.size),
         "accuracies": {c: 100.0 * float((h / joined.count).sum()) / n for c, h in hits},
-        "method": f"sign-flip test over {units} ({flips}); 95% CI: percentile {resampler} "
-        f"over {units} ({n_resamples} resamples), unadjusted",
+        "method": f"sign-flip test over {units} ({flips}); 95% CI: {interval}, unadjusted",
     }
 
 
@@ -616,10 +706,13 @@ def compare(
 ) -> dict:
     """Both questions for one contrast: ``{"test_set": on_test_set(...), "runs":
     across_runs(...)}``."""
-    return {
-        "test_set": on_test_set(cells, weights, n_resamples=n_resamples, seed=seed),
-        "runs": across_runs(run_differences(cells, weights), fold_ratio),
-    }
+    test_set = on_test_set(cells, weights, n_resamples=n_resamples, seed=seed)
+    differences = run_differences(cells, weights)
+    try:
+        runs = across_runs(differences, fold_ratio)
+    except ValueError as err:  # e.g. folds without their sizes: this question alone goes
+        runs = {**across_runs({}), "n_runs": len(differences), "note": f"n/a: {err}"}
+    return {"test_set": test_set, "runs": runs}
 
 
 def compare_cells(
