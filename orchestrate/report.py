@@ -45,7 +45,7 @@ TESTSET_COLUMNS = ["testset_unit", "testset_n", "testset_diff", "testset_ci_low"
 RUNS_COLUMNS = ["runs_test", "runs_n", "runs_seeds", "runs_folds", "runs_units", "runs_fold_ratio",
                 "runs_diff",
                 "runs_ci_low", "runs_ci_high", "runs_p", "runs_p_holm", "runs_significant",
-                "runs_sd", "runs_mde", "seeds_needed"]  # fmt: skip
+                "runs_sd", "runs_mde", "seeds_needed", "runs_p_by_correlation"]  # fmt: skip
 CONTRAST_COLUMNS = ["family", "comparison", "plus", "minus", *TESTSET_COLUMNS, *RUNS_COLUMNS]
 
 # the paper's own protocol per dataset, said where the study's differs (the paper column's note)
@@ -164,6 +164,8 @@ def contrast_rows(data: StudyData, contrasts, n_resamples: int = 10_000) -> pd.D
             "runs_fold_ratio": r["fold_ratio"], "runs_diff": r["difference"],
             "runs_ci_low": r["ci_low"], "runs_ci_high": r["ci_high"], "runs_p": r["p_value"],
             "runs_sd": r["sd"], "runs_mde": r["mde"], "seeds_needed": r["seeds_needed"],
+            "runs_p_by_correlation": "; ".join(f"{rho:.3g}: {p:.4g}"
+                                               for rho, p in r["p_by_correlation"].items()),
             "runs_significant": "" if r["judged"] else r["note"],
         })  # fmt: skip
         rows.append(row)

@@ -126,6 +126,9 @@ SIGNIFICANT_SHARE = float(stats.norm.ppf(1 - ALPHA / 2) / (stats.norm.ppf(1 - AL
 # the two questions a contrast answers apart, and the runs question's test on k-fold CV
 QUESTIONS = {"testset": "on this test set", "runs": "across training runs"}
 KFOLD_TEST = "corrected k-fold t"  # runs_test of the corrected k-fold t-test
+# the fold correlations at which one k-fold split's runs p-value is shown besides: the
+# corrected test assumes about n_test / n_train (1/9 for 10 folds), which nothing checks
+FOLD_CORRELATIONS = (0.0, 1 / 9, 0.25)
 
 Key = tuple[int, int]  # (seed, fold)
 
@@ -656,6 +659,7 @@ def across_runs(differences: Mapping[Key, float], fold_ratio: float = math.nan) 
         "corrected": corrected, "fold_ratio": ratio, "difference": mean, "sd": math.nan,
         "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan, "judged": False,
         "mde": math.nan, "seeds_needed": math.nan, "note": "", "method": method,
+        "p_by_correlation": {},
     }  # fmt: skip
     if j < 2:
         # one (seed, fold) run: no run-to-run spread to test against
@@ -685,7 +689,20 @@ def across_runs(differences: Mapping[Key, float], fold_ratio: float = math.nan) 
         sd=sd, ci_low=low, ci_high=high, p_value=p, judged=True,
         mde=minimum_detectable_runs_difference(sd, j, ratio), seeds_needed=needed,
     )  # fmt: skip
+    if corrected and sd > 0:  # one split's folds: how the answer moves with their correlation
+        result["p_by_correlation"] = {
+            rho: float(2 * stats.t.sf(abs(mean) / (sd * math.sqrt(1 / j + rho / (1 - rho))),
+                                      df=j - 1))
+            for rho in FOLD_CORRELATIONS
+        }  # fmt: skip
     return result
+
+
+def significant_share(units: int) -> float:
+    """The smallest observed mean difference a t-test over ``units`` calls significant, as a
+    share of its noise floor: t_{1-alpha/2} / noncentrality (0.70 in the normal limit)."""
+    df = units - 1
+    return float(stats.t.ppf(1 - ALPHA / 2, df)) / _noncentrality(df)
 
 
 def run_comparison(

@@ -12,6 +12,7 @@ from scipy import stats
 
 from orchestrate import statistics
 from orchestrate.statistics import (
+    ALPHA,
     Predictions,
     across_runs,
     compare,
@@ -25,6 +26,7 @@ from orchestrate.statistics import (
     seeds_needed,
     seeds_needed_kfold,
     sign_flip_p,
+    significant_share,
     summarize_accuracies,
     summarize_runs,
 )
@@ -630,3 +632,42 @@ def test_an_interaction_is_the_difference_of_two_differences_per_image_and_per_r
                 {"psa": 1, "basic": -1, "joint": -1}):  # fmt: skip
         with pytest.raises(ValueError, match="as many of each"):
             on_test_set(cells, bad)
+
+
+@pytest.mark.parametrize(("seeds", "power"), [(3, 0.63), (5, 0.69)])
+def test_the_runs_floor_takes_the_observed_spread_for_the_true_one_as_its_legend_says(seeds, power):
+    """Power at the printed runs MDE, averaged over studies whose spread is drawn: below 80%
+    by as much as the legend states, because a few seeds' SD is as often below the truth."""
+    rng = np.random.default_rng(3)
+    sds = rng.normal(0, 1, size=(20_000, seeds)).std(axis=1, ddof=1)
+    mde = np.array([minimum_detectable_runs_difference(sd, seeds) for sd in sds])
+    ncp, crit = mde * math.sqrt(seeds), stats.t.ppf(1 - ALPHA / 2, seeds - 1)
+    found = stats.nct.sf(crit, seeds - 1, ncp) + np.nan_to_num(
+        stats.nct.cdf(-crit, seeds - 1, ncp))  # fmt: skip
+    assert found.mean() == pytest.approx(power, abs=0.01)
+    share = significant_share(seeds)  # what the legend prints for the runs column
+    assert share == pytest.approx(crit / (minimum_detectable_runs_difference(1.0, seeds)
+                                          / math.sqrt(1 / seeds)))  # fmt: skip
+
+
+# the corrected k-fold test's level at fold correlations other than the one it assumes: the
+# fold means correlate at rho (a component shared by every fold, variance rho / (1 - rho) of a
+# fold's own); Nadeau and Bengio's correction with ratio 1/8 assumes rho = 1/9
+LEVELS = {0.0: 0.008, 1 / 9: 0.05, 0.25: 0.13, 0.35: 0.21}  # README: one k-fold split
+
+
+@pytest.mark.parametrize("rho", list(LEVELS))
+def test_one_k_fold_split_holds_its_level_only_at_the_fold_correlation_it_assumes(rho):
+    rng = np.random.default_rng(int(rho * 1000))
+    studies, folds, ratio = 20_000, 10, 1 / 8
+    shared = rng.normal(0, math.sqrt(rho / (1 - rho)), size=(studies, 1))
+    means = shared + rng.normal(0, 1, size=(studies, folds))
+    sd = means.std(axis=1, ddof=1)
+    t = means.mean(axis=1) / (sd * math.sqrt(1 / folds + ratio))
+    level = float((2 * stats.t.sf(np.abs(t), folds - 1) < ALPHA).mean())
+    assert level == pytest.approx(LEVELS[rho], abs=0.01)
+    # the report's p at that correlation is the one the test would need there
+    d = {(0, f): float(x) for f, x in enumerate(means[0])}
+    at = across_runs(d, fold_ratio=ratio)["p_by_correlation"]
+    assert at[1 / 9] == pytest.approx(across_runs(d, fold_ratio=ratio)["p_value"])
+    assert set(at) == {0.0, 1 / 9, 0.25}
