@@ -1,6 +1,5 @@
 """python -m orchestrate.ablation on a real Ray cluster with a real MLflow store."""
 
-import io
 import re
 import shlex
 import signal
@@ -15,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrate.ablation import main
-from orchestrate.runner import RunOptions, run_study
+from orchestrate.runner import RunOptions
 from orchestrate.search import JOURNAL, FinalOnlyOptunaSearch
 from search_spaces import load_study
 
@@ -86,7 +85,7 @@ when = { loss = ["island"] }
 [[space]]
 name = "lam"
 type = "categorical"
-choices = [0.01, 1e38]
+choices = [1e38, 0.01]
 when = { loss = ["island"] }
 [[space]]
 name = "lr"
@@ -94,86 +93,6 @@ type = "loguniform"
 low = 0.0001
 high = 0.01
 """
-# Optuna's seeded startup draws (TPE samples at random first) give, in order: ce; island with
-# lam 1e38 (diverges at its first step); ce; ce; island with lam 1e38: both fates in one study
-
-
-@pytest.mark.slow
-def test_a_tuning_study_samples_its_conditional_space_and_diverging_trials_fail_quietly(
-    ray_cluster, tmp_path, study_file, monkeypatch, capfd
-):
-    monkeypatch.chdir(tmp_path)
-    opts = options(tmp_path, epochs=3, max_failures=2)
-    out = io.StringIO()
-    summary = run_study(load_study(study_file(HPO)), opts, out=out)
-    printed = out.getvalue()
-    captured = capfd.readouterr()  # what the terminal shows, Ray's own handlers included
-    assert "Traceback" not in printed + captured.out + captured.err
-    report = summary["report"]
-    assert report.kind == "tune" and report.cost["trials"] == 5
-    tuning = report.tuning  # every trial in sampling order, its parameters and its fate
-    assert list(tuning.trials.name) == [f"tuned-{i:03d}" for i in range(1, 6)]
-    assert tuning.params == ["loss", "lam1", "lam", "lr"]
-    assert all(set(v) <= {"loss", "lr"} for v in tuning.importances.values())  # conditional out
-    _, all_runs = runs(tmp_path, "minihpo")
-    assert all(r.info.status != "RUNNING" for r in all_runs)
-    children = [r for r in all_runs if r.data.tags.get("study_parent") == "false"]
-    assert sorted(r.info.run_name for r in children) == [f"tuned-{i:03d}" for i in range(1, 6)]
-    # progress names each trial as its run is named, with what it samples; no library lines
-    started = dict(re.findall(r"<- started (tuned-\d+) \((.*)\)$", printed, re.MULTILINE))
-    for run in children:
-        sampled = dict(kv.split("=") for kv in run.data.tags["sampled"].split(","))
-        shown = dict(kv.split("=") for kv in started[run.info.run_name].split(", "))
-        assert shown.keys() == sampled.keys()
-        for key, value in sampled.items():  # numbers to 3 significant digits
-            same = shown[key] == value or float(shown[key]) == pytest.approx(float(value), 5e-3)
-            assert same, (key, shown[key], value)
-    assert "A new study created" not in printed + captured.out + captured.err
-    assert "hyperparameters sampled per trial" in report.title
-    diverged = []
-    for run in children:
-        sampled = dict(kv.split("=") for kv in run.data.tags["sampled"].split(","))
-        island = sampled["loss"] == "island"
-        assert ("lam1" in sampled) == island and ("lam" in sampled) == island  # conditional
-        assert run.data.params["loss"] == sampled["loss"]
-        assert float(run.data.params["lr"]) == pytest.approx(float(sampled["lr"]))
-        if float(run.data.params["lam"]) > 1:  # diverged: failed, nothing invented for it
-            diverged.append(run)
-            assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == "divergence"
-            assert "non-finite loss at epoch 1, step 1" in run.data.tags["error"]
-            assert "val_accuracy" not in run.data.metrics
-            continue
-        assert run.info.status == "FINISHED"
-        if run.data.tags.get("stopped_early") != "true":  # trained to the end: tested
-            assert "test_accuracy" in run.data.metrics and run.data.metrics["best_epoch"] >= 1
-    assert len(diverged) == 2
-    fates = dict(zip(tuning.trials.name, tuning.trials.fate, strict=True))
-    for run in children:
-        fate = fates[run.info.run_name]
-        if run in diverged:
-            assert fate == "failed: divergence"
-        elif run.data.tags.get("stopped_early") == "true":
-            assert fate == f"stopped at rung 1 (epoch {int(run.data.metrics['epoch'])})"
-        else:
-            assert fate == "finished"
-    assert tuning.best["name"] in {r.info.run_name for r in children if fates[r.info.run_name]
-                                   == "finished"}  # fmt: skip
-    # one line per failed trial, naming where Ray's tracebacks went (retries included)
-    failed = [ln for ln in printed.splitlines() if "<- failed " in ln]
-    assert len(failed) == 2 and all("non-finite loss" in ln for ln in failed)
-    log = Path(failed[0].split("(traceback in ")[1].rstrip(")"))
-    assert log.is_file() and log.read_text().count("Traceback") >= 3 * len(failed)
-    # Optuna was told FAIL for each diverged trial, and its history lives in the storage
-    session = next(r for r in all_runs if r.data.tags["study_parent"] == "true").info.run_name
-    journal = tmp_path / "ray" / session / JOURNAL
-    history = optuna.load_study(
-        study_name=session,
-        storage=optuna.storages.JournalStorage(
-            optuna.storages.journal.JournalFileBackend(str(journal))
-        ),
-    ).trials
-    fails = [t for t in history if t.state == optuna.trial.TrialState.FAIL]
-    assert len(history) == 5 and len(fails) == 2 and all(t.params["lam"] > 1 for t in fails)
 
 
 def test_early_stopped_trials_are_pruned_not_complete():
@@ -338,13 +257,28 @@ attention = "none"
 [tune]
 objectives = { best_val_accuracy = "max", latency_ms = "min" }
 constraints = ["params <= 1000000"]
-num_samples = 4
+num_samples = 5
 grace_period = 1
 reduction_factor = 2
 [[space]]
 name = "backbone"
 type = "categorical"
 choices = ["shufflenet_v2_x0_5", "mobilenet_v2"]
+[[space]]
+name = "loss"
+type = "categorical"
+choices = ["ce", "island"]
+[[space]]
+name = "lam1"
+type = "loguniform"
+low = 0.1
+high = 10.0
+when = { loss = ["island"] }
+[[space]]
+name = "lam"
+type = "categorical"
+choices = [1e38, 0.01]
+when = { loss = ["island"] }
 [[space]]
 name = "lr"
 type = "loguniform"
@@ -358,11 +292,13 @@ SMALL = {"shufflenet_v2_x0_5": True, "mobilenet_v2": False}  # 0.35 M and 2.2 M 
 def test_a_multi_objective_tuning_study_interrupted_and_continued_keeps_its_front(
     ray_cluster, tmp_path, study_file, monkeypatch, capsys
 ):
-    """Two objectives and a constraint, stopped by SIGINT after a trial finished and continued:
-    Optuna holds both values of every complete trial, PRUNED for the trials MO-ASHA stopped and
-    each trial's constraint; the runs say which are feasible and on the front; the report shows
-    every trial, the front and its figures in a browser, and its re-run command runs the best
-    configuration."""
+    """Two objectives and a constraint over a conditional space, stopped by SIGINT after a
+    trial finished and continued: Optuna holds both values of every complete trial, PRUNED for
+    the trials MO-ASHA stopped, FAIL for the diverged ones (lam 1e38: nothing invented for
+    them) and each trial's constraint; progress names the trials as their runs, with their
+    parameters, and no library line; the runs say which are feasible and on the front; the
+    report shows every trial, the front and its figures in a browser, and its re-run command
+    runs the best configuration."""
     from conftest import chromium
     from playwright.sync_api import sync_playwright
 
@@ -372,7 +308,8 @@ def test_a_multi_objective_tuning_study_interrupted_and_continued_keeps_its_fron
     cmd = [sys.executable, "-m", "orchestrate.ablation", "--study", study_file(PARETO_HPO),
            "--preset", "tiny", "--epochs", "2", "--storage", str(tmp_path / "ray"),
            "--tracking-uri", f"sqlite:///{db}", "--max-concurrent", "1"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
 
     def children():
         client = MlflowClient(f"sqlite:///{db}")
@@ -390,7 +327,8 @@ def test_a_multi_objective_tuning_study_interrupted_and_continued_keeps_its_fron
             break
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130
+    first = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, first
     (session,) = [p.name for p in (tmp_path / "ray").iterdir() if p.name != "leases"]
 
     def journal():
@@ -405,17 +343,40 @@ def test_a_multi_objective_tuning_study_interrupted_and_continued_keeps_its_fron
     # the same command continues the session; in this process, on the session's Ray
     monkeypatch.chdir(tmp_path)
     assert main(cmd[3:]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert f"continuing {tmp_path / 'ray' / session}" in printed
+    assert "Traceback" not in printed + captured.err + first
+    assert "A new study created" not in printed + captured.err + first  # no library lines
     after = journal()
-    assert [t.number for t in after] == [0, 1, 2, 3]  # numbered on, nothing sampled twice
+    assert [t.number for t in after] == [0, 1, 2, 3, 4]  # numbered on, nothing sampled twice
     assert {t.number: t.params for t in after if t.number in before} == before
     runs = {r.data.tags["ray_trial_id"]: r for r in children()}
-    assert len(runs) == 4 and {r.info.status for r in runs.values()} == {"FINISHED"}
+    assert len(runs) == 5 and {r.info.status for r in runs.values()} <= {"FINISHED", "FAILED"}
+    # progress names each trial as its run is named, with what it samples (3 digits)
+    started = dict(re.findall(r"<- started (tuned-\d+) \((.*)\)$", first + printed, re.MULTILINE))
+    for run in runs.values():
+        sampled = dict(kv.split("=") for kv in run.data.tags["sampled"].split(","))
+        shown = dict(kv.split("=") for kv in started[run.info.run_name].split(", "))
+        assert shown.keys() == sampled.keys()
+        for key, value in sampled.items():
+            same = shown[key] == value or float(shown[key]) == pytest.approx(float(value), 5e-3)
+            assert same, (key, shown[key], value)
+        island = sampled["loss"] == "island"  # the conditional space: lam, lam1 with island
+        assert ("lam1" in sampled) == island and ("lam" in sampled) == island
+        assert run.data.params["loss"] == sampled["loss"]
     by_lr = {round(float(r.data.params["lr"]), 12): r for r in runs.values()}
     State = optuna.trial.TrialState
+    diverged = 0
     for trial in after:
         run = by_lr[round(trial.params["lr"], 12)]
+        if trial.params.get("lam", 0) > 1:  # diverged at its first step: failed, told FAIL
+            diverged += 1
+            assert trial.state == State.FAIL and run.info.status == "FAILED"
+            assert run.data.tags["failure_reason"] == "divergence"
+            assert "non-finite loss at epoch 1, step 1" in run.data.tags["error"]
+            assert "val_accuracy" not in run.data.metrics and not trial.constraints
+            continue
         stopped = run.data.tags.get("stopped_early") == "true"
         assert trial.state == (State.PRUNED if stopped else State.COMPLETE)
         if trial.state == State.COMPLETE:  # both objectives, as the run logged them
@@ -432,9 +393,18 @@ def test_a_multi_objective_tuning_study_interrupted_and_continued_keeps_its_fron
 
     # the report: every trial with its fate, the front, the best feasible model, the re-run
     folder = tmp_path / "reports" / session
+    assert diverged >= 1  # Optuna's seeded first draws: tuned-002 is island with lam 1e38
+    failed = [ln for ln in (first + printed).splitlines() if "<- failed " in ln]
+    # one line per failed trial in each invocation that saw it (the resumed one retries it,
+    # and it fails at once from its note)
+    assert len({ln.split("<- failed ")[1].split(":")[0] for ln in failed}) == diverged
+    assert all("non-finite loss" in ln for ln in failed)
+    log = Path(failed[0].split("(traceback in ")[1].rstrip(")"))
+    assert log.is_file() and "Traceback" in log.read_text()
     trials = pd.read_csv(folder / "tuning_trials.csv")
-    assert sorted(trials.name) == [f"tuned-{i:03d}" for i in range(1, 5)]
-    assert set(trials.fate) <= {"finished", "stopped at rung 1 (epoch 1)"}
+    assert sorted(trials.name) == [f"tuned-{i:03d}" for i in range(1, 6)]
+    assert (trials.fate == "failed: divergence").sum() == diverged
+    assert set(trials.fate) <= {"finished", "stopped at rung 1 (epoch 1)", "failed: divergence"}
     line = next(ln for ln in printed.splitlines() if ln.startswith("re-run it over seeds"))
     assert line.endswith(f"--study reports/{session}/{RERUN_FILE} --preset tiny")  # from here
     best = next(ln for ln in printed.splitlines() if ln.startswith("best configuration"))
@@ -458,7 +428,7 @@ def test_a_multi_objective_tuning_study_interrupted_and_continued_keeps_its_fron
         page = browser.new_page(viewport={"width": 1300, "height": 900})
         page.goto((folder / "report.html").as_uri())
         rows = page.locator("table").first.locator("tbody tr")
-        assert rows.count() == 4 and rows.first.is_visible()
+        assert rows.count() == 5 and rows.first.is_visible()
         text = page.locator("body").inner_text()
         assert "Pareto front" in text and "hypervolume" in text and best_name in text
         images = page.locator("img")
