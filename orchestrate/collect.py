@@ -25,7 +25,7 @@ PREDICTIONS_ARTIFACT = "predictions.json"
 # what each trial's selected model costs (fermodel.cost), measured on its device
 COST_METRICS = ("params", "gflops", "latency_ms", "throughput", "peak_memory_mb")
 STATED_PARAMS = ("loss", "lam", "lam1", "protocol", "folds", "drop_leaked", "clean",
-                 "drop_mislabeled", "labels")  # fmt: skip
+                 "drop_mislabeled", "labels", "backbone", "attention", "split_seed")  # fmt: skip
 
 
 @dataclass

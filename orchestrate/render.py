@@ -590,7 +590,8 @@ def _short_legend(report: StudyReport) -> list[str]:
         f"are not adjusted",
         f"MDE: a true difference this large is found {POWER:.0%} of the time; smaller observed "
         f"ones can still be significant (on this test set from about {SIGNIFICANT_SHARE:.2f} x "
-        f"MDE, across runs from {_runs_share(computed)} x MDE)",
+        f"MDE"
+        + (f", across runs from {_runs_share(computed)} x MDE)" if len(_judged(computed)) else ")"),
         *_heuristic(computed),
         "every column explained in study_table.md, report.html, report.tex",
     ]

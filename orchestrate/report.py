@@ -101,11 +101,23 @@ def cell_rows(data: StudyData, order: list[str], labels: dict, paper: dict) -> p
             "images_per_second": sub.mean_images_per_second.mean() if len(sub) else math.nan,
         }  # fmt: skip
         for col in COST_METRICS:  # the cell's architecture on the trials' device
-            row[col] = sub[col].median() if col in sub and len(sub) else math.nan
+            row[col] = _architecture_cost(done, sub, col)
         for col in sorted(c for c in sub.columns if c.startswith("test_recall_")):
             row[col.replace("test_", "")] = 100 * sub[col].mean()
         rows.append(row)
     return _front(pd.DataFrame(rows))
+
+
+def _architecture_cost(done: pd.DataFrame, cell: pd.DataFrame, col: str) -> float:
+    """A cell's cost figure: the median over every finished trial of its architecture, so that
+    cells sharing one (table4's loss cells) show one latency, not two timings' noise."""
+    if col not in cell or not len(cell):
+        return math.nan
+    keys = [k for k in ("backbone", "attention") if k in done and cell[k].nunique() == 1]
+    same = done
+    for key in keys:
+        same = same[same[key] == cell[key].iloc[0]]
+    return float(same[col].median()) if keys and len(same) else float(cell[col].median())
 
 
 FRONT = [("accuracy", "max"), ("latency_ms", "min")]  # what a deployment trades
