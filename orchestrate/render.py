@@ -40,6 +40,7 @@ from orchestrate.statistics import (
     significant_share,
 )
 from orchestrate.study_report import StudyReport
+from orchestrate.tuning import MIN_IMPORTANCE_TRIALS
 
 # the mark after a difference whose Holm-adjusted p-value is below the level
 MARKS = ((0.01, "**"), (ALPHA, "*"))
@@ -477,7 +478,7 @@ def tuning_lines(report: StudyReport) -> list[str]:
     ranked_count = int(t.trials.ranked.sum()) if len(t.trials) else 0
     if not t.importances and t.params:
         lines.append(f"importance: not computed: {ranked_count} {ranked} trial(s); fANOVA needs "
-                     f"3 or more whose objectives vary")  # fmt: skip
+                     f"{MIN_IMPORTANCE_TRIALS} or more whose objectives vary")  # fmt: skip
     for metric, values in t.importances.items():
         ranked_params = ", ".join(f"{p} {v:.2f}" for p, v in values.items())
         lines.append(f"importance for {metric} over {ranked_count} {ranked} trials "

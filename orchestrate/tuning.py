@@ -30,6 +30,9 @@ from orchestrate.pareto import dominators, hypervolume, on_front
 from orchestrate.study_report import TuningReport
 
 IMPORTANCE_METHOD = "fANOVA (Optuna's FanovaImportanceEvaluator, 64 trees, seed 0)"
+# fewer ranked trials than this give no importances: a forest over a handful of points
+# attributes noise (4 trials once gave the learning rate half of the latency's variance)
+MIN_IMPORTANCE_TRIALS = 8
 RERUN_FILE = "rerun.toml"
 RERUN_SEEDS = 3
 MAX_RERUN_CELLS = 6
@@ -189,7 +192,7 @@ def _importances(frame, goals, space, params, trees: int) -> dict:
 
     always = [p for p in params if not space[p].get("when")]
     ranked = frame[frame.ranked]
-    if len(ranked) < 3 or not always:
+    if len(ranked) < MIN_IMPORTANCE_TRIALS or not always:
         return {}
     distributions = {}
     for name in always:

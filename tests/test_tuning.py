@@ -4,6 +4,7 @@ the hypervolume with its reference point, and the re-run study file."""
 import math
 import tomllib
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -110,3 +111,29 @@ def test_the_rerun_study_file_loads_and_runs_each_chosen_configuration_over_seed
     assert (first.attention, first.lr, first.epochs) == ("none", 0.001, 3)
     assert (second.attention, second.lam, second.lr) == ("se", 0.01, 0.002)
     assert "tune" not in tables["presets"]["cpu"] and tables["presets"]["cpu"]["fer2013"]
+
+
+def test_importances_name_the_parameter_the_objective_depends_on():
+    """Twelve finished trials whose accuracy follows the learning rate alone and whose latency
+    follows attention alone: fANOVA gives each objective to its parameter; below 8 ranked
+    trials it gives nothing rather than noise."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):
+        lr, attention = float(10 ** rng.uniform(-4, -2)), ["none", "se", "psa"][i % 3]
+        rows.append({"run_id": f"r{i}", "name": f"tuned-{i + 1:03d}", "status": "FINISHED",
+                     "stopped_early": False, "error": "", "planned_epochs": 3, "epochs_run": 3,
+                     "sampled": f"attention={attention},lr={lr}",
+                     "best_val_accuracy": 0.5 + 10 * lr,
+                     "latency_ms": {"none": 10.0, "se": 12.0, "psa": 30.0}[attention],
+                     "params": 2e7, "trial_seconds": 60.0, "test_accuracy": 0.5})  # fmt: skip
+    meta = {**META, "tune": {**META["tune"], "constraints": []}}
+    t = tuning_report(StudyData(study="mo", session="s", dataset="synthetic", meta=meta,
+                                trials=pd.DataFrame(rows), preset="cpu"))  # fmt: skip
+    assert (
+        max(t.importances["best_val_accuracy"], key=t.importances["best_val_accuracy"].get) == "lr"
+    )
+    assert max(t.importances["latency_ms"], key=t.importances["latency_ms"].get) == "attention"
+    few = tuning_report(StudyData(study="mo", session="s", dataset="synthetic", meta=meta,
+                                  trials=pd.DataFrame(rows[:7]), preset="cpu"))  # fmt: skip
+    assert few.importances == {}
