@@ -35,6 +35,7 @@ from orchestrate.statistics import (
     summarize_runs,
 )
 from orchestrate.study_report import StudyReport
+from orchestrate.tuning import selected_test_only, tuning_report
 
 # the contrasts' raw columns (the CSV's): "testset_" answers "on this test set", "runs_" (and
 # seeds_needed) "across training runs"
@@ -274,8 +275,6 @@ def build_report(data: StudyData, n_resamples: int = 10_000) -> StudyReport:
             curves[labels.get(cell, cell)] = list(np.nanmean(padded, axis=0))
     tuning = None
     if data.kind == "tune" and len(data.trials):
-        from orchestrate.tuning import tuning_report
-
         tuning = tuning_report(data)
     return StudyReport(
         study=data.study,
@@ -287,7 +286,7 @@ def build_report(data: StudyData, n_resamples: int = 10_000) -> StudyReport:
         title=describe_setup(data),
         table=table,
         contrasts=contrasts,
-        trials=data.trials,
+        trials=data.trials if tuning is None else selected_test_only(data.trials, tuning.best),
         cost=_cost(data.trials, data.gpus_per_trial),
         paper_note=_paper_note(data, table),
         classes=classes,

@@ -118,6 +118,7 @@ def tuning_report(data, n_importance_trees: int = 64) -> TuningReport:
             frame.at[index, "front"] = bool(on)
             frame.at[index, "dominated_by"] = ", ".join(ranked.name.iloc[i] for i in by)
     best = _best(frame, goals)
+    frame = selected_test_only(frame, best)
     reference = _reference(frame[frame.ranked], goals, constraints)
     report = TuningReport(
         goals=goals,
@@ -133,6 +134,14 @@ def tuning_report(data, n_importance_trees: int = 64) -> TuningReport:
     )
     report.rerun_study = rerun_study(data, report)
     return report
+
+
+def selected_test_only(trials: pd.DataFrame, best: dict | None) -> pd.DataFrame:
+    """The trials with their test figures blanked but the selected one's: chosen on
+    validation, a tuning study shows test figures for its choice alone."""
+    test = [c for c in trials.columns if c.startswith("test_")]
+    keep = trials.run_id == (best["run_id"] if best else None)
+    return trials.assign(**{c: trials[c].where(keep) for c in test})
 
 
 def _best(frame: pd.DataFrame, goals) -> dict | None:

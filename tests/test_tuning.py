@@ -70,6 +70,8 @@ def test_every_trial_has_its_fate_and_only_finished_feasible_trials_are_ranked()
     # the most accurate feasible trial, not the infeasible 0.90 one; its test figure shown
     assert t.best["name"] == "tuned-001" and t.best["test_accuracy"] == 0.5
     assert t.best["params"] == {"attention": "none", "lr": 0.001}
+    # test figures for the choice alone: chosen on validation, the others' are not shown
+    assert t.trials.test_accuracy.notna().tolist() == [True] + [False] * 5
 
 
 def test_the_hypervolume_is_measured_from_the_stated_reference_point():
