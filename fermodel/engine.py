@@ -647,7 +647,8 @@ def _train(members: list[Member], data, device, report, checkpoint_now) -> list:
         if not any(m.alive for m in members):
             break
     peak = peak_memory_mb(device, len(members))
-    return [_test(m, data, device, cadence, peak) if m.alive else m.failed for m in members]
+    return [_test(m, data, device, cadence, peak, cost) if m.alive else m.failed
+            for m, cost in zip(members, costs, strict=True)]  # fmt: skip
 
 
 def _train_epoch(members: list[Member], step, epoch: int, batches, device):
@@ -773,12 +774,13 @@ def architecture_cost(m: Member, classes: int, device) -> dict:
                       m.parts.autocast)  # fmt: skip
 
 
-def _test(m: Member, data: FERDataset, device, cadence, peak_mb: float) -> TrialResult:
-    """The selected epoch's model on the test split, evaluated once, and what it costs."""
+def _test(m: Member, data: FERDataset, device, cadence, peak_mb: float,
+          cost: dict) -> TrialResult:  # fmt: skip
+    """The selected epoch's model on the test split, evaluated once, with its ``cost``
+    (measured before training: the architecture's, whatever its weights)."""
     c, parts, splits = m.config, m.parts, m.splits
     if m.best_state is not None:
         parts.model.load_state_dict(m.best_state)
-    cost = architecture_cost(m, len(data.classes), device)
     args = (data.classes, c.eval_batch_size, parts.autocast, c.tta)
     test_x, test_y = splits.test.images.to(device), splits.test.labels.to(device)
     test, cm, pred = evaluate(parts.net, test_x, test_y, *args)

@@ -60,22 +60,27 @@ def runs(tmp_path, experiment):
     return client, ([] if exp is None else client.search_runs([exp.experiment_id]))
 
 
-HPO = """
-name = "minihpo"
+PARETO_HPO = """
+name = "paretohpo"
 kind = "tune"
 [run]
 dataset = "synthetic"
 [defaults]
-backbone = "shufflenet_v2_x0_5"
 attention = "none"
 [tune]
+objectives = { best_val_accuracy = "max", latency_ms = "min" }
+constraints = ["params <= 1000000"]
 num_samples = 5
 grace_period = 1
 reduction_factor = 2
 [[space]]
+name = "backbone"
+type = "categorical"
+choices = ["shufflenet_v2_x0_5", "mobilenet_v2"]
+[[space]]
 name = "loss"
 type = "categorical"
-choices = ["island", "ce"]
+choices = ["ce", "island"]
 [[space]]
 name = "lam1"
 type = "loguniform"
@@ -93,6 +98,7 @@ type = "loguniform"
 low = 0.0001
 high = 0.01
 """
+SMALL = {"shufflenet_v2_x0_5": True, "mobilenet_v2": False}  # 0.35 M and 2.2 M parameters
 
 
 def test_early_stopped_trials_are_pruned_not_complete():
@@ -185,12 +191,14 @@ def test_bad_options_are_rejected_before_any_run(tmp_path, monkeypatch, capsys, 
             "defaults.seed: set by the study's [run]",
         ),
         (
-            HPO.replace('when = { loss = ["island"] }', 'when = { loss = ["arcface"] }'),
-            "space[1].when.loss: must be a list of loss's choices",
+            PARETO_HPO.replace('when = { loss = ["island"] }', 'when = { loss = ["arcface"] }'),
+            "space[2].when.loss: must be a list of loss's choices",
         ),
-        (HPO.replace("low = 0.1", "low = -1.0"), "space[1].low: needs numbers low < high"),
+        (PARETO_HPO.replace("low = 0.1", "low = -1.0"), "space[2].low: needs numbers low < high"),
         (
-            HPO.replace("[tune]", '[tune]\nconstraints = ["val_loss <= 1"]'),
+            PARETO_HPO.replace(
+                'constraints = ["params <= 1000000"]', 'constraints = ["val_loss <= 1"]'
+            ),
             "tune.constraints[0]: 'val_loss' is not a metric trials report",
         ),
         ("name = [", "not valid TOML"),
@@ -245,47 +253,6 @@ def test_credentials_never_reach_params_or_tags(tmp_path):
     assert run.data.params["tracking_uri"] == "http://alice:***@mlflow.internal:5000"
     assert "hunter2" not in str(run.data.tags) and "s3cret" not in str(run.data.params)
     tracker.end_parent("FINISHED")
-
-
-PARETO_HPO = """
-name = "paretohpo"
-kind = "tune"
-[run]
-dataset = "synthetic"
-[defaults]
-attention = "none"
-[tune]
-objectives = { best_val_accuracy = "max", latency_ms = "min" }
-constraints = ["params <= 1000000"]
-num_samples = 5
-grace_period = 1
-reduction_factor = 2
-[[space]]
-name = "backbone"
-type = "categorical"
-choices = ["shufflenet_v2_x0_5", "mobilenet_v2"]
-[[space]]
-name = "loss"
-type = "categorical"
-choices = ["ce", "island"]
-[[space]]
-name = "lam1"
-type = "loguniform"
-low = 0.1
-high = 10.0
-when = { loss = ["island"] }
-[[space]]
-name = "lam"
-type = "categorical"
-choices = [1e38, 0.01]
-when = { loss = ["island"] }
-[[space]]
-name = "lr"
-type = "loguniform"
-low = 0.0001
-high = 0.01
-"""
-SMALL = {"shufflenet_v2_x0_5": True, "mobilenet_v2": False}  # 0.35 M and 2.2 M parameters
 
 
 @pytest.mark.slow
