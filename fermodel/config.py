@@ -24,6 +24,10 @@ from pathlib import Path
 DATASETS = ("fer2013", "ckplus", "synthetic")
 PROTOCOLS = ("official", "kfold", "paper")
 ATTENTIONS = ("none", "se", "cbam", "eca", "aff", "psa")
+# fermodel.models.BACKBONES' names (tests/test_config.py keeps the two equal), and timm's prefix
+BACKBONE_NAMES = ("resnet50", "vgg16", "vgg16_bn", "mobilenet_v2", "densenet121", "resnet18",
+                  "resnet34", "shufflenet_v2_x0_5")  # fmt: skip
+TIMM = "timm:"
 LOSS_KINDS = ("ce", "center", "island")
 TTA_MODES = ("none", "flip", "tencrop")
 
@@ -64,6 +68,9 @@ class TrialConfig:
     fold: int = key(0, "the test fold of the kfold protocol", low=0,
                     allowed="0 to folds - 1")  # fmt: skip
     folds: int = key(10, "number of folds of the kfold protocol", low=2)
+    repetition: int = key(0, "which drawing of the kfold protocol's subject folds (repeated "
+                          "k-fold: each repetition re-draws them; 0 is the split split_seed "
+                          "alone draws)", low=0)  # fmt: skip
     split_seed: int = key(0, "seed of folds and carved splits (and of the synthetic set), kept "
                           "fixed across training seeds", allowed="any integer")  # fmt: skip
     labels: str = key("fer2013", "FER2013's labels: fer2013 (the original 7), ferplus (FER+'s 8 "
@@ -180,8 +187,18 @@ class TrialConfig:
             self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
         ):
             raise ConfigError(f"device: {self.device!r} is not auto, cpu, cuda or cuda:N")
+        timm = self.backbone.startswith(TIMM) and len(self.backbone) > len(TIMM)
+        if self.backbone not in BACKBONE_NAMES and not timm:
+            raise ConfigError(f"backbone: {self.backbone!r} is not one of "
+                              f"{', '.join(BACKBONE_NAMES)} or timm:<model name>")  # fmt: skip
+        if self.attention != "none" and self.backbone != "resnet50":
+            raise ConfigError(f"attention: {self.attention} sits in ResNet-50's bottlenecks; "
+                              f"backbone {self.backbone} takes attention none")  # fmt: skip
         if self.fold >= self.folds:
             raise ConfigError(f"fold: {self.fold} is not below folds ({self.folds})")
+        if self.repetition and self.protocol != "kfold":
+            raise ConfigError(f"repetition: {self.repetition} re-draws the kfold protocol's "
+                              f"folds; protocol {self.protocol} has none")  # fmt: skip
         if self.scale_min > self.scale_max:
             raise ConfigError(
                 f"scale_min/scale_max: need 0 < scale_min <= scale_max, "
@@ -235,12 +252,12 @@ DATA_KEYS = ("dataset", "data_path", "labels", "clean", "drop_mislabeled", "drop
              "ck_frames", "ck_k", "split_seed", "synthetic_subjects", "synthetic_images_per_class",
              "synthetic_difficulty")  # fmt: skip
 # what decides how a trial's dataset is split (``fermodel.engine.trial_splits``)
-SPLIT_KEYS = ("protocol", "fold", "folds", "split_seed", "balance")
+SPLIT_KEYS = ("protocol", "fold", "folds", "repetition", "split_seed", "balance")
 # what members of one pack of trials (``fermodel.pack``) may differ in; every other key, the
 # architecture, data, augmentation and schedule length among them, they share (``pack_key``)
 MEMBER_KEYS = ("seed", "lr", "weight_decay", "momentum", "optimizer", "schedule",
                "plateau_patience", "plateau_factor", "loss", "lam", "lam1", "alpha", "fold",
-               "tta", "eval_batch_size")  # fmt: skip
+               "repetition", "tta", "eval_batch_size")  # fmt: skip
 # where and how a trial runs, not what it computes: left out of a trial's identity, so that a
 # study may move between machines (``--gpus-per-trial``) and keep its finished trials
 PLACE_KEYS = ("device", "cuda_graphs")

@@ -278,7 +278,7 @@ def trial_splits(c: TrialConfig, data: FERDataset, balanced: bool = True):
     """The train / val / test splits a config trains on (its balancing only if ``balanced``)."""
     balance = _balance_arg(c.balance) if balanced else None
     return make_splits(data, c.protocol, c.fold, c.folds, seed=c.split_seed, balance=balance,
-                       drop_leaked=c.drop_leaked)  # fmt: skip
+                       drop_leaked=c.drop_leaked, repetition=c.repetition)  # fmt: skip
 
 
 def _balance_arg(balance: str):

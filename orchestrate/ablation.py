@@ -80,6 +80,11 @@ def _study_arguments(s) -> None:
     s.add_argument("--seeds", type=int, metavar="N",
                    help="training seeds per cell (each seed is a trial). Allowed: >= 1. "
                    "Default: the preset's (paper: 3), else the study's (1)")  # fmt: skip
+    s.add_argument("--repetitions", type=int, metavar="R",
+                   help="repeated k-fold: the kfold protocol's subject folds drawn R times, "
+                   "each drawing a full set of trials (ignored by protocols without folds). "
+                   "Allowed: >= 1. Default: the study's (1: one split, the design the report's "
+                   "level table finds closest to its 5%%)")  # fmt: skip
     s.add_argument("--preset", metavar="NAME",
                    help="settings preset of the study file: cpu (minutes on a laptop) or paper "
                    "(the paper's setup, 200 epochs). Allowed: a preset the study defines. "
@@ -205,7 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         data = str(Path(args.data).expanduser().resolve()) if args.data else None
         dataset = args.dataset or ("fer2013" if data and study.dataset == "synthetic" else None)
         study = study.with_run(
-            dataset=dataset, data_path=data, seeds=args.seeds, protocol=args.protocol
+            dataset=dataset,
+            data_path=data,
+            seeds=args.seeds,
+            protocol=args.protocol,
+            repetitions=args.repetitions,
         )
         preset = args.preset or ("cpu" if study.dataset == "synthetic" else "paper")
         if args.preset is None and preset not in study.presets:

@@ -361,7 +361,9 @@ class Progress(Callback):
 def _name(trial, member=None) -> str:
     if member is not None:
         spec = member_specs(trial.config)[member]
-        return f"{spec['cell']} seed {spec['seed']} fold {spec['fold']}"
+        rep = spec["config"].get("repetition", 0)
+        drawing = f" repetition {rep}" if rep else ""
+        return f"{spec['cell']} seed {spec['seed']}{drawing} fold {spec['fold']}"
     return tuned_name(trial)
 
 

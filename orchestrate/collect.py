@@ -69,6 +69,7 @@ def trial_frame(runs) -> pd.DataFrame:
                 "cell": tags.get("cell", ""),
                 "seed": int(tags.get("seed", 0)),
                 "fold": int(tags.get("fold", 0)),
+                "repetition": int(tags.get("repetition", 0)),
                 "trial": tags.get("ray_trial_id", ""),
                 "identity": tags.get("trial_identity", ""),
                 "sampled": tags.get("sampled", ""),

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from orchestrate.cv_levels import level_range
 from orchestrate.statistics import (
     ALPHA,
     EXACT_LIMIT,
@@ -36,6 +37,7 @@ from orchestrate.statistics import (
     KFOLD_TEST,
     POWER,
     QUESTIONS,
+    REPEATED_TEST,
     SIGNIFICANT_SHARE,
     significant_share,
 )
@@ -159,7 +161,11 @@ def _units(computed: pd.DataFrame) -> str:
 
 
 def _corrected(computed: pd.DataFrame) -> bool:
-    return bool((computed.runs_test == KFOLD_TEST).any())
+    return bool(computed.runs_test.isin([KFOLD_TEST, REPEATED_TEST]).any())
+
+
+def _repeated(computed: pd.DataFrame) -> bool:
+    return bool((computed.runs_test == REPEATED_TEST).any())
 
 
 def _judged(computed: pd.DataFrame) -> pd.DataFrame:
@@ -175,11 +181,19 @@ def _runs(computed: pd.DataFrame) -> str:
     if _corrected(judged):
         seeds = judged.runs_seeds.max()
         each = f" (each the mean of its {seeds} seeds)" if seeds > 1 else ""
+        if _repeated(judged):
+            each = f" of {judged.runs_repetitions.max()} drawings" + each
         return _count(judged.runs_units, "fold") + each
     return _count(judged.runs_units, "seed")
 
 
 def _runs_test(computed: pd.DataFrame) -> str:
+    if _repeated(computed):
+        ratio = computed.runs_fold_ratio.dropna()
+        return (f"corrected repeated k-fold t-test (Bouckaert & Frank 2004) over "
+                f"{_runs(computed)}: the variance of the mean s²(1/(r·k) + n_test/n_train), "
+                f"n_test/n_train = {ratio.mean():.3f} of the actual folds, because the folds' "
+                f"training sets overlap")  # fmt: skip
     if _corrected(computed):
         ratio = computed.runs_fold_ratio.dropna()
         return (f"corrected k-fold t-test (Nadeau & Bengio 2003) over {_runs(computed)}: the "
@@ -577,10 +591,15 @@ def _short_legend(report: StudyReport) -> list[str]:
     if not len(computed):
         return lines
     test = "corrected k-fold t-test" if _corrected(computed) else "paired t-test"
+    if _repeated(computed):
+        test = "corrected repeated k-fold t-test"
     survives = "another seed and training set" if _corrected(computed) else "another seed"
     runs = f"does it survive {survives}? ({test} over {_runs(computed)})"
-    if not len(_judged(computed)):
+    if not len(_judged(computed)) and (computed.runs_n.fillna(0) <= 1).all():
         runs = "not asked: one seed and one fold leave no run-to-run spread (--seeds 3 asks it)"
+    elif not len(_judged(computed)):  # several runs, but nothing to judge by (all alike)
+        notes = computed.runs_significant.astype(str).str.removeprefix("n/a: ")
+        runs = f"not judged: {notes.iloc[0]}"
     return [
         *lines,
         "Δ: the comparison's plus cells minus its minus cells (A vs B: A - B), in points",
@@ -599,16 +618,22 @@ def _short_legend(report: StudyReport) -> list[str]:
 
 
 def _heuristic(computed: pd.DataFrame) -> list[str]:
-    """Where one k-fold split ran: its runs answer rests on an assumed fold correlation."""
+    """On k-fold CV the runs answer rests on an assumed fold correlation: no design held its
+    level over the simulated range (``orchestrate.cv_levels``), so it is called a heuristic,
+    and one split's p is shown at other correlations."""
     if not _corrected(computed) or "runs_p_by_correlation" not in computed:
         return []
+    design = "repeated k-fold" if _repeated(computed) else "one k-fold split"
+    line = (
+        f"across training runs on {design} is a heuristic: its test holds 5% only if the "
+        f"runs' differences correlate at about n_test/n_train (not checked; simulated "
+        f"levels {level_range(design)} over fold correlations 0-0.35, README 'Statistics')"
+    )
     shown = [f"{r.comparison}: {r.runs_p_by_correlation}" for r in computed.itertuples()
              if isinstance(r.runs_p_by_correlation, str) and r.runs_p_by_correlation]  # fmt: skip
-    return [
-        "across training runs on one k-fold split is a heuristic: the corrected test holds "
-        "its 5% only if the folds' differences correlate at about n_test/n_train (not "
-        "checked); p at fold correlation " + " | ".join(shown)
-    ][: 1 if shown else 0]
+    if shown:
+        line += "; p at fold correlation " + " | ".join(shown)
+    return [line]
 
 
 def format_table(report: StudyReport) -> str:

@@ -28,6 +28,7 @@ from orchestrate.pareto import dominators, on_front
 from orchestrate.statistics import (
     ALPHA,
     KFOLD_TEST,
+    REPEATED_TEST,
     Predictions,
     check_weights,
     compare,
@@ -43,7 +44,8 @@ TESTSET_COLUMNS = ["testset_unit", "testset_n", "testset_diff", "testset_ci_low"
                    "testset_ci_high", "testset_p", "testset_p_exact", "testset_p_error",
                    "testset_p_holm", "testset_significant", "testset_mde",
                    "testset_note"]  # fmt: skip
-RUNS_COLUMNS = ["runs_test", "runs_n", "runs_seeds", "runs_folds", "runs_units", "runs_fold_ratio",
+RUNS_COLUMNS = ["runs_test", "runs_n", "runs_seeds", "runs_folds", "runs_repetitions",
+                "runs_units", "runs_fold_ratio",
                 "runs_diff",
                 "runs_ci_low", "runs_ci_high", "runs_p", "runs_p_holm", "runs_significant",
                 "runs_sd", "runs_mde", "seeds_needed", "runs_p_by_correlation"]  # fmt: skip
@@ -68,13 +70,25 @@ def fold_ratio(trials: pd.DataFrame) -> float:
     return float(ratios.mean()) if len(trials) and ratios.notna().all() else math.nan
 
 
+def split_unit(row) -> int:
+    """A trial's split as the statistics count it: its fold, numbered on across the drawings of
+    repeated k-fold (repetition r's fold f is r * k + f)."""
+    repetition = int(getattr(row, "repetition", 0) or 0)
+    return repetition * int(getattr(row, "folds", 0) or 0) + int(row.fold)
+
+
+def repetitions(trials: pd.DataFrame) -> int:
+    """How many drawings of the folds the trials span (1: one split)."""
+    return int(trials.repetition.nunique()) if "repetition" in trials and len(trials) else 1
+
+
 def _cell_predictions(data: StudyData, trials: pd.DataFrame) -> list[Predictions]:
     out = []
     for row in trials.itertuples():
         p = data.predictions.get(row.run_id)
         if p is not None:  # "groups" (each test image's subject) is absent in older artifacts
-            out.append(Predictions(row.seed, row.fold, p["ids"], p["labels"], p["predictions"],
-                                   p.get("groups")))  # fmt: skip
+            out.append(Predictions(row.seed, split_unit(row), p["ids"], p["labels"],
+                                   p["predictions"], p.get("groups")))  # fmt: skip
     return out
 
 
@@ -85,7 +99,7 @@ def cell_rows(data: StudyData, order: list[str], labels: dict, paper: dict) -> p
         sub = done[done.cell == cell]
         several_folds = sub.fold.nunique() > 1
         ratio = fold_ratio(sub) if several_folds else 0.0
-        accuracies = {(r.seed, r.fold): 100 * r.test_accuracy for r in sub.itertuples()}
+        accuracies = {(r.seed, split_unit(r)): 100 * r.test_accuracy for r in sub.itertuples()}
         acc = summarize_runs(accuracies, ratio if math.isfinite(ratio) else 0.0)
         if several_folds and not math.isfinite(ratio):
             acc["ci_low"] = acc["ci_high"] = math.nan  # no sizes logged: no honest interval
@@ -160,7 +174,8 @@ def contrast_rows(data: StudyData, contrasts, n_resamples: int = 10_000) -> pd.D
             rows.append(row)
             continue
         try:
-            result = compare(cells, weights, fold_ratio(involved), n_resamples=n_resamples)
+            result = compare(cells, weights, fold_ratio(involved), n_resamples=n_resamples,
+                             repetitions=repetitions(involved))  # fmt: skip
         except ValueError as err:  # no shared runs or images, or no fold sizes logged
             row["runs_significant"] = f"n/a: {err}"
             rows.append(row)
@@ -171,8 +186,10 @@ def contrast_rows(data: StudyData, contrasts, n_resamples: int = 10_000) -> pd.D
             "testset_ci_low": t["ci_low"], "testset_ci_high": t["ci_high"],
             "testset_p": t["p_value"], "testset_p_exact": t["p_exact"],
             "testset_p_error": t["p_error"], "testset_mde": t["mde"], "testset_note": t["note"],
-            "runs_test": KFOLD_TEST if r["corrected"] else "paired t",
+            "runs_test": (REPEATED_TEST if r["repetitions"] > 1 else KFOLD_TEST)
+                         if r["corrected"] else "paired t",
             "runs_n": r["n_runs"], "runs_seeds": r["n_seeds"], "runs_folds": r["n_folds"],
+            "runs_repetitions": r["repetitions"],
             "runs_units": r["n_units"],
             "runs_fold_ratio": r["fold_ratio"], "runs_diff": r["difference"],
             "runs_ci_low": r["ci_low"], "runs_ci_high": r["ci_high"], "runs_p": r["p_value"],
@@ -196,7 +213,8 @@ def contrast_rows(data: StudyData, contrasts, n_resamples: int = 10_000) -> pd.D
     ]
     # counts stay integers in the CSV, with an empty cell where a contrast was not computed
     return frame.astype({"testset_n": "Int64", "runs_n": "Int64", "runs_seeds": "Int64",
-                         "runs_folds": "Int64", "runs_units": "Int64"})  # fmt: skip
+                         "runs_folds": "Int64", "runs_units": "Int64",
+                         "runs_repetitions": "Int64"})  # fmt: skip
 
 
 def _values(trials: pd.DataFrame, column: str) -> list[str]:
@@ -214,7 +232,9 @@ def describe_setup(data: StudyData) -> str:
     protocol = _values(t, "protocol")
     if protocol == ["kfold"]:
         folds = _values(t, "folds")
-        parts.append(f"subject-independent {'/'.join(folds)}-fold cross-validation")
+        drawn = repetitions(t)
+        again = f", its folds drawn {drawn} times (repeated k-fold)" if drawn > 1 else ""
+        parts.append(f"subject-independent {'/'.join(folds)}-fold cross-validation{again}")
     elif protocol == ["official"]:
         parts.append("the dataset's own train / validation / test split")
     elif protocol == ["paper"]:

@@ -89,13 +89,18 @@ def make_plan(study: Study, options: RunOptions) -> Plan:
     return Plan(study, options.preset, [], base, settings)
 
 
+def _drawings(study) -> str:
+    drawn = len(study.repetition_ids)
+    return f" (repeated: folds drawn {drawn} times)" if drawn > 1 else ""
+
+
 def describe_plan(plan: Plan, options: RunOptions, fates: list | None = None) -> str:
     """What the study plans; for a grid, what each trial does (its ``fates``) and why."""
     study = plan.study
     lines = [
         f"study {study.name} ({study.kind}): {study.description}",
-        f"dataset {study.dataset} {study.data_path or ''}, protocol {study.resolved_protocol}, "
-        f"preset {plan.preset}, seeds {study.seeds_for(plan.preset)}",
+        f"dataset {study.dataset} {study.data_path or ''}, protocol {study.resolved_protocol}"
+        f"{_drawings(study)}, preset {plan.preset}, seeds {study.seeds_for(plan.preset)}",
         f"resources per trial: {options.cpus_per_trial:g} CPU, {_gpus_text(options)}; "
         f"max concurrent: {options.max_concurrent or 'as resources allow'}",
         "initialisation: " + {IMAGENET: "ImageNet (give --pretrained FILE|FOLDER, or none)",
@@ -172,9 +177,10 @@ class Describe:
     def __call__(self, params: dict, index: int | None = None) -> dict:
         from orchestrate.packing import member_specs
         from orchestrate.trainable import trial_config
+        from search_spaces.study import trial_key
 
         config, place = trial_config(params, self.base, index)
-        name = f"{place['cell']}-seed{place['seed']}-fold{place['fold']}"
+        name = trial_key(**place)
         tags = {"study": self.study, **place}
         if index is not None:
             from orchestrate.ledger import IDENTITY_TAG

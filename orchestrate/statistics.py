@@ -126,11 +126,12 @@ SIGNIFICANT_SHARE = float(stats.norm.ppf(1 - ALPHA / 2) / (stats.norm.ppf(1 - AL
 # the two questions a contrast answers apart, and the runs question's test on k-fold CV
 QUESTIONS = {"testset": "on this test set", "runs": "across training runs"}
 KFOLD_TEST = "corrected k-fold t"  # runs_test of the corrected k-fold t-test
+REPEATED_TEST = "corrected repeated k-fold t"  # ... and of its repeated k-fold form
 # the fold correlations at which one k-fold split's runs p-value is shown besides: the
 # corrected test assumes about n_test / n_train (1/9 for 10 folds), which nothing checks
 FOLD_CORRELATIONS = (0.0, 1 / 9, 0.25)
 
-Key = tuple[int, int]  # (seed, fold)
+Key = tuple[int, int]  # (seed, fold); on repeated k-fold the fold is repetition * k + fold
 
 
 def _t_half(sd: float, n: int, fold_ratio: float) -> float:
@@ -621,11 +622,15 @@ def summarize_runs(accuracies: Mapping[Key, float], fold_ratio: float = math.nan
     return out
 
 
-def across_runs(differences: Mapping[Key, float], fold_ratio: float = math.nan) -> dict:
+def across_runs(
+    differences: Mapping[Key, float], fold_ratio: float = math.nan, repetitions: int = 1
+) -> dict:
     """Question 2, "across training runs": the mean of the runs' contrasts ``differences``
     (percentage points, keyed by (seed, fold)); on a fixed split the paired t-test over the
     seeds, on several folds the corrected k-fold t-test over the seed-averaged folds with
-    ``fold_ratio`` = n_test / n_train (see the module docstring).
+    ``fold_ratio`` = n_test / n_train (see the module docstring); on ``repetitions`` > 1 drawings
+    of the folds (repeated k-fold, each drawing's folds numbered on from the last's) the same
+    test over every drawing's folds is Bouckaert & Frank's corrected repeated k-fold t-test.
 
     Returns ``n_runs`` (K), ``n_seeds``, ``n_folds``, ``n_units`` (what the test counts: seeds,
     or folds), ``corrected``, ``fold_ratio``, ``difference`` (mean D), ``sd`` (sample SD of the
@@ -645,7 +650,13 @@ def across_runs(differences: Mapping[Key, float], fold_ratio: float = math.nan) 
         raise ValueError(f"runs over {n_folds} folds need their test/train size ratio, got "
                          f"{fold_ratio}")  # fmt: skip
     ratio = fold_ratio if corrected else 0.0
-    if corrected:
+    repeated = corrected and repetitions > 1
+    if repeated:
+        units, within, seeds = _fold_means(keys, diffs)
+        method = (f"corrected repeated k-fold t-test (Bouckaert & Frank 2004) over {n_folds} "
+                  f"folds of {repetitions} drawings, each averaged over its seeds, test/train "
+                  f"ratio {ratio:.3f}")  # fmt: skip
+    elif corrected:
         units, within, seeds = _fold_means(keys, diffs)
         method = (f"corrected k-fold t-test (Nadeau & Bengio 2003) over {n_folds} folds, each "
                   f"averaged over its seeds, test/train ratio {ratio:.3f}")  # fmt: skip
@@ -656,7 +667,8 @@ def across_runs(differences: Mapping[Key, float], fold_ratio: float = math.nan) 
     mean = float(units.mean()) if k else math.nan
     result = {
         "n_runs": k, "n_seeds": n_seeds, "n_folds": n_folds, "n_units": j,
-        "corrected": corrected, "fold_ratio": ratio, "difference": mean, "sd": math.nan,
+        "corrected": corrected, "repetitions": repetitions if corrected else 1,
+        "fold_ratio": ratio, "difference": mean, "sd": math.nan,
         "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan, "judged": False,
         "mde": math.nan, "seeds_needed": math.nan, "note": "", "method": method,
         "p_by_correlation": {},
@@ -689,7 +701,7 @@ def across_runs(differences: Mapping[Key, float], fold_ratio: float = math.nan) 
         sd=sd, ci_low=low, ci_high=high, p_value=p, judged=True,
         mde=minimum_detectable_runs_difference(sd, j, ratio), seeds_needed=needed,
     )  # fmt: skip
-    if corrected and sd > 0:  # one split's folds: how the answer moves with their correlation
+    if corrected and not repeated:  # one split: how the answer moves with the fold correlation
         result["p_by_correlation"] = {
             rho: float(2 * stats.t.sf(abs(mean) / (sd * math.sqrt(1 / j + rho / (1 - rho))),
                                       df=j - 1))
@@ -706,12 +718,16 @@ def significant_share(units: int) -> float:
 
 
 def run_comparison(
-    reference: Mapping[Key, float], other: Mapping[Key, float], fold_ratio: float = math.nan
+    reference: Mapping[Key, float],
+    other: Mapping[Key, float],
+    fold_ratio: float = math.nan,
+    repetitions: int = 1,
 ) -> dict:
     """``across_runs`` of two cells' run accuracies (percent), other minus reference, over
     the runs both have."""
     keys = set(reference) & set(other)
-    return across_runs({k: float(other[k]) - float(reference[k]) for k in keys}, fold_ratio)
+    differences = {k: float(other[k]) - float(reference[k]) for k in keys}
+    return across_runs(differences, fold_ratio, repetitions)
 
 
 def compare(
@@ -720,13 +736,14 @@ def compare(
     fold_ratio: float = math.nan,
     n_resamples: int = 10_000,
     seed: int = 0,
+    repetitions: int = 1,
 ) -> dict:
     """Both questions for one contrast: ``{"test_set": on_test_set(...), "runs":
     across_runs(...)}``."""
     test_set = on_test_set(cells, weights, n_resamples=n_resamples, seed=seed)
     differences = run_differences(cells, weights)
     try:
-        runs = across_runs(differences, fold_ratio)
+        runs = across_runs(differences, fold_ratio, repetitions)
     except ValueError as err:  # e.g. folds without their sizes: this question alone goes
         runs = {**across_runs({}), "n_runs": len(differences), "note": f"n/a: {err}"}
     return {"test_set": test_set, "runs": runs}

@@ -44,16 +44,16 @@ class TrialDiverged(RuntimeError):
 
 
 def trial_config(params: dict, base: dict, index: int | None = None) -> tuple[TrialConfig, dict]:
-    """The full config of a trial and its place in the study (cell, seed, fold): the pack
-    member ``index`` of a grid's Tune trial, or a tuning sample."""
+    """The full config of a trial and its place in the study (cell, seed, fold, repetition):
+    the pack member ``index`` of a grid's Tune trial, or a tuning sample."""
     if index is not None:  # a grid cell
         spec = member_specs(params)[index]
-        return TrialConfig.from_dict(spec["config"]), {
-            "cell": spec["cell"], "seed": spec["seed"], "fold": spec["fold"]
-        }  # fmt: skip
+        config = TrialConfig.from_dict(spec["config"])
+        return config, {"cell": spec["cell"], "seed": spec["seed"], "fold": spec["fold"],
+                        "repetition": config.repetition}  # fmt: skip
     values = {**base, **params}  # a tuning sample on top of the study's base config
     config = TrialConfig.from_dict(values)
-    return config, {"cell": "tuned", "seed": config.seed, "fold": config.fold}
+    return config, {"cell": "tuned", "seed": config.seed, "fold": config.fold, "repetition": 0}
 
 
 def final_metrics(result, seconds: float) -> dict:

@@ -4,12 +4,12 @@ A study names its trials and how they run:
 
 - ``kind = "grid"``: ``[[cells]]``, each a set of trial-config keys (plus ``name``, ``label``
   and the paper's reported accuracy per dataset); every cell runs once per seed and, on CK+
-  with the ``kfold`` protocol, once per fold. ``[[contrasts]]`` declare the comparisons the
-  report makes, each a ``family`` (Holm-adjusted on its own), a ``label`` and the cells it adds
-  (``plus``) and subtracts (``minus``), as many of each: ``plus = ["psa"], minus = ["none"]``
-  compares two cells, ``plus = ["psa_joint", "basic"], minus = ["psa", "joint"]`` is the
-  interaction of a 2x2 design. Without them every cell is compared with ``reference`` (the
-  first cell unless named).
+  with the ``kfold`` protocol, once per fold (and per drawing of the folds). ``[[contrasts]]``
+  declare the comparisons the report makes, each a ``family`` (Holm-adjusted on its own), a
+  ``label`` and the cells it adds (``plus``) and subtracts (``minus``), as many of each:
+  ``plus = ["psa"], minus = ["none"]`` compares two cells, ``plus = ["psa_joint", "basic"],
+  minus = ["psa", "joint"]`` is the interaction of a 2x2 design. Without them every cell is
+  compared with ``reference`` (the first cell unless named).
 - ``kind = "tune"``: a ``[tune]`` table (metric, mode, samples, ASHA's grace period and
   reduction factor) and a ``[[space]]`` list of parameters, each ``categorical``, ``uniform``,
   ``loguniform`` or ``int``, optionally active only ``when`` other parameters take given values.
@@ -17,9 +17,11 @@ A study names its trials and how they run:
   instead of metric and mode, and any study may name ``constraints = ["latency_ms <= 5"]``
   (``METRICS`` lists what trials report: validation figures and their architecture's cost).
 - ``[run]``: dataset, data path, protocol (``auto``: k-fold on CK+, the official splits
-  elsewhere), folds, seeds; ``[defaults]``: config keys for every trial; ``[presets.NAME]``:
-  config keys (and ``tune`` settings, and ``seeds``, which ``--seeds`` overrides) of a named
-  preset, ``paper`` and ``cpu`` in the shipped studies.
+  elsewhere), folds, repetitions (repeated k-fold: each repetition re-draws the subject folds;
+  1, one split, is the default and what the report's level table recommends), seeds;
+  ``[defaults]``: config keys for every trial; ``[presets.NAME]``: config keys (and ``tune``
+  settings, and ``seeds``, which ``--seeds`` overrides) of a named preset, ``paper`` and
+  ``cpu`` in the shipped studies.
 
 Every key is checked on load, and every value Ray Tune or Optuna would refuse later is refused
 here instead, before anything runs; an error names the file, the key and the problem:
@@ -44,6 +46,7 @@ here instead, before anything runs; an error names the file, the key and the pro
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -68,7 +71,7 @@ TRIAL_KEYS = {f for f in TrialConfig.__dataclass_fields__}
 FIELD_TYPES = typing.get_type_hints(TrialConfig)
 TYPE_NAMES = {int: "integers", float: "finite numbers", bool: "true or false", str: "strings"}
 # keys the study's [run] table and the command line own; cells and presets may not set them
-RUN_OWNED = {"dataset", "data_path", "protocol", "fold", "folds", "seed"}
+RUN_OWNED = {"dataset", "data_path", "protocol", "fold", "folds", "repetition", "seed"}
 # fermodel.config's DATA_KEYS (what data_key and load_trial_data read) and SPLIT_KEYS (what
 # trial_splits reads) decide the data a trial sees. A tuning study reads its dataset once, on
 # the driver, from the base config, so none of them may be sampled per trial.
@@ -158,6 +161,8 @@ def trial_identity(study: str, config: TrialConfig) -> str:
     config without where it runs (``PLACE_KEYS``). Equal identities are the same trial, whichever
     invocation runs it; a changed config is another trial."""
     science = {k: v for k, v in config.to_dict().items() if k not in PLACE_KEYS}
+    if not science["repetition"]:  # added later: a single split keeps its trials' identities
+        del science["repetition"]
     text = json.dumps({"study": study, "config": science}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -171,10 +176,18 @@ class TrialSpec:
     fold: int
     config: TrialConfig
     identity: str = ""
+    repetition: int = 0
 
     @property
     def key(self) -> str:
-        return f"{self.cell}-seed{self.seed}-fold{self.fold}"
+        return trial_key(self.cell, self.seed, self.fold, self.repetition)
+
+
+def trial_key(cell: str, seed: int, fold: int, repetition: int = 0) -> str:
+    """A grid trial's name (its MLflow run's): ``basic-seed0-fold3``, ``basic-seed0-rep1-fold3``
+    in a repeated k-fold study's later repetitions."""
+    rep = f"-rep{repetition}" if repetition else ""
+    return f"{cell}-seed{seed}{rep}-fold{fold}"
 
 
 @dataclass(frozen=True)
@@ -196,6 +209,7 @@ class Study:
     space: tuple[Param, ...] = ()
     tune: TuneSettings = TuneSettings()
     seeds_given: bool = False  # seeds came from the command line: presets do not override it
+    repetitions: int = 1  # of the kfold protocol's folds, each drawn anew (repeated k-fold)
 
     @property
     def comparisons(self) -> tuple[Contrast, ...]:
@@ -217,6 +231,7 @@ class Study:
         seeds: int | None = None,
         folds: int | None = None,
         protocol: str | None = None,
+        repetitions: int | None = None,
     ) -> Study:
         """The study with its [run] values replaced (the command line's --dataset, --data,
         --seeds, --protocol); the result is validated like a file."""
@@ -227,10 +242,12 @@ class Study:
             seeds=seeds if seeds is not None else self.seeds,
             folds=folds if folds is not None else self.folds,
             protocol=protocol if protocol is not None else self.protocol,
+            repetitions=repetitions if repetitions is not None else self.repetitions,
             seeds_given=self.seeds_given or seeds is not None,
         )
         if changed.seeds < 1:
             raise StudyError(f"{self.path}: seeds: must be at least 1, got {changed.seeds}")
+        changed._check_repetitions("repetitions")
         changed.base_config(next(iter(self.presets), None))  # raises on a bad combination
         return changed
 
@@ -243,6 +260,18 @@ class Study:
     @property
     def fold_ids(self) -> list[int]:
         return list(range(self.folds)) if self.resolved_protocol == "kfold" else [0]
+
+    def _check_repetitions(self, key: str) -> None:
+        if self.repetitions < 1:
+            raise StudyError(f"{self.path}: {key}: must be at least 1, got {self.repetitions}")
+        if self.repetitions > 1 and self.kind != "grid":
+            raise StudyError(f"{self.path}: {key}: repeated k-fold is a grid study's design; "
+                             "a tuning study trains one split per sample")  # fmt: skip
+
+    @property
+    def repetition_ids(self) -> list[int]:
+        """Like the folds, repetitions count only where the protocol has folds."""
+        return list(range(self.repetitions)) if self.resolved_protocol == "kfold" else [0]
 
     def tune_settings(self, preset: str | None) -> TuneSettings:
         changes = self.presets.get(preset, {}).get("tune", {}) if preset else {}
@@ -272,18 +301,19 @@ class Study:
         return values
 
     def trials(self, preset: str | None, **changes) -> list[TrialSpec]:
-        """Every trial of a grid study: cells x seeds x folds, in that order."""
+        """Every trial of a grid study: cells x seeds x repetitions x folds, in that order."""
         if self.kind != "grid":
             raise StudyError(f"{self.path}: kind: a {self.kind} study has no fixed trial list")
         base = self.base_config(preset, **changes)
         specs = []
         for cell in self.cells:
             for seed in range(self.seeds_for(preset)):
-                for fold in self.fold_ids:
-                    values = {**base, **cell.overrides, "seed": seed, "fold": fold}
+                for rep, fold in itertools.product(self.repetition_ids, self.fold_ids):
+                    values = {**base, **cell.overrides, "seed": seed, "fold": fold,
+                              "repetition": rep}  # fmt: skip
                     config = _config(self.path, f"cells.{cell.name}", values)
                     identity = trial_identity(self.name, config)
-                    specs.append(TrialSpec(cell.name, seed, fold, config, identity))
+                    specs.append(TrialSpec(cell.name, seed, fold, config, identity, rep))
         return specs
 
     def sample(self, trial) -> dict:
@@ -354,9 +384,9 @@ def _parse(path: Path, raw: dict) -> Study:
 
     run = _table(raw, "run", fail)
     for key in run:
-        if key not in ("dataset", "data_path", "protocol", "folds", "seeds"):
+        if key not in ("dataset", "data_path", "protocol", "folds", "repetitions", "seeds"):
             raise fail(f"run.{key}", "unknown key; allowed: dataset, data_path, protocol, "
-                       "folds, seeds")  # fmt: skip
+                       "folds, repetitions, seeds")  # fmt: skip
     protocol = _typed(run, "protocol", str, fail, "run.", default="auto")
     if protocol not in ("auto", "official", "kfold", "paper"):
         raise fail("run.protocol", f"{protocol!r} is not one of auto, official, kfold, paper")
@@ -407,7 +437,9 @@ def _parse(path: Path, raw: dict) -> Study:
         seeds=seeds,
         defaults=defaults,
         presets=presets,
+        repetitions=_typed(run, "repetitions", int, fail, "run.", default=1),
     )
+    study._check_repetitions("run.repetitions")
     if kind == "grid":
         study = _grid(study, raw, fail)
     else:

@@ -56,6 +56,13 @@ def test_round_trip_through_a_flat_dict_of_plain_values():
         ({"hflip": 1.5}, r"hflip: must be in \[0, 1\], got 1.5"),
         ({"lam": float("nan")}, "lam: must be >= 0, got nan"),
         ({"in_chans": 2}, "in_chans: 2 is not one of 1, 3"),
+        ({"backbone": "shufflenet"}, "backbone: 'shufflenet' is not one of resnet50, vgg16, "),
+        ({"backbone": "timm:"}, "backbone: 'timm:' is not one of .* or timm:<model name>"),
+        (
+            {"backbone": "vgg16"},
+            "attention: psa sits in ResNet-50's bottlenecks; backbone vgg16 takes attention none",
+        ),
+        ({"repetition": 1}, "repetition: 1 re-draws the kfold protocol's folds"),
     ],
 )
 def test_bad_configs_name_the_key(values, message):
@@ -76,3 +83,13 @@ def test_config_files_json_and_toml(tmp_path):
         TrialConfig.from_file(tmp_path / "d.json")
     with pytest.raises(ConfigError, match="missing.json: cannot read config"):
         TrialConfig.from_file(tmp_path / "missing.json")
+
+
+def test_the_backbone_names_are_the_models_and_each_builds():
+    from fermodel.backbones import TIMM_PREFIX
+    from fermodel.config import BACKBONE_NAMES, TIMM
+    from fermodel.models import BACKBONES
+
+    assert set(BACKBONE_NAMES) == set(BACKBONES) and TIMM == TIMM_PREFIX
+    for name in BACKBONE_NAMES:  # a name the config accepts is one the models know
+        assert TrialConfig(backbone=name, attention="none").backbone == name

@@ -225,6 +225,11 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path, monkeypatch, capsy
                  "--seeds", "2", "--dry-run"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "80 trials:" in out and "protocol kfold" in out  # 4 cells x 2 seeds x 10 folds
+    assert main(["--study", "table4", "--dataset", "ckplus", "--data", str(tmp_path),
+                 "--repetitions", "2", "--dry-run"]) == 0  # fmt: skip
+    out = capsys.readouterr().out  # the paper preset's 3 seeds, each over 2 drawings of 10 folds
+    assert "240 trials:" in out and "protocol kfold (repeated: folds drawn 2 times)" in out
+    assert "basic-seed2-rep1-fold9" in out
 
 
 def _children(db):

@@ -8,6 +8,8 @@
 - ``kfold`` (CK+, synthetic): subject-independent k-fold cross-validation, stratified by class as
   far as the subjects allow (scikit-learn's StratifiedGroupKFold); no subject is in two folds.
   Fold f is the test set, fold f+1 (mod k) the validation set, the rest is trained on.
+  ``repetition`` r > 0 draws the folds anew (repeated k-fold) from the seed pair
+  (``seed``, r); repetition 0 is the split ``seed`` alone draws.
 - ``paper``: Gu & Jin's CK+ protocol: augmented copies are made first, then every class is split
   2:1 at random into train and validation, and the validation set is also the reported set. It
   puts frames of one subject and copies of one image on both sides, so it warns.
@@ -59,6 +61,7 @@ def make_splits(
     balance: str | tuple[str, ...] | None = None,
     paper_copies: int = 3,
     drop_leaked: bool | None = None,
+    repetition: int = 0,
 ) -> Splits:
     """Split ``dataset`` by ``protocol`` (see the module docstring); deterministic per seed.
 
@@ -77,7 +80,9 @@ def make_splits(
     if protocol == "official":
         splits = _official(dataset, seed)
     elif protocol == "kfold":
-        splits = _kfold(dataset, fold, folds, seed)
+        splits = _kfold(dataset, fold, folds, fold_seed(seed, repetition))
+        if repetition:
+            splits.notes[0] += f" of repetition {repetition}"
     elif protocol == "paper":
         splits = _paper(dataset, seed, paper_copies)
     else:
@@ -158,6 +163,14 @@ def _official(dataset: FERDataset, seed: int) -> Splits:
         dataset.subset(split == "test"),
         notes,
     )
+
+
+def fold_seed(seed: int, repetition: int) -> int:
+    """The seed of repetition ``repetition``'s folds: ``seed`` itself for repetition 0, so that a
+    single k-fold split is what it always was, else one drawn from the pair."""
+    if repetition == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, repetition]).generate_state(1)[0])
 
 
 def subject_folds(dataset: FERDataset, folds: int = 10, seed: int = 0) -> np.ndarray:
