@@ -145,6 +145,18 @@ def _ci_method(computed: pd.DataFrame) -> str:
     return "bootstrap CI" if not few.any() else "CI: inverted test or bootstrap (by units)"
 
 
+def _testset_share(computed: pd.DataFrame) -> str:
+    """The test-set column's threshold per row: its interval's half-width (the smallest shift
+    the inverted test rejects) over its MDE, as a range; the normal limit where none is set."""
+    half = (computed.testset_ci_high.astype(float) - computed.testset_ci_low.astype(float)) / 2
+    shares = (half / computed.testset_mde.astype(float)).to_numpy()
+    shares = shares[np.isfinite(shares) & (shares > 0)]
+    if not len(shares):
+        return f"about {SIGNIFICANT_SHARE:.2f}"
+    low, high = float(shares.min()), float(shares.max())
+    return f"{low:.2f}" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f} to {high:.2f}"
+
+
 def _runs_share(computed: pd.DataFrame) -> str:
     """The runs column's threshold: t_crit / noncentrality at its rows' units, as a range."""
     units = sorted({int(n) for n in _judged(computed).runs_units.dropna()})
@@ -327,8 +339,9 @@ def contrast_columns(report: StudyReport) -> list[Column]:
                f"points: up to {INVERT_LIMIT} units the sign-flip test's own power, counted "
                f"(exact in its few possible p-values), beyond that its normal approximation; "
                f"empty where no p < {ALPHA} is possible; an observed difference below it can "
-               f"still be significant, from about {SIGNIFICANT_SHARE:.2f} x MDE in the normal "
-               f"limit"),
+               f"still be significant, here from {_testset_share(computed)} x MDE (each row's "
+               f"interval half-width over its MDE; {SIGNIFICANT_SHARE:.2f} in the normal "
+               f"limit)"),
         Column(across, "Δ (points)", lambda r: _marked(r.runs_diff, r.runs_p_holm),
                f"the mean over the {runs} of the contrast of the runs' test accuracies, in "
                f"percentage points, each run's cells joined by seed and fold; it answers "
@@ -609,7 +622,7 @@ def _short_legend(report: StudyReport) -> list[str]:
         f"* / **: Holm-adjusted p < {ALPHA} / 0.01 within each family and question; the CIs "
         f"are not adjusted",
         f"MDE: a true difference this large is found {POWER:.0%} of the time; smaller observed "
-        f"ones can still be significant (on this test set from about {SIGNIFICANT_SHARE:.2f} x "
+        f"ones can still be significant (on this test set from {_testset_share(computed)} x "
         f"MDE"
         + (f", across runs from {_runs_share(computed)} x MDE)" if len(_judged(computed)) else ")"),
         *_heuristic(computed),
