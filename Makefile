@@ -3,17 +3,31 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS ?= dev
+# mkdocs-material's banner about its successor, printed on every build
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: install deps browser test demo lint clean
+.PHONY: install deps browser test docs demo lint clean
 
-# the one install step of CI (make test): the project and its EXTRAS, editable
-$(BIN)/activate: pyproject.toml
-	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e ".[$(EXTRAS)]"
-	touch $(BIN)/activate
+# One stamp per set of extras: make demo installs the project alone, make test adds the test and
+# docs tools. pip's output goes to $(VENV)/pip.log and is shown (its tail) only when it fails.
+define pip_install
+	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	@echo "make: installing $(1) into $(VENV) (pip's log: $(VENV)/pip.log)"
+	@{ $(BIN)/pip install --upgrade pip && $(BIN)/pip install -e "$(1)"; } >$(VENV)/pip.log 2>&1 \
+	  || { tail -n 25 $(VENV)/pip.log; echo "make: pip failed; its whole log: $(VENV)/pip.log"; exit 1; }
+	@touch $@
+endef
 
-install: $(BIN)/activate
+$(VENV)/installed-demo: pyproject.toml
+	$(call pip_install,.)
+
+$(VENV)/installed-test: pyproject.toml
+	$(call pip_install,.[dev,docs])
+
+# the demo takes the test environment where there is one (it holds the project too)
+DEMO_ENV := $(if $(wildcard $(VENV)/installed-test),$(VENV)/installed-test,$(VENV)/installed-demo)
+
+install: $(VENV)/installed-test
 
 # only what pyproject.toml names (build requirements, dependencies, the EXTRAS), not the project:
 # docker/Dockerfile runs `make deps EXTRAS=cluster` before it copies the code, so that layer is
@@ -44,16 +58,22 @@ else
 endif
 endif
 
-test: $(BIN)/activate browser
+test: $(VENV)/installed-test browser
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mkdocs build --strict --site-dir $(VENV)/site-check
 	$(BIN)/python -m pytest
 
-demo: $(BIN)/activate
-	$(BIN)/python -m orchestrate.ablation
+# the manual (docs/) as a site in site/: open site/index.html
+docs: $(VENV)/installed-test
+	$(BIN)/mkdocs build --strict
 
-lint: $(BIN)/activate
+demo: $(DEMO_ENV)
+	@$(BIN)/python -m orchestrate.ablation
+
+lint: $(VENV)/installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info ray_results mlflow.db mlartifacts
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info ray_results mlflow.db mlartifacts site

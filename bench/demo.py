@@ -33,8 +33,13 @@ def run_demo(folder: Path) -> tuple[float, str]:
     (repo / ".venv").symlink_to(ROOT / ".venv")
     env = {"PYTHONPYCACHEPREFIX": str(folder / "pycache"), "PATH": "/usr/bin:/bin"}
     started = time.perf_counter()
-    done = subprocess.run(["make", "-o", ".venv/bin/activate", "demo"], cwd=repo, env=env,
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        ["make", "-o", ".venv/bin/activate", "demo"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         sys.exit(f"make demo failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
@@ -63,10 +68,14 @@ def main() -> None:
     if not cells:
         sys.exit("could not read the cells' accuracies from the demo's table")
     best, mean = max(cells.values()), sum(cells.values()) / len(cells)
-    print(f"make demo: {seconds:.0f} s (target {TARGET_SECONDS:.0f} s, "
-          f"ratio {seconds / TARGET_SECONDS:.2f})")  # fmt: skip
-    print(f"best cell {best:.1f}% (target {TARGET_BEST:.0f}%), mean of {len(cells)} cells "
-          f"{mean:.1f}% (target {TARGET_MEAN:.0f}%), chance 14.3%")  # fmt: skip
+    print(
+        f"make demo: {seconds:.0f} s (target {TARGET_SECONDS:.0f} s, "
+        f"ratio {seconds / TARGET_SECONDS:.2f})"
+    )
+    print(
+        f"best cell {best:.1f}% (target {TARGET_BEST:.0f}%), mean of {len(cells)} cells "
+        f"{mean:.1f}% (target {TARGET_MEAN:.0f}%), chance 14.3%"
+    )
 
 
 if __name__ == "__main__":

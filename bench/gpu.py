@@ -15,7 +15,7 @@ Prints, for PSA-ResNet-50 at 48x48, batch 32, Island loss (the paper's trial):
 On the CPU it runs small (``--small``: ShuffleNetV2 x0.5; its test asks for packs of 1, 2, 8)
 so that the test runs in seconds. On a GPU (bench/device_check.sh runs it there) it takes about
 a minute. On an H200 with torch 2.11 the bf16 packs ("auto") failed their check with torch's
-batch norm (README, Benchmarks); a pack now retries with plain BatchNorms, and each line
+batch norm (docs/benchmarks.md); a pack now retries with plain BatchNorms, and each line
 prints the note of how its step ran. ``--precision fp32`` measures fp32 packs.
 
     .venv/bin/python bench/gpu.py [--device cuda] [--steps 20] [--packs 1,2,4,8,16,32]
@@ -61,8 +61,9 @@ def reference_rate(config: TrialConfig, data, steps: int) -> float:
 
     throughput.BATCH = config.batch_size
     device = engine.resolve_device(config.device)
-    return throughput.reference(data.images, data.labels, device, steps, config.backbone,
-                                config.attention)  # fmt: skip
+    return throughput.reference(
+        data.images, data.labels, device, steps, config.backbone, config.attention
+    )
 
 
 def measure(config: TrialConfig, data, k: int, steps: int) -> tuple[float, float, str]:
@@ -87,9 +88,13 @@ def main() -> None:
         "--packs", default="1,2,4,8,16,32", help="pack sizes to measure, comma-separated"
     )
     parser.add_argument("--small", action="store_true", help="ShuffleNetV2 x0.5 (the CPU test)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="the trials' arithmetic (fermodel's precision key); default "
-                        "auto: bf16 on CUDA (vmap packs refused it on an H200)")  # fmt: skip
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="the trials' arithmetic (fermodel's precision key); default "
+        "auto: bf16 on CUDA (vmap packs refused it on an H200)",
+    )
     parser.add_argument(
         "--vmap",
         action="store_true",
@@ -100,31 +105,46 @@ def main() -> None:
     packs = [int(k) for k in args.packs.split(",")]
     device = engine.resolve_device(args.device)
     model = dict(backbone="shufflenet_v2_x0_5", attention="none") if args.small else {}
-    config = TrialConfig(**model, batch_size=32, loss="island", device=str(device),
-                         precision=args.precision,
-                         synthetic_subjects=20, synthetic_images_per_class=4)  # fmt: skip
+    config = TrialConfig(
+        **model,
+        batch_size=32,
+        loss="island",
+        device=str(device),
+        precision=args.precision,
+        synthetic_subjects=20,
+        synthetic_images_per_class=4,
+    )
     data = make_synthetic(num_subjects=20, images_per_class=4)  # 560 images
     name = "ShuffleNetV2 x0.5" if args.small else "PSA-ResNet-50"
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device {device} ({gpu}), torch {torch.__version__}, {name}, 48x48x1, batch 32, "
-          f"Island loss, precision {args.precision}, {args.steps} timed steps")  # fmt: skip
+    print(
+        f"device {device} ({gpu}), torch {torch.__version__}, {name}, 48x48x1, batch 32, "
+        f"Island loss, precision {args.precision}, {args.steps} timed steps"
+    )
 
     alone_ops, alone_syncs, _ = step_ops(config, data, 1)
-    print(f"ops per step, alone     : {alone_ops:6d} non-view ({alone_ops / 32:6.1f} per image), "
-          f"{alone_syncs} host syncs", flush=True)  # fmt: skip
+    print(
+        f"ops per step, alone     : {alone_ops:6d} non-view ({alone_ops / 32:6.1f} per image), "
+        f"{alone_syncs} host syncs",
+        flush=True,
+    )
     for k in (k for k in packs if k in (4, 8, 16)):
         ops, syncs, how = step_ops(config, data, k)
-        print(f"ops per step, pack of {k:2d}: {ops:6d} non-view ({ops / alone_ops:.2f}x one "
-              f"trial's step, {ops / (32 * k):6.1f} per image), {syncs} host syncs; {how}",
-              flush=True)  # fmt: skip
+        print(
+            f"ops per step, pack of {k:2d}: {ops:6d} non-view ({ops / alone_ops:.2f}x one "
+            f"trial's step, {ops / (32 * k):6.1f} per image), {syncs} host syncs; {how}",
+            flush=True,
+        )
 
     started = time.perf_counter()
     reference = reference_rate(config, data, args.steps)
     print(f"reference pipeline      : {reference:10,.0f} images/s")
     if device.type == "cuda":  # one trial without graphs, for what the graphs give
         rate, _, _ = measure(config.replace(cuda_graphs=False), data, 1, args.steps)
-        print(f"one trial, eager        : {rate:10,.0f} images/s ({rate / reference:5.1f}x the "
-              f"reference)")  # fmt: skip
+        print(
+            f"one trial, eager        : {rate:10,.0f} images/s ({rate / reference:5.1f}x the "
+            f"reference)"
+        )
     rates = {}
     for k in packs:
         try:
@@ -136,16 +156,22 @@ def main() -> None:
         label = "one trial (engine)" if k == 1 else f"pack of {k:2d}"
         memory = f", {gib:5.2f} GiB per member" if gib == gib else ""  # nan off CUDA
         # Table 4's estimate after every size: the run may be cut off before the last
-        print(f"{label:24s}: {rate:10,.0f} images/s ({rate / reference:5.1f}x the "
-              f"reference){memory}; Table 4: {TABLE4_IMAGES / rate / 3600:.2f} device-hours; "
-              f"{how}", flush=True)  # fmt: skip
+        print(
+            f"{label:24s}: {rate:10,.0f} images/s ({rate / reference:5.1f}x the "
+            f"reference){memory}; Table 4: {TABLE4_IMAGES / rate / 3600:.2f} device-hours; "
+            f"{how}",
+            flush=True,
+        )
     best = max(rates, key=rates.get)
     hours = {k: TABLE4_IMAGES / rates[k] / 3600 for k in (1, best)}
-    print(f"best pack: {best} ({rates[best]:,.0f} images/s, {rates[best] / rates[1]:.1f}x one "
-          f"trial)")  # fmt: skip
-    print(f"Table 4 with this model, 3 seeds, 200 epochs on FER2013: {hours[best]:.2f} "
-          f"device-hours packed by {best}, against {hours[1]:.2f} with one trial per "
-          f"device")  # fmt: skip
+    print(
+        f"best pack: {best} ({rates[best]:,.0f} images/s, {rates[best] / rates[1]:.1f}x one trial)"
+    )
+    print(
+        f"Table 4 with this model, 3 seeds, 200 epochs on FER2013: {hours[best]:.2f} "
+        f"device-hours packed by {best}, against {hours[1]:.2f} with one trial per "
+        f"device"
+    )
     print(f"(measured in {time.perf_counter() - started:.0f} s)")
 
 

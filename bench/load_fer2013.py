@@ -16,7 +16,8 @@ import pandas as pd
 import torch
 
 from fermodel.data import make_synthetic
-from fermodel.data.fer2013 import read_fer2013, write_fer2013_csv
+from fermodel.data.fakes import write_fer2013_csv
+from fermodel.data.fer2013 import read_fer2013
 
 ROWS = {"train": 28_709, "val": 3_589, "test": 3_589}  # FER2013's Training/PublicTest/PrivateTest
 

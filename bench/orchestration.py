@@ -142,8 +142,9 @@ def full_checkpoint_bytes(config) -> tuple[int, int]:
     sizes = []
     for best_epoch in (1, 2):
         best = {"accuracy": 0.5, "loss": 1.0, "epoch": best_epoch}
-        state = training_state(config, 2, parts, torch.Generator(), torch.Generator(), [], best,
-                               best_state)  # fmt: skip
+        state = training_state(
+            config, 2, parts, torch.Generator(), torch.Generator(), [], best, best_state
+        )
         with tempfile.TemporaryDirectory() as folder:
             sizes.append(save_checkpoint(folder, state).stat().st_size)
     return sizes[0], sizes[1]
@@ -192,10 +193,13 @@ def main() -> None:
         log = Path(tmp, "checkpoints.jsonl")
         log.touch()
         start = time.perf_counter()
-        ray.init(num_cpus=concurrency, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR, runtime_env={
-                     "worker_process_setup_hook": _instrument, "env_vars": {LOG_ENV: str(log)}
-                 })  # fmt: skip
+        ray.init(
+            num_cpus=concurrency,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.ERROR,
+            runtime_env={"worker_process_setup_hook": _instrument, "env_vars": {LOG_ENV: str(log)}},
+        )
         ray_start = time.perf_counter() - start
         study = load_study(path)  # validating the study file is not scheduling
         from mlflow.tracking import MlflowClient
@@ -243,8 +247,11 @@ def main() -> None:
     row("study wall time", lambda v: f"{v:.1f} s", "wall")
     row(f"sum of trial times / {concurrency}", lambda v: f"{v:.1f} s", "ideal")
     row("overhead ratio (target <= 1.15)", lambda v: f"{v:.2f}", lambda r: r["wall"] / r["ideal"])
-    row("overhead per trial (target <= 2 s)", lambda v: f"{v:.2f} s",
-        lambda r: (r["wall"] - r["ideal"]) * concurrency / r["n"])  # fmt: skip
+    row(
+        "overhead per trial (target <= 2 s)",
+        lambda v: f"{v:.2f} s",
+        lambda r: (r["wall"] - r["ideal"]) * concurrency / r["n"],
+    )
     row("before the first trial starts", lambda v: f"{v:.1f} s", "first_start")
     if not all(r["trials"] for r in rows.values()):
         print("no checkpoint measurements came back from the trials (the worker hook did not run)")
@@ -253,10 +260,16 @@ def main() -> None:
     row("seconds per checkpoint (write+report)", lambda v: f"{v:.2f} s", "seconds_per_checkpoint")
     row("share of trial time checkpointing", lambda v: f"{100 * v:.1f} %", "share")
     row("MB to storage per trial-epoch", lambda v: f"{v / MB:.1f}", "bytes_per_trial_epoch")
-    row(f"  in full checkpoints ({bench_full / MB:.0f} MB)", lambda v: f"{v / bench_full:.2f}",
-        "bytes_per_trial_epoch")  # fmt: skip
-    row("  with each trial's final artifacts", lambda v: f"{v / MB:.1f}",
-        "all_bytes_per_trial_epoch")  # fmt: skip
+    row(
+        f"  in full checkpoints ({bench_full / MB:.0f} MB)",
+        lambda v: f"{v / bench_full:.2f}",
+        "bytes_per_trial_epoch",
+    )
+    row(
+        "  with each trial's final artifacts",
+        lambda v: f"{v / MB:.1f}",
+        "all_bytes_per_trial_epoch",
+    )
     every, auto = rows["every1"], rows["auto"]
     ratio = every["bytes_per_trial_epoch"] / auto["bytes_per_trial_epoch"]
     print(f"bytes per trial-epoch, every epoch / auto: {ratio:.1f}x")

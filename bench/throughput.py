@@ -174,8 +174,10 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     data = make_synthetic(num_subjects=20, images_per_class=4)  # 560 images
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"PSA-ResNet-50, 48x48x1, batch {BATCH}, {args.steps} timed steps")  # fmt: skip
+    print(
+        f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"PSA-ResNet-50, 48x48x1, batch {BATCH}, {args.steps} timed steps"
+    )
     ref = reference(data.images, data.labels, device, args.steps)
     ours, counted, useful = engine(data.images, data.labels, device, args.steps, args.compile)
     ceiling = matmul_ceiling(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -183,8 +185,10 @@ def main() -> None:
     print(f"engine             : {ours:9.1f} images/s   ({ours / ref:.2f}x the reference)")
     print(f"matmul ceiling     : {ceiling / 1e9:9.1f} GFLOP/s")
     for name, flops in (("counted", counted), ("useful", useful)):
-        print(f"engine FLOP/s      : {flops / 1e9:9.1f} GFLOP/s {name:8s}"
-              f"({100 * flops / ceiling:.0f}% of the ceiling)")  # fmt: skip
+        print(
+            f"engine FLOP/s      : {flops / 1e9:9.1f} GFLOP/s {name:8s}"
+            f"({100 * flops / ceiling:.0f}% of the ceiling)"
+        )
     epoch = 28_709 / ours
     print(f"one FER2013 training epoch (28,709 images) at this rate: {epoch:.1f} s")
 

@@ -97,8 +97,9 @@ def load_checkpoint(path) -> dict:
         raise CheckpointError(f"{file}: not a checkpoint of this project")
     written = state.pop(CHECKSUM, None)
     if written is not None and written != content_digest(state):
-        raise CheckpointError(f"{file}: damaged checkpoint (its contents do not match the "
-                              "checksum written with them)")  # fmt: skip
+        raise CheckpointError(
+            f"{file}: damaged checkpoint (its contents do not match the checksum written with them)"
+        )
     return state
 
 

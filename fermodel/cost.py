@@ -38,8 +38,13 @@ BATCH = 64
 _MEASURED: dict[tuple, dict] = {}
 
 
-def model_cost(net: nn.Module, shape: tuple[int, int, int], device, key: tuple | None = None,
-               context=contextlib.nullcontext) -> dict:  # fmt: skip
+def model_cost(
+    net: nn.Module,
+    shape: tuple[int, int, int],
+    device,
+    key: tuple | None = None,
+    context=contextlib.nullcontext,
+) -> dict:
     """The figures above for ``net`` on images of ``shape`` (channels, height, width), each run
     inside ``context()`` (the trial's autocast); with a ``key``, measured once per process."""
     if key is not None and key in _MEASURED:
@@ -52,8 +57,9 @@ def model_cost(net: nn.Module, shape: tuple[int, int, int], device, key: tuple |
         with torch.inference_mode(), context():
             runs = timed_runs(lambda: net(one), device)
             # a batch takes BATCH times longer: fewer runs give as steady a median
-            per_batch = statistics.median(timed_runs(lambda: net(batch), device, warmup=1,
-                                                     min_runs=3, budget=0.0))  # fmt: skip
+            per_batch = statistics.median(
+                timed_runs(lambda: net(batch), device, warmup=1, min_runs=3, budget=0.0)
+            )
             gflops = forward_flops(net, one) / 1e9
     finally:
         net.train(was_training)
@@ -69,8 +75,9 @@ def model_cost(net: nn.Module, shape: tuple[int, int, int], device, key: tuple |
     return cost
 
 
-def timed_runs(run, device, warmup: int = WARMUP, min_runs: int = MIN_RUNS,
-               budget: float = BUDGET_S) -> list[float]:  # fmt: skip
+def timed_runs(
+    run, device, warmup: int = WARMUP, min_runs: int = MIN_RUNS, budget: float = BUDGET_S
+) -> list[float]:
     """Seconds of each timed call of ``run`` after ``warmup`` untimed ones: at least
     ``min_runs``, more while ``budget`` seconds have not passed."""
     cuda = torch.device(device).type == "cuda"

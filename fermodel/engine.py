@@ -142,8 +142,14 @@ class _Normalized(torch.nn.Module):
     larger input gives ResNet-50's last stages more than a 2x2 map, at about the square of
     the cost)."""
 
-    def __init__(self, model: torch.nn.Module, channels_last: bool, image_size: int = 48,
-                 in_chans: int = 1, dtype: torch.dtype = torch.float32):  # fmt: skip
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        channels_last: bool,
+        image_size: int = 48,
+        in_chans: int = 1,
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         self.model, self.channels_last, self.image_size = model, channels_last, image_size
         self.in_chans, self.dtype = in_chans, dtype
@@ -152,8 +158,9 @@ class _Normalized(torch.nn.Module):
     def forward(self, x: torch.Tensor, return_embedding: bool = False):
         x = x.to(self.dtype)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
-                              align_corners=False)  # fmt: skip
+            x = F.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+            )
         x = (x - MEAN) / STD
         if x.shape[1] != self.in_chans * self.members:  # gray on each channel of an RGB stem
             n, _, h, w = x.shape
@@ -189,8 +196,9 @@ def _optimizer(c: TrialConfig, params, device: torch.device) -> torch.optim.Opti
         # capturable: its step counter and learning rate stay on the device (graph capture)
         adam = torch.optim.Adam if c.optimizer == "adam" else torch.optim.AdamW
         return adam(params, lr=lr, weight_decay=c.weight_decay, fused=True, capturable=cuda)
-    return torch.optim.SGD(params, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay,
-                           fused=True)  # fmt: skip
+    return torch.optim.SGD(
+        params, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay, fused=True
+    )
 
 
 def _scheduler(c: TrialConfig, optimizer):
@@ -277,8 +285,16 @@ def train_step(parts: TrainingParts, images, labels, aug: AugmentConfig, generat
 def trial_splits(c: TrialConfig, data: FERDataset, balanced: bool = True):
     """The train / val / test splits a config trains on (its balancing only if ``balanced``)."""
     balance = _balance_arg(c.balance) if balanced else None
-    return make_splits(data, c.protocol, c.fold, c.folds, seed=c.split_seed, balance=balance,
-                       drop_leaked=c.drop_leaked, repetition=c.repetition)  # fmt: skip
+    return make_splits(
+        data,
+        c.protocol,
+        c.fold,
+        c.folds,
+        seed=c.split_seed,
+        balance=balance,
+        drop_leaked=c.drop_leaked,
+        repetition=c.repetition,
+    )
 
 
 def _balance_arg(balance: str):
@@ -291,8 +307,7 @@ def _balance_arg(balance: str):
 
 def evaluate(model: _Normalized, images, labels, classes, batch_size, autocast, tta="none"):
     """Loss (cross-entropy), metrics, confusion matrix and predictions on one split."""
-    (out,) = evaluate_members(model, images[None], labels[None], classes, batch_size, autocast,
-                              tta)  # fmt: skip
+    (out,) = evaluate_members(model, images[None], labels[None], classes, batch_size, autocast, tta)
     return out
 
 
@@ -373,8 +388,16 @@ class CheckpointCadence:
         self.seconds += self.cost
 
 
-def training_state(c: TrialConfig, epoch: int, parts: TrainingParts, shuffle_gen, augment_gen,
-                   history: list, best: dict, best_state: dict | None) -> dict:  # fmt: skip
+def training_state(
+    c: TrialConfig,
+    epoch: int,
+    parts: TrainingParts,
+    shuffle_gen,
+    augment_gen,
+    history: list,
+    best: dict,
+    best_state: dict | None,
+) -> dict:
     """What a checkpoint holds after ``epoch``: everything to continue exactly, each set of
     weights once (see fermodel.checkpoint)."""
     device = next(parts.model.parameters()).device
@@ -398,8 +421,9 @@ def training_state(c: TrialConfig, epoch: int, parts: TrainingParts, shuffle_gen
 def _owned(state: dict) -> dict:
     """The tensors of a state dict, each with a storage of its own: a packed member's weights
     are views of the pack's stacks, and torch.save writes a view's whole storage."""
-    return {k: v.clone() if v.untyped_storage().nbytes() > v.nbytes else v
-            for k, v in state.items()}  # fmt: skip
+    return {
+        k: v.clone() if v.untyped_storage().nbytes() > v.nbytes else v for k, v in state.items()
+    }
 
 
 def _restore(c: TrialConfig, checkpoint, parts: TrainingParts, shuffle_gen, augment_gen):
@@ -427,9 +451,11 @@ def _restore(c: TrialConfig, checkpoint, parts: TrainingParts, shuffle_gen, augm
         augment_gen.set_state(state["augment_rng"])
     else:  # a CPU generator's state (Mersenne Twister) does not fit a CUDA one's (Philox)
         augment_gen.manual_seed(c.seed + 1 + 1_000_003 * state["epoch"])
-        notes.append(f"resumed after epoch {state['epoch']} on {device.type} from a checkpoint "
-                     "written on another device type: augmentation went on from a seed of its "
-                     "own, so its draws differ from an uninterrupted run's")  # fmt: skip
+        notes.append(
+            f"resumed after epoch {state['epoch']} on {device.type} from a checkpoint "
+            "written on another device type: augmentation went on from a seed of its "
+            "own, so its draws differ from an uninterrupted run's"
+        )
     return state["epoch"], state["history"], state["best"], best_model(state), notes
 
 
@@ -449,8 +475,13 @@ def fit(
         if isinstance(metrics[0], dict):
             report(metrics[0], None if folder is None else os.path.join(folder, "0"))
 
-    (result,) = fit_pack([config], data, pack_report if report else None,
-                         None if checkpoint is None else [checkpoint], checkpoint_now)  # fmt: skip
+    (result,) = fit_pack(
+        [config],
+        data,
+        pack_report if report else None,
+        None if checkpoint is None else [checkpoint],
+        checkpoint_now,
+    )
     if isinstance(result, TrainingDiverged):
         raise result
     return result
@@ -487,8 +518,7 @@ def fit_pack(
         raise ValueError("a pack needs at least one trial config")
     keys = {pack_key(c) for c in configs}
     if len(keys) > 1:
-        raise ValueError("the trials of a pack must share every key but "
-                         f"{', '.join(MEMBER_KEYS)}")  # fmt: skip
+        raise ValueError(f"the trials of a pack must share every key but {', '.join(MEMBER_KEYS)}")
     first = configs[0]
     if first.deterministic:
         # cuBLAS is deterministic only with a fixed workspace, set before its first call
@@ -503,8 +533,9 @@ def fit_pack(
         device = resolve_device(first.device)
         start_peak_memory(device)
         checkpoints = list(checkpoints) if checkpoints is not None else [None] * len(configs)
-        members = [make_member(c, data, device, ckpt)
-                   for c, ckpt in zip(configs, checkpoints, strict=True)]  # fmt: skip
+        members = [
+            make_member(c, data, device, ckpt) for c, ckpt in zip(configs, checkpoints, strict=True)
+        ]
         return _train(members, data, device, report, checkpoint_now)
     finally:
         torch.use_deterministic_algorithms(previous)
@@ -538,12 +569,17 @@ def make_member(c: TrialConfig, data: FERDataset, device, checkpoint=None) -> Me
     torch.manual_seed(c.seed)
     splits = trial_splits(c, data)
     parts = build_parts(c, len(data.classes), device)
-    member = Member(c, splits, parts, torch.Generator().manual_seed(c.seed),
-                    torch.Generator(device=device).manual_seed(c.seed + 1))  # fmt: skip
+    member = Member(
+        c,
+        splits,
+        parts,
+        torch.Generator().manual_seed(c.seed),
+        torch.Generator(device=device).manual_seed(c.seed + 1),
+    )
     if checkpoint is not None:
-        (member.start_epoch, member.history, member.best, member.best_state,
-         member.notes) = _restore(c, checkpoint, parts, member.shuffle_gen,
-                                  member.augment_gen)  # fmt: skip
+        (member.start_epoch, member.history, member.best, member.best_state, member.notes) = (
+            _restore(c, checkpoint, parts, member.shuffle_gen, member.augment_gen)
+        )
     return member
 
 
@@ -565,13 +601,16 @@ class _SoloStep:
     def __call__(self, idx: torch.Tensor):
         i = idx[0]
         y = self.y[i]
-        logits, out = train_step(self.member.parts, self.x[i], y, self.aug,
-                                 self.member.augment_gen)  # fmt: skip
+        logits, out = train_step(self.member.parts, self.x[i], y, self.aug, self.member.augment_gen)
         # detached, as a pack's: outputs that kept the step's autograd graph alive kept its
         # gradient accumulators too, made on the stream of the eager steps before a CUDA
         # graph's capture (torch warned of the stream mismatch on an H200)
-        return (logits.detach()[None], y[None], out.total.detach().reshape(1),
-                out.ce.detach().reshape(1))  # fmt: skip
+        return (
+            logits.detach()[None],
+            y[None],
+            out.total.detach().reshape(1),
+            out.ce.detach().reshape(1),
+        )
 
 
 def make_step(members: list[Member], device):
@@ -584,23 +623,29 @@ def make_step(members: list[Member], device):
     aug = _augment_config(members[0].config)
     n, b = len(members[0].splits.train), members[0].config.batch_size
     draw = torch.Generator().manual_seed(0)  # the checks' batches: any, their steps are undone
-    batches = [torch.randint(n, (len(members), min(b, n)), generator=draw).to(device)
-               for _ in range(CHECK_STEPS)]  # fmt: skip
+    batches = [
+        torch.randint(n, (len(members), min(b, n)), generator=draw).to(device)
+        for _ in range(CHECK_STEPS)
+    ]
     if len(members) == 1:
         step = _SoloStep(members[0], aug, device)
     else:
         from fermodel.pack import checked_pack
 
-        step = checked_pack(members, [_SoloStep(m, aug, device) for m in members], aug,
-                            device, batches[0])  # fmt: skip
+        step = checked_pack(
+            members, [_SoloStep(m, aug, device) for m in members], aug, device, batches[0]
+        )
     capture = capture_for(members, device)
     if capture is None:
         return step
     graphed = GraphedStep(step, members, capture)
     step.train()
     why = graphed.check(batches)
-    note = ("trained from CUDA graphs (checked against eager steps at the start)" if why is None
-            else f"CUDA graphs off: {why}; trained eagerly")  # fmt: skip
+    note = (
+        "trained from CUDA graphs (checked against eager steps at the start)"
+        if why is None
+        else f"CUDA graphs off: {why}; trained eagerly"
+    )
     for m in members:
         m.notes.append(note)
     return step if why else graphed
@@ -638,17 +683,23 @@ def _train(members: list[Member], data, device, report, checkpoint_now) -> list:
         was_alive = [m.alive for m in members]
         seen, seconds, sums = _train_epoch(members, step, epoch, batches, device)
         vals = validate()
-        metrics = [_end_epoch(m, epoch, seen, seconds, *s, val, cost) if m.alive else None
-                   for m, s, val, cost in zip(members, sums, vals, costs, strict=True)]  # fmt: skip
-        metrics = [m.failed if was and not m.alive else x
-                   for m, was, x in zip(members, was_alive, metrics, strict=True)]  # fmt: skip
+        metrics = [
+            _end_epoch(m, epoch, seen, seconds, *s, val, cost) if m.alive else None
+            for m, s, val, cost in zip(members, sums, vals, costs, strict=True)
+        ]
+        metrics = [
+            m.failed if was and not m.alive else x
+            for m, was, x in zip(members, was_alive, metrics, strict=True)
+        ]
         if report is not None:
             _report(members, epoch, metrics, report, cadence, checkpoint_now)
         if not any(m.alive for m in members):
             break
     peak = peak_memory_mb(device, len(members))
-    return [_test(m, data, device, cadence, peak, cost) if m.alive else m.failed
-            for m, cost in zip(members, costs, strict=True)]  # fmt: skip
+    return [
+        _test(m, data, device, cadence, peak, cost) if m.alive else m.failed
+        for m, cost in zip(members, costs, strict=True)
+    ]
 
 
 def _train_epoch(members: list[Member], step, epoch: int, batches, device):
@@ -691,9 +742,11 @@ def _validation(members: list[Member], step, device) -> Callable[[], list[dict]]
     fused = getattr(getattr(step, "step", step), "net", None)  # a FusedStep's, maybe graphed
     c = members[0].config
     vals = [m.splits.val for m in members]
-    together = (fused is not None and len({(m.config.tta, m.config.eval_batch_size)
-                                            for m in members}) == 1
-                and len({len(v) for v in vals}) == 1)  # fmt: skip
+    together = (
+        fused is not None
+        and len({(m.config.tta, m.config.eval_batch_size) for m in members}) == 1
+        and len({len(v) for v in vals}) == 1
+    )
     if together:
         same = all(np.array_equal(v.ids, vals[0].ids) for v in vals[1:])
         if same:
@@ -703,16 +756,34 @@ def _validation(members: list[Member], step, device) -> Callable[[], list[dict]]
             x = torch.stack([v.images for v in vals]).to(device)
             y = torch.stack([v.labels for v in vals]).to(device)
         autocast = members[0].parts.autocast
-        return lambda: [metrics for metrics, _, _ in evaluate_members(
-            fused, x, y, vals[0].classes, c.eval_batch_size, autocast, c.tta)]  # fmt: skip
+        return lambda: [
+            metrics
+            for metrics, _, _ in evaluate_members(
+                fused, x, y, vals[0].classes, c.eval_batch_size, autocast, c.tta
+            )
+        ]
     on_device = [(v.images.to(device), v.labels.to(device)) for v in vals]
-    return lambda: [evaluate(m.parts.net, *xy, v.classes, m.config.eval_batch_size,
-                             m.parts.autocast, m.config.tta)[0] if m.alive else None
-                    for m, xy, v in zip(members, on_device, vals, strict=True)]  # fmt: skip
+    return lambda: [
+        evaluate(
+            m.parts.net, *xy, v.classes, m.config.eval_batch_size, m.parts.autocast, m.config.tta
+        )[0]
+        if m.alive
+        else None
+        for m, xy, v in zip(members, on_device, vals, strict=True)
+    ]
 
 
-def _end_epoch(m: Member, epoch: int, seen: int, seconds: float, loss_sum, ce_sum, correct,
-               val: dict, cost: dict):  # fmt: skip
+def _end_epoch(
+    m: Member,
+    epoch: int,
+    seen: int,
+    seconds: float,
+    loss_sum,
+    ce_sum,
+    correct,
+    val: dict,
+    cost: dict,
+):
     """The schedule's step on the epoch's validation metrics ``val``, the best epoch so far
     (its weights kept where they are), and the epoch's metrics (with the architecture's
     ``cost``), kept in the history."""
@@ -755,8 +826,16 @@ def _report(members, epoch: int, metrics: list, report, cadence, checkpoint_now)
     with cadence.timed(epoch), tempfile.TemporaryDirectory(prefix="fer-ckpt-") as folder:
         for index, m in enumerate(members):
             if m.alive:
-                state = training_state(m.config, epoch, m.parts, m.shuffle_gen, m.augment_gen,
-                                       m.history, m.best, m.best_state)  # fmt: skip
+                state = training_state(
+                    m.config,
+                    epoch,
+                    m.parts,
+                    m.shuffle_gen,
+                    m.augment_gen,
+                    m.history,
+                    m.best,
+                    m.best_state,
+                )
                 save_checkpoint(os.path.join(folder, str(index)), state)
         report(metrics, folder)
 
@@ -768,14 +847,23 @@ def architecture_cost(m: Member, classes: int, device) -> dict:
     """What the member's model costs to run (``fermodel.cost``): its architecture's, whatever
     its weights, measured once per process."""
     c = m.config
-    key = (c.backbone, c.attention, c.in_chans, c.image_size, c.precision, c.channels_last,
-           classes, str(device), torch.get_num_threads())  # fmt: skip
-    return model_cost(m.parts.net, (c.in_chans, c.image_size, c.image_size), device, key,
-                      m.parts.autocast)  # fmt: skip
+    key = (
+        c.backbone,
+        c.attention,
+        c.in_chans,
+        c.image_size,
+        c.precision,
+        c.channels_last,
+        classes,
+        str(device),
+        torch.get_num_threads(),
+    )
+    return model_cost(
+        m.parts.net, (c.in_chans, c.image_size, c.image_size), device, key, m.parts.autocast
+    )
 
 
-def _test(m: Member, data: FERDataset, device, cadence, peak_mb: float,
-          cost: dict) -> TrialResult:  # fmt: skip
+def _test(m: Member, data: FERDataset, device, cadence, peak_mb: float, cost: dict) -> TrialResult:
     """The selected epoch's model on the test split, evaluated once, with its ``cost``
     (measured before training: the architecture's, whatever its weights)."""
     c, parts, splits = m.config, m.parts, m.splits
@@ -789,8 +877,9 @@ def _test(m: Member, data: FERDataset, device, cadence, peak_mb: float,
         test_full = test
         if splits.full_test is not None:
             full = splits.full_test
-            test_full, _, _ = evaluate(parts.net, full.images.to(device),
-                                       full.labels.to(device), *args)  # fmt: skip
+            test_full, _, _ = evaluate(
+                parts.net, full.images.to(device), full.labels.to(device), *args
+            )
     history = m.history
     train_seconds = sum(h["epoch_seconds"] for h in history)
     trained = sum(h["images_per_second"] * h["epoch_seconds"] for h in history)

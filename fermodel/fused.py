@@ -37,8 +37,18 @@ from fermodel.attention import AFF, SqueezeExcite
 from fermodel.resnet import Bottleneck, GlobalAvgPool, ResNet
 
 # modules whose own forward treats every channel alone (their children are fused one by one)
-CHANNEL_LOCAL = (ResNet, Bottleneck, SqueezeExcite, AFF, GlobalAvgPool, nn.Sequential,
-                 nn.ModuleList, nn.ReLU, nn.MaxPool2d, nn.Identity)  # fmt: skip
+CHANNEL_LOCAL = (
+    ResNet,
+    Bottleneck,
+    SqueezeExcite,
+    AFF,
+    GlobalAvgPool,
+    nn.Sequential,
+    nn.ModuleList,
+    nn.ReLU,
+    nn.MaxPool2d,
+    nn.Identity,
+)
 
 
 class NotFusable(ValueError):
@@ -56,8 +66,9 @@ class GroupedLinear(nn.Module):
         self.members = members
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.conv2d(x[:, :, None, None], self.weight[:, :, None, None], self.bias,
-                     groups=self.members)  # fmt: skip
+        y = F.conv2d(
+            x[:, :, None, None], self.weight[:, :, None, None], self.bias, groups=self.members
+        )
         return y.flatten(1)
 
 
@@ -91,8 +102,9 @@ def fuse(nets: list[nn.Module]) -> nn.Module:
             for part in parts:  # a member's step count is the pack's
                 part.num_batches_tracked.data = module.num_batches_tracked
         elif isinstance(module, nn.Linear):
-            grouped = GroupedLinear(module.weight.detach(), None if module.bias is None
-                                    else module.bias.detach(), k)  # fmt: skip
+            grouped = GroupedLinear(
+                module.weight.detach(), None if module.bias is None else module.bias.detach(), k
+            )
             _stack_tensors(grouped, parts, ("weight", "bias"))
             parent, _, child = name.rpartition(".")
             setattr(fused.get_submodule(parent), child, grouped)
@@ -136,10 +148,12 @@ def _stack_tensors(module: nn.Module, parts: list[nn.Module], names: tuple[str, 
 
 def _check(net: nn.Module) -> None:
     for name, module in net.named_modules():
-        known = isinstance(module, (nn.Conv1d, nn.Conv2d, nn.BatchNorm2d, nn.Linear,
-                                    *CHANNEL_LOCAL))  # fmt: skip
+        known = isinstance(
+            module, (nn.Conv1d, nn.Conv2d, nn.BatchNorm2d, nn.Linear, *CHANNEL_LOCAL)
+        )
         if not known and not hasattr(module, "members"):
-            raise NotFusable(f"{name or 'the network'} ({type(module).__name__}) may mix the "
-                             "members' channels")  # fmt: skip
+            raise NotFusable(
+                f"{name or 'the network'} ({type(module).__name__}) may mix the members' channels"
+            )
         if isinstance(module, nn.Conv2d | nn.Conv1d) and module.padding_mode != "zeros":
             raise NotFusable(f"{name} pads with {module.padding_mode!r}")

@@ -150,8 +150,10 @@ class GraphedStep:
             return failed
         for step, (a, b) in enumerate(zip(eager, graphed, strict=True), 1):
             if not torch.allclose(a, b, rtol=TOLERANCE, atol=1e-6):
-                return (f"the graph's losses differ from eager ones at step {step} "
-                        f"({a.tolist()} against {b.tolist()})")  # fmt: skip
+                return (
+                    f"the graph's losses differ from eager ones at step {step} "
+                    f"({a.tolist()} against {b.tolist()})"
+                )
         drift = ((eager_weights - graph_weights).norm() / eager_weights.norm()).item()
         if not drift <= TOLERANCE:
             return f"the graph's weights differ from eager ones by {drift:.2e} (relative)"
@@ -179,5 +181,6 @@ def state_tensors(members: list, step) -> list[torch.Tensor]:
 
 
 def _weights(members: list) -> torch.Tensor:
-    return torch.cat([p.detach().double().flatten() for m in members
-                      for p in m.parts.model.parameters()])  # fmt: skip
+    return torch.cat(
+        [p.detach().double().flatten() for m in members for p in m.parts.model.parameters()]
+    )

@@ -16,8 +16,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # profiler markers (the optimisers' record_function): dispatched, but no work on the device
 MARKERS = frozenset({"_record_function_enter_new", "_record_function_exit"})
 # ops that copy a value to the host or size their output from the data
-HOST_SYNC = frozenset({"_local_scalar_dense", "item", "nonzero", "bincount", "masked_select",
-                       "unique_dim", "_unique2", "boolean-mask index"})  # fmt: skip
+HOST_SYNC = frozenset(
+    {
+        "_local_scalar_dense",
+        "item",
+        "nonzero",
+        "bincount",
+        "masked_select",
+        "unique_dim",
+        "_unique2",
+        "boolean-mask index",
+    }
+)
 
 
 class OpCounter(TorchDispatchMode):
@@ -30,8 +40,9 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name.split("::")[-1]
-        if name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
-                                   for i in args[1] if i is not None):  # fmt: skip
+        if name == "index" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None
+        ):
             name = "boolean-mask index"
         if _is_view(func):
             self.views += 1
@@ -52,5 +63,4 @@ class OpCounter(TorchDispatchMode):
 def _is_view(func) -> bool:
     """An op that returns an alias of its input without writing it (view, select, expand...):
     no kernel runs. In-place and out= ops alias too, but write: they do run one."""
-    return any(r.alias_info is not None and not r.alias_info.is_write
-               for r in func._schema.returns)  # fmt: skip
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)

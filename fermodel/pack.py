@@ -89,10 +89,14 @@ class _Pack:
         classes = len(self.members[0].splits.train.classes)
         features = self.members[0].parts.model.num_features
         dtype = self.members[0].parts.dtype
-        like = known if known is not None else torch.ones(classes, features, device=self.device,
-                                                          dtype=dtype)  # fmt: skip
-        centers = torch.stack([a.centers.detach() if a is not None else torch.ones_like(like)
-                               for a in aux])  # fmt: skip
+        like = (
+            known
+            if known is not None
+            else torch.ones(classes, features, device=self.device, dtype=dtype)
+        )
+        centers = torch.stack(
+            [a.centers.detach() if a is not None else torch.ones_like(like) for a in aux]
+        )
         for k, a in enumerate(aux):
             if a is not None:
                 a.centers.data = centers[k]
@@ -119,8 +123,10 @@ class _Pack:
             y = trains[0].labels.to(self.device)
             k = len(trains)
             return x.expand(k, *x.shape), y.expand(k, *y.shape)
-        return (torch.stack([t.images for t in trains]).to(self.device),
-                torch.stack([t.labels for t in trains]).to(self.device))  # fmt: skip
+        return (
+            torch.stack([t.images for t in trains]).to(self.device),
+            torch.stack([t.labels for t in trains]).to(self.device),
+        )
 
     def train(self) -> None:
         raise NotImplementedError
@@ -136,8 +142,9 @@ class _Pack:
         images, y = self.x[self.rows, idx], self.y[self.rows, idx]
         # each member's own draws, as alone, turned into parameters all at once
         drawn = torch.cat([draw(b, m.augment_gen) for m in self.members])
-        x = apply_params(images.flatten(0, 1), params_from_draws(drawn, self.aug),
-                         self.aug.padding_mode)  # fmt: skip
+        x = apply_params(
+            images.flatten(0, 1), params_from_draws(drawn, self.aug), self.aug.padding_mode
+        )
         for p in self.params.values():
             p.grad = None  # backward then assigns fresh gradients (no accumulation kernels)
         logits, emb = self._forward(x.view(k, b, *x.shape[1:]))
@@ -210,8 +217,10 @@ class PackedStep(_Pack):
         self.template.train()
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        params = {name: p.to(torch.bfloat16) if name in self.lowered else p
-                  for name, p in self.params.items()}  # fmt: skip
+        params = {
+            name: p.to(torch.bfloat16) if name in self.lowered else p
+            for name, p in self.params.items()
+        }
         return torch.vmap(self._member, randomness="different")(params, self.buffers, x)
 
     def _member(self, params, buffers, x):
@@ -252,8 +261,12 @@ def checked_pack(members: list, solos: list, aug, device: torch.device, idx: tor
     failed = []  # why the tries before failed
     unfused = why_not_fusable(net) if FUSION else "fusion turned off"
     if unfused is None:
-        tries.append((f"{FUSED_NOTE}: {k} trials as one network of {k} times the channels",
-                      lambda: FusedStep(members, aug, device)))  # fmt: skip
+        tries.append(
+            (
+                f"{FUSED_NOTE}: {k} trials as one network of {k} times the channels",
+                lambda: FusedStep(members, aug, device),
+            )
+        )
     else:
         failed.append(f"not fused: {unfused}")
     tries.append((VMAP_NOTE, lambda: PackedStep(members, aug, device)))
@@ -301,8 +314,7 @@ def _check(packed: PackedStep, members: list, solos: list, idx: torch.Tensor) ->
     if why is None:
         tolerance = 5e-2 if members[0].parts.use_bf16 else 1e-3  # bf16 rounds to 2 decimals
         if not torch.allclose(together, alone, rtol=tolerance, atol=1e-6):
-            why = (f"its losses {together.tolist()} differ from the members' own "
-                   f"{alone.tolist()}")  # fmt: skip
+            why = f"its losses {together.tolist()} differ from the members' own {alone.tolist()}"
     return why
 
 
@@ -337,8 +349,12 @@ def _lower_precision(template: torch.nn.Module) -> set[str]:
 def _plain_norm_fits(module: torch.nn.Module) -> bool:
     """Whether ``_plain_norm`` computes ``module``: a BatchNorm with weights, running statistics
     and a momentum (others keep torch's)."""
-    return (isinstance(module, NORMS) and module.affine and module.track_running_stats
-            and module.momentum is not None)  # fmt: skip
+    return (
+        isinstance(module, NORMS)
+        and module.affine
+        and module.track_running_stats
+        and module.momentum is not None
+    )
 
 
 def _write_norms_in_plain_ops(template: torch.nn.Module) -> int:

@@ -53,8 +53,15 @@ def plot_confusion_matrix(cm, classes, path, title: str = "") -> Path:
     image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                    color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+            ax.text(
+                j,
+                i,
+                f"{norm[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if norm[i, j] > 0.5 else "black",
+            )
     ax.set_xticks(range(k), classes, rotation=35, ha="right")
     ax.set_yticks(range(k), classes)
     ax.set_xlabel("predicted")
@@ -86,8 +93,9 @@ def plot_curves(history: list[dict], path, title: str = "") -> Path:
 def plot_trial(result, folder, title: str = "") -> None:
     """A trial's figures: ``confusion_matrix.png`` (test) and ``curves.png``."""
     folder = Path(folder)
-    plot_confusion_matrix(result.test_confusion, result.classes, folder / "confusion_matrix.png",
-                          title=title)  # fmt: skip
+    plot_confusion_matrix(
+        result.test_confusion, result.classes, folder / "confusion_matrix.png", title=title
+    )
     plot_curves(result.history, folder / "curves.png")
 
 

@@ -47,10 +47,12 @@ class Predictor:
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities [N, K] of uint8 images [N, 1, 48, 48], N >= 1."""
-        return torch.cat([
-            torch.softmax(self.net(to_float(images[i : i + BATCH])).float(), dim=1)
-            for i in range(0, len(images), BATCH)
-        ])  # fmt: skip
+        return torch.cat(
+            [
+                torch.softmax(self.net(to_float(images[i : i + BATCH])).float(), dim=1)
+                for i in range(0, len(images), BATCH)
+            ]
+        )
 
 
 def selected_model(config: TrialConfig, num_classes: int, weights: dict) -> torch.nn.Module:
@@ -174,11 +176,17 @@ def format_table(names: list[str], classes: tuple[str, ...], probs: torch.Tensor
 
 
 def as_json(names: list[str], classes: tuple[str, ...], probs: torch.Tensor) -> str:
-    return json.dumps([
-        {"image": name, "expression": classes[int(np.argmax(p))],
-         "probabilities": dict(zip(classes, p, strict=True))}
-        for name, p in zip(names, probs.tolist(), strict=True)
-    ], indent=1)  # fmt: skip
+    return json.dumps(
+        [
+            {
+                "image": name,
+                "expression": classes[int(np.argmax(p))],
+                "probabilities": dict(zip(classes, p, strict=True)),
+            }
+            for name, p in zip(names, probs.tolist(), strict=True)
+        ],
+        indent=1,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,18 +200,28 @@ def build_parser() -> argparse.ArgumentParser:
         "  python -m fermodel.predict models:/table4@best faces/ test.csv --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", metavar="MODEL",
-                        help="a run folder of python -m fermodel.train, runs:/<run id>/model or "
-                        "models:/<name>@<alias> (an MLflow model a study logged)")  # fmt: skip
-    parser.add_argument("images", metavar="IMAGES", nargs="+",
-                        help="image files (PNG, JPEG, BMP), folders of them, or FER2013-format "
-                        "CSV files (a pixels column; emotion and Usage optional)")  # fmt: skip
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a run folder of python -m fermodel.train, runs:/<run id>/model or "
+        "models:/<name>@<alias> (an MLflow model a study logged)",
+    )
+    parser.add_argument(
+        "images",
+        metavar="IMAGES",
+        nargs="+",
+        help="image files (PNG, JPEG, BMP), folders of them, or FER2013-format "
+        "CSV files (a pixels column; emotion and Usage optional)",
+    )
     parser.add_argument(
         "--json", action="store_true", help="print a JSON list, not the table. Default: the table"
     )
-    parser.add_argument("--tracking-uri", metavar="URI",
-                        help="MLflow store of runs:/ and models:/ URIs. Default: "
-                        "MLFLOW_TRACKING_URI if set, else sqlite:///<cwd>/mlflow.db")  # fmt: skip
+    parser.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow store of runs:/ and models:/ URIs. Default: "
+        "MLFLOW_TRACKING_URI if set, else sqlite:///<cwd>/mlflow.db",
+    )
     return parser
 
 

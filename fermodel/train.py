@@ -37,17 +37,30 @@ def build_parser() -> argparse.ArgumentParser:
         "Island loss, on the built-in synthetic set).",
         argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--config", type=Path, metavar="FILE",
-                        help="a flat JSON or TOML file of config keys, applied first; flags "
-                        "override it. Default: none")  # fmt: skip
-    parser.add_argument("--out", type=Path, metavar="FOLDER",
-                        help="output folder, new or empty; made once the first epoch ends. "
-                        "Default: runs/<time>-<dataset>-<backbone>-<attention>-<loss>")  # fmt: skip
-    parser.add_argument("--resume", type=Path, metavar="FOLDER",
-                        help="continue the interrupted run in this output folder, with its "
-                        "saved config (no other keys). Default: a new run")  # fmt: skip
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress bar. Default: a progress bar on stderr")  # fmt: skip
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="a flat JSON or TOML file of config keys, applied first; flags "
+        "override it. Default: none",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        metavar="FOLDER",
+        help="output folder, new or empty; made once the first epoch ends. "
+        "Default: runs/<time>-<dataset>-<backbone>-<attention>-<loss>",
+    )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="FOLDER",
+        help="continue the interrupted run in this output folder, with its "
+        "saved config (no other keys). Default: a new run",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bar. Default: a progress bar on stderr"
+    )
     hints = typing.get_type_hints(TrialConfig)
     for f in fields(TrialConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -76,6 +89,8 @@ def _config(args: dict) -> tuple[TrialConfig, Path]:
         values = TrialConfig.from_file(args["config"]).to_dict()
     if flags.get("data_path"):
         flags["data_path"] = str(Path(flags["data_path"]).expanduser().resolve())
+    if str(flags.get("pretrained", "")).lower() == "none":  # as the study CLI's none
+        flags["pretrained"] = ""
     config = TrialConfig.from_dict({**values, **flags})
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"{stamp}-{config.dataset}-{config.backbone}-{config.attention}-{config.loss}"

@@ -69,36 +69,64 @@ def _key(name: str, **overrides) -> str:
 
 
 def _study_arguments(s) -> None:
-    s.add_argument("--study", default="table4", metavar="NAME|FILE",
-                   help="the study: a paper table or tuning study of search_spaces/studies, or "
-                   "the path of your own .toml. Allowed: table3, table4, table5, hpo or a "
-                   "path. Default: table4")  # fmt: skip
-    s.add_argument("--dataset", choices=("synthetic", "fer2013", "ckplus"),
-                   help=_key("dataset", default="the study's (synthetic; fer2013 when only "
-                            "--data is given)"))  # fmt: skip
+    s.add_argument(
+        "--study",
+        default="table4",
+        metavar="NAME|FILE",
+        help="the study: a paper table or tuning study of search_spaces/studies, or "
+        "the path of your own .toml. Allowed: table3, table4, table5, hpo or a "
+        "path. Default: table4",
+    )
+    s.add_argument(
+        "--dataset",
+        choices=("synthetic", "fer2013", "ckplus"),
+        help=_key("dataset", default="the study's (synthetic; fer2013 when only --data is given)"),
+    )
     s.add_argument("--data", metavar="PATH", help=_key("data_path"))
-    s.add_argument("--seeds", type=int, metavar="N",
-                   help="training seeds per cell (each seed is a trial). Allowed: >= 1. "
-                   "Default: the preset's (paper: 3), else the study's (1)")  # fmt: skip
-    s.add_argument("--repetitions", type=int, metavar="R",
-                   help="repeated k-fold: the kfold protocol's subject folds drawn R times, "
-                   "each drawing a full set of trials (ignored by protocols without folds). "
-                   "Allowed: >= 1. Default: the study's (1: one split, the design the report's "
-                   "level table finds closest to its 5%%)")  # fmt: skip
-    s.add_argument("--preset", metavar="NAME",
-                   help="settings preset of the study file: cpu (minutes on a laptop) or paper "
-                   "(the paper's setup, 200 epochs). Allowed: a preset the study defines. "
-                   "Default: cpu on the synthetic set, paper otherwise")  # fmt: skip
-    s.add_argument("--epochs", type=int, metavar="N",
-                   help=_key("epochs", default="the preset's"))  # fmt: skip
-    s.add_argument("--protocol", choices=("auto", "official", "kfold", "paper"),
-                   help=_key("protocol", allowed="auto (kfold on CK+, official elsewhere), "
-                            "official, kfold or paper", default="the study's (auto)"))  # fmt: skip
-    s.add_argument("--pretrained", metavar="FILE|FOLDER|none",
-                   help=_key("pretrained", allowed="torchvision's weights file "
-                            "(resnet50-0676ba61.pth), torchvision's checkpoint folder (each "
-                            "backbone takes its own file), or none",
-                            default="the preset's (paper: required)"))  # fmt: skip
+    s.add_argument(
+        "--seeds",
+        type=int,
+        metavar="N",
+        help="training seeds per cell (each seed is a trial). Allowed: >= 1. "
+        "Default: the preset's (paper: 3), else the study's (1)",
+    )
+    s.add_argument(
+        "--repetitions",
+        type=int,
+        metavar="R",
+        help="repeated k-fold: the kfold protocol's subject folds drawn R times, "
+        "each drawing a full set of trials (ignored by protocols without folds). "
+        "Allowed: >= 1. Default: the study's (1: one split, the design the report's "
+        "level table finds closest to its 5%%)",
+    )
+    s.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="settings preset of the study file: cpu (minutes on a laptop) or paper "
+        "(the paper's setup, 200 epochs). Allowed: a preset the study defines. "
+        "Default: cpu on the synthetic set, paper otherwise",
+    )
+    s.add_argument("--epochs", type=int, metavar="N", help=_key("epochs", default="the preset's"))
+    s.add_argument(
+        "--protocol",
+        choices=("auto", "official", "kfold", "paper"),
+        help=_key(
+            "protocol",
+            allowed="auto (kfold on CK+, official elsewhere), official, kfold or paper",
+            default="the study's (auto)",
+        ),
+    )
+    s.add_argument(
+        "--pretrained",
+        metavar="FILE|FOLDER|none",
+        help=_key(
+            "pretrained",
+            allowed="torchvision's weights file "
+            "(resnet50-0676ba61.pth), torchvision's checkpoint folder (each "
+            "backbone takes its own file), or none",
+            default="the preset's (paper: required)",
+        ),
+    )
     s.add_argument(
         "--num-samples",
         type=int,
@@ -108,14 +136,22 @@ def _study_arguments(s) -> None:
 
 
 def _resource_arguments(r) -> None:
-    r.add_argument("--gpus-per-trial", type=float, metavar="GPUS",
-                   help="GPUs per trial; 0.25 runs four trials per GPU. Allowed: >= 0, "
-                   "fractions included. Default: 1 when the cluster has GPUs, else 0")  # fmt: skip
-    r.add_argument("--pack", metavar="K|auto", default="auto",
-                   help="grid trials trained together as one pack on one device, same "
-                   "architecture, each still its own trial (fermodel.pack). Allowed: >= 1, or "
-                   "auto (on GPUs: the largest pack that fits and raises throughput, measured "
-                   "on a GPU node at the start; on CPUs: 1). Default: auto")  # fmt: skip
+    r.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        metavar="GPUS",
+        help="GPUs per trial; 0.25 runs four trials per GPU. Allowed: >= 0, "
+        "fractions included. Default: 1 when the cluster has GPUs, else 0",
+    )
+    r.add_argument(
+        "--pack",
+        metavar="K|auto",
+        default="auto",
+        help="grid trials trained together as one pack on one device, same "
+        "architecture, each still its own trial (fermodel.pack). Allowed: >= 1, or "
+        "auto (on GPUs: the largest pack that fits and raises throughput, measured "
+        "on a GPU node at the start; on CPUs: 1). Default: auto",
+    )
     r.add_argument(
         "--cpus-per-trial",
         type=float,
@@ -123,32 +159,53 @@ def _resource_arguments(r) -> None:
         metavar="CPUS",
         help="CPUs per trial, also its torch threads. Allowed: > 0. Default: 1",
     )
-    r.add_argument("--max-concurrent", type=int, metavar="N",
-                   help="cap on trials running at once. Allowed: >= 1. Default: as many as "
-                   "fit (a tuning study: a quarter of its trials, so TPE learns from finished "
-                   "ones)")  # fmt: skip
-    r.add_argument("--address", metavar="auto|HOST:PORT",
-                   help="join a running Ray cluster (or set RAY_ADDRESS). Allowed: auto (the "
-                   "one started on this machine with ray start) or HOST:6379. Default: start a "
-                   "private local Ray and stop it at the end")  # fmt: skip
-    r.add_argument("--storage", default="ray_results", metavar="FOLDER|URI",
-                   help="where checkpoints and Tune's state live, checked before anything "
-                   "starts. Allowed: a folder (on a cluster one every node mounts, e.g. "
-                   "NFS) or a URI such as s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL). "
-                   "Default: ./ray_results")  # fmt: skip
-    r.add_argument("--node-timeout", type=float, default=600.0, metavar="SECONDS",
-                   help="on an autoscaling cluster with no node big enough for one trial yet: "
-                   "how long to wait for the autoscaler to start one. Allowed: > 0. Default: "
-                   "600")  # fmt: skip
-    r.add_argument("--max-failures", type=int, default=2, metavar="N",
-                   help="retries of a failed trial from its last checkpoint. Allowed: >= 0. "
-                   "Default: 2")  # fmt: skip
+    r.add_argument(
+        "--max-concurrent",
+        type=int,
+        metavar="N",
+        help="cap on trials running at once. Allowed: >= 1. Default: as many as "
+        "fit (a tuning study: a quarter of its trials, so TPE learns from finished "
+        "ones)",
+    )
+    r.add_argument(
+        "--address",
+        metavar="auto|HOST:PORT",
+        help="join a running Ray cluster (or set RAY_ADDRESS). Allowed: auto (the "
+        "one started on this machine with ray start) or HOST:6379. Default: start a "
+        "private local Ray and stop it at the end",
+    )
+    r.add_argument(
+        "--storage",
+        default="ray_results",
+        metavar="FOLDER|URI",
+        help="where checkpoints and Tune's state live, checked before anything "
+        "starts. Allowed: a folder (on a cluster one every node mounts, e.g. "
+        "NFS) or a URI such as s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL). "
+        "Default: ./ray_results",
+    )
+    r.add_argument(
+        "--node-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="on an autoscaling cluster with no node big enough for one trial yet: "
+        "how long to wait for the autoscaler to start one. Allowed: > 0. Default: "
+        "600",
+    )
+    r.add_argument(
+        "--max-failures",
+        type=int,
+        default=2,
+        metavar="N",
+        help="retries of a failed trial from its last checkpoint. Allowed: >= 0. Default: 2",
+    )
     r.add_argument(
         "--resume",
         action="store_true",
-        help="tuning studies: insist on continuing the latest unfinished session (without "
-        "it one is continued when its plan is the same). Grid studies always run only what is "
-        "not finished, so for them it changes nothing. Default: off",
+        help="insist on continuing: a tuning study its latest unfinished session (without "
+        "it one is continued when its plan is the same); a grid study, which always runs only "
+        "what is not finished, refuses to start when none of its trials has run before. "
+        "Default: off",
     )
     r.add_argument(
         "--retry-failed",
@@ -160,14 +217,22 @@ def _resource_arguments(r) -> None:
 
 
 def _tracking_arguments(t) -> None:
-    t.add_argument("--tracking-uri", metavar="URI",
-                   help="the MLflow store every run is logged to. Allowed: http://host:5000 "
-                   "for a server (clusters) or sqlite:///FILE. Default: MLFLOW_TRACKING_URI "
-                   "if set, else sqlite:///<cwd>/mlflow.db")  # fmt: skip
-    t.add_argument("--mlflow-retry-budget", type=float, default=1800.0, metavar="SECONDS",
-                   help="how long MLflow may be unreachable mid-study: writes wait in a queue "
-                   "and are retried (trials go on meanwhile); past this the study fails. "
-                   "Allowed: > 0. Default: 1800")  # fmt: skip
+    t.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="the MLflow store every run is logged to. Allowed: http://host:5000 "
+        "for a server (clusters) or sqlite:///FILE. Default: MLFLOW_TRACKING_URI "
+        "if set, else sqlite:///<cwd>/mlflow.db",
+    )
+    t.add_argument(
+        "--mlflow-retry-budget",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="how long MLflow may be unreachable mid-study: writes wait in a queue "
+        "and are retried (trials go on meanwhile); past this the study fails. "
+        "Allowed: > 0. Default: 1800",
+    )
     t.add_argument(
         "--no-log-checkpoints",
         action="store_true",
@@ -241,8 +306,17 @@ def main(argv: list[str] | None = None) -> int:
             log_checkpoints=not args.no_log_checkpoints,
         )
         summary = run_study(study, options)
-    except (StudyError, ConfigError, DatasetError, TrackingError, StorageError, ClusterError,
-            PretrainedError, FileNotFoundError, ValueError) as err:  # fmt: skip
+    except (
+        StudyError,
+        ConfigError,
+        DatasetError,
+        TrackingError,
+        StorageError,
+        ClusterError,
+        PretrainedError,
+        FileNotFoundError,
+        ValueError,
+    ) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except StorageFull as err:
@@ -251,16 +325,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         given = argv if argv is not None else sys.argv[1:]
         again = "python -m orchestrate.ablation " + shlex.join(given)  # the same command
-        print(f"stopped ({err.__class__.__name__ if not str(err) else err}): the open runs are "
-              f"marked KILLED; finished trials are kept and unfinished ones continue from their "
-              f"checkpoints. Continue with:\n  {again}", file=sys.stderr)  # fmt: skip
+        print(
+            f"stopped ({err.__class__.__name__ if not str(err) else err}): the open runs are "
+            f"marked KILLED; finished trials are kept and unfinished ones continue from their "
+            f"checkpoints. Continue with:\n  {again}",
+            file=sys.stderr,
+        )
         return getattr(err, "exit_code", 130)
     failed, finished = summary.get("failed", 0), summary.get("finished")
     if failed or finished == 0:
-        why = (f"{failed} trial{'s' if failed != 1 else ''} failed by an error after its "
-               f"retries" if failed else "no trial finished")  # fmt: skip
-        print(f"error: {why} (exit {TRIALS_FAILED}); the report above has every trial's fate",
-              file=sys.stderr)  # fmt: skip
+        why = (
+            f"{failed} trial{'s' if failed != 1 else ''} failed by an error after its retries"
+            if failed
+            else "no trial finished"
+        )
+        print(
+            f"error: {why} (exit {TRIALS_FAILED}); the report above has every trial's fate",
+            file=sys.stderr,
+        )
         return TRIALS_FAILED
     return 0
 

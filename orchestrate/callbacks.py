@@ -71,8 +71,16 @@ class MLflowTrials(Callback):
         self.continuing: dict[str, dict] = {}  # run id -> the run and epoch it continues
 
     def __getstate__(self):
-        return {**self.__dict__, "client": None, "tracker": None, "runs": {}, "ended": set(),
-                "hosts": {}, "costed": set(), "continuing": {}}  # fmt: skip
+        return {
+            **self.__dict__,
+            "client": None,
+            "tracker": None,
+            "runs": {},
+            "ended": set(),
+            "hosts": {},
+            "costed": set(),
+            "continuing": {},
+        }
 
     def _submit(self, what: str, write) -> None:
         LIVE[self.session].writer.submit(what, write)
@@ -89,8 +97,12 @@ class MLflowTrials(Callback):
         tid, config, result = trial.trial_id, dict(trial.config), dict(result)
         host = result.get("hostname")  # Tune fills it in on the node that trained the epoch
         for member, values in member_results(result):
-            self._submit(f"result {tid}", lambda m=member, v=values: self._log_result(
-                tid, config, m, v, bool(result.get("completed")), host))  # fmt: skip
+            self._submit(
+                f"result {tid}",
+                lambda m=member, v=values: self._log_result(
+                    tid, config, m, v, bool(result.get("completed")), host
+                ),
+            )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         tid, config = trial.trial_id, dict(trial.config)
@@ -98,8 +110,12 @@ class MLflowTrials(Callback):
         results = dict(member_results(last))
         for member in members_of(config):
             values = results.get(member, {})
-            self._submit(f"end {tid}", lambda m=member, v=values: self._complete(
-                tid, config, m, v, bool(last.get("completed")), checkpoint))  # fmt: skip
+            self._submit(
+                f"end {tid}",
+                lambda m=member, v=values: self._complete(
+                    tid, config, m, v, bool(last.get("completed")), checkpoint
+                ),
+            )
 
     def on_trial_error(self, iteration, trials, trial, **info):
         tid, config, text = trial.trial_id, dict(trial.config), error_text(trial)
@@ -121,8 +137,9 @@ class MLflowTrials(Callback):
         which = f"tags.{TRIAL_TAG} = '{trial_id}' and tags.{SESSION_TAG} = '{self.session}'"
         if member is not None:
             which += f" and tags.{MEMBER_TAG} = '{member}'"
-        existing = self.client.search_runs([self.tracker.experiment_id], filter_string=which,
-                                           max_results=1)  # fmt: skip
+        existing = self.client.search_runs(
+            [self.tracker.experiment_id], filter_string=which, max_results=1
+        )
         if existing:  # a resumed trial continues its own run
             run_id = existing[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
@@ -161,8 +178,9 @@ class MLflowTrials(Callback):
             self.continuing[run_id] = continues
         return run_id
 
-    def _log_result(self, trial_id, config: dict, member, result: dict, completed: bool,
-                    host: str | None) -> None:  # fmt: skip
+    def _log_result(
+        self, trial_id, config: dict, member, result: dict, completed: bool, host: str | None
+    ) -> None:
         if (trial_id, member) in self.ended:
             return
         if "diverged" in result:  # a pack member that diverged; the others go on
@@ -196,19 +214,23 @@ class MLflowTrials(Callback):
                 self.costed.add((trial_id, member))
             log_metrics(self.client, run_id, epoch, step=step)
 
-    def _complete(self, trial_id, config: dict, member, last: dict, completed: bool,
-                  checkpoint) -> None:  # fmt: skip
+    def _complete(
+        self, trial_id, config: dict, member, last: dict, completed: bool, checkpoint
+    ) -> None:
         if (trial_id, member) in self.ended:
             return
         run_id = self._run_for(trial_id, config, member)
         if checkpoint is not None and completed:
-            self._log_artifacts(run_id, config, member, checkpoint,
-                                int(last.get("best_epoch", 0)))  # fmt: skip
+            self._log_artifacts(run_id, config, member, checkpoint, int(last.get("best_epoch", 0)))
         if not completed:
             self.client.set_tag(run_id, "stopped_early", "true")
             if (seconds := last.get("time_total_s")) is not None:  # Tune's clock: what it cost
-                log_metrics(self.client, run_id, {"trial_seconds": float(seconds)},
-                            step=int(last.get("epoch", 0)))  # fmt: skip
+                log_metrics(
+                    self.client,
+                    run_id,
+                    {"trial_seconds": float(seconds)},
+                    step=int(last.get("epoch", 0)),
+                )
         self.client.set_terminated(run_id, "FINISHED")
         self.ended.add((trial_id, member))
 
@@ -221,8 +243,9 @@ class MLflowTrials(Callback):
         self.client.set_terminated(run_id, "FAILED")
         self.ended.add((trial_id, member))
 
-    def _log_artifacts(self, run_id: str, config: dict, member, checkpoint,
-                       best_epoch: int) -> None:  # fmt: skip
+    def _log_artifacts(
+        self, run_id: str, config: dict, member, checkpoint, best_epoch: int
+    ) -> None:
         """The final checkpoint's files as artifacts (a pack member's from its subfolder),
         then its selected weights as the run's MLflow model (unless --no-log-checkpoints); a
         model that cannot be logged leaves the rest logged and the run FINISHED."""
@@ -241,8 +264,14 @@ class MLflowTrials(Callback):
             self.client.log_artifacts(run_id, str(folder))
             if state is not None:
                 classes = json.loads((folder / "predictions.json").read_text())["classes"]
-                log_model(self.uri, run_id, self.describe(config, member)["config"], classes,
-                          state, step=best_epoch)  # fmt: skip
+                log_model(
+                    self.uri,
+                    run_id,
+                    self.describe(config, member)["config"],
+                    classes,
+                    state,
+                    step=best_epoch,
+                )
 
 
 def error_text(trial) -> str:
@@ -271,8 +300,11 @@ class CheckpointIndex(Callback):
         for member, values in member_results(last):
             if "diverged" in values or member is None:
                 continue
-            entry = {"path": f"{checkpoint.path}/{member}", "epoch": int(last.get("epoch", 0)),
-                     "trial": trial.trial_id}  # fmt: skip
+            entry = {
+                "path": f"{checkpoint.path}/{member}",
+                "epoch": int(last.get("epoch", 0)),
+                "trial": trial.trial_id,
+            }
             remember(storage, specs[member]["identity"], entry)
 
 
@@ -418,11 +450,17 @@ class GracefulStop(Callback):
         Storage(self.session_uri).write_text(FLAG, "1")
         self.waiting = set(self.running)
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        bound = (" (Ctrl-C again to stop now)" if signum == signal.SIGINT
-                 else f" (at most {TERM_GRACE:.0f} s)")  # fmt: skip
-        print(f"\n{name}: no further trial starts; waiting for {len(self.waiting)} running "
-              f"trial(s) to checkpoint at the end of their epoch{bound}",
-              file=sys.stderr, flush=True)  # fmt: skip
+        bound = (
+            " (Ctrl-C again to stop now)"
+            if signum == signal.SIGINT
+            else f" (at most {TERM_GRACE:.0f} s)"
+        )
+        print(
+            f"\n{name}: no further trial starts; waiting for {len(self.waiting)} running "
+            f"trial(s) to checkpoint at the end of their epoch{bound}",
+            file=sys.stderr,
+            flush=True,
+        )
         if signum != signal.SIGINT:
             self.timer = threading.Timer(TERM_GRACE, self._stop_from_timer)
             self.timer.daemon = True

@@ -161,12 +161,18 @@ def check_resources(cpus: float, gpus: float, node_timeout: float, out) -> None:
         raise ClusterError(f"{asked}, but {_largest(nodes)} and no autoscaler: {fix}")
     types = _autoscaler_node_types()
     if types is not None and not any(_fits(t, cpus, gpus) for t in types):
-        raise ClusterError(f"{asked}, but {_largest(nodes)} and no node type of the "
-                           f"autoscaler is that large: {fix}")  # fmt: skip
+        raise ClusterError(
+            f"{asked}, but {_largest(nodes)} and no node type of the "
+            f"autoscaler is that large: {fix}"
+        )
     from ray.autoscaler.sdk import request_resources
 
-    print(f"{asked} and {_largest(nodes)}: waiting up to {node_timeout:g} s for the "
-          "autoscaler to start one that fits (--node-timeout)", file=out, flush=True)  # fmt: skip
+    print(
+        f"{asked} and {_largest(nodes)}: waiting up to {node_timeout:g} s for the "
+        "autoscaler to start one that fits (--node-timeout)",
+        file=out,
+        flush=True,
+    )
     bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
     request_resources(bundles=[bundle])
     deadline = time.monotonic() + node_timeout
@@ -177,9 +183,11 @@ def check_resources(cpus: float, gpus: float, node_timeout: float, out) -> None:
             time.sleep(1.0)
     finally:
         request_resources(bundles=[])  # Tune's own pending trials keep the demand from here
-    raise ClusterError(f"{asked} and {_largest(alive_nodes())}; the autoscaler started no node "
-                       f"that fits within --node-timeout {node_timeout:g} s "
-                       f"(its last status: {_autoscaler_summary()})")  # fmt: skip
+    raise ClusterError(
+        f"{asked} and {_largest(alive_nodes())}; the autoscaler started no node "
+        f"that fits within --node-timeout {node_timeout:g} s "
+        f"(its last status: {_autoscaler_summary()})"
+    )
 
 
 def _autoscaler_summary() -> str:
@@ -204,10 +212,11 @@ def check_storage_shared(storage: Storage, timeout: float = 60.0) -> None:
     try:
         probe = ray.remote(num_cpus=0, max_retries=0)(_sees)
         refs = {
-            probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-                n["NodeID"], soft=False)).remote(storage.uri, marker): n
+            probe.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(storage.uri, marker): n
             for n in nodes
-        }  # fmt: skip
+        }
         ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
         blind = []
         for ref, node in refs.items():

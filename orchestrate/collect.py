@@ -24,8 +24,20 @@ PREDICTIONS_ARTIFACT = "predictions.json"
 # trial-config params the report states (its title, the fold correction)
 # what each trial's selected model costs (fermodel.cost), measured on its device
 COST_METRICS = ("params", "gflops", "latency_ms", "throughput", "peak_memory_mb")
-STATED_PARAMS = ("loss", "lam", "lam1", "protocol", "folds", "drop_leaked", "clean",
-                 "drop_mislabeled", "labels", "backbone", "attention", "split_seed")  # fmt: skip
+STATED_PARAMS = (
+    "loss",
+    "lam",
+    "lam1",
+    "protocol",
+    "folds",
+    "drop_leaked",
+    "clean",
+    "drop_mislabeled",
+    "labels",
+    "backbone",
+    "attention",
+    "split_seed",
+)
 
 
 @dataclass
@@ -79,11 +91,19 @@ def trial_frame(runs) -> pd.DataFrame:
                 "epochs_run": int(metrics.get("epoch", 0)),
                 **{k: params.get(k, "") for k in STATED_PARAMS},
                 **{k: v for k, v in metrics.items() if k.startswith(("test_", "best_"))},
-                **{k: metrics.get(k, math.nan)
-                   for k in ("train_seconds", "trial_seconds", "mean_images_per_second",
-                             "train_images", "test_images", *COST_METRICS)},
+                **{
+                    k: metrics.get(k, math.nan)
+                    for k in (
+                        "train_seconds",
+                        "trial_seconds",
+                        "mean_images_per_second",
+                        "train_images",
+                        "test_images",
+                        *COST_METRICS,
+                    )
+                },
             }
-        )  # fmt: skip
+        )
     return pd.DataFrame(rows)
 
 
@@ -111,9 +131,10 @@ def identity_frame(tracker, identities: list[str]) -> tuple[pd.DataFrame, int]:
     from orchestrate.tracking import PARENT_TAG
 
     others = tracker.client.search_runs(
-        [tracker.experiment_id], max_results=50_000,
+        [tracker.experiment_id],
+        max_results=50_000,
         filter_string=f"tags.{PARENT_TAG} = 'false' and attributes.status = 'FINISHED'",
-    )  # fmt: skip
+    )
     ignored = sum(r.data.tags.get(IDENTITY_TAG) not in planned for r in others)
     return trial_frame(chosen), ignored
 

@@ -22,7 +22,7 @@ The model, per simulated study (one dataset of ``n`` subjects, no true differenc
   overlap too, by about 1/k: that is what repetition adds and the correction ignores.
 
 One seed per fold (seeds add independent noise, which acts as a lower correlation).
-``python -m orchestrate.cv_levels`` prints the table the README shows.
+``python -m orchestrate.cv_levels`` prints the table docs/report.md shows.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ CORRELATIONS = (0.0, 1 / 9, 0.25, 0.35)
 DESIGNS = {"one k-fold split": 1, "3 x repeated k-fold": 3, "10 x repeated k-fold": 10}
 BAND = (0.03, 0.07)  # a level inside it counts as holding 5%
 MAX_FOLDS = 10
-# the lowest and highest level of each kind of design in the README's table (2,000 studies an
+# the lowest and highest level of each kind of design in docs/report.md's table (2,000 studies an
 # entry), which the report quotes; tests/test_cv_levels.py re-simulates them
 MEASURED = {"one k-fold split": (0.005, 0.229), "repeated k-fold": (0.018, 0.402)}
 
@@ -73,8 +73,9 @@ def null_study(n: int, rho: float, drawings: int, rng) -> tuple[np.ndarray, floa
         raise ValueError(f"fold correlation {rho} is out of reach with {k} folds")
     train, test = _design_runs(n, k, drawings, rng)
     u, v = rng.standard_normal(n), rng.standard_normal(n)
-    runs = (math.sqrt(w) * train @ u / np.sqrt(train.sum(1))
-            + math.sqrt(1 - w) * test @ v / np.sqrt(test.sum(1)))  # fmt: skip
+    runs = math.sqrt(w) * train @ u / np.sqrt(train.sum(1)) + math.sqrt(1 - w) * test @ v / np.sqrt(
+        test.sum(1)
+    )
     return runs, float(test.sum(1).mean() / train.sum(1).mean())
 
 
@@ -125,10 +126,13 @@ def markdown(table: pd.DataFrame, studies: int) -> str:
         levels = " | ".join(f"{100 * x:.1f}%" for x in row[2:])
         lines.append(f"| {row.design} | {row.subjects} | {levels} |")
     best = closest_design(table)
-    lines += ["", f"{studies} simulated null studies per entry; closest to {ALPHA:.0%} across "
-              f"the table: {best} (largest miss {100 * worst_miss(table)[best]:.1f} points); "
-              f"inside [{BAND[0]:.0%}, {BAND[1]:.0%}] everywhere: "
-              f"{', '.join(d for d in DESIGNS if holds(table, d)) or 'none'}"]  # fmt: skip
+    lines += [
+        "",
+        f"{studies} simulated null studies per entry; closest to {ALPHA:.0%} across "
+        f"the table: {best} (largest miss {100 * worst_miss(table)[best]:.1f} points); "
+        f"inside [{BAND[0]:.0%}, {BAND[1]:.0%}] everywhere: "
+        f"{', '.join(d for d in DESIGNS if holds(table, d)) or 'none'}",
+    ]
     return "\n".join(lines)
 
 
@@ -137,8 +141,9 @@ def _rho(rho: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrate.cv_levels", description=__doc__
-                                     .split("\n\n")[0])  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m orchestrate.cv_levels", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--studies", type=int, default=2000, help="null studies per entry")
     args = parser.parse_args(argv)
     print(markdown(level_table(args.studies), args.studies))

@@ -25,9 +25,11 @@ class StorageFull(RuntimeError):
 
     @classmethod
     def of(cls, storage_uri: str, detail: str) -> StorageFull:
-        return cls(f"--storage {storage_uri} is full ({_detail(detail)}): the study stopped, its "
-                   "runs are closed and its trials keep their last intact checkpoints. Free "
-                   "space there and run the same command: it continues them")  # fmt: skip
+        return cls(
+            f"--storage {storage_uri} is full ({_detail(detail)}): the study stopped, its "
+            "runs are closed and its trials keep their last intact checkpoints. Free "
+            "space there and run the same command: it continues them"
+        )
 
 
 def no_space(error: BaseException | str | None) -> bool:

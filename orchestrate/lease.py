@@ -66,8 +66,10 @@ class Holder:
 
     def describe(self) -> str:
         parent = f", parent run {self.parent_run}" if self.parent_run else ""
-        return (f"host {self.host}, pid {self.pid}, since {_clock(self.since)}, session "
-                f"{self.session}{parent}")  # fmt: skip
+        return (
+            f"host {self.host}, pid {self.pid}, since {_clock(self.since)}, session "
+            f"{self.session}{parent}"
+        )
 
 
 class Lease:
@@ -101,18 +103,29 @@ class Lease:
                 if why is None:
                     raise LeaseHeld(_refusal(study, storage, current, now))
                 if why != "released":
-                    print(f"lease: taking over study {study} from {current.describe()} "
-                          f"({why})", file=out or sys.stdout)  # fmt: skip
-            me = Holder(socket.gethostname(), os.getpid(), _process_start(os.getpid()), session,
-                        now, now, expiry)  # fmt: skip
+                    print(
+                        f"lease: taking over study {study} from {current.describe()} ({why})",
+                        file=out or sys.stdout,
+                    )
+            me = Holder(
+                socket.gethostname(),
+                os.getpid(),
+                _process_start(os.getpid()),
+                session,
+                now,
+                now,
+                expiry,
+            )
             text = json.dumps(asdict(me), indent=1)
             if storage.create_text(f"{folder}/{generation + 1:06d}.json", text):
                 lease = cls(storage, study, generation + 1, me)
                 lease._prune(folder)
                 lease._start()
                 return lease
-        raise LeaseHeld(f"study {study}: could not claim its lease in {storage.uri} "
-                        "(other invocations kept claiming it); try again")  # fmt: skip
+        raise LeaseHeld(
+            f"study {study}: could not claim its lease in {storage.uri} "
+            "(other invocations kept claiming it); try again"
+        )
 
     @property
     def path(self) -> str:

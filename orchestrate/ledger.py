@@ -81,9 +81,11 @@ def checkpoints(storage: Storage, identity: str) -> list[tuple[str, int]]:
     from pyarrow import fs
 
     filesystem, _ = storage.filesystem()
-    return [(e["path"], int(e.get("epoch", 0))) for e in indexed(storage, identity)
-            if e.get("path") and filesystem.get_file_info(e["path"]).type
-            == fs.FileType.Directory]  # fmt: skip
+    return [
+        (e["path"], int(e.get("epoch", 0)))
+        for e in indexed(storage, identity)
+        if e.get("path") and filesystem.get_file_info(e["path"]).type == fs.FileType.Directory
+    ]
 
 
 def identity_runs(tracker) -> dict[str, list]:
@@ -91,9 +93,11 @@ def identity_runs(tracker) -> dict[str, list]:
     from orchestrate.tracking import PARENT_TAG
 
     runs = tracker.client.search_runs(
-        [tracker.experiment_id], filter_string=f"tags.{PARENT_TAG} = 'false'",
-        max_results=50_000, order_by=["attributes.start_time DESC"],
-    )  # fmt: skip
+        [tracker.experiment_id],
+        filter_string=f"tags.{PARENT_TAG} = 'false'",
+        max_results=50_000,
+        order_by=["attributes.start_time DESC"],
+    )
     out: dict[str, list] = {}
     for run in runs:
         identity = run.data.tags.get(IDENTITY_TAG)
@@ -116,20 +120,37 @@ def plan_fates(specs, tracker, storage: Storage, retry_failed: bool = False) -> 
         newest = runs[0] if runs else None
         diverged = newest is not None and newest.data.tags.get("failure_reason") == "divergence"
         if diverged and not retry_failed:
-            fates.append(Fate(spec, "diverged", "diverged before (--retry-failed runs it "
-                              "again)", run_id=newest.info.run_id))  # fmt: skip
+            fates.append(
+                Fate(
+                    spec,
+                    "diverged",
+                    "diverged before (--retry-failed runs it again)",
+                    run_id=newest.info.run_id,
+                )
+            )
             continue
         found = checkpoints(storage, spec.identity)
         checkpoint, epoch = found[0] if found else ("", 0)
         if newest is None:
             reason = "new"
         else:
-            reason = {"RUNNING": "its driver was killed", "KILLED": "interrupted",
-                      "FAILED": f"failed ({newest.data.tags.get('failure_reason', 'error')})"
-                      }.get(newest.info.status, newest.info.status.lower())  # fmt: skip
+            reason = {
+                "RUNNING": "its driver was killed",
+                "KILLED": "interrupted",
+                "FAILED": f"failed ({newest.data.tags.get('failure_reason', 'error')})",
+            }.get(newest.info.status, newest.info.status.lower())
         if checkpoint and newest is not None:
-            fates.append(Fate(spec, "continue", f"{reason}; continues after epoch {epoch}",
-                              checkpoint, newest.info.run_id, epoch, tuple(found[1:])))  # fmt: skip
+            fates.append(
+                Fate(
+                    spec,
+                    "continue",
+                    f"{reason}; continues after epoch {epoch}",
+                    checkpoint,
+                    newest.info.run_id,
+                    epoch,
+                    tuple(found[1:]),
+                )
+            )
         else:
             fates.append(Fate(spec, "run", reason))
     return fates
@@ -141,8 +162,13 @@ def close_stale(tracker, fates: list[Fate], session: str) -> int:
     from orchestrate.tracking import PARENT_TAG
 
     by_identity = identity_runs(tracker)
-    stale = [run for fate in fates if fate.runs for run in by_identity.get(fate.spec.identity, [])
-             if run.info.status == "RUNNING"]  # fmt: skip
+    stale = [
+        run
+        for fate in fates
+        if fate.runs
+        for run in by_identity.get(fate.spec.identity, [])
+        if run.info.status == "RUNNING"
+    ]
     stale += tracker.client.search_runs(
         [tracker.experiment_id],
         filter_string=f"tags.{PARENT_TAG} = 'true' and attributes.status = 'RUNNING'",
@@ -165,6 +191,8 @@ def describe_fates(fates: list[Fate], only_notable: bool = False) -> str:
         if only_notable and (fate.action == "finished" or fate.reason == "new"):
             continue
         c = fate.spec.config
-        lines.append(f"  {fate.spec.key:34s} {c.backbone}/{c.attention}/{c.loss:7s} "
-                     f"{fate.action:9s} {fate.reason}")  # fmt: skip
+        lines.append(
+            f"  {fate.spec.key:34s} {c.backbone}/{c.attention}/{c.loss:7s} "
+            f"{fate.action:9s} {fate.reason}"
+        )
     return "\n".join(lines)

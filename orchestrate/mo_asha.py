@@ -54,19 +54,32 @@ class _ParetoBracket(_Bracket):
 class ParetoASHA(AsyncHyperBandScheduler):
     """ASHA over ``objectives`` [(metric, "max" | "min"), ...] (see the module docstring)."""
 
-    def __init__(self, objectives: list[tuple[str, str]], time_attr: str = "training_iteration",
-                 max_t: int = 100, grace_period: int = 1, reduction_factor: float = 4,
-                 stop_last_trials: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        objectives: list[tuple[str, str]],
+        time_attr: str = "training_iteration",
+        max_t: int = 100,
+        grace_period: int = 1,
+        reduction_factor: float = 4,
+        stop_last_trials: bool = True,
+    ):
         for metric, mode in objectives:
             if mode not in ("max", "min"):
                 raise ValueError(f"objective {metric}: mode {mode!r}, not 'max' or 'min'")
         metric, mode = objectives[0]
-        super().__init__(time_attr=time_attr, metric=metric, mode=mode, max_t=max_t,
-                         grace_period=grace_period, reduction_factor=reduction_factor,
-                         stop_last_trials=stop_last_trials)  # fmt: skip
+        super().__init__(
+            time_attr=time_attr,
+            metric=metric,
+            mode=mode,
+            max_t=max_t,
+            grace_period=grace_period,
+            reduction_factor=reduction_factor,
+            stop_last_trials=stop_last_trials,
+        )
         self.objectives = list(objectives)
-        self._brackets = [_ParetoBracket(grace_period, max_t, reduction_factor, 0,
-                                         stop_last_trials)]  # fmt: skip
+        self._brackets = [
+            _ParetoBracket(grace_period, max_t, reduction_factor, 0, stop_last_trials)
+        ]
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
         return True  # the objectives are its own; Tune's single metric does not apply
@@ -74,8 +87,9 @@ class ParetoASHA(AsyncHyperBandScheduler):
     def _values(self, result: dict) -> tuple | None:
         """The result's objectives, each turned into one to maximise; None when one is missing."""
         try:
-            return tuple(float(result[m]) * (1 if mode == "max" else -1)
-                         for m, mode in self.objectives)  # fmt: skip
+            return tuple(
+                float(result[m]) * (1 if mode == "max" else -1) for m, mode in self.objectives
+            )
         except (KeyError, TypeError, ValueError):
             return None
 

@@ -12,7 +12,7 @@ study, on a GPU node, for the study's first trial config (``orchestrate.trainabl
 with ``fermodel.speed.pack_throughput``:
 packs of 1, 2, 4, ... trained for a few steps): the smallest pack within 5% of the best
 throughput among those that fit in the trial's share of the device. Without GPUs it is 1: on
-a CPU the members' convolutions are slower grouped (README, Benchmarks).
+a CPU the members' convolutions are slower grouped (docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -48,16 +48,31 @@ from orchestrate.tuning import MIN_IMPORTANCE_TRIALS
 MARKS = ((0.01, "**"), (ALPHA, "*"))
 PAPER_MARK = "†"
 # below the legend of the Markdown and HTML pages: where the rest of the numbers are
-DATA_NOTE = ("study_table.csv (cells: every number at full precision, per-class recall, cost) "
-             "and contrasts.csv (both questions: raw and Holm-adjusted p-values, the unit, the "
-             "test, the runs)")  # fmt: skip
+DATA_NOTE = (
+    "study_table.csv (cells: every number at full precision, per-class recall, cost) "
+    "and contrasts.csv (both questions: raw and Holm-adjusted p-values, the unit, the "
+    "test, the runs)"
+)
 
 LATEX_ESCAPES = {
-    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-    "±": r"$\pm$", "Δ": r"$\Delta$", "†": r"$\dagger$", "∞": r"$\infty$", "×": r"$\times$",
-    "−": r"$-$", "²": r"$^2$",
-}  # fmt: skip
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "±": r"$\pm$",
+    "Δ": r"$\Delta$",
+    "†": r"$\dagger$",
+    "∞": r"$\infty$",
+    "×": r"$\times$",
+    "−": r"$-$",
+    "²": r"$^2$",
+}
 
 
 @dataclass(frozen=True)
@@ -202,16 +217,20 @@ def _runs(computed: pd.DataFrame) -> str:
 def _runs_test(computed: pd.DataFrame) -> str:
     if _repeated(computed):
         ratio = computed.runs_fold_ratio.dropna()
-        return (f"corrected repeated k-fold t-test (Bouckaert & Frank 2004) over "
-                f"{_runs(computed)}: the variance of the mean s²(1/(r·k) + n_test/n_train), "
-                f"n_test/n_train = {ratio.mean():.3f} of the actual folds, because the folds' "
-                f"training sets overlap")  # fmt: skip
+        return (
+            f"corrected repeated k-fold t-test (Bouckaert & Frank 2004) over "
+            f"{_runs(computed)}: the variance of the mean s²(1/(r·k) + n_test/n_train), "
+            f"n_test/n_train = {ratio.mean():.3f} of the actual folds, because the folds' "
+            f"training sets overlap"
+        )
     if _corrected(computed):
         ratio = computed.runs_fold_ratio.dropna()
-        return (f"corrected k-fold t-test (Nadeau & Bengio 2003) over {_runs(computed)}: the "
-                f"variance of the mean s²(1/k + n_test/n_train), n_test/n_train = "
-                f"{ratio.mean():.3f} of the actual folds, because the folds' training sets "
-                f"overlap")  # fmt: skip
+        return (
+            f"corrected k-fold t-test (Nadeau & Bengio 2003) over {_runs(computed)}: the "
+            f"variance of the mean s²(1/k + n_test/n_train), n_test/n_train = "
+            f"{ratio.mean():.3f} of the actual folds, because the folds' training sets "
+            f"overlap"
+        )
     return f"paired t-test over {_runs(computed)} on one split"
 
 
@@ -227,58 +246,104 @@ def cell_columns(report: StudyReport) -> list[Column]:
     if full:
         accuracy += ", on the test split without its leaked images (a copy in train)"
     if corrected:
-        interval = (f"95% Student-t interval of the mean test accuracy, in percent, its "
-                    f"variance corrected for the folds' overlapping training sets: s²(1/n + "
-                    f"n_test/n_train), n_test/n_train = {t.fold_ratio.dropna().mean():.3f} "
-                    f"(Nadeau & Bengio 2003); none with one trial")  # fmt: skip
+        interval = (
+            f"95% Student-t interval of the mean test accuracy, in percent, its "
+            f"variance corrected for the folds' overlapping training sets: s²(1/n + "
+            f"n_test/n_train), n_test/n_train = {t.fold_ratio.dropna().mean():.3f} "
+            f"(Nadeau & Bengio 2003); none with one trial"
+        )
     else:
-        interval = ("95% Student-t interval of the mean test accuracy over the trials, in "
-                    "percent: how far the mean of these training seeds is from that of many "
-                    "more on this test set; none with one trial")  # fmt: skip
+        interval = (
+            "95% Student-t interval of the mean test accuracy over the trials, in "
+            "percent: how far the mean of these training seeds is from that of many "
+            "more on this test set; none with one trial"
+        )
     cols = [
-        Column("", "Cell", lambda r: str(r.cell),
-               "the configuration, by its label in the study file", left=True),
-        Column("", "n", lambda r: str(r.trials),
-               "finished trials of the cell (seeds x folds), each a model trained and tested "
-               "once"),
-        Column("", "Accuracy (%)", lambda r: _mean_std(r.accuracy, r.std),
-               accuracy + ", mean ± sample standard deviation over the cell's trials (the "
-               "run-to-run spread; no ± with one trial)"),
+        Column(
+            "",
+            "Cell",
+            lambda r: str(r.cell),
+            "the configuration, by its label in the study file",
+            left=True,
+        ),
+        Column(
+            "",
+            "n",
+            lambda r: str(r.trials),
+            "finished trials of the cell (seeds x folds), each a model trained and tested once",
+        ),
+        Column(
+            "",
+            "Accuracy (%)",
+            lambda r: _mean_std(r.accuracy, r.std),
+            accuracy + ", mean ± sample standard deviation over the cell's trials (the "
+            "run-to-run spread; no ± with one trial)",
+        ),
         Column("", "95% CI (%)", lambda r: _interval(r.ci95_low, r.ci95_high), interval),
-        Column("", "Macro F1 (%)", lambda r: _num(r.macro_f1),
-               "macro F1 on the test set (the unweighted mean of the classes' F1), mean over "
-               "the trials, in percent"),
-    ]  # fmt: skip
+        Column(
+            "",
+            "Macro F1 (%)",
+            lambda r: _num(r.macro_f1),
+            "macro F1 on the test set (the unweighted mean of the classes' F1), mean over "
+            "the trials, in percent",
+        ),
+    ]
     if full:
-        cols.append(Column("", "Full test (%)", lambda r: _num(r.full_accuracy),
-                           "test accuracy on the whole test split, leaked images included (what "
-                           "the paper and the field report), mean over the trials"))  # fmt: skip
+        cols.append(
+            Column(
+                "",
+                "Full test (%)",
+                lambda r: _num(r.full_accuracy),
+                "test accuracy on the whole test split, leaked images included (what "
+                "the paper and the field report), mean over the trials",
+            )
+        )
     if "paper" in t and t.paper.notna().any():
         header = "Paper (%)" + (PAPER_MARK if report.paper_note else "")
-        meaning = (f"the test accuracy the paper reports for this cell on {report.dataset}, in "
-                   f"percent; empty where it reports none")  # fmt: skip
+        meaning = (
+            f"the test accuracy the paper reports for this cell on {report.dataset}, in "
+            f"percent; empty where it reports none"
+        )
         if report.paper_note:
             meaning += f"; {PAPER_MARK} {report.paper_note}"
         cols.append(Column("", header, lambda r: _num(r.paper), meaning))
     if "latency_ms" in t and t.latency_ms.notna().any():
         cost = "what it costs"
         cols += [
-            Column(cost, "Params (M)", lambda r: _num(r.params / 1e6),
-                   "the model's parameters, in millions"),
-            Column(cost, "GFLOPs", lambda r: f"{r.gflops:.3g}",
-                   "floating-point operations of one forward pass on one image, in billions "
-                   "(torch's flop counter: a multiply-add is 2; grouped convolutions counted with "
-                   "their grouped weights)"),
-            Column(cost, "Latency (ms)", lambda r: f"{r.latency_ms:.3g}",
-                   "milliseconds per image at batch 1 on the device the trials trained on, eval "
-                   "mode: the median of timed runs after warm-up, median over the trials "
-                   "(throughput at batch 64 and peak training memory: study_table.csv)"),
-        ]  # fmt: skip
+            Column(
+                cost,
+                "Params (M)",
+                lambda r: _num(r.params / 1e6),
+                "the model's parameters, in millions",
+            ),
+            Column(
+                cost,
+                "GFLOPs",
+                lambda r: f"{r.gflops:.3g}",
+                "floating-point operations of one forward pass on one image, in billions "
+                "(torch's flop counter: a multiply-add is 2; grouped convolutions counted with "
+                "their grouped weights)",
+            ),
+            Column(
+                cost,
+                "Latency (ms)",
+                lambda r: f"{r.latency_ms:.3g}",
+                "milliseconds per image at batch 1 on the device the trials trained on, eval "
+                "mode: the median of timed runs after warm-up, median over the trials "
+                "(throughput at batch 64 and peak training memory: study_table.csv)",
+            ),
+        ]
         if t.front.notna().any():
-            cols.append(Column(cost, "Front", _front_text,
-                               "on the Pareto front of accuracy (higher) against latency "
-                               "(lower): no other cell is at least as accurate and as fast and "
-                               "better in one; otherwise the cells that are"))  # fmt: skip
+            cols.append(
+                Column(
+                    cost,
+                    "Front",
+                    _front_text,
+                    "on the Pareto front of accuracy (higher) against latency "
+                    "(lower): no other cell is at least as accurate and as fast and "
+                    "better in one; otherwise the cells that are",
+                )
+            )
     return cols
 
 
@@ -309,65 +374,105 @@ def contrast_columns(report: StudyReport) -> list[Column]:
         else ("training seeds the test needs to detect the observed difference with 80% power")
     )
     if corrected:
-        seeds += ("; ∞ where no number of seeds would: the folds share their training data, "
-                  "so the corrected variance never falls below s² n_test/n_train")  # fmt: skip
+        seeds += (
+            "; ∞ where no number of seeds would: the folds share their training data, "
+            "so the corrected variance never falls below s² n_test/n_train"
+        )
     return [
-        Column("", "Family", lambda r: r.family_text,
-               "the comparisons the study declares together; Holm's adjustment runs within each "
-               "family, for each question on its own", left=True),
-        Column("", "Comparison", lambda r: str(r.comparison),
-               "what is compared, by the study file's label: Δ adds the accuracies of the cells "
-               "it lists as plus and subtracts those it lists as minus (contrasts.csv names "
-               "them); A vs B is A minus B", left=True),
-        Column(testset, "Δ (points)", lambda r: _marked(r.testset_diff, r.testset_p_holm),
-               "the contrast of the cells' accuracies on the same test images, in percentage "
-               "points, each image's correctness averaged over the seeds first; it answers "
-               "whether these trained models differ on these test images, not whether the gain "
-               "survives another training seed"),
-        Column(testset, "95% CI (points)", _testset_interval,
-               f"95% interval of that difference, in percentage points, over the {units} of "
-               f"the test set (the independent unit is the subject where the predictions name "
-               f"one, else the image): up to {INVERT_LIMIT} units the differences the sign-flip "
-               f"test does not reject (its inversion, which keeps its level with few units), "
-               f"beyond that the percentile {resampler} interval; 'n/a' where no outcome could "
-               f"reach p < {ALPHA} (5 units or fewer) or no image changed; not adjusted for "
-               f"multiple comparisons, while the marks are, so an interval can exclude 0 "
-               f"without a mark"),
-        Column(testset, "MDE (points)", lambda r: _num(r.testset_mde),
-               f"noise floor: the true difference this test detects with {POWER:.0%} power at "
-               f"two-sided {ALPHA} before Holm's adjustment, with these {units}, in percentage "
-               f"points: up to {INVERT_LIMIT} units the sign-flip test's own power, counted "
-               f"(exact in its few possible p-values), beyond that its normal approximation; "
-               f"empty where no p < {ALPHA} is possible; an observed difference below it can "
-               f"still be significant, here from {_testset_share(computed)} x MDE (each row's "
-               f"interval half-width over its MDE; {SIGNIFICANT_SHARE:.2f} in the normal "
-               f"limit)"),
-        Column(across, "Δ (points)", lambda r: _marked(r.runs_diff, r.runs_p_holm),
-               f"the mean over the {runs} of the contrast of the runs' test accuracies, in "
-               f"percentage points, each run's cells joined by seed and fold; it answers "
-               f"whether the contrast survives {survives}"),
-        Column(across, "95% CI (points)", _runs_interval,
-               f"95% interval of that mean from the {_runs_test(computed)}; not adjusted for "
-               f"multiple comparisons; 'n/a: 1 seed x 1 fold' where a single run leaves no "
-               f"run-to-run spread to judge by"),
-        Column(across, "MDE (points)", lambda r: _num(r.runs_mde),
-               f"noise floor: the true mean difference that test detects with {POWER:.0%} "
-               f"power at two-sided {ALPHA} before Holm's adjustment (noncentral t) if the true "
-               f"run-to-run spread were the observed one, with these {runs}, in percentage "
-               f"points (with a few seeds the true spread is as often larger: power at the "
-               f"floor is then below {POWER:.0%}, on average 63% with 3 seeds and 69% with 5); "
-               f"an observed difference can be significant from {_runs_share(computed)} x MDE"),
+        Column(
+            "",
+            "Family",
+            lambda r: r.family_text,
+            "the comparisons the study declares together; Holm's adjustment runs within each "
+            "family, for each question on its own",
+            left=True,
+        ),
+        Column(
+            "",
+            "Comparison",
+            lambda r: str(r.comparison),
+            "what is compared, by the study file's label: Δ adds the accuracies of the cells "
+            "it lists as plus and subtracts those it lists as minus (contrasts.csv names "
+            "them); A vs B is A minus B",
+            left=True,
+        ),
+        Column(
+            testset,
+            "Δ (points)",
+            lambda r: _marked(r.testset_diff, r.testset_p_holm),
+            "the contrast of the cells' accuracies on the same test images, in percentage "
+            "points, each image's correctness averaged over the seeds first; it answers "
+            "whether these trained models differ on these test images, not whether the gain "
+            "survives another training seed",
+        ),
+        Column(
+            testset,
+            "95% CI (points)",
+            _testset_interval,
+            f"95% interval of that difference, in percentage points, over the {units} of "
+            f"the test set (the independent unit is the subject where the predictions name "
+            f"one, else the image): up to {INVERT_LIMIT} units the differences the sign-flip "
+            f"test does not reject (its inversion, which keeps its level with few units), "
+            f"beyond that the percentile {resampler} interval; 'n/a' where no outcome could "
+            f"reach p < {ALPHA} (5 units or fewer) or no image changed; not adjusted for "
+            f"multiple comparisons, while the marks are, so an interval can exclude 0 "
+            f"without a mark",
+        ),
+        Column(
+            testset,
+            "MDE (points)",
+            lambda r: _num(r.testset_mde),
+            f"noise floor: the true difference this test detects with {POWER:.0%} power at "
+            f"two-sided {ALPHA} before Holm's adjustment, with these {units}, in percentage "
+            f"points: up to {INVERT_LIMIT} units the sign-flip test's own power, counted "
+            f"(exact in its few possible p-values), beyond that its normal approximation; "
+            f"empty where no p < {ALPHA} is possible; an observed difference below it can "
+            f"still be significant, here from {_testset_share(computed)} x MDE (each row's "
+            f"interval half-width over its MDE; {SIGNIFICANT_SHARE:.2f} in the normal "
+            f"limit)",
+        ),
+        Column(
+            across,
+            "Δ (points)",
+            lambda r: _marked(r.runs_diff, r.runs_p_holm),
+            f"the mean over the {runs} of the contrast of the runs' test accuracies, in "
+            f"percentage points, each run's cells joined by seed and fold; it answers "
+            f"whether the contrast survives {survives}",
+        ),
+        Column(
+            across,
+            "95% CI (points)",
+            _runs_interval,
+            f"95% interval of that mean from the {_runs_test(computed)}; not adjusted for "
+            f"multiple comparisons; 'n/a: 1 seed x 1 fold' where a single run leaves no "
+            f"run-to-run spread to judge by",
+        ),
+        Column(
+            across,
+            "MDE (points)",
+            lambda r: _num(r.runs_mde),
+            f"noise floor: the true mean difference that test detects with {POWER:.0%} "
+            f"power at two-sided {ALPHA} before Holm's adjustment (noncentral t) if the true "
+            f"run-to-run spread were the observed one, with these {runs}, in percentage "
+            f"points (with a few seeds the true spread is as often larger: power at the "
+            f"floor is then below {POWER:.0%}, on average 63% with 3 seeds and 69% with 5); "
+            f"an observed difference can be significant from {_runs_share(computed)} x MDE",
+        ),
         Column(across, "Seeds needed", lambda r: _num(r.seeds_needed, ".0f"), seeds),
-    ]  # fmt: skip
+    ]
 
 
 def _marks_meaning(report: StudyReport) -> str:
     computed = _computed(report)
-    flips = "an exact sign-flip test over the units (with one seed, images as units and two " \
-            "cells it is McNemar's exact test)"  # fmt: skip
-    return (f"after a difference: its two-sided p-value, Holm-adjusted within its family for "
-            f"each question on its own, is below {ALPHA} and below 0.01; on this test set "
-            f"{flips}, across training runs the {_runs_test(computed)}")  # fmt: skip
+    flips = (
+        "an exact sign-flip test over the units (with one seed, images as units and two "
+        "cells it is McNemar's exact test)"
+    )
+    return (
+        f"after a difference: its two-sided p-value, Holm-adjusted within its family for "
+        f"each question on its own, is below {ALPHA} and below 0.01; on this test set "
+        f"{flips}, across training runs the {_runs_test(computed)}"
+    )
 
 
 def _contrast_rows(report: StudyReport) -> pd.DataFrame:
@@ -390,10 +495,15 @@ def legend(report: StudyReport) -> list[tuple[str, str]]:
         estimated = computed[~computed.testset_p_exact.astype(bool)]
         if len(estimated):
             error = estimated.testset_p_error.max()
-            entries.append(("Monte Carlo p-values", f"{len(estimated)} test-set p-values are "
-                            f"Monte Carlo estimates (the exact one would take more than "
-                            f"{EXACT_LIMIT:,} additions), each within ±{error:.4f} of the "
-                            f"exact value (95%)"))  # fmt: skip
+            entries.append(
+                (
+                    "Monte Carlo p-values",
+                    f"{len(estimated)} test-set p-values are "
+                    f"Monte Carlo estimates (the exact one would take more than "
+                    f"{EXACT_LIMIT:,} additions), each within ±{error:.4f} of the "
+                    f"exact value (95%)",
+                )
+            )
     return entries
 
 
@@ -410,18 +520,32 @@ def _rows(cols: list[Column], frame: pd.DataFrame) -> list[list[str]]:
 
 # how a trial metric reads: header, factor, format, meaning
 METRIC_TEXT = {
-    "best_val_accuracy": ("Best val. (%)", 100, ".2f", "the best validation accuracy over its "
-                          "epochs, in percent (the epoch whose model the trial keeps)"),
+    "best_val_accuracy": (
+        "Best val. (%)",
+        100,
+        ".2f",
+        "the best validation accuracy over its "
+        "epochs, in percent (the epoch whose model the trial keeps)",
+    ),
     "val_accuracy": ("Val. (%)", 100, ".2f", "validation accuracy of its last epoch, in %"),
     "val_macro_f1": ("Val. macro F1 (%)", 100, ".2f", "validation macro F1 of its last epoch"),
-    "val_min_recall": ("Val. min recall (%)", 100, ".2f",
-                       "the lowest per-class validation recall of its last epoch"),
-    "latency_ms": ("Latency (ms)", 1, ".3g", "milliseconds per image at batch 1 on the device it "
-                   "trained on (median of timed runs after warm-up)"),
+    "val_min_recall": (
+        "Val. min recall (%)",
+        100,
+        ".2f",
+        "the lowest per-class validation recall of its last epoch",
+    ),
+    "latency_ms": (
+        "Latency (ms)",
+        1,
+        ".3g",
+        "milliseconds per image at batch 1 on the device it "
+        "trained on (median of timed runs after warm-up)",
+    ),
     "params": ("Params (M)", 1e-6, ".2f", "the model's parameters, in millions"),
     "gflops": ("GFLOPs", 1, ".3g", "floating-point operations of one forward pass on one image"),
     "throughput": ("Images/s", 1, ".0f", "images per second at batch 64 on its device"),
-}  # fmt: skip
+}
 
 
 def metric_text(metric: str, value) -> str:
@@ -438,17 +562,29 @@ def _param_text(value) -> str:
 def trial_columns(report: StudyReport) -> list[Column]:
     """The tuning trials table: name, sampled parameters, fate, objectives, place."""
     t = report.tuning
-    cols = [Column("", "Trial", lambda r: str(r.name), "the trial, named as its MLflow run",
-                   left=True)]  # fmt: skip
-    cols += [Column("sampled", p, lambda r, p=p: _param_text(getattr(r, f"param_{p}")),
-                    f"the {p} Optuna sampled (empty: not sampled, its condition unmet)")
-             for p in t.params]  # fmt: skip
+    cols = [
+        Column("", "Trial", lambda r: str(r.name), "the trial, named as its MLflow run", left=True)
+    ]
     cols += [
-        Column("", "Fate", lambda r: str(r.fate),
-               "finished (trained to its last epoch), stopped at an early-stopping rung (its "
-               "results are low-fidelity: not ranked), failed (why), or interrupted", left=True),
+        Column(
+            "sampled",
+            p,
+            lambda r, p=p: _param_text(getattr(r, f"param_{p}")),
+            f"the {p} Optuna sampled (empty: not sampled, its condition unmet)",
+        )
+        for p in t.params
+    ]
+    cols += [
+        Column(
+            "",
+            "Fate",
+            lambda r: str(r.fate),
+            "finished (trained to its last epoch), stopped at an early-stopping rung (its "
+            "results are low-fidelity: not ranked), failed (why), or interrupted",
+            left=True,
+        ),
         Column("", "Epochs", lambda r: str(r.epochs_run), "epochs it trained"),
-    ]  # fmt: skip
+    ]
     for metric, mode in t.goals:
         header, _, _, meaning = METRIC_TEXT.get(metric, (metric, 1, "", metric))
         cols.append(
@@ -460,15 +596,29 @@ def trial_columns(report: StudyReport) -> list[Column]:
             )
         )
     if t.constraints:
-        cols.append(Column("", "Feasible", lambda r: "no: " + r.violates if r.violates else
-                           ("yes" if r.status == "FINISHED" else ""),
-                           "whether it meets every constraint of the study ("
-                           + "; ".join(t.constraints) + ")", left=True))  # fmt: skip
+        cols.append(
+            Column(
+                "",
+                "Feasible",
+                lambda r: (
+                    "no: " + r.violates if r.violates else ("yes" if r.status == "FINISHED" else "")
+                ),
+                "whether it meets every constraint of the study (" + "; ".join(t.constraints) + ")",
+                left=True,
+            )
+        )
     if len(t.goals) > 1:
-        cols.append(Column("", "Front", _trial_front_text,
-                           "on the Pareto front of the ranked trials (finished and feasible): "
-                           "no other is at least as good in every objective and better in one; "
-                           "otherwise the trials that are", left=True))  # fmt: skip
+        cols.append(
+            Column(
+                "",
+                "Front",
+                _trial_front_text,
+                "on the Pareto front of the ranked trials (finished and feasible): "
+                "no other is at least as good in every objective and better in one; "
+                "otherwise the trials that are",
+                left=True,
+            )
+        )
     return cols
 
 
@@ -496,26 +646,38 @@ def tuning_lines(report: StudyReport) -> list[str]:
         b = t.best
         params = ", ".join(f"{p}={_param_text(v)}" for p, v in b["params"].items())
         test = metric_text("best_val_accuracy", b["test_accuracy"])
-        lines.append(f"best configuration ({t.goals[0][0]} among {ranked} trials): {b['name']} "
-                     f"({params}): {_goals_text(t.goals, b['values'])}"
-                     + (f"; test accuracy {test}% (shown after the choice, never used for it)"
-                        if test else ""))  # fmt: skip
+        lines.append(
+            f"best configuration ({t.goals[0][0]} among {ranked} trials): {b['name']} "
+            f"({params}): {_goals_text(t.goals, b['values'])}"
+            + (
+                f"; test accuracy {test}% (shown after the choice, never used for it)"
+                if test
+                else ""
+            )
+        )
         if t.rerun:
             lines.append(f"re-run it over seeds as a grid study: {t.rerun}")
     ranked_count = int(t.trials.ranked.sum()) if len(t.trials) else 0
     if not t.importances and t.params:
-        lines.append(f"importance: not computed: {ranked_count} {ranked} trial(s); fANOVA needs "
-                     f"{MIN_IMPORTANCE_TRIALS} or more whose objectives vary")  # fmt: skip
+        lines.append(
+            f"importance: not computed: {ranked_count} {ranked} trial(s); fANOVA needs "
+            f"{MIN_IMPORTANCE_TRIALS} or more whose objectives vary"
+        )
     for metric, values in t.importances.items():
         ranked_params = ", ".join(f"{p} {v:.2f}" for p, v in values.items())
-        lines.append(f"importance for {metric} over {ranked_count} {ranked} trials "
-                     f"({t.importance_method}): {ranked_params}")  # fmt: skip
+        lines.append(
+            f"importance for {metric} over {ranked_count} {ranked} trials "
+            f"({t.importance_method}): {ranked_params}"
+        )
     if len(t.goals) > 1 and t.front:
         last = t.history.hypervolume.iloc[-1] if len(t.history) else math.nan
-        reference = ", ".join(f"{m} {v:.4g}" for (m, _), v in zip(t.goals, t.reference,
-                                                                     strict=True))  # fmt: skip
-        lines.append(f"Pareto front: {', '.join(t.front)}; hypervolume {last:.4g} (reference "
-                     f"point {reference})")  # fmt: skip
+        reference = ", ".join(
+            f"{m} {v:.4g}" for (m, _), v in zip(t.goals, t.reference, strict=True)
+        )
+        lines.append(
+            f"Pareto front: {', '.join(t.front)}; hypervolume {last:.4g} (reference "
+            f"point {reference})"
+        )
     infeasible = int((t.trials.violates != "").sum()) if len(t.trials) else 0
     if t.constraints:
         lines.append(f"constraints {'; '.join(t.constraints)}: {infeasible} trial(s) infeasible")
@@ -558,8 +720,10 @@ def _text_table(cols: list[Column], rows: list[list[str]]) -> list[str]:
         first += n
 
     def line(texts) -> str:
-        return "  ".join(t.ljust(w) if c.left else t.rjust(w)
-                         for t, w, c in zip(texts, widths, cols, strict=True))  # fmt: skip
+        return "  ".join(
+            t.ljust(w) if c.left else t.rjust(w)
+            for t, w, c in zip(texts, widths, cols, strict=True)
+        )
 
     lines = [line([c.header for c in cols]), *map(line, rows)]
     if len(spans) > 1:
@@ -595,9 +759,10 @@ def _cost_lines(report: StudyReport) -> list[str]:
 
 
 def _short_legend(report: StudyReport) -> list[str]:
-    lines = ["Accuracy: test accuracy in %, mean ± std over the n trials; CI: 95% interval"
-             + (" (corrected for overlapping folds)" if report.table.fold_ratio.notna().any()
-                else "")]  # fmt: skip
+    lines = [
+        "Accuracy: test accuracy in %, mean ± std over the n trials; CI: 95% interval"
+        + (" (corrected for overlapping folds)" if report.table.fold_ratio.notna().any() else "")
+    ]
     if report.paper_note:
         lines.append(f"{PAPER_MARK} {report.paper_note}")
     computed = _computed(report)
@@ -640,10 +805,13 @@ def _heuristic(computed: pd.DataFrame) -> list[str]:
     line = (
         f"across training runs on {design} is a heuristic: its test holds 5% only if the "
         f"runs' differences correlate at about n_test/n_train (not checked; simulated "
-        f"levels {level_range(design)} over fold correlations 0-0.35, README 'Statistics')"
+        f"levels {level_range(design)} over fold correlations 0-0.35, docs/report.md)"
     )
-    shown = [f"{r.comparison}: {r.runs_p_by_correlation}" for r in computed.itertuples()
-             if isinstance(r.runs_p_by_correlation, str) and r.runs_p_by_correlation]  # fmt: skip
+    shown = [
+        f"{r.comparison}: {r.runs_p_by_correlation}"
+        for r in computed.itertuples()
+        if isinstance(r.runs_p_by_correlation, str) and r.runs_p_by_correlation
+    ]
     if shown:
         line += "; p at fold correlation " + " | ".join(shown)
     return [line]
@@ -704,13 +872,14 @@ def _latex_row(texts) -> str:
 
 def _latex_cells(cols: list[Column], row: list[str]) -> str:
     """A table row, a minus sign in the numbers (not a hyphen)."""
-    return _latex_row(latex_escape(t) if c.left else latex_escape(t).replace("-", "$-$")
-                      for c, t in zip(cols, row, strict=True))  # fmt: skip
+    return _latex_row(
+        latex_escape(t) if c.left else latex_escape(t).replace("-", "$-$")
+        for c, t in zip(cols, row, strict=True)
+    )
 
 
 def _tabular(cols: list[Column], rows: list[list[str]]) -> list[str]:
-    lines = [rf"\begin{{tabular}}{{{''.join('l' if c.left else 'r' for c in cols)}}}",
-             r"\toprule"]  # fmt: skip
+    lines = [rf"\begin{{tabular}}{{{''.join('l' if c.left else 'r' for c in cols)}}}", r"\toprule"]
     spans = _spans(cols)
     if len(spans) > 1:
         above, rules, first = [], [], 1
@@ -775,8 +944,15 @@ def _confusion_figure(report: StudyReport) -> bytes | None:
         ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+                ax.text(
+                    j,
+                    i,
+                    f"{norm[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
         ax.set_xticks(range(k), report.classes, rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(k), report.classes, fontsize=7)
         ax.set_title(cell, fontsize=9)
@@ -807,8 +983,12 @@ def _importance_figure(report: StudyReport) -> bytes | None:
     ax = fig.subplots()
     height = 0.8 / len(values)
     for i, (metric, scores) in enumerate(values.items()):
-        ax.barh(np.arange(len(names)) + i * height, [scores.get(n, 0.0) for n in names],
-                height=height, label=metric)  # fmt: skip
+        ax.barh(
+            np.arange(len(names)) + i * height,
+            [scores.get(n, 0.0) for n in names],
+            height=height,
+            label=metric,
+        )
     ax.set_yticks(np.arange(len(names)) + height * (len(values) - 1) / 2, names)
     ax.set_xlabel("importance: share of the objective's variance (fANOVA)")
     ax.legend(fontsize=7)
@@ -833,8 +1013,9 @@ def _history_figure(report: StudyReport) -> bytes | None:
     ax.set_ylabel(METRIC_TEXT.get(metric, (metric,))[0])
     if "hypervolume" in h:
         other = ax.twinx()
-        other.step(h.trial_hours, h.hypervolume, where="post", color="tab:orange",
-                   label="hypervolume")  # fmt: skip
+        other.step(
+            h.trial_hours, h.hypervolume, where="post", color="tab:orange", label="hypervolume"
+        )
         other.set_ylabel("hypervolume of the front")
         other.legend(loc="lower right", fontsize=7)
     ax.legend(loc="upper left", fontsize=7)
@@ -948,8 +1129,13 @@ def _front_figure(report: StudyReport) -> bytes | None:
     ax = fig.subplots()
     if low is not None and low.notna().any():
         ax.errorbar(x, y, yerr=[y - low, high - y], fmt="none", ecolor="#999", lw=1)
-    ax.scatter(x[~crossed], y[~crossed], s=np.asarray(size)[~crossed] if np.ndim(size) else size,
-               c=np.where(front[~crossed], "tab:red", "tab:blue"), alpha=0.75)  # fmt: skip
+    ax.scatter(
+        x[~crossed],
+        y[~crossed],
+        s=np.asarray(size)[~crossed] if np.ndim(size) else size,
+        c=np.where(front[~crossed], "tab:red", "tab:blue"),
+        alpha=0.75,
+    )
     if crossed.any():
         ax.scatter(x[crossed], y[crossed], marker="x", c="#777", label="infeasible")
         ax.legend(fontsize=7)
@@ -957,10 +1143,15 @@ def _front_figure(report: StudyReport) -> bytes | None:
     ax.plot(x[front].to_numpy()[order], y[front].to_numpy()[order], c="tab:red", lw=1)
     for xi, yi, name in zip(x, y, names, strict=True):
         ax.annotate(str(name), (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel(METRIC_TEXT.get(x_metric, (x_metric,))[0]
-                  + (" (lower is better)" if x_mode == "min" else ""))  # fmt: skip
-    ax.set_ylabel("test accuracy (%), mean and 95% CI" if report.tuning is None
-                  else METRIC_TEXT.get(y_metric, (y_metric,))[0])  # fmt: skip
+    ax.set_xlabel(
+        METRIC_TEXT.get(x_metric, (x_metric,))[0]
+        + (" (lower is better)" if x_mode == "min" else "")
+    )
+    ax.set_ylabel(
+        "test accuracy (%), mean and 95% CI"
+        if report.tuning is None
+        else METRIC_TEXT.get(y_metric, (y_metric,))[0]
+    )
     return _png(fig)
 
 
@@ -969,18 +1160,29 @@ def _html_table(cols: list[Column], rows: list[list[str]]) -> str:
     of columns answers."""
     esc = html.escape
     spans = _spans(cols)
-    above = "".join(
-        f"<th colspan={n} class=question>{esc(g)}</th>" if g else f"<th colspan={n}></th>"
-        for g, n in spans
-    ) if len(spans) > 1 else ""  # fmt: skip
-    head = (f"<tr>{above}</tr>" if above else "") + "<tr>" + "".join(
-        f"<th>{esc(c.header)}</th>" for c in cols
-    ) + "</tr>"  # fmt: skip
+    above = (
+        "".join(
+            f"<th colspan={n} class=question>{esc(g)}</th>" if g else f"<th colspan={n}></th>"
+            for g, n in spans
+        )
+        if len(spans) > 1
+        else ""
+    )
+    head = (
+        (f"<tr>{above}</tr>" if above else "")
+        + "<tr>"
+        + "".join(f"<th>{esc(c.header)}</th>" for c in cols)
+        + "</tr>"
+    )
     body = "".join(
-        "<tr>" + "".join(f"<td>{esc(t)}</td>" if c.left else f"<td class=num>{esc(t)}</td>"
-                         for c, t in zip(cols, row, strict=True)) + "</tr>"
+        "<tr>"
+        + "".join(
+            f"<td>{esc(t)}</td>" if c.left else f"<td class=num>{esc(t)}</td>"
+            for c, t in zip(cols, row, strict=True)
+        )
+        + "</tr>"
         for row in rows
-    )  # fmt: skip
+    )
     return f"<table><thead>{head}</thead><tbody>{body}</tbody></table>"
 
 
@@ -994,22 +1196,37 @@ def to_html(report: StudyReport) -> str:
     esc = html.escape
     tables = _tables(report)
     if report.tuning is not None:
-        body = ["<h2>Trials</h2>", _html_table(*tables[0]),
-                "".join(f"<p>{esc(line)}</p>" for line in tuning_lines(report)),
-                "<h3>Legend</h3><dl class=legend>" + "".join(
-                    f"<dt>{esc(name)}</dt><dd>{esc(meaning)}.</dd>"
-                    for name, meaning in _full_legend(report)) + "</dl>"]  # fmt: skip
+        body = [
+            "<h2>Trials</h2>",
+            _html_table(*tables[0]),
+            "".join(f"<p>{esc(line)}</p>" for line in tuning_lines(report)),
+            "<h3>Legend</h3><dl class=legend>"
+            + "".join(
+                f"<dt>{esc(name)}</dt><dd>{esc(meaning)}.</dd>"
+                for name, meaning in _full_legend(report)
+            )
+            + "</dl>",
+        ]
     elif tables[0][1]:
         body = ["<h2>Test accuracy per cell</h2>", _html_table(*tables[0])]
         if len(tables) > 1:
-            forest = ("each comparison's difference and 95% interval, both questions (marks: "
-                      "Holm-adjusted, test set then runs)")  # fmt: skip
-            body += ["<h2>Comparisons</h2>", _html_table(*tables[1]),
-                     img(_forest_figure(report), forest)]  # fmt: skip
-        body.append("<h3>Legend</h3><dl class=legend>" + "".join(
-            f"<dt>{esc(name)}</dt><dd>{esc(meaning)}.</dd>"
-            for name, meaning in _full_legend(report)
-        ) + "</dl>")  # fmt: skip
+            forest = (
+                "each comparison's difference and 95% interval, both questions (marks: "
+                "Holm-adjusted, test set then runs)"
+            )
+            body += [
+                "<h2>Comparisons</h2>",
+                _html_table(*tables[1]),
+                img(_forest_figure(report), forest),
+            ]
+        body.append(
+            "<h3>Legend</h3><dl class=legend>"
+            + "".join(
+                f"<dt>{esc(name)}</dt><dd>{esc(meaning)}.</dd>"
+                for name, meaning in _full_legend(report)
+            )
+            + "</dl>"
+        )
     else:
         body = ["<p>no finished trials</p>"]
     found = []
@@ -1037,12 +1254,14 @@ def to_html(report: StudyReport) -> str:
         img(_curves_figure(report), "validation accuracy per epoch"),
         img(report.distribution_png, "class distribution of the training split"),
     ]
-    style = ("body{font-family:sans-serif;margin:2em;max-width:75em}table{border-collapse:"
-             "collapse}td,th{border:1px solid #bbb;padding:3px 7px;font-size:13px}"
-             "td.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}"
-             "img{max-width:100%}figure{margin:1.5em 0}th.question{background:#eef}"
-             "dl.legend dt{margin-top:.4em;font-weight:bold}"
-             "dl.legend dd{margin-left:2em;font-size:13px}")  # fmt: skip
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:75em}table{border-collapse:"
+        "collapse}td,th{border:1px solid #bbb;padding:3px 7px;font-size:13px}"
+        "td.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}"
+        "img{max-width:100%}figure{margin:1.5em 0}th.question{background:#eef}"
+        "dl.legend dt{margin-top:.4em;font-weight:bold}"
+        "dl.legend dd{margin-left:2em;font-size:13px}"
+    )
     title = esc(report.study)
     head = f"<meta charset=utf-8><title>{title} report</title><style>{style}</style>"
     return f"<!doctype html><html><head>{head}</head><body>{''.join(parts)}</body></html>"

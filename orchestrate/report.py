@@ -40,26 +40,56 @@ from orchestrate.tuning import selected_test_only, tuning_report
 
 # the contrasts' raw columns (the CSV's): "testset_" answers "on this test set", "runs_" (and
 # seeds_needed) "across training runs"
-TESTSET_COLUMNS = ["testset_unit", "testset_n", "testset_diff", "testset_ci_low",
-                   "testset_ci_high", "testset_p", "testset_p_exact", "testset_p_error",
-                   "testset_p_holm", "testset_significant", "testset_mde",
-                   "testset_note"]  # fmt: skip
-RUNS_COLUMNS = ["runs_test", "runs_n", "runs_seeds", "runs_folds", "runs_repetitions",
-                "runs_units", "runs_fold_ratio",
-                "runs_diff",
-                "runs_ci_low", "runs_ci_high", "runs_p", "runs_p_holm", "runs_significant",
-                "runs_sd", "runs_mde", "seeds_needed", "runs_p_by_correlation"]  # fmt: skip
+TESTSET_COLUMNS = [
+    "testset_unit",
+    "testset_n",
+    "testset_diff",
+    "testset_ci_low",
+    "testset_ci_high",
+    "testset_p",
+    "testset_p_exact",
+    "testset_p_error",
+    "testset_p_holm",
+    "testset_significant",
+    "testset_mde",
+    "testset_note",
+]
+RUNS_COLUMNS = [
+    "runs_test",
+    "runs_n",
+    "runs_seeds",
+    "runs_folds",
+    "runs_repetitions",
+    "runs_units",
+    "runs_fold_ratio",
+    "runs_diff",
+    "runs_ci_low",
+    "runs_ci_high",
+    "runs_p",
+    "runs_p_holm",
+    "runs_significant",
+    "runs_sd",
+    "runs_mde",
+    "seeds_needed",
+    "runs_p_by_correlation",
+]
 CONTRAST_COLUMNS = ["family", "comparison", "plus", "minus", *TESTSET_COLUMNS, *RUNS_COLUMNS]
 
 # the paper's own protocol per dataset, said where the study's differs (the paper column's note)
 PAPER_PROTOCOL = {
-    "ckplus": ("paper", "the paper's CK+ numbers come from its own split (4 random frames of "
-               "each sequence with augmented copies, split 2:1 per class), which puts frames of "
-               "one subject and copies of one image on both sides; they are not comparable "
-               "with subject-independent folds"),
-    "fer2013": ("official", "the paper's FER2013 numbers are on its test set (PrivateTest) in "
-                "full: compare them with Full test (%), not with the deduplicated accuracy"),
-}  # fmt: skip
+    "ckplus": (
+        "paper",
+        "the paper's CK+ numbers come from its own split (4 random frames of "
+        "each sequence with augmented copies, split 2:1 per class), which puts frames of "
+        "one subject and copies of one image on both sides; they are not comparable "
+        "with subject-independent folds",
+    ),
+    "fer2013": (
+        "official",
+        "the paper's FER2013 numbers are on its test set (PrivateTest) in "
+        "full: compare them with Full test (%), not with the deduplicated accuracy",
+    ),
+}
 
 
 def fold_ratio(trials: pd.DataFrame) -> float:
@@ -87,8 +117,16 @@ def _cell_predictions(data: StudyData, trials: pd.DataFrame) -> list[Predictions
     for row in trials.itertuples():
         p = data.predictions.get(row.run_id)
         if p is not None:  # "groups" (each test image's subject) is absent in older artifacts
-            out.append(Predictions(row.seed, split_unit(row), p["ids"], p["labels"],
-                                   p["predictions"], p.get("groups")))  # fmt: skip
+            out.append(
+                Predictions(
+                    row.seed,
+                    split_unit(row),
+                    p["ids"],
+                    p["labels"],
+                    p["predictions"],
+                    p.get("groups"),
+                )
+            )
     return out
 
 
@@ -106,15 +144,21 @@ def cell_rows(data: StudyData, order: list[str], labels: dict, paper: dict) -> p
         hours = sub.trial_seconds.sum() / 3600
         full = sub.get("test_full_accuracy", pd.Series(dtype=float))
         row = {
-            "cell": labels.get(cell, cell), "key": cell, "trials": acc["n"],
-            "accuracy": acc["mean"], "std": acc["std"], "ci95_low": acc["ci_low"],
-            "ci95_high": acc["ci_high"], "fold_ratio": ratio if several_folds else math.nan,
+            "cell": labels.get(cell, cell),
+            "key": cell,
+            "trials": acc["n"],
+            "accuracy": acc["mean"],
+            "std": acc["std"],
+            "ci95_low": acc["ci_low"],
+            "ci95_high": acc["ci_high"],
+            "fold_ratio": ratio if several_folds else math.nan,
             "macro_f1": 100 * sub.test_macro_f1.mean() if len(sub) else math.nan,
             "full_accuracy": 100 * full.mean() if full.notna().any() else math.nan,
-            "paper": paper.get(cell, math.nan), "trial_hours": hours,
+            "paper": paper.get(cell, math.nan),
+            "trial_hours": hours,
             "gpu_hours": hours * data.gpus_per_trial,
             "images_per_second": sub.mean_images_per_second.mean() if len(sub) else math.nan,
-        }  # fmt: skip
+        }
         for col in COST_METRICS:  # the cell's architecture on the trials' device
             row[col] = _architecture_cost(done, sub, col)
         for col in sorted(c for c in sub.columns if c.startswith("test_recall_")):
@@ -164,8 +208,12 @@ def contrast_rows(data: StudyData, contrasts, n_resamples: int = 10_000) -> pd.D
     for contrast in contrasts:
         weights = contrast.weights
         check_weights(weights)
-        row = {"family": contrast.family, "comparison": contrast.label,
-               "plus": " + ".join(contrast.plus), "minus": " + ".join(contrast.minus)}  # fmt: skip
+        row = {
+            "family": contrast.family,
+            "comparison": contrast.label,
+            "plus": " + ".join(contrast.plus),
+            "minus": " + ".join(contrast.minus),
+        }
         involved = done[done.cell.isin(list(weights))]
         cells = {c: _cell_predictions(data, involved[involved.cell == c]) for c in weights}
         missing = [c for c, p in cells.items() if not p]
@@ -174,30 +222,52 @@ def contrast_rows(data: StudyData, contrasts, n_resamples: int = 10_000) -> pd.D
             rows.append(row)
             continue
         try:
-            result = compare(cells, weights, fold_ratio(involved), n_resamples=n_resamples,
-                             repetitions=repetitions(involved))  # fmt: skip
+            result = compare(
+                cells,
+                weights,
+                fold_ratio(involved),
+                n_resamples=n_resamples,
+                repetitions=repetitions(involved),
+            )
         except ValueError as err:  # no shared runs or images, or no fold sizes logged
             row["runs_significant"] = f"n/a: {err}"
             rows.append(row)
             continue
         t, r = result["test_set"], result["runs"]
-        row.update({
-            "testset_unit": t["unit"], "testset_n": t["n_units"], "testset_diff": t["difference"],
-            "testset_ci_low": t["ci_low"], "testset_ci_high": t["ci_high"],
-            "testset_p": t["p_value"], "testset_p_exact": t["p_exact"],
-            "testset_p_error": t["p_error"], "testset_mde": t["mde"], "testset_note": t["note"],
-            "runs_test": (REPEATED_TEST if r["repetitions"] > 1 else KFOLD_TEST)
-                         if r["corrected"] else "paired t",
-            "runs_n": r["n_runs"], "runs_seeds": r["n_seeds"], "runs_folds": r["n_folds"],
-            "runs_repetitions": r["repetitions"],
-            "runs_units": r["n_units"],
-            "runs_fold_ratio": r["fold_ratio"], "runs_diff": r["difference"],
-            "runs_ci_low": r["ci_low"], "runs_ci_high": r["ci_high"], "runs_p": r["p_value"],
-            "runs_sd": r["sd"], "runs_mde": r["mde"], "seeds_needed": r["seeds_needed"],
-            "runs_p_by_correlation": "; ".join(f"{rho:.3g}: {p:.4g}"
-                                               for rho, p in r["p_by_correlation"].items()),
-            "runs_significant": "" if r["judged"] else r["note"],
-        })  # fmt: skip
+        row.update(
+            {
+                "testset_unit": t["unit"],
+                "testset_n": t["n_units"],
+                "testset_diff": t["difference"],
+                "testset_ci_low": t["ci_low"],
+                "testset_ci_high": t["ci_high"],
+                "testset_p": t["p_value"],
+                "testset_p_exact": t["p_exact"],
+                "testset_p_error": t["p_error"],
+                "testset_mde": t["mde"],
+                "testset_note": t["note"],
+                "runs_test": (REPEATED_TEST if r["repetitions"] > 1 else KFOLD_TEST)
+                if r["corrected"]
+                else "paired t",
+                "runs_n": r["n_runs"],
+                "runs_seeds": r["n_seeds"],
+                "runs_folds": r["n_folds"],
+                "runs_repetitions": r["repetitions"],
+                "runs_units": r["n_units"],
+                "runs_fold_ratio": r["fold_ratio"],
+                "runs_diff": r["difference"],
+                "runs_ci_low": r["ci_low"],
+                "runs_ci_high": r["ci_high"],
+                "runs_p": r["p_value"],
+                "runs_sd": r["sd"],
+                "runs_mde": r["mde"],
+                "seeds_needed": r["seeds_needed"],
+                "runs_p_by_correlation": "; ".join(
+                    f"{rho:.3g}: {p:.4g}" for rho, p in r["p_by_correlation"].items()
+                ),
+                "runs_significant": "" if r["judged"] else r["note"],
+            }
+        )
         rows.append(row)
     frame = pd.DataFrame(rows, columns=CONTRAST_COLUMNS)
     for family in frame.family.unique():
@@ -212,9 +282,16 @@ def contrast_rows(data: StudyData, contrasts, n_resamples: int = 10_000) -> pd.D
         for note, p in zip(frame.runs_significant, frame.runs_p_holm.astype(float), strict=True)
     ]
     # counts stay integers in the CSV, with an empty cell where a contrast was not computed
-    return frame.astype({"testset_n": "Int64", "runs_n": "Int64", "runs_seeds": "Int64",
-                         "runs_folds": "Int64", "runs_units": "Int64",
-                         "runs_repetitions": "Int64"})  # fmt: skip
+    return frame.astype(
+        {
+            "testset_n": "Int64",
+            "runs_n": "Int64",
+            "runs_seeds": "Int64",
+            "runs_folds": "Int64",
+            "runs_units": "Int64",
+            "runs_repetitions": "Int64",
+        }
+    )
 
 
 def _values(trials: pd.DataFrame, column: str) -> list[str]:
@@ -249,8 +326,9 @@ def describe_setup(data: StudyData) -> str:
         parts.append(f"{loss} loss lam {lam}{extra}")
     leaks = _values(t, "drop_leaked")
     if leaks == ["True"]:
-        parts.append("leaked images dropped (validation: copies in train or test; test: copies "
-                     "in train)")  # fmt: skip
+        parts.append(
+            "leaked images dropped (validation: copies in train or test; test: copies in train)"
+        )
     elif leaks == ["False"]:
         parts.append("leaked images kept")
     return "; ".join(parts)
@@ -350,10 +428,17 @@ def write_report(report: StudyReport, folder) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rerun = write_rerun(report, folder)
-    texts = {"study_table.md": markdown_table(report), "study_table.txt": format_table(report),
-             "report.tex": latex_table(report), "report.html": to_html(report)}  # fmt: skip
-    data = {"study_table.csv": report.table, "contrasts.csv": report.contrasts,
-            "trials.csv": report.trials}  # fmt: skip
+    texts = {
+        "study_table.md": markdown_table(report),
+        "study_table.txt": format_table(report),
+        "report.tex": latex_table(report),
+        "report.html": to_html(report),
+    }
+    data = {
+        "study_table.csv": report.table,
+        "contrasts.csv": report.contrasts,
+        "trials.csv": report.trials,
+    }
     if report.tuning is not None:
         data["tuning_trials.csv"] = report.tuning.trials
     paths = [rerun] if rerun else []
@@ -388,9 +473,11 @@ def find_session(tracker, study: str | None = None, run_id: str | None = None):
     if run_id:
         return tracker.client.get_run(run_id).data.tags[SESSION_TAG]
     runs = tracker.client.search_runs(
-        [tracker.experiment_id], filter_string=f"tags.{PARENT_TAG} = 'true'",
-        order_by=["start_time DESC"], max_results=1,
-    )  # fmt: skip
+        [tracker.experiment_id],
+        filter_string=f"tags.{PARENT_TAG} = 'true'",
+        order_by=["start_time DESC"],
+        max_results=1,
+    )
     if not runs:
         raise ValueError(f"study {study!r} has no runs in this store")
     return runs[0].data.tags[SESSION_TAG]

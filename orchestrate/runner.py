@@ -103,10 +103,12 @@ def describe_plan(plan: Plan, options: RunOptions, fates: list | None = None) ->
         f"{_drawings(study)}, preset {plan.preset}, seeds {study.seeds_for(plan.preset)}",
         f"resources per trial: {options.cpus_per_trial:g} CPU, {_gpus_text(options)}; "
         f"max concurrent: {options.max_concurrent or 'as resources allow'}",
-        "initialisation: " + {IMAGENET: "ImageNet (give --pretrained FILE|FOLDER, or none)",
-                              "": "random (no pretrained weights)"}.get(
-            plan.base.get("pretrained", ""), f"from {plan.base.get('pretrained')}"),
-    ]  # fmt: skip
+        "initialisation: "
+        + {
+            IMAGENET: "ImageNet (give --pretrained FILE|FOLDER, or none)",
+            "": "random (no pretrained weights)",
+        }.get(plan.base.get("pretrained", ""), f"from {plan.base.get('pretrained')}"),
+    ]
     if study.kind == "grid":
         from orchestrate.ledger import describe_fates
 
@@ -123,12 +125,17 @@ def describe_plan(plan: Plan, options: RunOptions, fates: list | None = None) ->
             f"{options.max_concurrent or default_concurrency(t.num_samples)} at a time; "
             f"{'MO-ASHA' if len(t.goals) > 1 else 'ASHA'} on {goals}, grace {t.grace_period}, "
             f"reduction {t.reduction_factor}: "
-            + (f"may stop trials after epochs {', '.join(map(str, stops))} of {epochs}"
-               if stops else f"no rung before the last of {epochs} epochs, no early stopping")
-        )  # fmt: skip
+            + (
+                f"may stop trials after epochs {', '.join(map(str, stops))} of {epochs}"
+                if stops
+                else f"no rung before the last of {epochs} epochs, no early stopping"
+            )
+        )
         if t.constraints:
-            lines.append("constraints (a trial that breaks one is infeasible): "
-                         + ", ".join(map(str, t.constraints)))  # fmt: skip
+            lines.append(
+                "constraints (a trial that breaks one is infeasible): "
+                + ", ".join(map(str, t.constraints))
+            )
         for p in study.space:
             when = f" when {p.when}" if p.when else ""
             values = list(p.choices) if p.type == "categorical" else f"[{p.low}, {p.high}]"
@@ -254,12 +261,15 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
     check_pretrained(plan)
     storage = Storage.parse(options.storage)
     storage.check()
+    if options.resume and study.kind == "grid":
+        _check_something_to_continue(plan, options)
     session, resumed = _session(plan, options, storage)
     check_reachable(options.tracking_uri)
     Lease.check(storage, study.name)  # a running study refuses a second invocation at once
     datasets = load_datasets(plan)
-    inv = Invocation(plan, options, storage, session, Writer(budget=options.mlflow_retry_budget),
-                     resumed)  # fmt: skip
+    inv = Invocation(
+        plan, options, storage, session, Writer(budget=options.mlflow_retry_budget), resumed
+    )
     return _run(inv, datasets, out)
 
 
@@ -325,6 +335,19 @@ def _session(plan: Plan, options: RunOptions, storage: Storage) -> tuple[str, bo
         return sessions.new_session(plan), False
 
 
+def _check_something_to_continue(plan: Plan, options: RunOptions) -> None:
+    """``--resume`` on a grid whose plan has never run: said, like a tuning study's (exit 2),
+    instead of silently starting every trial."""
+    from orchestrate.tracking import mask
+
+    if all(f.reason == "new" for f in _dry_run_fates(plan, options)):
+        raise FileNotFoundError(
+            f"--resume: no trial of study {plan.study.name}'s plan has run in "
+            f"{mask(options.tracking_uri)}, so there is nothing to continue; run without "
+            f"--resume to start it"
+        )
+
+
 def _dry_run_fates(plan: Plan, options: RunOptions) -> list | None:
     """What a grid's trials would do, read from the store without creating it (None: tuning)."""
     if plan.study.kind != "grid":
@@ -370,8 +393,11 @@ def _prepare(inv: Invocation, datasets: dict, private_ray: bool, out) -> None:
         lambda: StudyTracker(options.tracking_uri, study.name, DatasetInputs(datasets))
     )
     if study.kind == "grid":
-        inv.fates = inv.writer.call(lambda: ledger.plan_fates(
-            inv.plan.trials, inv.tracker, inv.storage, options.retry_failed))  # fmt: skip
+        inv.fates = inv.writer.call(
+            lambda: ledger.plan_fates(
+                inv.plan.trials, inv.tracker, inv.storage, options.retry_failed
+            )
+        )
         inv.earlier = sum(f.action == "finished" for f in inv.fates)
         print(ledger.describe_fates(inv.fates, only_notable=True), file=out)
         if options.pack is None:
@@ -392,8 +418,9 @@ def _auto_pack(inv: Invocation, datasets: dict, out) -> int:
     if not options.gpus_per_trial or len(inv.to_run) < 2:
         return 1
     config = inv.to_run[0].spec.config
-    k, measured = measure_size(config.to_dict(), datasets[data_key(config)],
-                               options.gpus_per_trial, len(inv.to_run))  # fmt: skip
+    k, measured = measure_size(
+        config.to_dict(), datasets[data_key(config)], options.gpus_per_trial, len(inv.to_run)
+    )
     shown = ", ".join(f"{size}: {rate:,.0f}" for size, rate in measured.items())
     print(f"pack: {k} trials per pack (images/s by pack size, measured: {shown})", file=out)
     return k
@@ -449,8 +476,9 @@ def _finish(inv: Invocation, out) -> dict:
     writer.call(lambda: _close_leftovers(tracker, session, "FAILED"))
     folder = Path(inv.options.reports) / session
     report, paths = writer.call(lambda: _publish_report(tracker, session, folder))
-    finished = list(report.trials[report.trials.status == "FINISHED"].run_id) if len(
-        report.trials) else []  # fmt: skip
+    finished = (
+        list(report.trials[report.trials.status == "FINISHED"].run_id) if len(report.trials) else []
+    )
     best = feasible = None
     if inv.options.log_checkpoints and finished:
         best = writer.call(lambda: register_best(tracker, session, finished))
@@ -458,8 +486,11 @@ def _finish(inv: Invocation, out) -> dict:
         writer.call(lambda: tag_tuning(tracker, tuning))
         if inv.options.log_checkpoints and tuning.constraints and tuning.best:
             chosen = f"best {tuning.goals[0][0]} with {'; '.join(tuning.constraints)}"
-            feasible = writer.call(lambda: register_best(
-                tracker, session, [tuning.best["run_id"]], FEASIBLE_ALIAS, chosen))  # fmt: skip
+            feasible = writer.call(
+                lambda: register_best(
+                    tracker, session, [tuning.best["run_id"]], FEASIBLE_ALIAS, chosen
+                )
+            )
     sessions.mark_finished(inv.storage, session, {"parent_run_id": tracker.parent_id})
     print("\n" + format_table(report), file=out)
     if not finished:
@@ -470,11 +501,17 @@ def _finish(inv: Invocation, out) -> dict:
         best = "none (no trial finished)"
     print(_next_steps(inv.options, tracker.experiment_id, paths, best), file=out)
     if feasible:
-        print(f"best feasible model ({'; '.join(report.tuning.constraints)}): {feasible}",
-              file=out)  # fmt: skip
-    return {"session": session, "parent_run_id": tracker.parent_id, "report": report,
-            "table": report.table, "frame": report.trials, "model": best,
-            "finished": len(finished), "failed": _failed_by_errors(report.trials)}  # fmt: skip
+        print(f"best feasible model ({'; '.join(report.tuning.constraints)}): {feasible}", file=out)
+    return {
+        "session": session,
+        "parent_run_id": tracker.parent_id,
+        "report": report,
+        "table": report.table,
+        "frame": report.trials,
+        "model": best,
+        "finished": len(finished),
+        "failed": _failed_by_errors(report.trials),
+    }
 
 
 def _failed_by_errors(trials) -> int:
@@ -513,23 +550,39 @@ def _tuner(inv: Invocation, datasets: dict, out):
     path = storage.join(session)
     run = run_pack if plan.study.kind == "grid" else run_trial
     trainable = tune.with_resources(
-        tune.with_parameters(run, datasets=datasets, base=plan.base,
-                             cpus=options.cpus_per_trial, gpus=options.gpus_per_trial,
-                             session_uri=path, storage_uri=storage.uri),
+        tune.with_parameters(
+            run,
+            datasets=datasets,
+            base=plan.base,
+            cpus=options.cpus_per_trial,
+            gpus=options.gpus_per_trial,
+            session_uri=path,
+            storage_uri=storage.uri,
+        ),
         {"cpu": options.cpus_per_trial, "gpu": options.gpus_per_trial},
-    )  # fmt: skip
+    )
     if inv.resumed:
         print(f"continuing {path}", file=out)
         return Tuner.restore(path, trainable, resume_errored=True)
     callbacks = [
-        MLflowTrials(options.tracking_uri, plan.study.name, session,
-                     Describe(plan.study.name, plan.base), options.log_checkpoints),
-        Progress(len(inv.fates) or plan.size, session, earlier=inv.earlier, out=out,
-                 log=str(inv.log_file)),
+        MLflowTrials(
+            options.tracking_uri,
+            plan.study.name,
+            session,
+            Describe(plan.study.name, plan.base),
+            options.log_checkpoints,
+        ),
+        Progress(
+            len(inv.fates) or plan.size,
+            session,
+            earlier=inv.earlier,
+            out=out,
+            log=str(inv.log_file),
+        ),
         CheckpointIndex(storage.uri),  # before the stop that a checkpoint may set off
         GracefulStop(session, path),
         FullStorageWatch(session),
-    ]  # fmt: skip
+    ]
     if plan.study.kind == "tune" and not storage.local:
         callbacks.append(JournalMirror(storage, session))
     return Tuner(
@@ -615,9 +668,11 @@ def _class_distribution(plan: Plan, datasets: dict) -> bytes:
     after = trial_splits(c, data).train.class_counts() if c.balance else None
     with tempfile.TemporaryDirectory() as folder:
         path = plot_class_distribution(
-            before.class_counts(), Path(folder) / "d.png", after=after,
+            before.class_counts(),
+            Path(folder) / "d.png",
+            after=after,
             title=f"{data.name}: training split of fold {c.fold}",
-        )  # fmt: skip
+        )
         return path.read_bytes()
 
 
@@ -635,17 +690,30 @@ def _open_parent(inv: Invocation, distribution: bytes) -> None:
         return
     parent = tracker.start_parent(
         inv.session,
-        tags={"study": study.name, "dataset": study.dataset, "preset": str(plan.preset),
-              "resumed": str(inv.resumed).lower(), "kind": study.kind},
-        params={"study_file": study.path, "preset": plan.preset,
-                "seeds": study.seeds_for(plan.preset),
-                "dataset": study.dataset, "data_path": study.data_path,
-                "protocol": study.resolved_protocol, "planned_trials": plan.size,
-                "trials_to_run": inv.size, "cpus_per_trial": options.cpus_per_trial,
-                "gpus_per_trial": options.gpus_per_trial, "storage": options.storage,
-                "tracking_uri": options.tracking_uri, "ray_address": options.address or "local"},
+        tags={
+            "study": study.name,
+            "dataset": study.dataset,
+            "preset": str(plan.preset),
+            "resumed": str(inv.resumed).lower(),
+            "kind": study.kind,
+        },
+        params={
+            "study_file": study.path,
+            "preset": plan.preset,
+            "seeds": study.seeds_for(plan.preset),
+            "dataset": study.dataset,
+            "data_path": study.data_path,
+            "protocol": study.resolved_protocol,
+            "planned_trials": plan.size,
+            "trials_to_run": inv.size,
+            "cpus_per_trial": options.cpus_per_trial,
+            "gpus_per_trial": options.gpus_per_trial,
+            "storage": options.storage,
+            "tracking_uri": options.tracking_uri,
+            "ray_address": options.address or "local",
+        },
         config=plan.configs()[0],
-    )  # fmt: skip
+    )
     inv.lease.update(parent_run=parent)
     with tempfile.TemporaryDirectory() as folder:
         Path(folder, STUDY_ARTIFACT).write_text(study.path.read_text())
@@ -676,11 +744,16 @@ def _param_space(inv: Invocation, datasets: dict) -> dict:
 
 def _spec(f) -> dict:
     """A grid trial as its Tune config holds it: place, identity, where it continues from."""
-    return {"cell": f.spec.cell, "seed": f.spec.seed, "fold": f.spec.fold,
-            "identity": f.spec.identity, "resume_from": f.checkpoint,
-            "older": [list(entry) for entry in f.older],
-            "continues": {"run": f.run_id, "epoch": f.epoch} if f.checkpoint else None,
-            "config": f.spec.config.to_dict()}  # fmt: skip
+    return {
+        "cell": f.spec.cell,
+        "seed": f.spec.seed,
+        "fold": f.spec.fold,
+        "identity": f.spec.identity,
+        "resume_from": f.checkpoint,
+        "older": [list(entry) for entry in f.older],
+        "continues": {"run": f.run_id, "epoch": f.epoch} if f.checkpoint else None,
+        "config": f.spec.config.to_dict(),
+    }
 
 
 def _tune_config(plan: Plan, options: RunOptions, storage, session: str):

@@ -38,10 +38,16 @@ def plan_record(plan) -> dict:
     def science(config: dict) -> dict:
         return {k: v for k, v in config.items() if k != "device"}
 
-    record = {"study": study.name, "kind": study.kind, "dataset": study.dataset,
-              "data_path": study.data_path, "preset": plan.preset,
-              "seeds": study.seeds_for(plan.preset),
-              "folds": study.folds, "base": science(plan.base)}  # fmt: skip
+    record = {
+        "study": study.name,
+        "kind": study.kind,
+        "dataset": study.dataset,
+        "data_path": study.data_path,
+        "preset": plan.preset,
+        "seeds": study.seeds_for(plan.preset),
+        "folds": study.folds,
+        "base": science(plan.base),
+    }
     if study.kind == "grid":
         record["trials"] = {s.key: science(s.config.to_dict()) for s in plan.trials}
     else:
@@ -65,20 +71,30 @@ def changes(old: dict, new: dict) -> list[str]:
         if key == "trials":
             a, b = a or {}, b or {}
             if added := sorted(set(b) - set(a)):
-                out.append(f"{len(added)} trial(s) added ({', '.join(added[:3])}"
-                           f"{', ...' if len(added) > 3 else ''})")  # fmt: skip
+                out.append(
+                    f"{len(added)} trial(s) added ({', '.join(added[:3])}"
+                    f"{', ...' if len(added) > 3 else ''})"
+                )
             if removed := sorted(set(a) - set(b)):
-                out.append(f"{len(removed)} trial(s) removed ({', '.join(removed[:3])}"
-                           f"{', ...' if len(removed) > 3 else ''})")  # fmt: skip
-            differing = {(k, str(a[t].get(k)), str(b[t].get(k)))
-                         for t in set(a) & set(b) for k in set(a[t]) | set(b[t])
-                         if a[t].get(k) != b[t].get(k)}  # fmt: skip
+                out.append(
+                    f"{len(removed)} trial(s) removed ({', '.join(removed[:3])}"
+                    f"{', ...' if len(removed) > 3 else ''})"
+                )
+            differing = {
+                (k, str(a[t].get(k)), str(b[t].get(k)))
+                for t in set(a) & set(b)
+                for k in set(a[t]) | set(b[t])
+                if a[t].get(k) != b[t].get(k)
+            }
             out += [f"{k}: {x} -> {y}" for k, x, y in sorted(differing)]
         elif isinstance(a, dict) and isinstance(b, dict):
             if key == "base" and "trials" in new:
                 continue  # a grid's base config shows in its trials' configs
-            out += [f"{key}.{k}: {a.get(k)} -> {b.get(k)}"
-                    for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]  # fmt: skip
+            out += [
+                f"{key}.{k}: {a.get(k)} -> {b.get(k)}"
+                for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k)
+            ]
         elif a != b:
             out.append(f"{key}: {a} -> {b}")
     return out
@@ -103,7 +119,9 @@ def resumable(plan, storage: Storage) -> str:
     if earlier is not None:
         changed = changes(json.loads(earlier), plan_record(plan))
         if changed:
-            raise ValueError(f"--resume: {session} planned other trials; changed: "
-                             f"{'; '.join(changed)}. Resume with the same study file and "
-                             "flags, or start a new session without --resume")  # fmt: skip
+            raise ValueError(
+                f"--resume: {session} planned other trials; changed: "
+                f"{'; '.join(changed)}. Resume with the same study file and "
+                "flags, or start a new session without --resume"
+            )
     return session

@@ -1,96 +1,18 @@
-"""Which ablation gains are real: contrasts of cells, each asked two questions.
+"""Which ablation gains are real: contrasts of cells, each asked two questions, from the
+trials' test predictions alone (numpy, scipy, statsmodels; nothing here knows of Ray or MLflow).
 
-Gu & Jin (2025) report ablation gains of 0.6 to 4 points, each measured once on a test set of a
-few hundred images. A study compares cells through *contrasts*: weights +1 / -1 on cells whose
-weights sum to zero. "Basic + PSA vs Basic" is ``{basic_psa: +1, basic: -1}``; the interaction of
-a 2x2 design (does PSA add more with the joint loss than without it?) is ``{psa_joint: +1,
-basic: +1, psa: -1, joint: -1}``. "Is the contrast real?" is two different questions, answered
-separately from the trials' test predictions alone (numpy, scipy, statsmodels; nothing here
-knows of Ray or MLflow):
+A contrast weighs cells +1 / -1, as many of each: ``{basic_psa: +1, basic: -1}``, or a 2x2
+design's interaction ``{psa_joint: +1, basic: +1, psa: -1, joint: -1}``.
 
-1. **On this test set** (``on_test_set``): do *these trained models* differ on *these test
-   images*? The noise is which images each cell happens to get right.
-2. **Across training runs** (``across_runs``): does the contrast survive another training seed
-   (and, on k-fold cross-validation, another training set)? A contrast can be certain on one test
-   set and not reproduce: one lucky seed is enough to make question 1 significant.
+1. ``on_test_set``: do these trained models differ on these test images? The exact sign-flip
+   test over independent units (subjects where images name them, else images), its inversion
+   as the interval up to ``INVERT_LIMIT`` units, and its noise floor.
+2. ``across_runs``: does the contrast survive another seed (and on k-fold CV another training
+   set)? The paired t-test over seeds on a fixed split, the corrected k-fold t-test over folds
+   (repeated: over every drawing's folds), and the noncentral-t noise floor.
 
-Each comes with its noise floor (MDE): the true difference the test detects with 80% power at
-two-sided alpha 0.05, before any multiplicity adjustment; and for question 2 how many seeds
-would detect the observed difference. An *observed* difference below the MDE can still be
-significant: the smallest significant one is about z_0.975 / (z_0.975 + z_0.80) = 0.70 of it.
-
-**Question 1: the independent unit is resampled, not the image.** The cells of a contrast are
-compared on the same test images. Trials are joined by (seed, fold) and images within a join by
-id. Every image gets the contrast of its correctness, ``d_i = sum_c w_c hit_c(i)``, averaged over
-the seeds in which it was tested (on k-fold CV an image sits in one fold; on a fixed split it is
-tested once per seed): the seeds of one image are not independent evidence. Images are not
-independent either when they share a subject: the three frames of a CK+ sequence and the
-sequences of one person succeed or fail together. A trial's predictions may therefore name each
-image's *group* (``Predictions.groups``: the subject on CK+ and the synthetic set; None on
-FER2013, where the image is its own unit). The unit g is the group, or the image where there is
-none, and its datum is the **sum** ``U_g`` of its images' d_i, so that ``sum_g U_g / N`` (N
-images) is exactly the image-level contrast, each image weighing the same:
-
-- *test*: the two-sided sign-flip permutation test over units: under the null hypothesis that
-  the cells with weight +1 and those with weight -1 are exchangeable within every unit, each U_g
-  is as likely to be +|U_g| as -|U_g|. The p-value is **exact**: the U_g are multiples of
-  1 / L (L the least common multiple of how often the images were tested), and the null
-  distribution of ``L * sum U_g`` is computed by convolving the units' two-point distributions
-  (``sign_flip_p``). That costs (changed units) x (sum of L |U_g|) additions, which stays under
-  ``EXACT_LIMIT`` for every study of this project (FER2013 with several seeds is a few million);
-  beyond it the p-value is Monte Carlo over ``n_resamples`` random sign vectors
-  (``scipy.stats.permutation_test``), and the result says so with the 95% error bound
-  ``1.96 * sqrt(p (1 - p) / n_resamples)``. With one seed, one fold, images as units and a
-  pairwise contrast every d_i is -1, 0 or +1 and the exact test *is* McNemar's (1947) exact test
-  (the binomial test on the discordant images).
-- *interval*: a percentile bootstrap over units (``scipy.stats.bootstrap``, ``paired=True`` over
-  (U_g, images in g)): resample units with replacement, take ``sum U* / sum n*``; with groups this
-  is the cluster bootstrap. Percentile rather than BCa: the statistic is a smooth mean over many
-  units, and BCa's jackknife turns NaN on two nearly identical cells. When every unit has the
-  same mean (identical cells, or a single unit) the interval is that point. With a handful of
-  subjects the cluster bootstrap is rough (it undercovers); read the p-value. The interval is not
-  adjusted for multiple comparisons.
-- *noise floor*: ``mde = (z_{1-alpha/2} + z_{power}) * sqrt(sum_g U_g**2) / N``, the normal
-  approximation of the sign-flip test (``sqrt(sum U_g**2) / N`` is its null distribution's
-  standard deviation). With one seed and images as units this is the paired-proportions
-  (McNemar) formula with the observed discordance. NaN when no unit changed.
-
-**Question 2: the (seed, fold) run is the unit, and folds are not independent.**
-``run_differences`` gives every joined (seed, fold) run the contrast of its cells' test
-accuracies on the images they share, ``D_k``; ``across_runs`` tests their mean:
-
-- *a fixed split* (FER2013's official one, the synthetic set's; every run has the same training
-  and test images and differs only by its seed): the paired t-test over the seeds
-  (``scipy.stats.ttest_1samp``) and its Student-t interval. It answers "does the contrast
-  survive another seed on this split".
-- *k-fold cross-validation* (CK+): every seed trains on the same folds (the split seed is
-  fixed), so the runs of one fold share its test subjects and its training set, and the ten
-  training sets of a 10-fold split share about 8/9 of their images: a t-test treating the
-  (seed, fold) runs as independent is far too confident (in a simulation with such effects it
-  calls about 40% of null contrasts significant at 0.05, where 5% is promised). Each fold's
-  runs are averaged over its seeds first, and the folds' means are tested with the **corrected
-  k-fold t-test** (Nadeau & Bengio 2003; Bouckaert & Frank 2004 for repeated CV), which
-  replaces the variance of the mean ``s**2 / k`` by ``s**2 * (1 / k + n_test / n_train)``, k the
-  folds and ``n_test / n_train`` the test to training size ratio of the actual folds
-  (``fold_ratio``), with k - 1 degrees of freedom. With one seed it runs over the folds as
-  they are. It answers "does the contrast survive another seed and another training set drawn
-  like these". The same correction widens the interval (``summarize_runs`` for a cell's own
-  interval too) and raises the MDE; seeds only shrink the seed part of a fold's variance
-  (estimated from the spread of seeds within folds), so the seeds needed can be inf: then no
-  number of seeds would detect the difference, the folds' own spread and overlap stay.
-- with fewer than two joined runs (one seed and one fold) there is no run-to-run spread: nothing
-  is tested and the table says ``n/a: 1 seed x 1 fold``. When every D_k is the same the t
-  statistic is undefined: on a fixed split the p-value is then the exact sign-flip one
-  (2 / 2**K, or 1 when D = 0); on k-fold it is not judged.
-- *noise floor*: the true mean difference the test detects with 80% power, from the noncentral
-  t distribution (``scipy.stats.nct``) with the test's degrees of freedom and standard error.
-  ``seeds_needed``: the fewest seeds whose MDE is at most the observed |mean D| (NaN on k-fold
-  with one seed per fold, where the seed noise cannot be told from the folds' spread).
-
-**Several contrasts: Holm's step-down correction within each family.** A study declares its
-contrasts in families (the paper's claims; the interaction); each family's p-values are
-adjusted by Holm's (1979) procedure (``statsmodels.stats.multitest.multipletests``), which
-controls the family-wise error rate under any dependence, for each question on its own.
+Families of contrasts are Holm-adjusted (``holm``). docs/report.md explains each method, its
+assumption and the levels and coverages measured by simulation.
 """
 
 from __future__ import annotations
@@ -120,8 +42,9 @@ POWER_SIGNS = 1000  # sign vectors each of those outcomes is tested with (beyond
 # seeds_needed is searched up to here; beyond it the observed difference is as good as none
 MAX_SEEDS = 1_000_000
 # the smallest observed difference that can be significant, as a share of the test-set MDE
-SIGNIFICANT_SHARE = float(stats.norm.ppf(1 - ALPHA / 2) / (stats.norm.ppf(1 - ALPHA / 2)
-                                                           + stats.norm.ppf(POWER)))  # fmt: skip
+SIGNIFICANT_SHARE = float(
+    stats.norm.ppf(1 - ALPHA / 2) / (stats.norm.ppf(1 - ALPHA / 2) + stats.norm.ppf(POWER))
+)
 
 # the two questions a contrast answers apart, and the runs question's test on k-fold CV
 QUESTIONS = {"testset": "on this test set", "runs": "across training runs"}
@@ -400,9 +323,16 @@ def _unit_interval(u, m, difference: float, n_resamples: int, rng) -> tuple[floa
         # every resample has the same mean: the interval is that point (scipy would warn, NaN)
         return difference, difference
     boot = stats.bootstrap(
-        (u, m), _ratio, paired=True, n_resamples=n_resamples, batch=BATCH,
-        vectorized=True, confidence_level=CONFIDENCE, method="percentile", rng=rng,
-    )  # fmt: skip
+        (u, m),
+        _ratio,
+        paired=True,
+        n_resamples=n_resamples,
+        batch=BATCH,
+        vectorized=True,
+        confidence_level=CONFIDENCE,
+        method="percentile",
+        rng=rng,
+    )
     return 100.0 * float(boot.confidence_interval.low), 100.0 * float(boot.confidence_interval.high)
 
 
@@ -412,10 +342,15 @@ def _unit_sign_flip(changed, lcm: int, n_resamples: int, rng) -> tuple[float, fl
     if changed.size * int(np.abs(changed).sum()) <= EXACT_LIMIT:
         return sign_flip_p(changed), 0.0, True
     perm = stats.permutation_test(
-        (changed / lcm,), lambda x, axis=-1: np.sum(x, axis=axis), vectorized=True,
-        permutation_type="samples", n_resamples=n_resamples, batch=BATCH,
-        alternative="two-sided", rng=rng,
-    )  # fmt: skip
+        (changed / lcm,),
+        lambda x, axis=-1: np.sum(x, axis=axis),
+        vectorized=True,
+        permutation_type="samples",
+        n_resamples=n_resamples,
+        batch=BATCH,
+        alternative="two-sided",
+        rng=rng,
+    )
     p_value = float(perm.pvalue)
     return p_value, 1.96 * math.sqrt(p_value * (1 - p_value) / n_resamples), False
 
@@ -514,11 +449,15 @@ def paired_comparison(
 ) -> dict:
     """``on_test_set`` of two cells, other minus reference, with their accuracies as
     ``reference_accuracy`` and ``other_accuracy``."""
-    result = on_test_set({"reference": reference, "other": other},
-                              {"other": 1, "reference": -1}, n_resamples, seed)  # fmt: skip
+    result = on_test_set(
+        {"reference": reference, "other": other}, {"other": 1, "reference": -1}, n_resamples, seed
+    )
     accuracies = result.pop("accuracies")
-    return {**result, "reference_accuracy": accuracies["reference"],
-            "other_accuracy": accuracies["other"]}  # fmt: skip
+    return {
+        **result,
+        "reference_accuracy": accuracies["reference"],
+        "other_accuracy": accuracies["other"],
+    }
 
 
 def run_differences(
@@ -647,32 +586,49 @@ def across_runs(
     n_seeds, n_folds = len({s for s, _ in keys}), len({f for _, f in keys})
     corrected = n_folds > 1
     if corrected and not (math.isfinite(fold_ratio) and fold_ratio > 0):
-        raise ValueError(f"runs over {n_folds} folds need their test/train size ratio, got "
-                         f"{fold_ratio}")  # fmt: skip
+        raise ValueError(
+            f"runs over {n_folds} folds need their test/train size ratio, got {fold_ratio}"
+        )
     ratio = fold_ratio if corrected else 0.0
     repeated = corrected and repetitions > 1
     if repeated:
         units, within, seeds = _fold_means(keys, diffs)
-        method = (f"corrected repeated k-fold t-test (Bouckaert & Frank 2004) over {n_folds} "
-                  f"folds of {repetitions} drawings, each averaged over its seeds, test/train "
-                  f"ratio {ratio:.3f}")  # fmt: skip
+        method = (
+            f"corrected repeated k-fold t-test (Bouckaert & Frank 2004) over {n_folds} "
+            f"folds of {repetitions} drawings, each averaged over its seeds, test/train "
+            f"ratio {ratio:.3f}"
+        )
     elif corrected:
         units, within, seeds = _fold_means(keys, diffs)
-        method = (f"corrected k-fold t-test (Nadeau & Bengio 2003) over {n_folds} folds, each "
-                  f"averaged over its seeds, test/train ratio {ratio:.3f}")  # fmt: skip
+        method = (
+            f"corrected k-fold t-test (Nadeau & Bengio 2003) over {n_folds} folds, each "
+            f"averaged over its seeds, test/train ratio {ratio:.3f}"
+        )
     else:
         units, within, seeds = diffs, math.nan, 1
         method = f"paired t-test over {k} seed{'s' if k != 1 else ''} on one split"
     j = len(units)
     mean = float(units.mean()) if k else math.nan
     result = {
-        "n_runs": k, "n_seeds": n_seeds, "n_folds": n_folds, "n_units": j,
-        "corrected": corrected, "repetitions": repetitions if corrected else 1,
-        "fold_ratio": ratio, "difference": mean, "sd": math.nan,
-        "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan, "judged": False,
-        "mde": math.nan, "seeds_needed": math.nan, "note": "", "method": method,
+        "n_runs": k,
+        "n_seeds": n_seeds,
+        "n_folds": n_folds,
+        "n_units": j,
+        "corrected": corrected,
+        "repetitions": repetitions if corrected else 1,
+        "fold_ratio": ratio,
+        "difference": mean,
+        "sd": math.nan,
+        "ci_low": math.nan,
+        "ci_high": math.nan,
+        "p_value": math.nan,
+        "judged": False,
+        "mde": math.nan,
+        "seeds_needed": math.nan,
+        "note": "",
+        "method": method,
         "p_by_correlation": {},
-    }  # fmt: skip
+    }
     if j < 2:
         # one (seed, fold) run: no run-to-run spread to test against
         result["note"] = "n/a: 1 seed x 1 fold" if k else "n/a: no joined runs"
@@ -698,15 +654,21 @@ def across_runs(
     else:
         needed = math.nan
     result.update(
-        sd=sd, ci_low=low, ci_high=high, p_value=p, judged=True,
-        mde=minimum_detectable_runs_difference(sd, j, ratio), seeds_needed=needed,
-    )  # fmt: skip
+        sd=sd,
+        ci_low=low,
+        ci_high=high,
+        p_value=p,
+        judged=True,
+        mde=minimum_detectable_runs_difference(sd, j, ratio),
+        seeds_needed=needed,
+    )
     if corrected and not repeated:  # one split: how the answer moves with the fold correlation
         result["p_by_correlation"] = {
-            rho: float(2 * stats.t.sf(abs(mean) / (sd * math.sqrt(1 / j + rho / (1 - rho))),
-                                      df=j - 1))
+            rho: float(
+                2 * stats.t.sf(abs(mean) / (sd * math.sqrt(1 / j + rho / (1 - rho))), df=j - 1)
+            )
             for rho in FOLD_CORRELATIONS
-        }  # fmt: skip
+        }
     return result
 
 
@@ -757,8 +719,13 @@ def compare_cells(
     seed: int = 0,
 ) -> dict:
     """``compare`` for other minus reference."""
-    return compare({"reference": reference, "other": other}, {"other": 1, "reference": -1},
-                   fold_ratio, n_resamples, seed)  # fmt: skip
+    return compare(
+        {"reference": reference, "other": other},
+        {"other": 1, "reference": -1},
+        fold_ratio,
+        n_resamples,
+        seed,
+    )
 
 
 def holm(p_values: Sequence[float]) -> list[float]:

@@ -78,8 +78,9 @@ class Storage:
             raise StorageError(f"--storage {path}: exists and is not a folder")
         existing = _nearest_existing(path)
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise StorageError(f"--storage {path}: cannot create or write it ({existing} "
-                               "is not a writable folder)")  # fmt: skip
+            raise StorageError(
+                f"--storage {path}: cannot create or write it ({existing} is not a writable folder)"
+            )
 
     def _check_bucket(self) -> None:
         from pyarrow import fs
@@ -98,9 +99,11 @@ class Storage:
 
     def _where(self) -> str:
         endpoint = os.environ.get("AWS_ENDPOINT_URL")
-        return f" (endpoint {endpoint}, from AWS_ENDPOINT_URL)" if endpoint and self.uri.startswith(
-            "s3://"
-        ) else ""  # fmt: skip
+        return (
+            f" (endpoint {endpoint}, from AWS_ENDPOINT_URL)"
+            if endpoint and self.uri.startswith("s3://")
+            else ""
+        )
 
     # ------------------------------------------------------------------- small files
 
@@ -152,8 +155,9 @@ class Storage:
 
             bucket, _, key = target[len("s3://") :].partition("/")
             try:  # boto3 reads AWS_ENDPOINT_URL and the credentials as pyarrow does
-                boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=text.encode(),
-                                              IfNoneMatch="*")  # fmt: skip
+                boto3.client("s3").put_object(
+                    Bucket=bucket, Key=key, Body=text.encode(), IfNoneMatch="*"
+                )
             except ClientError as err:
                 if err.response.get("Error", {}).get("Code") in (
                     "PreconditionFailed",
@@ -265,8 +269,13 @@ def _explain(err: OSError) -> str:
     text = re.sub(r"\s*\(Request ID: [^)]*\)", "", _first_line(err))
     if re.search(r"NETWORK_CONNECTION|curlCode|Could not connect|Couldn't resolve", text):
         return f"the object store cannot be reached: {text}"
-    if re.search(r"ACCESS_DENIED|InvalidAccessKeyId|SignatureDoesNotMatch|HTTP status 403|"
-                 r"Forbidden|INVALID_ACCESS_KEY|SIGNATURE", text):  # fmt: skip
-        return ("the object store refused the credentials (AWS_ACCESS_KEY_ID, "
-                f"AWS_SECRET_ACCESS_KEY or the instance's role): {text}")  # fmt: skip
+    if re.search(
+        r"ACCESS_DENIED|InvalidAccessKeyId|SignatureDoesNotMatch|HTTP status 403|"
+        r"Forbidden|INVALID_ACCESS_KEY|SIGNATURE",
+        text,
+    ):
+        return (
+            "the object store refused the credentials (AWS_ACCESS_KEY_ID, "
+            f"AWS_SECRET_ACCESS_KEY or the instance's role): {text}"
+        )
     return text

@@ -148,12 +148,15 @@ class Writer:
             return None
         parts = []
         if self.outages:
-            parts.append(f"MLflow was unreachable {len(self.outages)} time(s), "
-                         f"{sum(self.outages):.0f} s in all (longest {max(self.outages):.0f} s); "
-                         f"{self.retried} write(s) waited and were retried, none lost")  # fmt: skip
+            parts.append(
+                f"MLflow was unreachable {len(self.outages)} time(s), "
+                f"{sum(self.outages):.0f} s in all (longest {max(self.outages):.0f} s); "
+                f"{self.retried} write(s) waited and were retried, none lost"
+            )
         if self.lost:
-            parts.append(f"{len(self.lost)} write(s) failed and were dropped, first: "
-                         f"{self.lost[0]}")  # fmt: skip
+            parts.append(
+                f"{len(self.lost)} write(s) failed and were dropped, first: {self.lost[0]}"
+            )
         return "; ".join(parts)
 
 
@@ -212,9 +215,14 @@ class StudyTracker:
         """The session's parent run; ``config`` (a trial's) names the dataset it reads."""
         run = self.client.create_run(
             self.experiment_id,
-            tags={PARENT_TAG: "true", SESSION_TAG: session, MLFLOW_RUN_NAME: session,
-                  **source_tags(), **{k: mask(v) for k, v in tags.items()}},
-        )  # fmt: skip
+            tags={
+                PARENT_TAG: "true",
+                SESSION_TAG: session,
+                MLFLOW_RUN_NAME: session,
+                **source_tags(),
+                **{k: mask(v) for k, v in tags.items()},
+            },
+        )
         self.parent_id = run.info.run_id
         self.client.log_batch(
             self.parent_id, params=[Param(k, mask(str(v))) for k, v in params.items()]
@@ -257,8 +265,10 @@ def source_tags() -> dict[str, str]:
     """Where the runs' code comes from: the study command's file and, when this code is a git
     checkout, its commit (the driver's checkout: the workers run what the driver shipped)."""
     root = Path(__file__).resolve().parents[1]
-    tags = {MLFLOW_SOURCE_NAME: str(root / "orchestrate" / "ablation.py"),
-            MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL)}  # fmt: skip
+    tags = {
+        MLFLOW_SOURCE_NAME: str(root / "orchestrate" / "ablation.py"),
+        MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL),
+    }
     top = _git(root, "rev-parse", "--show-toplevel")
     if top and Path(top).resolve() == root and (commit := _git(root, "rev-parse", "HEAD")):
         tags[MLFLOW_GIT_COMMIT] = commit
@@ -267,8 +277,13 @@ def source_tags() -> dict[str, str]:
 
 def _git(folder: Path, *args: str) -> str | None:
     try:
-        done = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True,
-                              timeout=10, check=False)  # fmt: skip
+        done = subprocess.run(
+            ["git", "-C", str(folder), *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):  # no git here
         return None
     return done.stdout.strip() if done.returncode == 0 else None
@@ -312,15 +327,22 @@ def dataset_input(data, config) -> DatasetInput:
     source_type, source = "local", c.data_path
     if c.dataset == "synthetic":
         source_type = "code"
-        source = (f"synthetic:subjects={c.synthetic_subjects},images_per_class="
-                  f"{c.synthetic_images_per_class},difficulty={c.synthetic_difficulty},"
-                  f"seed={c.split_seed}")  # fmt: skip
+        source = (
+            f"synthetic:subjects={c.synthetic_subjects},images_per_class="
+            f"{c.synthetic_images_per_class},difficulty={c.synthetic_difficulty},"
+            f"seed={c.split_seed}"
+        )
     schema = TensorDatasetSchema(
         features=Schema([TensorSpec(np.dtype(np.uint8), (-1, 1, 48, 48), "image")]),
         targets=Schema([TensorSpec(np.dtype(np.int64), (-1,), "label")]),
     )
-    profile = {**{name: len(part) for name, part in parts.items()}, "classes": list(data.classes),
-               "protocol": c.protocol, "fold": c.fold, "balance": c.balance or "none"}  # fmt: skip
+    profile = {
+        **{name: len(part) for name, part in parts.items()},
+        "classes": list(data.classes),
+        "protocol": c.protocol,
+        "fold": c.fold,
+        "balance": c.balance or "none",
+    }
     dataset = Dataset(
         name=data.name,
         digest=digest.hexdigest()[:16],
@@ -379,8 +401,11 @@ def log_model(uri: str, run_id: str, config, classes: list[str], weights: dict, 
             name=MODEL_NAME,
             signature=signature,
             input_example=example,
-            metadata={"classes": list(classes), "input": "float32 [N, 1, 48, 48] grey, 0-1",
-                      "output": "logits [N, K] in the order of classes"},
+            metadata={
+                "classes": list(classes),
+                "input": "float32 [N, 1, 48, 48] grey, 0-1",
+                "output": "logits [N, K] in the order of classes",
+            },
             # what loading needs; MLflow's own inference would start a Python per trial for it
             pip_requirements=[f"torch=={version('torch').split('+')[0]}"],
             step=step,
@@ -388,13 +413,16 @@ def log_model(uri: str, run_id: str, config, classes: list[str], weights: dict, 
             # costs the driver about as much again as the export, per trial; tests/test_predict.py
             # loads and runs logged models instead
             validate_serving_input=False,
-        )  # fmt: skip
+        )
 
 
 def register_best(
-    tracker: StudyTracker, session: str, run_ids: list[str] | None = None,
-    alias: str = BEST_ALIAS, chosen_by: str = "",
-) -> str | None:  # fmt: skip
+    tracker: StudyTracker,
+    session: str,
+    run_ids: list[str] | None = None,
+    alias: str = BEST_ALIAS,
+    chosen_by: str = "",
+) -> str | None:
     """Register the best trial on validation accuracy (never test; ties: the trial that started
     first) among ``run_ids`` (the report's trials: a grid plan's identities, whichever invocation
     ran them), or the session's, as a new version of the registered model named after the
@@ -402,10 +430,14 @@ def register_best(
     when that trial has no logged model. ``chosen_by`` says, on the version, how a caller that
     passes one run chose it (a tuning study's constrained best)."""
     client, name = tracker.client, tracker.study
-    runs = ([client.get_run(r) for r in run_ids] if run_ids is not None
-            else tracker.session_runs(session))  # fmt: skip
-    done = [r for r in runs
-            if r.info.status == "FINISHED" and "best_val_accuracy" in r.data.metrics]  # fmt: skip
+    runs = (
+        [client.get_run(r) for r in run_ids]
+        if run_ids is not None
+        else tracker.session_runs(session)
+    )
+    done = [
+        r for r in runs if r.info.status == "FINISHED" and "best_val_accuracy" in r.data.metrics
+    ]
     if not done:
         return None
     best = min(done, key=lambda r: (-r.data.metrics["best_val_accuracy"], r.info.start_time))
@@ -418,15 +450,21 @@ def register_best(
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         about = f"Study {name}'s best model on validation accuracy; alias {BEST_ALIAS}: the newest"
         client.create_registered_model(name, description=about)
-    tags = {"session": session, "trial": best.info.run_name,
-            "best_val_accuracy": best.data.metrics["best_val_accuracy"],
-            "chosen_by": chosen_by or "best validation accuracy"}  # fmt: skip
+    tags = {
+        "session": session,
+        "trial": best.info.run_name,
+        "best_val_accuracy": best.data.metrics["best_val_accuracy"],
+        "chosen_by": chosen_by or "best validation accuracy",
+    }
     # the model's own location: MLflow's SQL registry looks a models:/<id> source up in the
     # process's global store, not in this client's
     version = client.create_model_version(
-        name, source=model.artifact_location, run_id=best.info.run_id, tags=tags,
+        name,
+        source=model.artifact_location,
+        run_id=best.info.run_id,
+        tags=tags,
         model_id=model.model_id,
-    )  # fmt: skip
+    )
     client.set_registered_model_alias(name, alias, version.version)
     return f"models:/{name}@{alias}"
 
@@ -466,12 +504,16 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict, step: int) -> 
         client.log_batch(run_id, metrics=batch[start : start + MAX_BATCH])
 
 
-EPOCH_KEYS = re.compile(r"^(epoch|train_\w+|val_\w+|best_val_accuracy|lr|images_per_second|"
-                        r"epoch_seconds)$")  # fmt: skip
-FINAL_KEYS = re.compile(r"^(test_\w+|best_epoch|best_val_accuracy|trial_seconds|train_seconds|"
-                        r"mean_images_per_second|checkpoints|checkpoint_seconds|train_images|"
-                        r"val_images|params|gflops|latency_ms|throughput|latency_threads|"
-                        r"peak_memory_mb)$")  # fmt: skip
+EPOCH_KEYS = re.compile(
+    r"^(epoch|train_\w+|val_\w+|best_val_accuracy|lr|images_per_second|"
+    r"epoch_seconds)$"
+)
+FINAL_KEYS = re.compile(
+    r"^(test_\w+|best_epoch|best_val_accuracy|trial_seconds|train_seconds|"
+    r"mean_images_per_second|checkpoints|checkpoint_seconds|train_images|"
+    r"val_images|params|gflops|latency_ms|throughput|latency_threads|"
+    r"peak_memory_mb)$"
+)
 
 
 def failure_reason(text: str) -> str:

@@ -49,8 +49,12 @@ def trial_config(params: dict, base: dict, index: int | None = None) -> tuple[Tr
     if index is not None:  # a grid cell
         spec = member_specs(params)[index]
         config = TrialConfig.from_dict(spec["config"])
-        return config, {"cell": spec["cell"], "seed": spec["seed"], "fold": spec["fold"],
-                        "repetition": config.repetition}  # fmt: skip
+        return config, {
+            "cell": spec["cell"],
+            "seed": spec["seed"],
+            "fold": spec["fold"],
+            "repetition": config.repetition,
+        }
     values = {**base, **params}  # a tuning sample on top of the study's base config
     config = TrialConfig.from_dict(values)
     return config, {"cell": "tuned", "seed": config.seed, "fold": config.fold, "repetition": 0}
@@ -83,13 +87,26 @@ def write_artifacts(folder: Path, final: dict, result) -> None:
     from fermodel.plots import plot_trial  # matplotlib: imported by the actors that finish
 
     (folder / RESULTS_FILE).write_text(json.dumps(final) + "\n")
-    (folder / "predictions.json").write_text(json.dumps({
-        "classes": list(result.classes), "ids": result.test_ids, "groups": result.test_groups,
-        "labels": result.test_labels, "predictions": result.test_predictions,
-    }) + "\n")  # fmt: skip
-    report = {"classes": list(result.classes), "test": result.test, "val": result.val,
-              "confusion": result.test_confusion, "best_epoch": result.best_epoch,
-              "notes": result.notes}  # fmt: skip
+    (folder / "predictions.json").write_text(
+        json.dumps(
+            {
+                "classes": list(result.classes),
+                "ids": result.test_ids,
+                "groups": result.test_groups,
+                "labels": result.test_labels,
+                "predictions": result.test_predictions,
+            }
+        )
+        + "\n"
+    )
+    report = {
+        "classes": list(result.classes),
+        "test": result.test,
+        "val": result.val,
+        "confusion": result.test_confusion,
+        "best_epoch": result.best_epoch,
+        "notes": result.notes,
+    }
     (folder / "per_class_report.json").write_text(json.dumps(report, indent=1) + "\n")
     plot_trial(result, folder)
     if result.model_state is not None:
@@ -189,8 +206,11 @@ def run_pack(
     configs = [TrialConfig.from_dict(s["config"]) for s in specs]
     trial_id = tune.get_context().get_trial_id()
     notes = {i: f"{FAILURES}/{trial_id}-{i}.txt" for i in range(len(specs))}
-    ended = {i: text for i, note in notes.items()
-             if session and (text := session.read_text(note)) is not None}  # fmt: skip
+    ended = {
+        i: text
+        for i, note in notes.items()
+        if session and (text := session.read_text(note)) is not None
+    }
     with tempfile.TemporaryDirectory(prefix="fer-resume-") as restored:
         sources, damage = _member_sources(specs, restored, storage_uri)
         finals = {i: src for i, src in sources.items() if (src / RESULTS_FILE).is_file()}
@@ -219,12 +239,13 @@ def _report_final(results: dict, finals: dict, ended: dict, started: float) -> N
             shutil.copytree(source, Path(folder) / str(i))
             members[str(i)] = json.loads((source / RESULTS_FILE).read_text())
         epoch = max((m.get("epoch", 0) for m in members.values()), default=0)
-        tune.report({"epoch": epoch, "completed": 1, "members": members},
-                    checkpoint=tune.Checkpoint.from_directory(folder))  # fmt: skip
+        tune.report(
+            {"epoch": epoch, "completed": 1, "members": members},
+            checkpoint=tune.Checkpoint.from_directory(folder),
+        )
 
 
-def _member_sources(specs: list[dict], folder: str, storage_uri: str | None
-                    ) -> tuple[dict, dict]:  # fmt: skip
+def _member_sources(specs: list[dict], folder: str, storage_uri: str | None) -> tuple[dict, dict]:
     """Each member's intact checkpoint folder, copied into ``folder``: this Tune trial's own
     (a retried pack), else the newest intact one an earlier invocation indexed for it
     (``orchestrate.ledger``); and, for members whose checkpoints were found damaged, what was
@@ -283,8 +304,9 @@ def _damaged(folder: Path) -> str | None:
     return None
 
 
-def _train_members(live: list[int], configs, datasets, sources, session, notes,
-                   damage: dict) -> dict:  # fmt: skip
+def _train_members(
+    live: list[int], configs, datasets, sources, session, notes, damage: dict
+) -> dict:
     """``fit_pack`` on the live members, reporting each epoch under their pack indices. A
     member whose checkpoints were damaged says so in its first report and in its notes."""
     from fermodel.engine import fit_pack
@@ -305,8 +327,11 @@ def _train_members(live: list[int], configs, datasets, sources, session, notes,
             elif entry is not None:
                 members[str(i)] = entry
                 if i in unsaid:
-                    members[str(i)] = {**entry, "checkpoint_damage": unsaid.pop(i),
-                                       "continued_after_epoch": damage[i][1]}  # fmt: skip
+                    members[str(i)] = {
+                        **entry,
+                        "checkpoint_damage": unsaid.pop(i),
+                        "continued_after_epoch": damage[i][1],
+                    }
         epoch = next((m["epoch"] for m in members.values() if "epoch" in m), 0)
         if folder is None:
             tune.report({"epoch": epoch, "members": members})
@@ -317,13 +342,16 @@ def _train_members(live: list[int], configs, datasets, sources, session, notes,
             for position, i in enumerate(live):
                 if (Path(folder) / str(position)).is_dir():
                     (Path(folder) / str(position)).rename(Path(named) / str(i))
-            tune.report({"epoch": epoch, "members": members},
-                        checkpoint=tune.Checkpoint.from_directory(named))  # fmt: skip
+            tune.report(
+                {"epoch": epoch, "members": members},
+                checkpoint=tune.Checkpoint.from_directory(named),
+            )
         if asked:
             asked.pause_after_checkpoint()
 
-    out = fit_pack([configs[i] for i in live], data, report=report, checkpoints=starts,
-                   checkpoint_now=asked)  # fmt: skip
+    out = fit_pack(
+        [configs[i] for i in live], data, report=report, checkpoints=starts, checkpoint_now=asked
+    )
     for i, result in zip(live, out, strict=True):
         if i in said and not isinstance(result, TrainingDiverged):
             result.notes.insert(0, said[i])

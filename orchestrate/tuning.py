@@ -71,8 +71,11 @@ def _fate(row, rungs: list[int]) -> str:
         return "finished"
     if row.status == "FINISHED":
         rung = rungs.index(row.epochs_run) + 1 if row.epochs_run in rungs else None
-        return (f"stopped at rung {rung} (epoch {row.epochs_run})" if rung
-                else f"stopped after epoch {row.epochs_run}")  # fmt: skip
+        return (
+            f"stopped at rung {rung} (epoch {row.epochs_run})"
+            if rung
+            else f"stopped after epoch {row.epochs_run}"
+        )
     if row.status == "FAILED":
         return f"failed: {failure_reason(row.error)}"
     return "interrupted" if row.status == "KILLED" else row.status.lower()
@@ -86,8 +89,10 @@ def tuning_report(data, n_importance_trees: int = 64) -> TuningReport:
     goals, constraints = settings.goals, list(settings.constraints)
     space = {p["name"]: p for p in meta.get("space", [])}
     frame = trials.copy()
-    frame["order"] = [int(n.rsplit("-", 1)[-1]) if re.search(r"-\d+$", n) else i
-                      for i, n in enumerate(frame.get("name", pd.Series(dtype=str)))]  # fmt: skip
+    frame["order"] = [
+        int(n.rsplit("-", 1)[-1]) if re.search(r"-\d+$", n) else i
+        for i, n in enumerate(frame.get("name", pd.Series(dtype=str)))
+    ]
     frame = frame.sort_values("order").reset_index(drop=True)
     sampled = [parse_sampled(s, space) for s in frame.sampled]
     params = [p for p in space if any(p in s for s in sampled)]
@@ -103,18 +108,22 @@ def tuning_report(data, n_importance_trees: int = 64) -> TuningReport:
         if c.metric not in frame:
             frame[c.metric] = math.nan
     frame["violates"] = [  # only where the value is known: a trial that failed first has none
-        "; ".join(f"{c.metric} {getattr(r, c.metric):.4g} breaks {c}" for c in constraints
-                  if c.excess(getattr(r, c.metric)) > 0)
+        "; ".join(
+            f"{c.metric} {getattr(r, c.metric):.4g} breaks {c}"
+            for c in constraints
+            if c.excess(getattr(r, c.metric)) > 0
+        )
         for r in frame.itertuples()
-    ]  # fmt: skip
+    ]
     complete = frame.fate.eq("finished") & frame[[m for m, _ in goals]].notna().all(axis=1)
     frame["ranked"] = complete & frame.violates.eq("")
     frame["front"], frame["dominated_by"] = False, ""
     ranked = frame[frame.ranked]
     if len(ranked):
         points = ranked[[m for m, _ in goals]].to_numpy(dtype=float)
-        for index, on, by in zip(ranked.index, on_front(points, goals),
-                                 dominators(points, goals), strict=True):  # fmt: skip
+        for index, on, by in zip(
+            ranked.index, on_front(points, goals), dominators(points, goals), strict=True
+        ):
             frame.at[index, "front"] = bool(on)
             frame.at[index, "dominated_by"] = ", ".join(ranked.name.iloc[i] for i in by)
     best = _best(frame, goals)
@@ -152,9 +161,14 @@ def _best(frame: pd.DataFrame, goals) -> dict | None:
     order = ranked.sort_values([metric, "order"], ascending=[mode == "min", True])
     row = order.iloc[0]
     params = {c[6:]: v for c, v in row.items() if c.startswith("param_") and _present(v)}
-    return {"name": row["name"], "run_id": row.run_id, "sampled": row.sampled, "params": params,
-            "values": {m: float(row[m]) for m, _ in goals},
-            "test_accuracy": float(row.get("test_accuracy", math.nan))}  # fmt: skip
+    return {
+        "name": row["name"],
+        "run_id": row.run_id,
+        "sampled": row.sampled,
+        "params": params,
+        "values": {m: float(row[m]) for m, _ in goals},
+        "test_accuracy": float(row.get("test_accuracy", math.nan)),
+    }
 
 
 def _reference(ranked: pd.DataFrame, goals, constraints) -> list[float] | None:
@@ -162,8 +176,9 @@ def _reference(ranked: pd.DataFrame, goals, constraints) -> list[float] | None:
         return None
     reference = []
     for metric, mode in goals:
-        bounds = [c.bound for c in constraints
-                  if c.metric == metric and (c.op == "<=") == (mode == "min")]  # fmt: skip
+        bounds = [
+            c.bound for c in constraints if c.metric == metric and (c.op == "<=") == (mode == "min")
+        ]
         values = ranked[metric].astype(float)
         if bounds:
             reference.append(min(bounds) if mode == "min" else max(bounds))
@@ -215,13 +230,17 @@ def _importances(frame, goals, space, params, trees: int) -> dict:
                 p["low"], p["high"], log=p["type"] == "loguniform"
             )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(directions=["maximize" if m == "max" else "minimize"
-                                            for _, m in goals])  # fmt: skip
+    study = optuna.create_study(
+        directions=["maximize" if m == "max" else "minimize" for _, m in goals]
+    )
     for _, row in ranked.iterrows():
-        study.add_trial(optuna.trial.create_trial(
-            params={n: row[f"param_{n}"] for n in always}, distributions=distributions,
-            values=[float(row[m]) for m, _ in goals],
-        ))  # fmt: skip
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={n: row[f"param_{n}"] for n in always},
+                distributions=distributions,
+                values=[float(row[m]) for m, _ in goals],
+            )
+        )
     # fANOVA (a random forest's variance decomposition) uses every trial; Optuna's default,
     # PED-ANOVA, compares the top 10% with the rest, which tens of trials cannot populate
     evaluator = optuna.importance.FanovaImportanceEvaluator(n_trees=trees, seed=0)
@@ -229,8 +248,11 @@ def _importances(frame, goals, space, params, trees: int) -> dict:
     for i, (metric, _) in enumerate(goals):
         if ranked[metric].nunique() < 2:
             continue  # nothing varies: nothing to attribute
-        out[metric] = dict(optuna.importance.get_param_importances(
-            study, evaluator=evaluator, target=lambda t, i=i: t.values[i]))  # fmt: skip
+        out[metric] = dict(
+            optuna.importance.get_param_importances(
+                study, evaluator=evaluator, target=lambda t, i=i: t.values[i]
+            )
+        )
     return out
 
 

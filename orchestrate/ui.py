@@ -47,8 +47,13 @@ def study_experiment(uri: str, study: str | None) -> str | None:
             raise ValueError(f"study {study!r} has no experiment in {uri}")
         return experiment.experiment_id
     ids = [e.experiment_id for e in client.search_experiments()]
-    newest = client.search_runs(ids, f"tags.{PARENT_TAG} = 'true'", order_by=["start_time DESC"],
-                                max_results=1) if ids else []  # fmt: skip
+    newest = (
+        client.search_runs(
+            ids, f"tags.{PARENT_TAG} = 'true'", order_by=["start_time DESC"], max_results=1
+        )
+        if ids
+        else []
+    )
     return newest[0].info.experiment_id if newest else None
 
 
@@ -62,11 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--study", metavar="NAME", help="the study whose runs to open. Default: the newest one"
     )
-    parser.add_argument("--tracking-uri", metavar="URI",
-                        help="MLflow store. Default: MLFLOW_TRACKING_URI if set, else "
-                        "sqlite:///<cwd>/mlflow.db (as for the studies)")  # fmt: skip
-    parser.add_argument("--host", default=HOST,
-                        help=f"the interface to serve on. Default: {HOST}")  # fmt: skip
+    parser.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow store. Default: MLFLOW_TRACKING_URI if set, else "
+        "sqlite:///<cwd>/mlflow.db (as for the studies)",
+    )
+    parser.add_argument("--host", default=HOST, help=f"the interface to serve on. Default: {HOST}")
     parser.add_argument("--port", type=int, default=PORT, help=f"Default: {PORT}")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
@@ -78,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         if server:
             check_reachable(uri)
         elif uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-            raise ValueError(f"no MLflow store at {uri.removeprefix('sqlite:///')}; run a study "
-                             f"first, or give --tracking-uri")  # fmt: skip
+            raise ValueError(
+                f"no MLflow store at {uri.removeprefix('sqlite:///')}; run a study "
+                f"first, or give --tracking-uri"
+            )
         url = runs_url(ui_base(uri, args.host, args.port), study_experiment(uri, args.study))
     except (ValueError, TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -88,8 +97,20 @@ def main(argv: list[str] | None = None) -> int:
         print(url)
         return 0
     print(f"MLflow UI on {mask(uri)}: open {url} (Ctrl-C stops it)", flush=True)
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-               "--host", args.host, "--port", str(args.port), "--workers", "1"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--workers",
+        "1",
+    ]
     os.execv(sys.executable, command)
 
 

@@ -78,8 +78,16 @@ RUN_OWNED = {"dataset", "data_path", "protocol", "fold", "folds", "repetition", 
 DATASET_KEYS = frozenset(DATA_KEYS) | frozenset(SPLIT_KEYS)
 # what a tuning trial reports every epoch, so what it can be ranked, stopped and chosen by:
 # validation figures, and the cost of running its architecture (fermodel.cost)
-METRICS = ("best_val_accuracy", "val_accuracy", "val_macro_f1", "val_min_recall",
-           "params", "gflops", "latency_ms", "throughput")  # fmt: skip
+METRICS = (
+    "best_val_accuracy",
+    "val_accuracy",
+    "val_macro_f1",
+    "val_min_recall",
+    "params",
+    "gflops",
+    "latency_ms",
+    "throughput",
+)
 CONSTRAINT = re.compile(r"^\s*(\w+)\s*(<=|>=)\s*([-+]?[0-9.]+(?:[eE][-+]?\d+)?)\s*$")
 
 
@@ -265,8 +273,10 @@ class Study:
         if self.repetitions < 1:
             raise StudyError(f"{self.path}: {key}: must be at least 1, got {self.repetitions}")
         if self.repetitions > 1 and self.kind != "grid":
-            raise StudyError(f"{self.path}: {key}: repeated k-fold is a grid study's design; "
-                             "a tuning study trains one split per sample")  # fmt: skip
+            raise StudyError(
+                f"{self.path}: {key}: repeated k-fold is a grid study's design; "
+                "a tuning study trains one split per sample"
+            )
 
     @property
     def repetition_ids(self) -> list[int]:
@@ -309,8 +319,13 @@ class Study:
         for cell in self.cells:
             for seed in range(self.seeds_for(preset)):
                 for rep, fold in itertools.product(self.repetition_ids, self.fold_ids):
-                    values = {**base, **cell.overrides, "seed": seed, "fold": fold,
-                              "repetition": rep}  # fmt: skip
+                    values = {
+                        **base,
+                        **cell.overrides,
+                        "seed": seed,
+                        "fold": fold,
+                        "repetition": rep,
+                    }
                     config = _config(self.path, f"cells.{cell.name}", values)
                     identity = trial_identity(self.name, config)
                     specs.append(TrialSpec(cell.name, seed, fold, config, identity, rep))
@@ -372,8 +387,19 @@ def _parse(path: Path, raw: dict) -> Study:
     def fail(key: str, problem: str) -> StudyError:
         return StudyError(f"{path}: {key}: {problem}")
 
-    allowed = {"name", "description", "kind", "reference", "contrasts", "run", "defaults",
-               "cells", "tune", "space", "presets"}  # fmt: skip
+    allowed = {
+        "name",
+        "description",
+        "kind",
+        "reference",
+        "contrasts",
+        "run",
+        "defaults",
+        "cells",
+        "tune",
+        "space",
+        "presets",
+    }
     for key in raw:
         if key not in allowed:
             raise fail(key, f"unknown key; allowed: {', '.join(sorted(allowed))}")
@@ -385,8 +411,10 @@ def _parse(path: Path, raw: dict) -> Study:
     run = _table(raw, "run", fail)
     for key in run:
         if key not in ("dataset", "data_path", "protocol", "folds", "repetitions", "seeds"):
-            raise fail(f"run.{key}", "unknown key; allowed: dataset, data_path, protocol, "
-                       "folds, repetitions, seeds")  # fmt: skip
+            raise fail(
+                f"run.{key}",
+                "unknown key; allowed: dataset, data_path, protocol, folds, repetitions, seeds",
+            )
     protocol = _typed(run, "protocol", str, fail, "run.", default="auto")
     if protocol not in ("auto", "official", "kfold", "paper"):
         raise fail("run.protocol", f"{protocol!r} is not one of auto, official, kfold, paper")
@@ -405,8 +433,9 @@ def _parse(path: Path, raw: dict) -> Study:
         tune_changes = table.get("tune", {})
         # [presets.NAME.<dataset>]: keys applied only when the study runs on that dataset
         per_dataset = {k: v for k, v in table.items() if k in DATASETS and isinstance(v, dict)}
-        keys = {k: v for k, v in table.items()
-                if k not in ("tune", "seeds") and k not in per_dataset}  # fmt: skip
+        keys = {
+            k: v for k, v in table.items() if k not in ("tune", "seeds") and k not in per_dataset
+        }
         if "seeds" in table:
             value = _typed(table, "seeds", int, fail, f"presets.{preset}.")
             if value < 1:
@@ -421,8 +450,13 @@ def _parse(path: Path, raw: dict) -> Study:
             **({"seeds": table["seeds"]} if "seeds" in table else {}),
         }
         for dataset, values in presets[preset]["datasets"].items():
-            merged = {**defaults, **presets[preset]["config"], **values, "dataset": dataset,
-                      "data_path": "" if dataset == "synthetic" else "/"}  # fmt: skip
+            merged = {
+                **defaults,
+                **presets[preset]["config"],
+                **values,
+                "dataset": dataset,
+                "data_path": "" if dataset == "synthetic" else "/",
+            }
             _config(path, f"presets.{preset}.{dataset}", merged)
 
     study = Study(
@@ -470,8 +504,9 @@ def _check_rungs(study: Study, preset: str | None, raw: dict, fail) -> None:
         source = " in [defaults]"
     else:
         source = ", TrialConfig's default"
-    raise fail(key, f"{grace} leaves no ASHA rung before the last epoch (epochs = {epochs}"
-               f"{source})")  # fmt: skip
+    raise fail(
+        key, f"{grace} leaves no ASHA rung before the last epoch (epochs = {epochs}{source})"
+    )
 
 
 def _grid(study: Study, raw: dict, fail) -> Study:
@@ -494,8 +529,9 @@ def _grid(study: Study, raw: dict, fail) -> Study:
             raise fail(f"{where}.paper", "must map datasets to accuracies in percent")
         for dataset, accuracy in paper.items():
             if dataset not in DATASETS:
-                raise fail(f"{where}.paper.{dataset}",
-                           f"not a dataset; known: {', '.join(DATASETS)}")  # fmt: skip
+                raise fail(
+                    f"{where}.paper.{dataset}", f"not a dataset; known: {', '.join(DATASETS)}"
+                )
             if not _number(accuracy) or not 0 <= accuracy <= 100:
                 problem = f"must be an accuracy in percent (0 to 100), got {accuracy!r}"
                 raise fail(f"{where}.paper.{dataset}", problem)
@@ -536,8 +572,9 @@ def study_contrasts(raw: dict, source: str = "study.toml") -> tuple[Contrast, ..
 
     cells = tuple(Cell(c["name"], c.get("label", c["name"]), {}, {}) for c in raw.get("cells", []))
     declared = parse_contrasts(raw.get("contrasts", []), cells, fail)
-    return declared or default_contrasts(cells, raw.get("reference", cells[0].name if cells
-                                                        else None))  # fmt: skip
+    return declared or default_contrasts(
+        cells, raw.get("reference", cells[0].name if cells else None)
+    )
 
 
 def parse_contrasts(entries, cells: tuple[Cell, ...], fail) -> tuple[Contrast, ...]:
@@ -557,26 +594,35 @@ def parse_contrasts(entries, cells: tuple[Cell, ...], fail) -> tuple[Contrast, .
         sides = {}
         for side in ("plus", "minus"):
             value = entry.get(side)
-            if not isinstance(value, list) or not value or not all(isinstance(v, str)
-                                                                   for v in value):  # fmt: skip
+            if (
+                not isinstance(value, list)
+                or not value
+                or not all(isinstance(v, str) for v in value)
+            ):
                 raise fail(f"{where}.{side}", "must be a non-empty list of cell names")
             unknown = [v for v in value if v not in labels]
             if unknown:
-                raise fail(f"{where}.{side}", f"{unknown[0]!r} is not a cell; cells: "
-                           f"{', '.join(labels)}")  # fmt: skip
+                raise fail(
+                    f"{where}.{side}", f"{unknown[0]!r} is not a cell; cells: {', '.join(labels)}"
+                )
             sides[side] = tuple(value)
         plus, minus = sides["plus"], sides["minus"]
         if len(plus) != len(minus):
-            raise fail(where, f"plus and minus need as many cells each (the weights sum to 0), "
-                       f"got {len(plus)} and {len(minus)}")  # fmt: skip
+            raise fail(
+                where,
+                f"plus and minus need as many cells each (the weights sum to 0), "
+                f"got {len(plus)} and {len(minus)}",
+            )
         twice = sorted(c for c in set(plus + minus) if (plus + minus).count(c) > 1)
         if twice:
             raise fail(where, f"cell {twice[0]!r} is listed twice")
         if len(plus) == 1:
             default = f"{labels[plus[0]]} vs {labels[minus[0]]}"
         else:
-            default = (f"({' + '.join(labels[c] for c in plus)}) - "
-                       f"({' + '.join(labels[c] for c in minus)})")  # fmt: skip
+            default = (
+                f"({' + '.join(labels[c] for c in plus)}) - "
+                f"({' + '.join(labels[c] for c in minus)})"
+            )
         family = _typed(entry, "family", str, fail, f"{where}.", default="comparisons")
         label = _typed(entry, "label", str, fail, f"{where}.", default=default)
         if any(c.family == family and c.label == label for c in out):
@@ -608,8 +654,9 @@ def _tune(study: Study, raw: dict, fail) -> Study:
             what = "the dataset every trial reads; tuning studies load it once"
             if name not in DATA_KEYS:
                 what = "the splits every trial reads; tuning studies fix them once"
-            raise fail(f"{where}.name", f"{name!r} changes {what} (set it in [defaults] or a "
-                       f"preset)")  # fmt: skip
+            raise fail(
+                f"{where}.name", f"{name!r} changes {what} (set it in [defaults] or a preset)"
+            )
         if any(p.name == name for p in params):
             raise fail(f"{where}.name", f"{name!r} is sampled twice")
         kind = _typed(entry, "type", str, fail, f"{where}.", required=True)
@@ -631,16 +678,22 @@ def _tune(study: Study, raw: dict, fail) -> Study:
             param = Param(name, kind, choices=_choices(study, entry, name, where, fail), when=when)
         else:
             if takes not in (int, float):
-                raise fail(f"{where}.type", f"{kind!r} samples numbers; {name!r} takes "
-                           f"{TYPE_NAMES[takes]} (use categorical)")  # fmt: skip
+                raise fail(
+                    f"{where}.type",
+                    f"{kind!r} samples numbers; {name!r} takes "
+                    f"{TYPE_NAMES[takes]} (use categorical)",
+                )
             if takes is int and kind != "int":
-                raise fail(f"{where}.type", f"{kind!r} samples fractions; {name!r} takes "
-                           f"integers (use int)")  # fmt: skip
+                raise fail(
+                    f"{where}.type",
+                    f"{kind!r} samples fractions; {name!r} takes integers (use int)",
+                )
             low, high = entry.get("low"), entry.get("high")
             for key, value in (("low", low), ("high", high)):
                 if kind == "int" and not _of_type(value, int):
-                    raise fail(f"{where}.{key}", f"an int parameter needs integer bounds, "
-                               f"got {value!r}")  # fmt: skip
+                    raise fail(
+                        f"{where}.{key}", f"an int parameter needs integer bounds, got {value!r}"
+                    )
                 if _number(value) and not math.isfinite(value):
                     raise fail(f"{where}.{key}", f"must be finite, got {value!r}")
             if (
@@ -648,8 +701,10 @@ def _tune(study: Study, raw: dict, fail) -> Study:
                 or not low < high
                 or (kind == "loguniform" and low <= 0)
             ):
-                raise fail(f"{where}.low", f"needs numbers low < high (> 0 for loguniform), "
-                           f"got {low!r}, {high!r}")  # fmt: skip
+                raise fail(
+                    f"{where}.low",
+                    f"needs numbers low < high (> 0 for loguniform), got {low!r}, {high!r}",
+                )
             for v in (low, high):
                 _config(study.path, f"{where}", {**study.defaults, name: v})
             if kind != "int":
@@ -670,8 +725,7 @@ def _choices(study: Study, entry: dict, name: str, where: str, fail) -> tuple:
     seen = []
     for choice in choices:
         if not _of_type(choice, takes):
-            raise fail(f"{where}.choices", f"{name!r} takes {TYPE_NAMES[takes]}, "
-                       f"got {choice!r}")  # fmt: skip
+            raise fail(f"{where}.choices", f"{name!r} takes {TYPE_NAMES[takes]}, got {choice!r}")
         _config(study.path, f"{where}.choices", {**study.defaults, name: choice})
         value = float(choice) if takes is float else choice
         if value in seen:
@@ -703,14 +757,16 @@ def _tune_keys(table, where: str, fail) -> dict:
     if out.get("mode", "max") not in ("max", "min"):
         raise fail(f"{where}.mode", "must be max or min")
     if out.get("metric", METRICS[0]) not in METRICS:
-        raise fail(f"{where}.metric", f"must be one of {', '.join(METRICS)}, "
-                   f"got {out['metric']!r}")  # fmt: skip
+        raise fail(f"{where}.metric", f"must be one of {', '.join(METRICS)}, got {out['metric']!r}")
     if "objectives" in out and ({"metric", "mode"} & set(out)):
         raise fail(f"{where}.objectives", "replaces metric and mode: give one or the other")
     factor = out.get("reduction_factor", 2)
     if factor < 2:  # ASHAScheduler asserts reduction_factor > 1
-        raise fail(f"{where}.reduction_factor", f"must be at least 2 (ASHA keeps 1 in "
-                   f"reduction_factor trials at each rung), got {factor}")  # fmt: skip
+        raise fail(
+            f"{where}.reduction_factor",
+            f"must be at least 2 (ASHA keeps 1 in "
+            f"reduction_factor trials at each rung), got {factor}",
+        )
     return out
 
 
@@ -740,8 +796,9 @@ def _constraints(value, where: str, fail) -> tuple:
     for i, text in enumerate(value):
         match = CONSTRAINT.match(text) if isinstance(text, str) else None
         if match is None:
-            raise fail(f"{where}[{i}]", f'must read "METRIC <= NUMBER" or "METRIC >= NUMBER", '
-                       f"got {text!r}")  # fmt: skip
+            raise fail(
+                f"{where}[{i}]", f'must read "METRIC <= NUMBER" or "METRIC >= NUMBER", got {text!r}'
+            )
         metric, op, bound = match.groups()
         out.append(Constraint(_metric(metric, f"{where}[{i}]", fail), op, float(bound), bound))
     return tuple(out)

@@ -16,8 +16,13 @@ def ray_cluster():
     import ray
 
     # a small object store: the tests' datasets are tiny, and every xdist worker has its own Ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             object_store_memory=300 * 2**20)  # fmt: skip
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="ERROR",
+        object_store_memory=300 * 2**20,
+    )
     yield
     ray.shutdown()
 
@@ -66,16 +71,25 @@ def finished_study(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("finished")
     (tmp / "minireport.toml").write_text(FINISHED_STUDY)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    options = RunOptions(preset="tiny", storage=str(tmp / "ray"), tracking_uri=uri,
-                         reports=str(tmp / "reports"))  # fmt: skip
+    options = RunOptions(
+        preset="tiny", storage=str(tmp / "ray"), tracking_uri=uri, reports=str(tmp / "reports")
+    )
     out = io.StringIO()
     summary = run_study(load_study(tmp / "minireport.toml"), options, out=out)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("minireport")
     runs = client.search_runs([experiment.experiment_id])
     children = [r for r in runs if r.data.tags["study_parent"] == "false"]
-    return SimpleNamespace(tmp=tmp, uri=uri, client=client, experiment=experiment, runs=runs,
-                           children=children, summary=summary, out=out.getvalue())  # fmt: skip
+    return SimpleNamespace(
+        tmp=tmp,
+        uri=uri,
+        client=client,
+        experiment=experiment,
+        runs=runs,
+        children=children,
+        summary=summary,
+        out=out.getvalue(),
+    )
 
 
 TINY = """
@@ -121,9 +135,15 @@ def chromium(playwright):
     """Debian's chromium, headless, with the flags a closed network needs (no downloads)."""
     return playwright.chromium.launch(
         executable_path="/usr/bin/chromium",
-        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-              "--disable-component-update", "--disable-sync", "--no-first-run"],
-    )  # fmt: skip
+        args=[
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+        ],
+    )
 
 
 def free_port() -> int:

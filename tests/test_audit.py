@@ -8,7 +8,7 @@ import torch
 
 from fermodel.data import audit, load_dataset, make_splits, make_synthetic
 from fermodel.data.audit import content_groups, leaked
-from fermodel.data.fer2013 import write_fer2013_csv
+from fermodel.data.fakes import write_fer2013_csv
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +65,12 @@ def test_drop_leaked_removes_exactly_the_planted_copies(planted, tmp_path):
     assert len(splits.test) == int((data.split == "test").sum()) - 3
     assert len(splits.full_test) == int((data.split == "test").sum())
     assert audit(loaded.subset(np.isin(loaded.ids, [*splits.train.ids, *kept]))).cross_split == (
-        {"val": 0, "test": 0})  # fmt: skip
-    assert ("drop_leaked: dropped 1 val images (1 with a copy in train, 0 in test) and 3 test "
-            "images (a copy in train)") in splits.notes  # fmt: skip
+        {"val": 0, "test": 0}
+    )
+    assert (
+        "drop_leaked: dropped 1 val images (1 with a copy in train, 0 in test) and 3 test "
+        "images (a copy in train)"
+    ) in splits.notes
 
 
 def test_every_load_carries_its_audit():
@@ -105,8 +108,10 @@ def test_the_audit_counts_val_test_cross_duplicates_with_examples(tmp_path):
     assert len(splits.val) == len(val) - 2 and len(splits.test) == len(test)
     assert not {line(val[0]), line(val[1])} & set(splits.val.ids)
     assert splits.full_test is None  # nothing left the test split
-    assert ("drop_leaked: dropped 2 val images (0 with a copy in train, 2 in test) and 0 test "
-            "images (a copy in train)") in splits.notes  # fmt: skip
+    assert (
+        "drop_leaked: dropped 2 val images (0 with a copy in train, 2 in test) and 0 test "
+        "images (a copy in train)"
+    ) in splits.notes
     kept = make_splits(load_dataset("fer2013", tmp_path), "official")
     assert len(kept.val) == len(val)
     assert (

@@ -15,10 +15,9 @@ from fermodel.data.ckplus import (
     detect_ckplus_format,
     read_ckplus,
     read_landmarks,
-    write_ckplus48,
-    write_ckplus_original,
 )
 from fermodel.data.dataset import CKPLUS_CLASSES, DatasetError
+from fermodel.data.fakes import write_ckplus48, write_ckplus_original
 
 # a correct crop differs from the render by resampling only (under 0.3 grey levels on average
 # for every synthetic face); a crop off by a tenth of the face side differs by 6 or more

@@ -11,8 +11,13 @@ from fermodel.train import build_parser as train_parser
 from orchestrate.ablation import build_parser as ablation_parser
 
 # orchestrate's flags that set a config key
-ABLATION_KEYS = {"--dataset": "dataset", "--data": "data_path", "--epochs": "epochs",
-                 "--protocol": "protocol", "--pretrained": "pretrained"}  # fmt: skip
+ABLATION_KEYS = {
+    "--dataset": "dataset",
+    "--data": "data_path",
+    "--epochs": "epochs",
+    "--protocol": "protocol",
+    "--pretrained": "pretrained",
+}
 
 
 def flags(parser: argparse.ArgumentParser):

@@ -80,8 +80,9 @@ def own_view(cmd: list[str], hosts: Path | None = None, private=(), hostname=Non
 def compose_allowed_hosts() -> str:
     """The MLflow server's allow-list exactly as docker/compose.yaml starts it."""
     compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
-    flag = next(a for a in compose["services"]["mlflow"]["command"]
-                if a.startswith("--allowed-hosts="))  # fmt: skip
+    flag = next(
+        a for a in compose["services"]["mlflow"]["command"] if a.startswith("--allowed-hosts=")
+    )
     return flag.split("=", 1)[1]
 
 
@@ -94,8 +95,13 @@ class Group:
 
     def start(self) -> None:
         self.out = open(self.log, "ab")  # closed in stop()
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self.out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            self.cmd,
+            env=self.env,
+            stdout=self.out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         for s in (sig, signal.SIGKILL):
@@ -134,15 +140,22 @@ class Rig:
         self.hosts.write_text(HOSTS)
         self.port, self.dashboard = free_port(), free_port() if dashboard else None
         self.s3_port, self.mlflow_port = free_port(), free_port()
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-                    "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}:{os.environ['PATH']}",
-                    "MLFLOW_LOGGING_LEVEL": "WARNING",
-                    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.s3_port}",
-                    "AWS_ACCESS_KEY_ID": "rig", "AWS_SECRET_ACCESS_KEY": "rig-secret",
-                    "AWS_DEFAULT_REGION": "us-east-1",
-                    # find a dead node within seconds, not the default half minute
-                    "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
-                    "RAY_health_check_failure_threshold": "3"}  # fmt: skip
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "PATH": f"{BIN}:{os.environ['PATH']}",
+            "MLFLOW_LOGGING_LEVEL": "WARNING",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.s3_port}",
+            "AWS_ACCESS_KEY_ID": "rig",
+            "AWS_SECRET_ACCESS_KEY": "rig-secret",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            # find a dead node within seconds, not the default half minute
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_timeout_ms": "1000",
+            "RAY_health_check_failure_threshold": "3",
+        }
         self.env.pop("RAY_ADDRESS", None)
         self.s3, self.head, self.workers, self.mlflow = None, None, [], None
         try:
@@ -153,39 +166,69 @@ class Rig:
 
     def _start(self, workers: int, dashboard: bool) -> None:
         folder = self.folder
-        self.s3 = Group([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.s3_port)],
-                        self.env, folder / "s3.log")  # fmt: skip
+        self.s3 = Group(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.s3_port)],
+            self.env,
+            folder / "s3.log",
+        )
         wait_http(f"http://127.0.0.1:{self.s3_port}/", "the S3 server")
         self.s3_client().create_bucket(Bucket=BUCKET)
-        common = ["--block", "--num-cpus=1", "--node-ip-address=127.0.0.1",
-                  "--disable-usage-stats"]  # fmt: skip
-        head = [str(BIN / "ray"), "start", "--head", f"--port={self.port}",
-                f"--temp-dir={self.temp}", *common]  # fmt: skip
+        common = ["--block", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+        head = [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            f"--port={self.port}",
+            f"--temp-dir={self.temp}",
+            *common,
+        ]
         if dashboard:
             # the job agent's own port too: its default (52365) is taken by any other Ray's
             # agent on the machine, and `ray job submit` then finds "no available agent"
-            head += ["--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                     f"--dashboard-port={self.dashboard}",
-                     f"--dashboard-agent-listen-port={free_port()}"]  # fmt: skip
+            head += [
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard}",
+                f"--dashboard-agent-listen-port={free_port()}",
+            ]
         else:
             head += ["--include-dashboard=false"]
         # the head runs `ray job submit`'s drivers: it resolves the compose host name too
         self.head = Group(own_view(head, hosts=self.hosts), self.env, folder / "head.log")
         self.wait_nodes(1)
         for i in range(workers):
-            worker = [str(BIN / "ray"), "start", f"--address=127.0.0.1:{self.port}",
-                      f"--temp-dir={self.temp}w{i}", *common]  # fmt: skip
+            worker = [
+                str(BIN / "ray"),
+                "start",
+                f"--address=127.0.0.1:{self.port}",
+                f"--temp-dir={self.temp}w{i}",
+                *common,
+            ]
             view = own_view(worker, private=self.private(i), hostname=f"rig-worker-{i}")
             self.workers.append(Group(view, self.env, folder / f"worker{i}.log"))
         self.wait_nodes(1 + workers)
         self.mlflow = Group(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-             "--port", str(self.mlflow_port), "--backend-store-uri",
-             f"sqlite:///{folder / 'server.db'}", "--artifacts-destination",
-             str(folder / "server-artifacts"), "--serve-artifacts", "--workers", "1",
-             f"--allowed-hosts={compose_allowed_hosts()}"],
-            self.env, folder / "mlflow.log",
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.mlflow_port),
+                "--backend-store-uri",
+                f"sqlite:///{folder / 'server.db'}",
+                "--artifacts-destination",
+                str(folder / "server-artifacts"),
+                "--serve-artifacts",
+                "--workers",
+                "1",
+                f"--allowed-hosts={compose_allowed_hosts()}",
+            ],
+            self.env,
+            folder / "mlflow.log",
+        )
         self.wait_mlflow()
 
     def private(self, worker: int) -> list[str]:
@@ -202,9 +245,13 @@ class Rig:
         return f"s3://{BUCKET}/studies"
 
     def s3_client(self):
-        return boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT_URL"],
-                            aws_access_key_id="rig", aws_secret_access_key="rig-secret",
-                            region_name="us-east-1")  # fmt: skip
+        return boto3.client(
+            "s3",
+            endpoint_url=self.env["AWS_ENDPOINT_URL"],
+            aws_access_key_id="rig",
+            aws_secret_access_key="rig-secret",
+            region_name="us-east-1",
+        )
 
     def s3_keys(self, prefix: str = "studies/") -> list[str]:
         pages = (
@@ -229,16 +276,34 @@ class Rig:
                 time.sleep(0.5)
             print(" ".join(alive()))
         """)
-        done = subprocess.run([sys.executable, "-c", check], env=self.env, check=True,
-                              timeout=timeout + 60, capture_output=True, text=True)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", check],
+            env=self.env,
+            check=True,
+            timeout=timeout + 60,
+            capture_output=True,
+            text=True,
+        )
         return done.stdout.split()
 
     def args(self, study: Path, *extra: str) -> list[str]:
         """The study's command line as a user on the head would type it (compose host name)."""
-        return ["-m", "orchestrate.ablation", "--study", str(study), "--preset", "tiny",
-                "--address", f"127.0.0.1:{self.port}", "--storage", self.storage,
-                "--tracking-uri", f"http://mlflow:{self.mlflow_port}", "--no-log-checkpoints",
-                *extra]  # fmt: skip
+        return [
+            "-m",
+            "orchestrate.ablation",
+            "--study",
+            str(study),
+            "--preset",
+            "tiny",
+            "--address",
+            f"127.0.0.1:{self.port}",
+            "--storage",
+            self.storage,
+            "--tracking-uri",
+            f"http://mlflow:{self.mlflow_port}",
+            "--no-log-checkpoints",
+            *extra,
+        ]
 
     def ablation(self, study: Path, *extra: str) -> list[str]:
         return own_view([sys.executable, *self.args(study, *extra)], hosts=self.hosts)
@@ -247,15 +312,17 @@ class Rig:
         # Ray nodes drain for up to 30 s on SIGTERM: the rig's are disposable, killed at once
         for group in [self.mlflow, *self.workers, self.head, self.s3]:
             if group is not None:
-                group.stop(signal.SIGKILL if group in (self.head, *self.workers) else
-                           signal.SIGTERM)  # fmt: skip
+                group.stop(
+                    signal.SIGKILL if group in (self.head, *self.workers) else signal.SIGTERM
+                )
         for i in range(len(self.workers)):
             shutil.rmtree(f"{self.temp}w{i}", ignore_errors=True)
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
-def study_file(folder: Path, name: str, epochs: int = 2, cells: int = 2,
-               backbone: str = "shufflenet_v2_x0_5") -> Path:  # fmt: skip
+def study_file(
+    folder: Path, name: str, epochs: int = 2, cells: int = 2, backbone: str = "shufflenet_v2_x0_5"
+) -> Path:
     body = "\n".join(f'[[cells]]\nname = "{n}"\nloss = "{loss}"' for n, loss in CELLS[:cells])
     path = folder / f"{name}.toml"
     path.write_text(STUDY.format(name=name, epochs=epochs, cells=body, backbone=backbone))
@@ -287,8 +354,9 @@ def run(cmd: list[str], env: dict, cwd: Path, timeout: float = 600):
 # module-scoped fixture would then be torn down and made again
 @pytest.fixture(scope="session")
 def rig(tmp_path_factory):
-    cluster = Rig(tmp_path_factory.mktemp("rig"), tmp_path_factory.getbasetemp(), workers=1,
-                  dashboard=True)  # fmt: skip
+    cluster = Rig(
+        tmp_path_factory.mktemp("rig"), tmp_path_factory.getbasetemp(), workers=1, dashboard=True
+    )
     yield cluster
     cluster.stop()
 
@@ -296,20 +364,31 @@ def rig(tmp_path_factory):
 def test_a_study_on_nodes_that_share_no_disk_keeps_its_checkpoints_in_s3_and_runs_once(rig):
     # resnet18: a trial outlasts the start of the other node's actor, so each node takes one
     study = study_file(rig.folder, "twonodes", backbone="resnet18")
-    driver = subprocess.Popen(rig.ablation(study), env=rig.env, cwd=rig.folder, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    driver = subprocess.Popen(
+        rig.ablation(study),
+        env=rig.env,
+        cwd=rig.folder,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     # meanwhile a colleague launches the same study from a folder of their own: the lease in the
     # bucket refuses it in one line, and it creates nothing
     colleague = rig.folder / "colleague"
     colleague.mkdir()
-    wait_for(lambda: rig.s3_keys("studies/leases/twonodes/") or driver.poll() is not None, 300,
-             "the study's lease")  # fmt: skip
+    wait_for(
+        lambda: rig.s3_keys("studies/leases/twonodes/") or driver.poll() is not None,
+        300,
+        "the study's lease",
+    )
     again = run(rig.ablation(study), rig.env, colleague)
     assert again.returncode == 2 and again.stdout == "", again.stdout + again.stderr
-    assert re.fullmatch(r"error: study twonodes is already running \(host [^,]+, pid "
-                        rf"{driver.pid}, since .*, parent run \w+; lease in {rig.storage}/leases/"
-                        r"twonodes\): stop it first, or wait for it to end\n", again.stderr
-                        ), again.stderr  # fmt: skip
+    assert re.fullmatch(
+        r"error: study twonodes is already running \(host [^,]+, pid "
+        rf"{driver.pid}, since .*, parent run \w+; lease in {rig.storage}/leases/"
+        r"twonodes\): stop it first, or wait for it to end\n",
+        again.stderr,
+    ), again.stderr
     assert not list(colleague.iterdir())
     out, err = driver.communicate(timeout=600)
     done = subprocess.CompletedProcess(driver.args, driver.returncode, out, err)
@@ -348,8 +427,7 @@ def test_a_study_submitted_as_a_ray_job_finishes_and_shows_in_the_mlflow_ui(rig)
     address = ["--address", f"http://127.0.0.1:{rig.dashboard}"]
     deadline = time.time() + 120
     while True:  # the head's job agent starts after the node registers ("try again later")
-        done = run([str(BIN / "ray"), "job", "submit", *address, "--", *entry], rig.env,
-                   rig.folder)  # fmt: skip
+        done = run([str(BIN / "ray"), "job", "submit", *address, "--", *entry], rig.env, rig.folder)
         if "No available agent" not in done.stderr or time.time() > deadline:
             break
         time.sleep(2)
@@ -459,19 +537,25 @@ def test_trials_that_fit_on_no_node_are_refused_within_seconds(rig, flags, asked
 def test_a_killed_driver_is_continued_from_s3_by_the_next_invocation_elsewhere(rig):
     study = study_file(rig.folder, "driverkill", epochs=3)
     cmd = rig.ablation(study, "--max-concurrent", "1")
-    driver = subprocess.Popen(cmd, env={**rig.env, "FER_LEASE_SECONDS": "8"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              cwd=rig.folder)  # fmt: skip
+    driver = subprocess.Popen(
+        cmd,
+        env={**rig.env, "FER_LEASE_SECONDS": "8"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=rig.folder,
+    )
 
     def one_finished_one_checkpointed():
         client, runs = children(rig.uri, "driverkill")
-        indexed = {k.rsplit("/", 1)[-1].removesuffix(".json")
-                   for k in rig.s3_keys("studies/checkpoints/")}  # fmt: skip
+        indexed = {
+            k.rsplit("/", 1)[-1].removesuffix(".json") for k in rig.s3_keys("studies/checkpoints/")
+        }
         return any(r.info.status == "FINISHED" for r in runs) and any(
-            r.info.status == "RUNNING" and r.data.tags.get("trial_identity") in indexed
+            r.info.status == "RUNNING"
+            and r.data.tags.get("trial_identity") in indexed
             and client.get_metric_history(r.info.run_id, "val_accuracy")
             for r in runs
-        )  # fmt: skip
+        )
 
     # the driver notes a trial's checkpoint in the bucket once Tune has it: kill after that
     wait_for(one_finished_one_checkpointed, 300, "a finished trial and a checkpoint of the next")
@@ -485,14 +569,20 @@ def test_a_killed_driver_is_continued_from_s3_by_the_next_invocation_elsewhere(r
     # is gone, so the study's lease holds it off until it expires, and nothing is created ...
     elsewhere = rig.folder / "elsewhere"
     elsewhere.mkdir()
-    there = own_view([sys.executable, *rig.args(study, "--max-concurrent", "1")],
-                     hosts=rig.hosts, hostname="rig-other")  # fmt: skip
+    there = own_view(
+        [sys.executable, *rig.args(study, "--max-concurrent", "1")],
+        hosts=rig.hosts,
+        hostname="rig-other",
+    )
     refused = run(there, rig.env, elsewhere)
     assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
-    said = re.fullmatch(r"error: study driverkill is already running \(host [^,]+, pid "
-                        rf"{driver.pid}, since .*; lease in {rig.storage}/leases/driverkill\): "
-                        r"if it is gone, its lease expires at .* \(in (\d) s\) and the same "
-                        r"command continues the study then\n", refused.stderr)  # fmt: skip
+    said = re.fullmatch(
+        r"error: study driverkill is already running \(host [^,]+, pid "
+        rf"{driver.pid}, since .*; lease in {rig.storage}/leases/driverkill\): "
+        r"if it is gone, its lease expires at .* \(in (\d) s\) and the same "
+        r"command continues the study then\n",
+        refused.stderr,
+    )
     assert said, refused.stderr
     assert not list(elsewhere.iterdir())
     time.sleep(int(said.group(1)) + 1)
@@ -513,8 +603,9 @@ def test_a_killed_driver_is_continued_from_s3_by_the_next_invocation_elsewhere(r
     history = client.get_metric_history(continued.info.run_id, "val_accuracy")
     assert sorted(m.step for m in history) == [1, 2, 3]  # earlier epochs copied, none twice
     exp = client.get_experiment_by_name("driverkill")
-    parents = client.search_runs([exp.experiment_id], "tags.study_parent = 'true'",
-                                 order_by=["attributes.start_time ASC"])  # fmt: skip
+    parents = client.search_runs(
+        [exp.experiment_id], "tags.study_parent = 'true'", order_by=["attributes.start_time ASC"]
+    )
     assert [r.info.status for r in parents] == ["KILLED", "FINISHED"]  # one per invocation
     progress = [ln for ln in done.stdout.splitlines() if " done, " in ln]
     assert progress[0].split("] ")[1].startswith("1/2 done")  # counts the earlier trial
@@ -526,15 +617,24 @@ def test_a_killed_driver_is_continued_from_s3_by_the_next_invocation_elsewhere(r
 def test_an_mlflow_outage_through_the_whole_training_delays_no_trial_and_loses_nothing(rig):
     study = study_file(rig.folder, "outage", epochs=3)
     cmd = [a for a in rig.ablation(study) if a != "--no-log-checkpoints"]
-    driver = subprocess.Popen(cmd, env=rig.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              cwd=rig.folder, text=True)  # fmt: skip
+    driver = subprocess.Popen(
+        cmd,
+        env=rig.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=rig.folder,
+        text=True,
+    )
     lines: list[tuple[float, str]] = []  # (when it was printed, line)
     reader = threading.Thread(
         target=lambda: lines.extend((time.monotonic(), ln) for ln in driver.stdout), daemon=True
     )
     reader.start()
-    wait_for(lambda: any("<- started" in ln for _, ln in lines) or driver.poll() is not None,
-             300, "a running trial")  # fmt: skip
+    wait_for(
+        lambda: any("<- started" in ln for _, ln in lines) or driver.poll() is not None,
+        300,
+        "a running trial",
+    )
     stopped = time.monotonic()
     rig.mlflow.stop()
     # the server stays away until both trials have trained to the end (a minute at most), and
@@ -559,8 +659,9 @@ def test_an_mlflow_outage_through_the_whole_training_delays_no_trial_and_loses_n
         assert steps == [1, 2, 3] and "test_accuracy" in run_.data.metrics
         names = {a.path for a in client.list_artifacts(run_.info.run_id)}
         assert {"confusion_matrix.png", "predictions.json"} <= names
-        logged = client.search_logged_models([run_.info.experiment_id],
-                                             f"source_run_id = '{run_.info.run_id}'")  # fmt: skip
+        logged = client.search_logged_models(
+            [run_.info.experiment_id], f"source_run_id = '{run_.info.run_id}'"
+        )
         assert len(logged) == 1  # the selected model, through the server's artifact proxy
     best = client.get_model_version_by_alias("outage", "best")  # registered at the end
     assert best.run_id in {r.info.run_id for r in runs}
@@ -578,9 +679,20 @@ def test_without_an_address_a_private_ray_starts_beside_a_running_cluster(rig, t
     seen.mkdir()
     (seen / "ray_current_cluster").write_text(f"127.0.0.1:{rig.port}")
     study = study_file(tmp_path, "private", cells=1)
-    cmd = [sys.executable, "-m", "orchestrate.ablation", "--study", str(study), "--preset", "tiny",
-           "--storage", str(tmp_path / "ray"), "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
-           "--no-log-checkpoints"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "orchestrate.ablation",
+        "--study",
+        str(study),
+        "--preset",
+        "tiny",
+        "--storage",
+        str(tmp_path / "ray"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/m.db",
+        "--no-log-checkpoints",
+    ]
     script = f'mkdir -p /tmp/ray && mount --bind {seen} /tmp/ray && exec "$@"'
     view = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *cmd]
     done = run(view, rig.env, tmp_path)
@@ -621,14 +733,33 @@ def test_an_autoscaling_cluster_is_waited_for_up_to_the_node_timeout(tmp_path):
     temp = Path(tempfile.mkdtemp(prefix="rta", dir="/tmp"))
     port = free_port()
     # Ray's own autoscaler with its local "fake" node provider: a GPU node type it may start
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-           "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}:{os.environ['PATH']}",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}  # fmt: skip
+    env = {
+        **os.environ,
+        "RAY_FAKE_CLUSTER": "1",
+        "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+    }
     env.pop("RAY_ADDRESS", None)
-    head = Group([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
-                  f"--autoscaling-config={config}", "--num-cpus=1", f"--temp-dir={temp}",
-                  "--include-dashboard=false", "--disable-usage-stats",
-                  "--node-ip-address=127.0.0.1"], env, tmp_path / "head.log")  # fmt: skip
+    head = Group(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            f"--autoscaling-config={config}",
+            "--num-cpus=1",
+            f"--temp-dir={temp}",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            "--node-ip-address=127.0.0.1",
+        ],
+        env,
+        tmp_path / "head.log",
+    )
     try:
         reporting = textwrap.dedent(f"""
             import time, ray
@@ -642,10 +773,25 @@ def test_an_autoscaling_cluster_is_waited_for_up_to_the_node_timeout(tmp_path):
         """)
         subprocess.run([sys.executable, "-c", reporting], env=env, check=True, timeout=120)
         study = study_file(tmp_path, "autoscale", cells=1)
-        cmd = [sys.executable, "-m", "orchestrate.ablation", "--study", str(study),
-               "--preset", "tiny", "--address", f"127.0.0.1:{port}", "--gpus-per-trial", "1",
-               "--node-timeout", "3", "--storage", str(tmp_path / "ray"),
-               "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "orchestrate.ablation",
+            "--study",
+            str(study),
+            "--preset",
+            "tiny",
+            "--address",
+            f"127.0.0.1:{port}",
+            "--gpus-per-trial",
+            "1",
+            "--node-timeout",
+            "3",
+            "--storage",
+            str(tmp_path / "ray"),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path}/m.db",
+        ]
         started = time.time()
         done = run(cmd, env, tmp_path, timeout=120)
         assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
@@ -666,9 +812,13 @@ def test_a_worker_node_killed_mid_study_has_its_trials_restored_from_s3(rig):
     """It takes the rig's worker away, and starts it again at the end."""
     epochs = 8
     study = study_file(rig.folder, "nodekill", epochs=epochs)
-    driver = subprocess.Popen(rig.ablation(study, "--max-failures", "3"), env=rig.env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              cwd=rig.folder)  # fmt: skip
+    driver = subprocess.Popen(
+        rig.ablation(study, "--max-failures", "3"),
+        env=rig.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=rig.folder,
+    )
 
     def worker_trial_has_two_epochs():
         # the trial on the worker, by the host tag its run carries while it trains (the head's

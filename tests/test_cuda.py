@@ -18,9 +18,17 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 # the paper's model; fp64 where a test compares two ways of training the same steps, since
 # training amplifies float32's rounding differences between kernels (tests/test_pack.py)
-BASE = dict(backbone="resnet50", attention="psa", epochs=2, batch_size=16,
-            synthetic_subjects=6, synthetic_images_per_class=2, device="cuda", tta="none",
-            loss="island")  # fmt: skip
+BASE = dict(
+    backbone="resnet50",
+    attention="psa",
+    epochs=2,
+    batch_size=16,
+    synthetic_subjects=6,
+    synthetic_images_per_class=2,
+    device="cuda",
+    tta="none",
+    loss="island",
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +70,20 @@ def test_a_pack_checks_itself_and_its_graphs_and_trains(data, precision, route, 
 
 # the smaller network for two epochs; the paper's for one: a ResNet-50 trained from scratch on
 # 56 images is chaotic (weights scaled by 1 + 1e-12 move its loss by 1% at epoch 2, CPU or GPU)
-@pytest.mark.parametrize("model", [dict(backbone="shufflenet_v2_x0_5", attention="none"),
-                                   dict(epochs=1)], ids=["shufflenet", "psa-resnet50"])  # fmt: skip
+@pytest.mark.parametrize(
+    "model",
+    [dict(backbone="shufflenet_v2_x0_5", attention="none"), dict(epochs=1)],
+    ids=["shufflenet", "psa-resnet50"],
+)
 @pytest.mark.parametrize("pack", [1, 3], ids=["alone", "pack of 3"])
 def test_graphed_trials_train_the_steps_each_trains_alone_eagerly(data, pack, model):
     """In fp64. Members differ in seed, loss and learning rate; each is compared with itself
     trained alone without graphs."""
-    changes = [dict(seed=0, loss="ce"), dict(seed=1, loss="center"),
-               dict(seed=2, loss="island", lr=3e-3)][:pack]  # fmt: skip
+    changes = [
+        dict(seed=0, loss="ce"),
+        dict(seed=1, loss="center"),
+        dict(seed=2, loss="island", lr=3e-3),
+    ][:pack]
     configs = [TrialConfig(**{**BASE, "precision": "fp64", **model, **c}) for c in changes]
     graphed = fit_pack(configs, data)
     for config, result in zip(configs, graphed, strict=True):
@@ -86,8 +100,9 @@ def test_an_eager_cuda_step_never_waits_for_the_device(data, packed):
     precision = "fp32" if packed else "auto"
     config = TrialConfig(**{**BASE, "cuda_graphs": False, "epochs": 1, "precision": precision})
     device = torch.device("cuda")
-    members = [engine.make_member(config.replace(seed=s), data, device)
-               for s in range(2 if packed else 1)]  # fmt: skip
+    members = [
+        engine.make_member(config.replace(seed=s), data, device) for s in range(2 if packed else 1)
+    ]
     step = engine.make_step(members, device)
     step.train()
     idx = torch.arange(16, device=device).repeat(len(members), 1)

@@ -25,12 +25,19 @@ def data():
 
 def test_repetition_0_is_the_old_split_and_later_ones_redraw_subject_independent_folds(data):
     def tested(repetition: int) -> list[frozenset]:
-        return [frozenset(make_splits(data, "kfold", fold=f, folds=5, seed=3,
-                                      repetition=repetition).test.subjects)
-                for f in range(5)]  # fmt: skip
+        return [
+            frozenset(
+                make_splits(
+                    data, "kfold", fold=f, folds=5, seed=3, repetition=repetition
+                ).test.subjects
+            )
+            for f in range(5)
+        ]
 
-    old = [frozenset(make_splits(data, "kfold", fold=f, folds=5, seed=3).test.subjects)
-           for f in range(5)]  # fmt: skip
+    old = [
+        frozenset(make_splits(data, "kfold", fold=f, folds=5, seed=3).test.subjects)
+        for f in range(5)
+    ]
     assert tested(0) == old
     again, other = tested(1), tested(2)
     assert again == tested(1)  # a drawing is the same whenever it is made
@@ -45,8 +52,10 @@ def test_repetition_0_is_the_old_split_and_later_ones_redraw_subject_independent
 
 
 def test_repetition_needs_the_kfold_protocol():
-    with pytest.raises(ConfigError, match="repetition: 1 re-draws the kfold protocol's folds; "
-                                          "protocol official has none"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match="repetition: 1 re-draws the kfold protocol's folds; protocol official has none",
+    ):
         TrialConfig(repetition=1)
     assert TrialConfig(protocol="kfold", repetition=1).repetition == 1
 
@@ -104,7 +113,7 @@ def test_the_simulated_folds_correlate_as_asked_and_drawings_more():
 
 @pytest.mark.slow
 def test_no_design_holds_its_level_and_the_presets_use_the_closest():
-    """400 null studies an entry (the README's table has 2,000): the level of each design over
+    """400 null studies an entry (docs/report.md's table has 2,000): the level of each design over
     fold correlations 0-0.35 and 6, 20, 100 subjects."""
     table = cv_levels.level_table(studies=400)
     levels = table.set_index(["design", "subjects"])[list(CORRELATIONS)]
@@ -115,9 +124,11 @@ def test_no_design_holds_its_level_and_the_presets_use_the_closest():
     # repetition shrinks the variance the test assumes, not the correlation: it rejects more
     for design in ("3 x repeated k-fold", "10 x repeated k-fold"):
         assert (levels.loc[design][0.35] > one[0.35]).all()
-    # the report's quoted ranges are the README table's, within this run's Monte Carlo error
-    kinds = {"one k-fold split": ["one k-fold split"],
-             "repeated k-fold": ["3 x repeated k-fold", "10 x repeated k-fold"]}  # fmt: skip
+    # the report's quoted ranges are docs/report.md's table's, within this run's Monte Carlo error
+    kinds = {
+        "one k-fold split": ["one k-fold split"],
+        "repeated k-fold": ["3 x repeated k-fold", "10 x repeated k-fold"],
+    }
     for kind, designs in kinds.items():
         these = levels.loc[designs].to_numpy()
         assert these.min() == pytest.approx(MEASURED[kind][0], abs=0.02)

@@ -59,9 +59,19 @@ def schedule(seed: int = 27) -> list[tuple[str, str, int]]:
 
 
 def command(folder: Path, concurrency: int) -> list[str]:
-    return ["--study", str(folder / "damage.toml"), "--preset", "tiny", "--storage",
-            str(folder / "ray"), "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}",
-            "--max-concurrent", str(concurrency), "--no-log-checkpoints"]  # fmt: skip
+    return [
+        "--study",
+        str(folder / "damage.toml"),
+        "--preset",
+        "tiny",
+        "--storage",
+        str(folder / "ray"),
+        "--tracking-uri",
+        f"sqlite:///{folder / 'mlflow.db'}",
+        "--max-concurrent",
+        str(concurrency),
+        "--no-log-checkpoints",
+    ]
 
 
 def runs(folder: Path):
@@ -80,14 +90,19 @@ def interrupted(ray_cluster, tmp_path_factory):
         folder = tmp_path_factory.mktemp("interrupted")
         (folder / "damage.toml").write_text(STUDY)
         address = ["--address", ray.get_runtime_context().gcs_address]
-        driver = subprocess.Popen([sys.executable, "-m", "orchestrate.ablation",
-                                   *command(folder, 2), *address], cwd=folder,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  start_new_session=True)  # fmt: skip
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "orchestrate.ablation", *command(folder, 2), *address],
+            cwd=folder,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.time() + 300
         while time.time() < deadline and driver.poll() is None:
-            found = [json.loads(f.read_text())["checkpoints"] for f in
-                     (folder / "ray" / "checkpoints").glob("*.json")]  # fmt: skip
+            found = [
+                json.loads(f.read_text())["checkpoints"]
+                for f in (folder / "ray" / "checkpoints").glob("*.json")
+            ]
             if len(found) == 2 and all(len(e) >= 2 for e in found):
                 break
             time.sleep(0.1)
@@ -122,11 +137,16 @@ def test_a_damaged_checkpoint_is_named_skipped_and_never_tried_again(
         file.write_text(file.read_text().replace(str(interrupted), str(folder)))
     client, before = runs(folder)
     cell_of = {r.data.tags["trial_identity"]: r.data.tags["cell"] for r in before}
-    indexed = {cell_of[k]: [(e["path"], e["epoch"]) for e in v]
-               for k, v in ((f.stem, json.loads(f.read_text())["checkpoints"])
-                            for f in (folder / "ray" / "checkpoints").glob("*.json"))}  # fmt: skip
-    existing = {cell: [(p, e) for p, e in entries if Path(p).is_dir()]
-                for cell, entries in indexed.items()}  # fmt: skip
+    indexed = {
+        cell_of[k]: [(e["path"], e["epoch"]) for e in v]
+        for k, v in (
+            (f.stem, json.loads(f.read_text())["checkpoints"])
+            for f in (folder / "ray" / "checkpoints").glob("*.json")
+        )
+    }
+    existing = {
+        cell: [(p, e) for p, e in entries if Path(p).is_dir()] for cell, entries in indexed.items()
+    }
     assert all(len(v) >= 2 for v in existing.values()), existing
     damaged = {"newest": [existing["newest"][0]], "every": existing["every"]}
     for cell, how in (("newest", newest), ("every", every)):
@@ -149,11 +169,17 @@ def test_a_damaged_checkpoint_is_named_skipped_and_never_tried_again(
         for path, _ in damaged[cell]:  # named in the run's notes and in the study's output
             assert path in run.data.tags["notes"]
             assert path in out
-        went = (f"continued after epoch {resumed[cell]}" if resumed[cell] else
-                "started over (no intact checkpoint)")  # fmt: skip
+        went = (
+            f"continued after epoch {resumed[cell]}"
+            if resumed[cell]
+            else "started over (no intact checkpoint)"
+        )
         assert f"{run.data.tags['cell']} seed 0 fold 0: damaged checkpoint(s) skipped: " in out
         assert went in run.data.tags["notes"]
     # the damaged files are out of the index: nothing will try them again
-    paths = {e["path"] for f in (folder / "ray" / "checkpoints").glob("*.json")
-             for e in json.loads(f.read_text())["checkpoints"]}  # fmt: skip
+    paths = {
+        e["path"]
+        for f in (folder / "ray" / "checkpoints").glob("*.json")
+        for e in json.loads(f.read_text())["checkpoints"]
+    }
     assert not paths & {p for entries in damaged.values() for p, _ in entries}

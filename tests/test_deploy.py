@@ -284,9 +284,12 @@ def clean_clone(tmp_path):
 
 def make(folder: Path, *args: str, check=True) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["make", "--no-print-directory", *args], cwd=folder, capture_output=True, text=True,
+        ["make", "--no-print-directory", *args],
+        cwd=folder,
+        capture_output=True,
+        text=True,
         check=check,
-    )  # fmt: skip
+    )
 
 
 def test_make_test_still_installs_the_project_then_runs_ruff_and_pytest(clean_clone):
@@ -359,8 +362,13 @@ def test_cluster_nodes_start_with_the_users_token_and_tracking_uri(tmp_path):
     laptop = tmp_path / "laptop"
     laptop.mkdir()
     clean = {"PATH": os.environ["PATH"], "HOME": str(laptop)}
-    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=clean,
-                   cwd=tmp_path, capture_output=True, check=True)  # fmt: skip
+    subprocess.run(
+        [str(BIN / "ray"), "get-auth-token", "--generate"],
+        env=clean,
+        cwd=tmp_path,
+        capture_output=True,
+        check=True,
+    )
     token = (laptop / ".ray" / "auth_token").read_text().strip()
     example = (DOCKER / "cluster.env.example").read_text()
     uri = re.search(r"^MLFLOW_TRACKING_URI=(\S+)$", example, re.M).group(1)
@@ -396,8 +404,14 @@ def test_cluster_nodes_start_with_the_users_token_and_tracking_uri(tmp_path):
         check_flags(shlex.split(flags), cli_help(str(BIN / "ray"), "start", "--help"))
         stand_in = before + f"{sys.executable} -c {shlex.quote(probe)}"
         node_env = {"PATH": os.environ["PATH"], "HOME": str(home), "RAY_HEAD_IP": "10.0.0.1"}
-        out = subprocess.run(["bash", "-c", stand_in], env={**node_env, **env}, cwd=tmp_path,
-                             capture_output=True, text=True, check=True)  # fmt: skip
+        out = subprocess.run(
+            ["bash", "-c", stand_in],
+            env={**node_env, **env},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         seen = json.loads(out.stdout.strip().splitlines()[-1])
         assert seen == {"token": token, "uri": uri}, command
 
@@ -438,8 +452,10 @@ def test_the_rayjob_has_token_auth_shared_data_shm_and_s3_settings():
     assert cluster["authOptions"] == {"mode": "token"}
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     claims = {c["metadata"]["name"]: c for c in kind(docs, "PersistentVolumeClaim")}
-    secrets = re.findall(r"create secret generic (\S+)((?:.|\n)*?)\n#\s+kubectl apply",
-                         (DOCKER / "kuberay-rayjob.yaml").read_text())  # fmt: skip
+    secrets = re.findall(
+        r"create secret generic (\S+)((?:.|\n)*?)\n#\s+kubectl apply",
+        (DOCKER / "kuberay-rayjob.yaml").read_text(),
+    )
     created = {name: set(re.findall(r"--from-literal=(\w+)=", rest)) for name, rest in secrets}
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     for group in groups:
@@ -484,6 +500,7 @@ def test_every_documented_study_command_parses_with_the_real_cli():
 
     texts = [(DOCKER / n).read_text() for n in ("compose.yaml", "cluster.yaml", *KUBERAY)]
     texts.append((ROOT / "README.md").read_text())
+    texts += [page.read_text() for page in sorted((ROOT / "docs").rglob("*.md"))]
     commands = []
     for text in texts:
         joined = re.sub(r"\\\n\s*#?\s*", " ", text)  # continuation lines, also in comments

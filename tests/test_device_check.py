@@ -26,17 +26,28 @@ def test_the_device_check_ends_within_its_budget_and_writes_every_part(tmp_path)
     fake.write_text(FAKE)
     fake.chmod(0o755)
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PYTHON": str(fake), "DEVICE": "cpu", "BUDGET": "12",
-           "MIN_PART": "5"}  # fmt: skip
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "PYTHON": str(fake),
+        "DEVICE": "cpu",
+        "BUDGET": "12",
+        "MIN_PART": "5",
+    }
     started = time.monotonic()
-    done = subprocess.run(["bash", "bench/device_check.sh"], cwd=ROOT, env=env, text=True,
-                          capture_output=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        ["bash", "bench/device_check.sh"],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=120,
+    )
     took = time.monotonic() - started
     assert done.returncode == 0, done.stderr
     assert took <= 12 + 3, took  # the budget, and the kill's grace
     files = {p.name: p.read_text() for p in out.iterdir()}
-    assert set(files) == {f"{n}.txt" for n in ("env", "gpu", "gpu32", "gpuvmap", "tests",
-                                                 "train")}  # fmt: skip
+    assert set(files) == {f"{n}.txt" for n in ("env", "gpu", "gpu32", "gpuvmap", "tests", "train")}
     assert "exit 0" in files["env.txt"] and "python -c" in files["env.txt"]
     # what a part printed reaches its file as it is measured, also from a part cut off
     assert "ops per step, alone: measured" in files["gpu.txt"]

@@ -15,6 +15,7 @@ from fermodel.data import make_synthetic
 from fermodel.engine import TrainingDiverged, fit
 from fermodel.metrics import confusion_matrix, summarize
 
+ATTENTION_PARTS = (".attn.", ".merge.", ".conv2.se.")  # each attention's own weights (PSA: its SE)
 SMALL = "shufflenet_v2_x0_5"  # the cheapest backbone, where a test checks plumbing, not learning
 
 
@@ -24,8 +25,13 @@ def tiny():
 
 
 def quick(**changes):
-    base = dict(epochs=2, batch_size=16, deterministic=True, synthetic_subjects=5,
-                synthetic_images_per_class=2)  # fmt: skip
+    base = dict(
+        epochs=2,
+        batch_size=16,
+        deterministic=True,
+        synthetic_subjects=5,
+        synthetic_images_per_class=2,
+    )
     return TrialConfig(**{**base, **changes})
 
 
@@ -48,8 +54,15 @@ def test_fit_reports_every_epoch_and_tests_once(tiny):
     result = fit(quick(), tiny, report=lambda m, d: reports.append((m, d)))
     assert [m["epoch"] for m, _ in reports] == [1, 2]
     assert all(d is not None for _, d in reports)  # auto: the first epoch and the last
-    for key in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "lr",
-                "val_recall_happy", "images_per_second"):  # fmt: skip
+    for key in (
+        "train_loss",
+        "val_loss",
+        "val_accuracy",
+        "val_macro_f1",
+        "lr",
+        "val_recall_happy",
+        "images_per_second",
+    ):
         assert key in reports[0][0]
     assert len(result.test_predictions) == len(result.test_labels) == 14
     assert result.test_confusion and sum(map(sum, result.test_confusion)) == 14
@@ -183,9 +196,13 @@ def test_checkpoints_are_refused_when_they_need_arbitrary_objects(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "one bit flipped in a weight", "a value"])
 def test_a_damaged_checkpoint_is_refused_even_when_it_still_unpickles(tmp_path, damage):
-    state = {"config": {"seed": 0}, "epoch": 3, "history": [{"loss": 0.5}],
-             "model": {"w": torch.randn(64, 64), "n": torch.tensor(7)},
-             "rng": torch.ByteTensor(32).random_()}  # fmt: skip
+    state = {
+        "config": {"seed": 0},
+        "epoch": 3,
+        "history": [{"loss": 0.5}],
+        "model": {"w": torch.randn(64, 64), "n": torch.tensor(7)},
+        "rng": torch.ByteTensor(32).random_(),
+    }
     file = save_checkpoint(tmp_path, state)
     assert load_checkpoint(tmp_path)["model"]["w"].equal(state["model"]["w"])  # intact: read
     data = bytearray(file.read_bytes())
@@ -217,8 +234,36 @@ def test_a_diverging_run_names_epoch_and_step(tiny):
 @pytest.mark.parametrize("loss", LOSS_KINDS)
 @pytest.mark.parametrize("attention", list(ATTENTIONS))
 def test_every_attention_trains_with_every_loss(tiny, attention, loss):
-    result = fit(quick(epochs=1, batch_size=42, attention=attention, loss=loss), tiny)
+    """One epoch moves the attention's own weights, and they change what the model says."""
+    from fermodel.models import build_model
+
+    config = quick(epochs=1, batch_size=42, attention=attention, loss=loss)
+    torch.manual_seed(config.seed)  # as fit builds its model: the seed first
+    initial = build_model("resnet50", attention, 7, 1).state_dict()
+    result = fit(config, tiny)
     assert np.isfinite(result.history[0]["train_loss"])
+    trained = result.model_state
+    own = [
+        k
+        for k, v in trained.items()
+        if any(part in k for part in ATTENTION_PARTS) and v.is_floating_point()
+    ]
+    if attention == "none":
+        assert own == []
+        return
+    assert own and all(torch.isfinite(trained[k]).all() for k in own)
+    assert any(not torch.equal(trained[k], initial[k]) for k in own)  # the gradient reached them
+    model = build_model("resnet50", attention, 7, 1)
+    model.load_state_dict(trained)
+    model.eval()
+    x = torch.randn(4, 1, 48, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(x)
+        for name, weight in model.named_parameters():
+            if name in own:
+                weight.mul_(-1.0)  # the attention as trained, turned around
+        after = model(x)
+    assert not torch.allclose(before, after)  # the attention is in the path to the output
 
 
 def test_image_size_upsamples_every_batch_on_the_device(tiny):
@@ -229,8 +274,9 @@ def test_image_size_upsamples_every_batch_on_the_device(tiny):
     parts = build_parts(config, 7, torch.device("cpu"))
     seen = []
     parts.model.conv1.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))
-    train_step(parts, tiny.images[:8], tiny.labels[:8], AugmentConfig(),
-               torch.Generator().manual_seed(0))  # fmt: skip
+    train_step(
+        parts, tiny.images[:8], tiny.labels[:8], AugmentConfig(), torch.Generator().manual_seed(0)
+    )
     assert seen == [(8, 1, 64, 64)]
     assert fit(quick(epochs=1, image_size=64, backbone=SMALL, attention="none"), tiny).test
 
@@ -282,8 +328,9 @@ def test_with_drop_leaked_a_trial_reports_the_whole_test_split_beside_the_dedupl
     parts = engine.build_parts(config, len(leaky.classes), torch.device("cpu"))
     parts.model.load_state_dict(result.model_state)
     copies = leaky.subset(test[:2])
-    _, _, predicted = engine.evaluate(parts.net, copies.images, copies.labels, leaky.classes,
-                                      256, parts.autocast)  # fmt: skip
+    _, _, predicted = engine.evaluate(
+        parts.net, copies.images, copies.labels, leaky.classes, 256, parts.autocast
+    )
     right = sum(p == y for p, y in zip(result.test_predictions, result.test_labels, strict=True))
     right += int((predicted == copies.labels).sum())
     assert result.test_full["accuracy"] == pytest.approx(right / 14)
@@ -294,10 +341,16 @@ def test_with_drop_leaked_a_trial_reports_the_whole_test_split_beside_the_dedupl
 
 @pytest.mark.parametrize(
     ("precision", "device", "capability", "expected"),
-    [("auto", "cpu", None, False), ("auto", "cuda", (7, 0), False), ("auto", "cuda", (7, 5), False),
-     ("auto", "cuda", (8, 0), True), ("auto", "cuda", (9, 0), True), ("bf16", "cpu", None, True),
-     ("fp32", "cuda", (9, 0), False)],
-)  # fmt: skip
+    [
+        ("auto", "cpu", None, False),
+        ("auto", "cuda", (7, 0), False),
+        ("auto", "cuda", (7, 5), False),
+        ("auto", "cuda", (8, 0), True),
+        ("auto", "cuda", (9, 0), True),
+        ("bf16", "cpu", None, True),
+        ("fp32", "cuda", (9, 0), False),
+    ],
+)
 def test_auto_precision_takes_bf16_only_where_tensor_cores_have_it(
     monkeypatch, precision, device, capability, expected
 ):

@@ -7,13 +7,11 @@ import pytest
 import torch
 
 from fermodel.data import DatasetError, load_dataset, make_splits, make_synthetic
+from fermodel.data.fakes import write_fer2013_csv, write_fer2013_folders, write_ferplus_csv
 from fermodel.data.fer2013 import (
     FERPLUS_CLASSES,
     ferplus_majority,
     read_fer2013,
-    write_fer2013_csv,
-    write_fer2013_folders,
-    write_ferplus_csv,
 )
 
 
@@ -133,8 +131,10 @@ def with_ferplus(tmp_path):
     votes[test[-1]] = NONFACE
     expected[[train[0], train[1], val[-1], val[-2], test[-1], test[-2]]] = -1
     write_fer2013_csv(base, tmp_path / "fer2013.csv")
-    usage = ["Training" if s == "train" else "PublicTest" if s == "val" else "PrivateTest"
-             for s in base.split]  # fmt: skip
+    usage = [
+        "Training" if s == "train" else "PublicTest" if s == "val" else "PrivateTest"
+        for s in base.split
+    ]
     write_ferplus_csv(tmp_path / "fer2013new.csv", usage, votes, nonface)
     return tmp_path, base, expected
 
@@ -205,8 +205,10 @@ def test_mislabeled_training_images_are_those_whose_ferplus_majority_disagrees(t
     votes[other[0]] = 0
     votes[other[0], (to_ferplus[labels[other[0]]] + 1) % 7] = 10  # disagrees, but in val/test
     write_fer2013_csv(base, tmp_path / "fer2013.csv")
-    usage = ["Training" if s == "train" else "PublicTest" if s == "val" else "PrivateTest"
-             for s in base.split]  # fmt: skip
+    usage = [
+        "Training" if s == "train" else "PublicTest" if s == "val" else "PrivateTest"
+        for s in base.split
+    ]
     write_ferplus_csv(tmp_path / "fer2013new.csv", usage, votes, np.zeros(len(base), bool))
     dropped = np.isin(np.arange(len(base)), wrong)
     got = read_fer2013(tmp_path, mislabeled=True)

@@ -53,13 +53,27 @@ def test_a_storage_that_fills_stops_the_study_in_one_line_and_the_same_command_f
     store = tmp_path / "store"
     store.mkdir()
     db = tmp_path / "m.db"
-    command = [sys.executable, "-m", "orchestrate.ablation", "--study", "fills.toml", "--preset",
-               "tiny", "--storage", str(store / "ray"), "--tracking-uri", f"sqlite:///{db}",
-               "--max-concurrent", "1", "--no-log-checkpoints"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "orchestrate.ablation",
+        "--study",
+        "fills.toml",
+        "--preset",
+        "tiny",
+        "--storage",
+        str(store / "ray"),
+        "--tracking-uri",
+        f"sqlite:///{db}",
+        "--max-concurrent",
+        "1",
+        "--no-log-checkpoints",
+    ]
     shell = subprocess.Popen(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", SCRIPT, "sh", *command],
-        cwd=tmp_path, env={**os.environ, "STORE": str(store)},
-    )  # fmt: skip
+        cwd=tmp_path,
+        env={**os.environ, "STORE": str(store)},
+    )
     view = Path(f"/proc/{shell.pid}/root") / str(store).lstrip("/")  # the study's own view
     try:
         deadline = time.time() + 300
@@ -78,10 +92,12 @@ def test_a_storage_that_fills_stops_the_study_in_one_line_and_the_same_command_f
         first = (tmp_path / "first.err").read_text()
         assert (tmp_path / "first.rc").read_text().strip() == "4", first
         # one message: which storage is full and what to do; no traceback, nothing RUNNING
-        assert first == (f"error: --storage {store / 'ray'} is full (No space left on device): "
-                         "the study stopped, its runs are closed and its trials keep their last "
-                         "intact checkpoints. Free space there and run the same command: it "
-                         "continues them (exit 4)\n")  # fmt: skip
+        assert first == (
+            f"error: --storage {store / 'ray'} is full (No space left on device): "
+            "the study stopped, its runs are closed and its trials keep their last "
+            "intact checkpoints. Free space there and run the same command: it "
+            "continues them (exit 4)\n"
+        )
         assert "Traceback" not in (tmp_path / "first.out").read_text()
         assert "report: reports/" in (tmp_path / "first.out").read_text()
         client = MlflowClient(f"sqlite:///{db}")
@@ -95,8 +111,9 @@ def test_a_storage_that_fills_stops_the_study_in_one_line_and_the_same_command_f
         if shell.poll() is None:
             shell.kill()
     second = (tmp_path / "second.out").read_text()
-    assert (tmp_path / "second.rc").read_text().strip() == "0", second + (
-        tmp_path / "second.err").read_text()  # fmt: skip
+    assert (tmp_path / "second.rc").read_text().strip() == "0", (
+        second + (tmp_path / "second.err").read_text()
+    )
     children = client.search_runs([experiment], "tags.study_parent = 'false'")
     finished = [r for r in children if r.info.status == "FINISHED"]
     assert sorted(r.data.tags["cell"] for r in finished) == ["a", "b"]  # each trial once

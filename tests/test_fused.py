@@ -25,9 +25,20 @@ from fermodel.pack import FusedStep, PackedStep
 from fermodel.resnet import ResNet
 
 SMALL = (1, 1, 1, 1)
-BASE = dict(backbone="resnet50", epochs=2, batch_size=8, synthetic_subjects=6,
-            synthetic_images_per_class=1, device="cpu", tta="none", precision="fp64",
-            protocol="kfold", folds=3, checkpoint_every=1, image_size=32)  # fmt: skip
+BASE = dict(
+    backbone="resnet50",
+    epochs=2,
+    batch_size=8,
+    synthetic_subjects=6,
+    synthetic_images_per_class=1,
+    device="cpu",
+    tta="none",
+    precision="fp64",
+    protocol="kfold",
+    folds=3,
+    checkpoint_every=1,
+    image_size=32,
+)
 LOSSES = ("train_loss", "train_ce", "val_loss")
 
 
@@ -44,11 +55,20 @@ def small_resnet(monkeypatch):
 def members(attention: str) -> list[TrialConfig]:
     """Three members of one architecture that differ in everything a member may."""
     base = {**BASE, "attention": attention}
-    return [TrialConfig(**base, seed=0, fold=0, loss="island"),
-            TrialConfig(**base, seed=1, fold=1, loss="center", lr=3e-3, weight_decay=1e-4,
-                        lam=0.02),
-            TrialConfig(**base, seed=2, fold=2, loss="island", lam1=5.0, alpha=0.3,
-                        optimizer="sgd", momentum=0.8)]  # fmt: skip
+    return [
+        TrialConfig(**base, seed=0, fold=0, loss="island"),
+        TrialConfig(**base, seed=1, fold=1, loss="center", lr=3e-3, weight_decay=1e-4, lam=0.02),
+        TrialConfig(
+            **base,
+            seed=2,
+            fold=2,
+            loss="island",
+            lam1=5.0,
+            alpha=0.3,
+            optimizer="sgd",
+            momentum=0.8,
+        ),
+    ]
 
 
 def checkpoints_of(results: dict):
@@ -60,8 +80,11 @@ def checkpoints_of(results: dict):
         for i, m in enumerate(metrics):
             if isinstance(m, dict):
                 state = torch.load(Path(folder) / str(i) / "state.pt")
-                kept = {k: v for k, v in state["model"].items()
-                        if "running" in k or "batches_tracked" in k}  # fmt: skip
+                kept = {
+                    k: v
+                    for k, v in state["model"].items()
+                    if "running" in k or "batches_tracked" in k
+                }
                 kept.update({f"criterion.{k}": v for k, v in state["criterion"].items()})
                 results.setdefault(i, {})[m["epoch"]] = kept
 
@@ -74,14 +97,16 @@ def close(a: float, b: float) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("attention", list(ATTENTIONS))
-def test_a_fused_pack_trains_each_member_as_its_trial_alone(data, small_resnet, attention,
-                                                           monkeypatch):  # fmt: skip
+def test_a_fused_pack_trains_each_member_as_its_trial_alone(
+    data, small_resnet, attention, monkeypatch
+):
     configs = members(attention)
     packed_states: dict = {}
     alone_evaluations = []  # the pack validates at once: a member alone only for its test
     own = engine.evaluate
-    monkeypatch.setattr(engine, "evaluate", lambda *a, **k: alone_evaluations.append(1) or
-                        own(*a, **k))  # fmt: skip
+    monkeypatch.setattr(
+        engine, "evaluate", lambda *a, **k: alone_evaluations.append(1) or own(*a, **k)
+    )
     packed = fit_pack(configs, data, report=checkpoints_of(packed_states))
     monkeypatch.setattr(engine, "evaluate", own)
     assert len(alone_evaluations) == len(configs)
@@ -91,8 +116,13 @@ def test_a_fused_pack_trains_each_member_as_its_trial_alone(data, small_resnet, 
     for i, (config, result) in enumerate(zip(configs, packed, strict=True)):
         assert any(n.startswith("packed fused: 3 trials") for n in result.notes), result.notes
         alone_states: dict = {}
-        alone = fit(config, data, report=lambda m, f, s=alone_states: checkpoints_of(s)(
-            [m], None if f is None else str(Path(f).parent)))  # fmt: skip
+        alone = fit(
+            config,
+            data,
+            report=lambda m, f, s=alone_states: checkpoints_of(s)(
+                [m], None if f is None else str(Path(f).parent)
+            ),
+        )
         assert len(result.history) == len(alone.history) == 2
         for mine, theirs in zip(result.history, alone.history, strict=True):
             for key in LOSSES:
@@ -120,8 +150,10 @@ def test_the_fused_network_computes_each_member_and_its_weights_are_views(attent
     """Forward and backward of the fused network equal each member's own, in float64, with
     channels-last members; a member's weights are views of the fused ones."""
     torch.manual_seed(0)
-    nets = [ResNet(SMALL, attention, 7, 1).double().to(memory_format=torch.channels_last)
-            for _ in range(3)]  # fmt: skip
+    nets = [
+        ResNet(SMALL, attention, 7, 1).double().to(memory_format=torch.channels_last)
+        for _ in range(3)
+    ]
     x = torch.randn(3, 4, 1, 48, 48, dtype=torch.float64)
     alone = [net(x[k], return_embedding=True) for k, net in enumerate(nets)]
     fused = fuse(nets)
@@ -133,8 +165,9 @@ def test_the_fused_network_computes_each_member_and_its_weights_are_views(attent
     fused_weights = {p.data_ptr() for p in fused.parameters()}
     for net in nets:
         for p in net.parameters():  # a view inside one of the fused tensors
-            assert p.untyped_storage().data_ptr() in {f.untyped_storage().data_ptr()
-                                                      for f in fused.parameters()}  # fmt: skip
+            assert p.untyped_storage().data_ptr() in {
+                f.untyped_storage().data_ptr() for f in fused.parameters()
+            }
     assert len(fused_weights) == len(list(nets[0].parameters()))
 
 
@@ -160,15 +193,22 @@ def test_a_fused_step_costs_one_trials_kernels_and_a_few_per_member(data, small_
     """PSA with Island loss: the fused step's non-view ops grow by at most ``PER_MEMBER_OPS``
     a member, and a pack of 16 issues at most 1.25 times one trial's (bench/gpu.py prints the
     same for PSA-ResNet-50: 1.13 times)."""
-    config = TrialConfig(**{**BASE, "attention": "psa", "loss": "island", "precision": "fp32",
-                            "batch_size": 2, "protocol": "official"})  # fmt: skip
+    config = TrialConfig(
+        **{
+            **BASE,
+            "attention": "psa",
+            "loss": "island",
+            "precision": "fp32",
+            "batch_size": 2,
+            "protocol": "official",
+        }
+    )
     one, two, four, sixteen = (fused_step_ops(config, data, k) for k in (1, 2, 4, 16))
     assert (sixteen - two) / 14 <= PER_MEMBER_OPS and (four - two) / 2 <= PER_MEMBER_OPS
     assert sixteen <= 1.25 * one, (one, sixteen)
 
 
-def test_a_fused_pack_that_fails_its_check_takes_vmap_and_says_why(data, small_resnet,
-                                                                   monkeypatch):  # fmt: skip
+def test_a_fused_pack_that_fails_its_check_takes_vmap_and_says_why(data, small_resnet, monkeypatch):
     def wrong(step, x):
         logits, emb = FUSED_FORWARD(step, x)
         return logits + torch.arange(logits.shape[-1]), emb  # another cross-entropy
@@ -213,11 +253,13 @@ def test_a_fused_pack_is_evaluated_at_once_as_each_member_alone(data, small_resn
     step(torch.arange(8).repeat(3, 1))  # trained a step: running statistics of their own
     vals = [m.splits.val for m in ms]
     x, y = torch.stack([v.images for v in vals]), torch.stack([v.labels for v in vals])
-    together = engine.evaluate_members(step.net, x, y, vals[0].classes, 7, ms[0].parts.autocast,
-                                       tta)  # fmt: skip
+    together = engine.evaluate_members(
+        step.net, x, y, vals[0].classes, 7, ms[0].parts.autocast, tta
+    )
     for m, v, (metrics, cm, pred) in zip(ms, vals, together, strict=True):
-        own, own_cm, own_pred = engine.evaluate(m.parts.net, v.images, v.labels, v.classes, 7,
-                                                m.parts.autocast, tta)  # fmt: skip
+        own, own_cm, own_pred = engine.evaluate(
+            m.parts.net, v.images, v.labels, v.classes, 7, m.parts.autocast, tta
+        )
         # TTA averages float32 probabilities (as a trial alone does, whatever its precision):
         # logits equal to float64's rounding may round apart in float32
         tolerance = 1e-9 if tta == "none" else 1e-6

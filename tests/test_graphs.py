@@ -13,9 +13,18 @@ from fermodel.config import TrialConfig
 from fermodel.data import make_synthetic
 from fermodel.engine import fit, fit_pack
 
-BASE = dict(backbone="shufflenet_v2_x0_5", attention="none", epochs=2, batch_size=16,
-            synthetic_subjects=6, synthetic_images_per_class=2, device="cpu",
-            channels_last=False, tta="none", loss="island")  # fmt: skip
+BASE = dict(
+    backbone="shufflenet_v2_x0_5",
+    attention="none",
+    epochs=2,
+    batch_size=16,
+    synthetic_subjects=6,
+    synthetic_images_per_class=2,
+    device="cpu",
+    channels_last=False,
+    tta="none",
+    loss="island",
+)
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +33,10 @@ def data():
 
 
 def learned(result) -> tuple:
-    history = [{k: v for k, v in h.items() if k not in ("images_per_second", "epoch_seconds")}
-               for h in result.history]  # fmt: skip
+    history = [
+        {k: v for k, v in h.items() if k not in ("images_per_second", "epoch_seconds")}
+        for h in result.history
+    ]
     return history, result.test_predictions, result.best_epoch
 
 
@@ -46,8 +57,11 @@ def with_capture(monkeypatch, capture) -> None:
     monkeypatch.setattr(engine, "capture_for", lambda members, device: capture)
 
 
-@pytest.mark.parametrize("pack, norms", [(1, "torch"), (2, "torch"), (2, "plain")],
-                         ids=["alone", "pack of 2", "pack of 2, plain BatchNorm"])  # fmt: skip
+@pytest.mark.parametrize(
+    "pack, norms",
+    [(1, "torch"), (2, "torch"), (2, "plain")],
+    ids=["alone", "pack of 2", "pack of 2, plain BatchNorm"],
+)
 def test_a_checked_graphed_trial_trains_exactly_the_eager_steps(data, monkeypatch, pack, norms):
     """With plain BatchNorms too (a pack where vmap refuses torch's), whose running
     statistics a graph's replay must update as the eager step does."""
@@ -63,10 +77,13 @@ def test_a_checked_graphed_trial_trains_exactly_the_eager_steps(data, monkeypatc
         assert any("plain ops" in note for note in a.notes) == (norms == "plain")
 
 
-@pytest.mark.parametrize("capture, why", [
-    (StaleReplay(), "the graph's losses differ from eager ones at step 2"),
-    (FailingCapture(), "capturing the step failed (RuntimeError: operation not permitted"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "capture, why",
+    [
+        (StaleReplay(), "the graph's losses differ from eager ones at step 2"),
+        (FailingCapture(), "capturing the step failed (RuntimeError: operation not permitted"),
+    ],
+)
 def test_a_wrong_or_failing_graph_is_caught_and_the_trial_trains_eagerly(
     data, monkeypatch, capture, why
 ):

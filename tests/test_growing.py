@@ -25,16 +25,27 @@ CELLS = {
 
 
 def body(*cells: str, name: str = "grow", extra: str = "") -> str:
-    head = (f'name = "{name}"\nkind = "grid"\nreference = "{cells[0]}"\n[run]\n'
-            'dataset = "synthetic"\n[defaults]\nbackbone = "shufflenet_v2_x0_5"\n'
-            'attention = "none"\n')  # fmt: skip
+    head = (
+        f'name = "{name}"\nkind = "grid"\nreference = "{cells[0]}"\n[run]\n'
+        'dataset = "synthetic"\n[defaults]\nbackbone = "shufflenet_v2_x0_5"\n'
+        'attention = "none"\n'
+    )
     return head + "".join(f"[[cells]]\n{CELLS[c]}{extra}\n" for c in cells)
 
 
 def argv(tmp_path, study: str, *extra: str) -> list[str]:
-    return ["--study", study, "--preset", "tiny", "--storage", str(tmp_path / "ray"),
-            "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--no-log-checkpoints",
-            *extra]  # fmt: skip
+    return [
+        "--study",
+        study,
+        "--preset",
+        "tiny",
+        "--storage",
+        str(tmp_path / "ray"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/m.db",
+        "--no-log-checkpoints",
+        *extra,
+    ]
 
 
 def children(tmp_path, name: str) -> tuple[MlflowClient, list]:
@@ -70,10 +81,13 @@ def test_seeds_and_cells_added_to_a_finished_study_train_alone(
     client, second = children(tmp_path, "grow")
     new = [r for r in second if r.info.run_id not in {f.info.run_id for f in first}]
     assert sorted((r.data.tags["cell"], r.data.tags["seed"]) for r in new) == [
-        ("ce", "1"), ("center", "1")]  # fmt: skip
+        ("ce", "1"),
+        ("center", "1"),
+    ]
     assert all(trained(client, r) == 2 for r in first)  # seed 0 not trained again
-    rows = {ln.split()[0]: ln.split()[1] for ln in out.splitlines()
-            if ln.startswith(("ce ", "center "))}  # fmt: skip
+    rows = {
+        ln.split()[0]: ln.split()[1] for ln in out.splitlines() if ln.startswith(("ce ", "center "))
+    }
     assert rows == {"ce": "2", "center": "2"}  # both seeds of each cell in its row (n)
 
     # a third cell: only its two seeds train; a changed cell is a new identity
@@ -95,10 +109,17 @@ def _kill_first_trained_worker(tmp_path, name: str, done: threading.Event, kille
         if db.exists():
             client = MlflowClient(f"sqlite:///{db}")
             exp = client.get_experiment_by_name(name)
-            running = [] if exp is None else [
-                r for r in client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
-                if r.data.tags.get("study_parent") == "false" and trained(client, r)
-            ]  # fmt: skip
+            running = (
+                []
+                if exp is None
+                else [
+                    r
+                    for r in client.search_runs(
+                        [exp.experiment_id], "attributes.status = 'RUNNING'"
+                    )
+                    if r.data.tags.get("study_parent") == "false" and trained(client, r)
+                ]
+            )
             workers = [p for p in _descendants(os.getpid()) if _is_trial_worker(p)]
             if running and len(workers) == 1:
                 os.kill(int(workers[0].name), signal.SIGKILL)
@@ -136,8 +157,9 @@ def test_a_trial_lost_to_a_fault_reruns_alone_and_a_diverged_one_only_when_asked
     study = study_file(body("ce", "center", "boom", name="faults"))
     args = argv(tmp_path, study, "--max-concurrent", "1", "--max-failures", "0")
     done, killed = threading.Event(), []
-    killer = threading.Thread(target=_kill_first_trained_worker,
-                              args=(tmp_path, "faults", done, killed))  # fmt: skip
+    killer = threading.Thread(
+        target=_kill_first_trained_worker, args=(tmp_path, "faults", done, killed)
+    )
     killer.start()
     try:
         # a trial failed by an error after its retries (none here): the report is written

@@ -56,8 +56,12 @@ checkpoint_every = 100
 # checkpoint is one a signal asked for at the end of the running epoch
 SIGNALS = ("SIGINT to the driver", "SIGINT to the process group", "SIGTERM", "SIGKILL")
 MOMENTS = ("before any checkpoint", "mid-study", "after a trial finished")
-EXIT = {"SIGINT to the driver": 130, "SIGINT to the process group": 130, "SIGTERM": 143,
-        "SIGKILL": -9}  # fmt: skip
+EXIT = {
+    "SIGINT to the driver": 130,
+    "SIGINT to the process group": 130,
+    "SIGTERM": 143,
+    "SIGKILL": -9,
+}
 
 
 def schedules(seed: int = 2026) -> list[tuple[str, str, int]]:
@@ -71,10 +75,22 @@ def schedules(seed: int = 2026) -> list[tuple[str, str, int]]:
 
 
 def command(folder: Path, concurrency: int) -> list[str]:
-    return [sys.executable, "-m", "orchestrate.ablation", "--study", str(folder / "stops.toml"),
-            "--preset", "tiny", "--storage", str(folder / "ray"),
-            "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}",
-            "--max-concurrent", str(concurrency), "--no-log-checkpoints"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "orchestrate.ablation",
+        "--study",
+        str(folder / "stops.toml"),
+        "--preset",
+        "tiny",
+        "--storage",
+        str(folder / "ray"),
+        "--tracking-uri",
+        f"sqlite:///{folder / 'mlflow.db'}",
+        "--max-concurrent",
+        str(concurrency),
+        "--no-log-checkpoints",
+    ]
 
 
 def children(folder: Path) -> tuple[MlflowClient, list]:
@@ -137,8 +153,9 @@ def test_a_stopped_study_continues_to_the_uninterrupted_result(
     cmd = command(tmp_path, concurrency)
     # its own session: a signal to "the process group" reaches the driver and Ray's processes,
     # as a terminal's Ctrl-C does, and nothing of the test's
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not reached(tmp_path, moment):
         time.sleep(0.2)
@@ -146,8 +163,13 @@ def test_a_stopped_study_continues_to_the_uninterrupted_result(
     if how == "SIGINT to the process group":
         os.killpg(proc.pid, signal.SIGINT)
     else:
-        proc.send_signal({"SIGINT to the driver": signal.SIGINT, "SIGTERM": signal.SIGTERM,
-                          "SIGKILL": signal.SIGKILL}[how])  # fmt: skip
+        proc.send_signal(
+            {
+                "SIGINT to the driver": signal.SIGINT,
+                "SIGTERM": signal.SIGTERM,
+                "SIGKILL": signal.SIGKILL,
+            }[how]
+        )
     output = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode == EXIT[how], output
     assert "SIGTERM received" not in output and "Traceback" not in output

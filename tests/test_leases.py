@@ -35,13 +35,19 @@ time.sleep(hold)
 """
 
 
-def claim(storage: str, name: str, hold: float = 120, start: float = 0, host: str = "",
-          env=None) -> subprocess.Popen:  # fmt: skip
+def claim(
+    storage: str, name: str, hold: float = 120, start: float = 0, host: str = "", env=None
+) -> subprocess.Popen:
     cmd = [sys.executable, "-c", CLAIM, storage, str(start), str(hold), name]
     if host:  # another machine, as far as host names go
         cmd = ["unshare", "--uts", "sh", "-c", f'hostname {host} && exec "$@"', "sh", *cmd]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})  # fmt: skip
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def first_line(proc: subprocess.Popen) -> str:
@@ -57,8 +63,9 @@ def bucket(tmp_path_factory):
 
 
 @pytest.mark.parametrize("where", ["shared folder", "s3"])
-def test_of_invocations_racing_for_a_study_exactly_one_holds_it(where, tmp_path, request,
-                                                                monkeypatch):  # fmt: skip
+def test_of_invocations_racing_for_a_study_exactly_one_holds_it(
+    where, tmp_path, request, monkeypatch
+):
     env = {}
     if where == "s3":
         server = request.getfixturevalue("bucket")
@@ -167,8 +174,9 @@ def test_a_study_launched_twice_in_one_folder_trains_each_trial_once(ray_cluster
         "--address",
         ray.get_runtime_context().gcs_address,
     ]
-    first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)  # fmt: skip
+    first = subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     time.sleep(1)
     second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     out, err = first.communicate(timeout=600)
@@ -186,6 +194,9 @@ def test_a_study_launched_twice_in_one_folder_trains_each_trial_once(ray_cluster
     trials = [r for r in runs if r.data.tags["study_parent"] == "false"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the refused one: none
     assert f"session {parents[0].data.tags['study_session']}" in refusal[0]
-    assert sorted(r.data.tags["trial_identity"] for r in trials) == sorted(
-        {r.data.tags["trial_identity"] for r in trials}) and len(trials) == 4  # fmt: skip
+    assert (
+        sorted(r.data.tags["trial_identity"] for r in trials)
+        == sorted({r.data.tags["trial_identity"] for r in trials})
+        and len(trials) == 4
+    )
     assert {r.info.status for r in trials} == {"FINISHED"}

@@ -163,8 +163,15 @@ def test_bad_settings_are_clear_errors(make, message):
 
 # ops that copy a value to the host (or size their output from the data) and so wait for the
 # device: a CUDA step with one of them cannot run ahead of Python or be captured in a graph
-HOST_SYNC = {"_local_scalar_dense", "nonzero", "bincount", "masked_select", "unique_dim",
-             "_unique2", "item"}  # fmt: skip
+HOST_SYNC = {
+    "_local_scalar_dense",
+    "nonzero",
+    "bincount",
+    "masked_select",
+    "unique_dim",
+    "_unique2",
+    "item",
+}
 
 
 @pytest.mark.parametrize("kind", LOSS_KINDS)

@@ -24,10 +24,14 @@ def curves(n: int, seed: int, noise: float) -> dict[str, list[dict]]:
     for i in range(n):
         final, rate, latency = rng.uniform(0.3, 0.9), rng.uniform(0.1, 0.6), rng.uniform(1, 10)
         out[f"t{i:02d}"] = [
-            {"epoch": e, "acc": final * (1 - np.exp(-rate * e)) + noise * rng.normal(),
-             "loss": 2 - final * e / EPOCHS + noise * rng.normal(), "latency_ms": latency}
+            {
+                "epoch": e,
+                "acc": final * (1 - np.exp(-rate * e)) + noise * rng.normal(),
+                "loss": 2 - final * e / EPOCHS + noise * rng.normal(),
+                "latency_ms": latency,
+            }
             for e in range(1, EPOCHS + 1)
-        ]  # fmt: skip
+        ]
     return out
 
 
@@ -52,12 +56,18 @@ def run(scheduler, results: dict[str, list[dict]], seed: int) -> list[tuple[str,
     return decisions
 
 
-@pytest.mark.parametrize("metric, mode, seed", [("acc", "max", 1), ("loss", "min", 2),
-                                                ("acc", "max", 3)])  # fmt: skip
+@pytest.mark.parametrize(
+    "metric, mode, seed", [("acc", "max", 1), ("loss", "min", 2), ("acc", "max", 3)]
+)
 def test_with_one_objective_it_stops_exactly_what_ray_asha_stops(metric, mode, seed):
     results = curves(40, seed, noise=0.05)
-    settings = dict(time_attr="epoch", max_t=EPOCHS - 1, grace_period=GRACE,
-                    reduction_factor=RF, stop_last_trials=False)  # fmt: skip
+    settings = dict(
+        time_attr="epoch",
+        max_t=EPOCHS - 1,
+        grace_period=GRACE,
+        reduction_factor=RF,
+        stop_last_trials=False,
+    )
     ray_asha = run(AsyncHyperBandScheduler(metric=metric, mode=mode, **settings), results, seed)
     ours = run(ParetoASHA([(metric, mode)], **settings), results, seed)
     assert ours == ray_asha
@@ -85,11 +95,19 @@ def test_with_two_objectives_the_final_front_survives_and_dominated_trials_stop(
     results = {}
     for i in range(40):
         final, latency = rng.uniform(0.3, 0.9), rng.uniform(1, 10)
-        results[f"t{i:02d}"] = [{"epoch": e, "acc": final * (1 - np.exp(-0.3 * e)),
-                                 "latency_ms": latency} for e in range(1, EPOCHS + 1)]  # fmt: skip
+        results[f"t{i:02d}"] = [
+            {"epoch": e, "acc": final * (1 - np.exp(-0.3 * e)), "latency_ms": latency}
+            for e in range(1, EPOCHS + 1)
+        ]
     objectives = [("acc", "max"), ("latency_ms", "min")]
-    scheduler = ParetoASHA(objectives, time_attr="epoch", max_t=EPOCHS - 1, grace_period=GRACE,
-                           reduction_factor=RF, stop_last_trials=False)  # fmt: skip
+    scheduler = ParetoASHA(
+        objectives,
+        time_attr="epoch",
+        max_t=EPOCHS - 1,
+        grace_period=GRACE,
+        reduction_factor=RF,
+        stop_last_trials=False,
+    )
     decisions = run(scheduler, results, seed=5)
     finals = [(r[-1]["acc"], r[-1]["latency_ms"]) for r in results.values()]
     front = {t for t, on in zip(results, on_front(finals, objectives), strict=True) if on}

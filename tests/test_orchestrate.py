@@ -48,8 +48,12 @@ loss = "island"
 
 def options(tmp_path, **changes):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    values = dict(preset="tiny", storage=str(tmp_path / "ray"), tracking_uri=uri,
-                  reports=str(tmp_path / "reports"))  # fmt: skip
+    values = dict(
+        preset="tiny",
+        storage=str(tmp_path / "ray"),
+        tracking_uri=uri,
+        reports=str(tmp_path / "reports"),
+    )
     values["log_checkpoints"] = False
     return RunOptions(**{**values, **changes})
 
@@ -112,17 +116,29 @@ def test_early_stopped_trials_are_pruned_not_complete():
     search.on_trial_complete("b", {"best_val_accuracy": 0.4, "epoch": 3, "completed": 1})
     search.on_trial_complete("c", None, error=True)
     states = [t.state for t in search._ot_study.trials]
-    assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE,
-                      optuna.trial.TrialState.FAIL]  # fmt: skip
+    assert states == [
+        optuna.trial.TrialState.PRUNED,
+        optuna.trial.TrialState.COMPLETE,
+        optuna.trial.TrialState.FAIL,
+    ]
     assert search._ot_study.best_value == 0.4  # the early 0.9 is not taken as final
 
 
 @pytest.mark.parametrize(
     ("epochs", "grace", "reduction", "expected"),
-    [(30, 10, 3, [10]), (30, 1, 3, [1, 3, 9, 27]), (27, 1, 3, [1, 3, 9]), (10, 1, 2, [1, 2, 4, 8]),
-     (9, 1, 2, [1, 2, 4, 8]), (8, 1, 2, [1, 2, 4]), (2, 1, 2, [1]), (5, 5, 3, []), (3, 10, 3, []),
-     (1, 1, 2, [])],
-)  # fmt: skip
+    [
+        (30, 10, 3, [10]),
+        (30, 1, 3, [1, 3, 9, 27]),
+        (27, 1, 3, [1, 3, 9]),
+        (10, 1, 2, [1, 2, 4, 8]),
+        (9, 1, 2, [1, 2, 4, 8]),
+        (8, 1, 2, [1, 2, 4]),
+        (2, 1, 2, [1]),
+        (5, 5, 3, []),
+        (3, 10, 3, []),
+        (1, 1, 2, []),
+    ],
+)
 def test_asha_rungs_fall_before_the_last_epoch(epochs, grace, reduction, expected):
     from orchestrate.search import asha, rungs
     from search_spaces.study import TuneSettings
@@ -158,6 +174,7 @@ def test_asha_rungs_fall_before_the_last_epoch(epochs, grace, reduction, expecte
             "MLflow server http://127.0.0.1:9 is unreachable",
         ),
         (["--study", "hpo", "--resume"], "--resume: no interrupted session of hpo__synthetic__"),
+        (["--resume"], "--resume: no trial of study table4's plan has run in sqlite:///"),
     ],
 )
 def test_bad_options_are_rejected_before_any_run(tmp_path, monkeypatch, capsys, argv, message):
@@ -167,6 +184,30 @@ def test_bad_options_are_rejected_before_any_run(tmp_path, monkeypatch, capsys, 
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     _, all_runs = runs(tmp_path, "table4")
     assert all_runs == []
+
+
+def test_resume_on_a_grid_needs_one_trial_of_its_plan_to_have_run(tmp_path):
+    """No store, a store without the study, the study's experiment with only other trials: each
+    refused; one trial of the plan that ran (finished, or killed with no checkpoint): accepted."""
+    from orchestrate.ledger import IDENTITY_TAG
+    from orchestrate.runner import RunOptions, _check_something_to_continue, make_plan
+    from orchestrate.tracking import PARENT_TAG
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    options = RunOptions(preset="cpu", storage=str(tmp_path / "ray"), tracking_uri=uri, resume=True)
+    plan = make_plan(load_study("table4"), options)
+    with pytest.raises(FileNotFoundError, match="nothing to continue"):
+        _check_something_to_continue(plan, options)  # no store at all
+    assert not (tmp_path / "mlflow.db").exists()  # and none made by asking
+    client = MlflowClient(uri)
+    client.create_experiment("other")
+    with pytest.raises(FileNotFoundError, match="nothing to continue"):
+        _check_something_to_continue(plan, options)
+    experiment = client.create_experiment("table4")
+    for identity, status in (("not-this-plan", "FINISHED"), (plan.trials[2].identity, "KILLED")):
+        run = client.create_run(experiment, tags={PARENT_TAG: "false", IDENTITY_TAG: identity})
+        client.set_terminated(run.info.run_id, status)
+    _check_something_to_continue(plan, options)  # the killed trial of this plan runs again
 
 
 @pytest.mark.parametrize(
@@ -221,12 +262,40 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path, monkeypatch, capsy
     out = capsys.readouterr().out
     assert "14 trials:" in out and "psa-seed1-fold0" in out and "resnet50/aff/island" in out
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ray_results").exists()
-    assert main(["--study", "table4", "--dataset", "ckplus", "--data", str(tmp_path),
-                 "--seeds", "2", "--dry-run"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--study",
+                "table4",
+                "--dataset",
+                "ckplus",
+                "--data",
+                str(tmp_path),
+                "--seeds",
+                "2",
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "80 trials:" in out and "protocol kfold" in out  # 4 cells x 2 seeds x 10 folds
-    assert main(["--study", "table4", "--dataset", "ckplus", "--data", str(tmp_path),
-                 "--repetitions", "2", "--dry-run"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--study",
+                "table4",
+                "--dataset",
+                "ckplus",
+                "--data",
+                str(tmp_path),
+                "--repetitions",
+                "2",
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out  # the paper preset's 3 seeds, each over 2 drawings of 10 folds
     assert "240 trials:" in out and "protocol kfold (repeated: folds drawn 2 times)" in out
     assert "basic-seed2-rep1-fold9" in out
@@ -251,9 +320,11 @@ def test_credentials_never_reach_params_or_tags(tmp_path):
     assert mask("/data/fer2013") == "/data/fer2013"
     tracker = StudyTracker(f"sqlite:///{tmp_path / 'm.db'}", "masking")
     run_id = tracker.start_parent(
-        "session", tags={"note": "https://bob:hunter2@example.org/x"},
-        params={"tracking_uri": "http://alice:s3cret@mlflow.internal:5000"}, config=None,
-    )  # fmt: skip
+        "session",
+        tags={"note": "https://bob:hunter2@example.org/x"},
+        params={"tracking_uri": "http://alice:s3cret@mlflow.internal:5000"},
+        config=None,
+    )
     run = tracker.client.get_run(run_id)
     assert run.data.params["tracking_uri"] == "http://alice:***@mlflow.internal:5000"
     assert "hunter2" not in str(run.data.tags) and "s3cret" not in str(run.data.params)
@@ -277,11 +348,26 @@ def test_a_multi_objective_tuning_study_interrupted_and_continued_keeps_its_fron
     from orchestrate.tuning import RERUN_FILE
 
     db = tmp_path / "m.db"
-    cmd = [sys.executable, "-m", "orchestrate.ablation", "--study", study_file(PARETO_HPO),
-           "--preset", "tiny", "--epochs", "2", "--storage", str(tmp_path / "ray"),
-           "--tracking-uri", f"sqlite:///{db}", "--max-concurrent", "1"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "orchestrate.ablation",
+        "--study",
+        study_file(PARETO_HPO),
+        "--preset",
+        "tiny",
+        "--epochs",
+        "2",
+        "--storage",
+        str(tmp_path / "ray"),
+        "--tracking-uri",
+        f"sqlite:///{db}",
+        "--max-concurrent",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
     def children():
         client = MlflowClient(f"sqlite:///{db}")
@@ -352,8 +438,10 @@ def test_a_multi_objective_tuning_study_interrupted_and_continued_keeps_its_fron
         stopped = run.data.tags.get("stopped_early") == "true"
         assert trial.state == (State.PRUNED if stopped else State.COMPLETE)
         if trial.state == State.COMPLETE:  # both objectives, as the run logged them
-            assert trial.values == [run.data.metrics["best_val_accuracy"],
-                                    run.data.metrics["latency_ms"]]  # fmt: skip
+            assert trial.values == [
+                run.data.metrics["best_val_accuracy"],
+                run.data.metrics["latency_ms"],
+            ]
         # told as a constraint, never as a low score: positive excess is infeasible
         small = SMALL[trial.params["backbone"]]
         (excess,) = trial.constraints.values()

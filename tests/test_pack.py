@@ -27,9 +27,18 @@ from fermodel.ops import OpCounter
 from fermodel.pack import PackedStep
 from fermodel.speed import pack_throughput
 
-BASE = dict(backbone="shufflenet_v2_x0_5", attention="none", epochs=2, batch_size=16,
-            synthetic_subjects=6, synthetic_images_per_class=2, device="cpu",
-            channels_last=False, tta="none", precision="fp64")  # fmt: skip
+BASE = dict(
+    backbone="shufflenet_v2_x0_5",
+    attention="none",
+    epochs=2,
+    batch_size=16,
+    synthetic_subjects=6,
+    synthetic_images_per_class=2,
+    device="cpu",
+    channels_last=False,
+    tta="none",
+    precision="fp64",
+)
 LOSSES = ("train_loss", "train_ce", "val_loss")
 
 
@@ -41,14 +50,19 @@ def data():
 def configs(**changes) -> list[TrialConfig]:
     """Three members: seeds 0, 1, 2, the last with another learning rate and the Island loss."""
     base = {**BASE, **changes}
-    return [TrialConfig(**base, seed=0, loss="ce"), TrialConfig(**base, seed=1, loss="center"),
-            TrialConfig(**base, seed=2, loss="island", lr=3e-3)]  # fmt: skip
+    return [
+        TrialConfig(**base, seed=0, loss="ce"),
+        TrialConfig(**base, seed=1, loss="center"),
+        TrialConfig(**base, seed=2, loss="island", lr=3e-3),
+    ]
 
 
 def learned(history: list[dict]) -> list[dict]:
     """A history without its timings."""
-    return [{k: v for k, v in h.items() if k not in ("images_per_second", "epoch_seconds")}
-            for h in history]  # fmt: skip
+    return [
+        {k: v for k, v in h.items() if k not in ("images_per_second", "epoch_seconds")}
+        for h in history
+    ]
 
 
 def assert_same_trial(packed, alone, agreeing: float = 0.99) -> None:
@@ -59,8 +73,7 @@ def assert_same_trial(packed, alone, agreeing: float = 0.99) -> None:
         for key in LOSSES:
             assert math.isclose(mine[key], theirs[key], rel_tol=1e-4), (key, mine, theirs)
     assert packed.best_epoch == alone.best_epoch
-    same = sum(a == b for a, b in zip(packed.test_predictions, alone.test_predictions,
-                                      strict=True))  # fmt: skip
+    same = sum(a == b for a, b in zip(packed.test_predictions, alone.test_predictions, strict=True))
     assert same >= agreeing * len(alone.test_predictions)
 
 
@@ -85,10 +98,14 @@ def wrong(step, idx):
     return logits, y, total * 1.01, ce
 
 
-@pytest.mark.parametrize("call, why", [
-    (failing, "RuntimeError: NYI: querying is_contiguous inside of vmap"),
-    (wrong, "its losses ["),
-], ids=["failing", "wrong"])  # fmt: skip
+@pytest.mark.parametrize(
+    "call, why",
+    [
+        (failing, "RuntimeError: NYI: querying is_contiguous inside of vmap"),
+        (wrong, "its losses ["),
+    ],
+    ids=["failing", "wrong"],
+)
 def test_a_pack_that_fails_its_check_trains_its_members_one_after_another(
     data, monkeypatch, call, why
 ):
@@ -115,8 +132,10 @@ def batch_norm_refused_by_vmap(x, *args, **kwargs):
     """torch's batch norm as vmap ran it on an H200 (an fp32 copy of a bf16 activation): refused
     inside vmap; outside it, as ever."""
     if torch._C._functorch.is_batchedtensor(x):
-        raise RuntimeError("NYI: querying is_contiguous inside of vmap for memory_format other "
-                           "than torch.contiguous_format")  # fmt: skip
+        raise RuntimeError(
+            "NYI: querying is_contiguous inside of vmap for memory_format other "
+            "than torch.contiguous_format"
+        )
     return TORCH_BATCH_NORM(x, *args, **kwargs)
 
 
@@ -144,8 +163,14 @@ def test_a_pack_whose_batch_norm_fails_packs_with_batch_norm_in_plain_ops(data, 
         assert note.startswith("packed by vmap with BatchNorm in plain ops (not fused: "), note
         assert "packed by vmap failed its check: RuntimeError: NYI: querying" in note
         alone = {}
-        assert_same_trial(result, fit(config, data, report=lambda m, f, a=alone: a.update(
-            running_statistics(f)) if f else None))  # fmt: skip
+        assert_same_trial(
+            result,
+            fit(
+                config,
+                data,
+                report=lambda m, f, a=alone: a.update(running_statistics(f)) if f else None,
+            ),
+        )
         assert alone and alone.keys() == packed[index].keys()
         for key, value in alone.items():
             assert torch.allclose(packed[index][key], value, rtol=1e-7, atol=1e-9), key
@@ -171,8 +196,9 @@ def test_a_packs_checkpoint_continues_each_member_packed_or_alone(data, tmp_path
             for index in range(len(members)):
                 target = tmp_path / str(index)
                 target.mkdir()
-                (target / "state.pt").write_bytes((Path(folder) / str(index) / "state.pt")
-                                                  .read_bytes())  # fmt: skip
+                (target / "state.pt").write_bytes(
+                    (Path(folder) / str(index) / "state.pt").read_bytes()
+                )
 
     straight = fit_pack(members, data, report=keep)
     files = [tmp_path / str(i) for i in range(len(members))]
@@ -207,8 +233,10 @@ def test_a_training_step_never_waits_for_the_device(data, kind, packed):
     from fermodel import engine
 
     config = TrialConfig(**{**BASE, "loss": kind, "epochs": 1})
-    members = [engine.make_member(config.replace(seed=s), data, torch.device("cpu"))
-               for s in range(2 if packed else 1)]  # fmt: skip
+    members = [
+        engine.make_member(config.replace(seed=s), data, torch.device("cpu"))
+        for s in range(2 if packed else 1)
+    ]
     step = engine.make_step(members, torch.device("cpu"))
     step.train()
     idx = torch.arange(16).repeat(len(members), 1)
@@ -238,15 +266,25 @@ def test_every_architecture_packs_without_a_loop_over_its_members(
     monkeypatch.setattr(pack, "FUSION", False)  # the ResNet family fuses (tests/test_fused.py)
     if norms == "plain":
         monkeypatch.setattr(torch.nn.functional, "batch_norm", batch_norm_refused_by_vmap)
-    changes = dict(backbone=backbone, attention=attention, batch_size=4, loss="island",
-                   precision="fp32", channels_last=True)  # fmt: skip
+    changes = dict(
+        backbone=backbone,
+        attention=attention,
+        batch_size=4,
+        loss="island",
+        precision="fp32",
+        channels_last=True,
+    )
     config = TrialConfig(**{**BASE, **changes})
-    members = [engine.make_member(config.replace(seed=s), data, torch.device("cpu"))
-               for s in range(2)]  # fmt: skip
+    members = [
+        engine.make_member(config.replace(seed=s), data, torch.device("cpu")) for s in range(2)
+    ]
     step = engine.make_step(members, torch.device("cpu"))
     assert isinstance(step, PackedStep), members[0].notes  # it passed its check (dropout too)
-    norm_layers = [m for m in members[0].parts.net.modules()
-                   if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]  # fmt: skip
+    norm_layers = [
+        m
+        for m in members[0].parts.net.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    ]
     assert step.plain_norms == (len(norm_layers) if norms == "plain" else 0)
     step.train()
     torch._C._functorch._set_vmap_fallback_enabled(False)  # an op without a batching rule raises
@@ -275,8 +313,9 @@ def first_step(config: TrialConfig, data, k: int) -> tuple[float, set, list]:
     convolutions computed in, and its notes; vmap's fallback off, so a looped op raises."""
     from fermodel import engine
 
-    members = [engine.make_member(config.replace(seed=s), data, torch.device("cpu"))
-               for s in range(k)]  # fmt: skip
+    members = [
+        engine.make_member(config.replace(seed=s), data, torch.device("cpu")) for s in range(k)
+    ]
     step = engine.make_step(members, torch.device("cpu"))
     step.train()
     torch._C._functorch._set_vmap_fallback_enabled(False)
@@ -303,14 +342,23 @@ def test_a_bf16_pack_computes_in_the_precision_of_its_lone_trials(
     monkeypatch.setattr(pack, "FUSION", False)  # the ResNet family fuses (tests/test_fused.py)
     if norms == "plain":
         monkeypatch.setattr(torch.nn.functional, "batch_norm", batch_norm_refused_by_vmap)
-    config = TrialConfig(**{**BASE, "backbone": "resnet50", "attention": attention,
-                            "batch_size": 4, "loss": "island", "channels_last": True})  # fmt: skip
+    config = TrialConfig(
+        **{
+            **BASE,
+            "backbone": "resnet50",
+            "attention": attention,
+            "batch_size": 4,
+            "loss": "island",
+            "channels_last": True,
+        }
+    )
     fp32, _, _ = first_step(config.replace(precision="fp32"), data, 1)
     alone, alone_convs, _ = first_step(config.replace(precision="bf16"), data, 1)
     packed, packed_convs, notes = first_step(config.replace(precision="bf16"), data, 2)
     how = [n.split(" (")[0] for n in notes if "pack" in n]
-    assert how == ["packed by vmap" if norms == "torch" else
-                   "packed by vmap with BatchNorm in plain ops"], notes  # fmt: skip
+    assert how == [
+        "packed by vmap" if norms == "torch" else "packed by vmap with BatchNorm in plain ops"
+    ], notes
     assert alone_convs == packed_convs == {torch.bfloat16}
     assert packed != fp32  # cast: vmap under autocast alone left every op in fp32
     assert abs(alone - fp32) < 0.03 * fp32 and abs(packed - fp32) < 0.03 * fp32
@@ -323,13 +371,32 @@ def test_the_gpu_benchmark_runs_on_the_cpu():
     import sys
 
     bench = Path(__file__).parent.parent / "bench" / "gpu.py"
-    done = subprocess.run([sys.executable, str(bench), "--small", "--steps", "2", "--packs",
-                           "1,2,8", "--device", "cpu"], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(bench),
+            "--small",
+            "--steps",
+            "2",
+            "--packs",
+            "1,2,8",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
     assert "ops per step, alone" in out and "ops per step, pack of  8" in out
     assert out.count(", 0 host syncs") == 2
-    for label in ("reference pipeline", "one trial (engine)", "pack of  2", "pack of  8",
-                  "best pack:", "device-hours packed by"):  # fmt: skip
+    for label in (
+        "reference pipeline",
+        "one trial (engine)",
+        "pack of  2",
+        "pack of  8",
+        "best pack:",
+        "device-hours packed by",
+    ):
         assert label in out, out

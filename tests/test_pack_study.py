@@ -51,9 +51,17 @@ checkpoint_every = 100
 
 
 def command(folder: Path, *extra: str) -> list[str]:
-    return ["--study", str(folder / "packed.toml"), "--preset", "tiny",
-            "--storage", str(folder / "ray"), "--tracking-uri", f"sqlite:///{folder}/m.db",
-            *extra]  # fmt: skip
+    return [
+        "--study",
+        str(folder / "packed.toml"),
+        "--preset",
+        "tiny",
+        "--storage",
+        str(folder / "ray"),
+        "--tracking-uri",
+        f"sqlite:///{folder}/m.db",
+        *extra,
+    ]
 
 
 def children(folder: Path) -> tuple[MlflowClient, list]:
@@ -73,9 +81,15 @@ def finished(folder: Path) -> dict:
             continue
         cell = run.data.tags["cell"]
         assert cell not in out, f"two FINISHED runs of {cell}"
-        history = {key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key),
-                                                 key=lambda m: m.step)]
-                   for key in ("train_loss", "val_loss")}  # fmt: skip
+        history = {
+            key: [
+                m.value
+                for m in sorted(
+                    client.get_metric_history(run.info.run_id, key), key=lambda m: m.step
+                )
+            ]
+            for key in ("train_loss", "val_loss")
+        }
         path = client.download_artifacts(run.info.run_id, "predictions.json", str(folder))
         predictions = json.loads(Path(path).read_text())["predictions"]
         out[cell] = (history, run.data.metrics["test_accuracy"], predictions, run)
@@ -106,10 +120,15 @@ def test_a_packed_study_stopped_and_continued_is_its_trials_alone(
     from the pack's checkpoint, and ends as its own trial (run, artifacts, model, report row)
     with the unpacked study's numbers."""
     (tmp_path / "packed.toml").write_text(STUDY)
-    cmd = [sys.executable, "-m", "orchestrate.ablation",
-           *command(tmp_path, "--pack", "3", "--no-log-checkpoints")]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "orchestrate.ablation",
+        *command(tmp_path, "--pack", "3", "--no-log-checkpoints"),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
     def trained_one_epoch() -> bool:
         client, runs = children(tmp_path)

@@ -18,8 +18,7 @@ def datasets():
 
 
 def fate(cell: str, seed: int, epoch: int = 0, **changes) -> Fate:
-    config = TrialConfig(synthetic_subjects=10, synthetic_images_per_class=2, seed=seed,
-                         **changes)  # fmt: skip
+    config = TrialConfig(synthetic_subjects=10, synthetic_images_per_class=2, seed=seed, **changes)
     spec = TrialSpec(cell, seed, 0, config, trial_identity("s", config))
     if epoch:
         return Fate(spec, "continue", "interrupted", f"/ckpt/{cell}{seed}", "run", epoch)

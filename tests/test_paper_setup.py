@@ -23,7 +23,7 @@ def test_the_paper_preset_on_fer2013_is_the_papers_setup(name, tmp_path):
         assert (c["optimizer"], c["lr"], c["batch_size"], c["epochs"]) == ("adam", 0.001, 32, 200)
         assert (c["schedule"], c["plateau_patience"], c["plateau_factor"]) == ("plateau", 30, 0.1)
         assert c["labels"] == "fer2013" and c["protocol"] == "official"
-        # the documented deviation: lam = 0.01, not the paper's 1 (README, measured)
+        # the documented deviation: lam = 0.01, not the paper's 1 (docs/paper.md, measured)
         assert c["lam"] == 0.01
 
 
@@ -39,8 +39,16 @@ def test_the_paper_preset_on_ck_plus_keeps_the_honest_protocol_and_names_the_pap
 
 def test_the_paper_preset_refuses_to_start_without_weights(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    argv = ["--study", "table4", "--preset", "paper", "--storage", str(tmp_path / "ray"),
-            "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]  # fmt: skip
+    argv = [
+        "--study",
+        "table4",
+        "--preset",
+        "paper",
+        "--storage",
+        str(tmp_path / "ray"),
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/m.db",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: pretrained: preset paper starts from ImageNet weights")
@@ -78,7 +86,10 @@ def test_table5_trains_every_backbone_with_the_same_joint_loss():
     configs = [s.config for s in study.trials("paper")]
     assert {c.loss for c in configs} == {"island"}
     assert {(c.backbone, c.attention) for c in configs} == {
-        ("vgg16", "none"), ("resnet50", "none"), ("mobilenet_v2", "none"),
-        ("densenet121", "none"), ("resnet50", "psa"),
-    }  # fmt: skip
+        ("vgg16", "none"),
+        ("resnet50", "none"),
+        ("mobilenet_v2", "none"),
+        ("densenet121", "none"),
+        ("resnet50", "psa"),
+    }
     assert "all with the joint loss" in study.description

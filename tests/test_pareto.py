@@ -39,11 +39,13 @@ def test_three_objectives_by_hand():
 
 
 def test_the_report_names_the_cells_that_dominate_each_dominated_cell():
-    table = pd.DataFrame({
-        "cell": ["Basic", "PSA", "PSA + joint", "Slow", "Unmeasured"],
-        "accuracy": [60.0, 70.0, 72.0, 65.0, 90.0],
-        "latency_ms": [2.0, 4.0, 4.0, 9.0, math.nan],
-    })  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "cell": ["Basic", "PSA", "PSA + joint", "Slow", "Unmeasured"],
+            "accuracy": [60.0, 70.0, 72.0, 65.0, 90.0],
+            "latency_ms": [2.0, 4.0, 4.0, 9.0, math.nan],
+        }
+    )
     out = _front(table)
     assert out.front.tolist() == [True, False, True, False, None]
     assert out.dominated_by.tolist() == ["", "PSA + joint", "", "PSA, PSA + joint", ""]

@@ -12,12 +12,24 @@ from PIL import Image
 from fermodel.checkpoint import best_model, load_checkpoint
 from fermodel.config import TrialConfig
 from fermodel.data import make_synthetic
-from fermodel.data.fer2013 import write_fer2013_csv
+from fermodel.data.fakes import write_fer2013_csv
 from fermodel.predict import main, selected_model
 
-TRAIN = ["--epochs", "1", "--backbone", "shufflenet_v2_x0_5", "--attention", "none",
-         "--synthetic-subjects", "5", "--synthetic-images-per-class", "1", "--batch-size", "16",
-         "--quiet"]  # fmt: skip
+TRAIN = [
+    "--epochs",
+    "1",
+    "--backbone",
+    "shufflenet_v2_x0_5",
+    "--attention",
+    "none",
+    "--synthetic-subjects",
+    "5",
+    "--synthetic-images-per-class",
+    "1",
+    "--batch-size",
+    "16",
+    "--quiet",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -58,8 +70,9 @@ def predicted(capsys, argv):
 def test_a_run_folder_predicts_its_test_images_as_the_run_tested_them(run, capsys):
     root, results, test = run
     out = predicted(capsys, [str(root / "run"), str(root / "faces"), "--json"])
-    assert [p["image"] for p in out] == [str(root / "faces" / f"{i:02d}.png")
-                                         for i in range(len(test))]  # fmt: skip
+    assert [p["image"] for p in out] == [
+        str(root / "faces" / f"{i:02d}.png") for i in range(len(test))
+    ]
     classes = results["classes"]
     for p in out:
         assert set(p["probabilities"]) == set(classes)
@@ -144,8 +157,10 @@ def test_bad_models_and_images_are_one_line_errors(tmp_path, capsys):
     assert "no such run folder" in _error(capsys, [str(tmp_path / "nothing"), str(face)])
     assert str(tmp_path / "nothing") in _error(capsys, [str(tmp_path / "nothing"), str(face)])
     assert "no config.json" in _error(capsys, [str(tmp_path), str(face)])
-    err = _error(capsys, ["models:/absent@best", str(face), "--tracking-uri",
-                          f"sqlite:///{tmp_path / 'none.db'}"])  # fmt: skip
+    err = _error(
+        capsys,
+        ["models:/absent@best", str(face), "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"],
+    )
     assert "models:/absent@best: no MLflow store at" in err
     assert not (tmp_path / "none.db").exists()  # no store is made by looking
     broken = tmp_path / "broken.png"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fermodel.data import DatasetError, load_dataset, make_splits, make_synthetic
-from fermodel.data.fer2013 import write_fer2013_csv
+from fermodel.data.fakes import write_fer2013_csv
 from fermodel.data.protocols import _grouped_holdout, _stratified_holdout, subject_folds
 from fermodel.plots import plot_class_distribution
 
@@ -150,8 +150,10 @@ def test_carved_splits_keep_every_copy_of_an_image_on_one_side(
         counts = part.class_counts()
         assert all(n_c in (4, 6) for n_c in counts.values()), counts  # 10% of 2 x 30 = 6
     if drop_leaked:
-        assert ("drop_leaked: dropped 0 val images (0 with a copy in train, 0 in test) and 0 "
-                "test images (a copy in train)") in s.notes  # fmt: skip
+        assert (
+            "drop_leaked: dropped 0 val images (0 with a copy in train, 0 in test) and 0 "
+            "test images (a copy in train)"
+        ) in s.notes
 
 
 def test_without_duplicates_grouped_carving_draws_what_the_stratified_draw_did():
@@ -181,8 +183,10 @@ def test_drop_leaked_works_on_the_final_splits_of_any_protocol(data):
     ) in kept.notes
     dropped = make_splits(planted, "kfold", fold=fold, folds=folds, drop_leaked=True)
     assert sorted(dropped.test.ids) == sorted(set(kept.test.ids) - {data.ids[copy]})
-    assert ("drop_leaked: dropped 0 val images (0 with a copy in train, 0 in test) and 1 test "
-            "images (a copy in train)") in dropped.notes  # fmt: skip
+    assert (
+        "drop_leaked: dropped 0 val images (0 with a copy in train, 0 in test) and 1 test "
+        "images (a copy in train)"
+    ) in dropped.notes
     # the whole test fold stays beside, for the accuracy on the full test split
     assert sorted(dropped.full_test.ids) == sorted(kept.test.ids)
     # a dataset loaded with drop_leaked=True carries the choice to make_splits

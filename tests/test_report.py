@@ -34,10 +34,29 @@ from orchestrate.statistics import SIGNIFICANT_SHARE, Predictions, holm, summari
 from search_spaces import STUDY_DIR, load_study
 
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
-CELLS_READABLE = ["Cell", "n", "Accuracy (%)", "95% CI (%)", "Macro F1 (%)", "Paper (%)",
-                  "Params (M)", "GFLOPs", "Latency (ms)", "Front"]  # fmt: skip
-CONTRASTS_READABLE = ["Family", "Comparison", "Δ (points)", "95% CI (points)", "MDE (points)",
-                      "Δ (points)", "95% CI (points)", "MDE (points)", "Seeds needed"]  # fmt: skip
+CELLS_READABLE = [
+    "Cell",
+    "n",
+    "Accuracy (%)",
+    "95% CI (%)",
+    "Macro F1 (%)",
+    "Paper (%)",
+    "Params (M)",
+    "GFLOPs",
+    "Latency (ms)",
+    "Front",
+]
+CONTRASTS_READABLE = [
+    "Family",
+    "Comparison",
+    "Δ (points)",
+    "95% CI (points)",
+    "MDE (points)",
+    "Δ (points)",
+    "95% CI (points)",
+    "MDE (points)",
+    "Seeds needed",
+]
 
 
 @pytest.mark.slow
@@ -50,12 +69,27 @@ def test_the_report_rebuilt_from_mlflow_equals_the_one_of_the_run(finished_study
         finished_study.out,
     )
     client = MlflowClient(uri)
-    logged = {name: Path(client.download_artifacts(summary["parent_run_id"], name, str(tmp)))
-              for name in ("study_table.csv", "contrasts.csv")}  # fmt: skip
-    assert report_main(["--run", summary["parent_run_id"], "--tracking-uri", uri,
-                        "--out", str(tmp / "rebuilt")]) == 0  # fmt: skip
-    assert report_main(["--study", "minireport", "--tracking-uri", uri,
-                        "--out", str(tmp / "by_name")]) == 0  # fmt: skip
+    logged = {
+        name: Path(client.download_artifacts(summary["parent_run_id"], name, str(tmp)))
+        for name in ("study_table.csv", "contrasts.csv")
+    }
+    assert (
+        report_main(
+            [
+                "--run",
+                summary["parent_run_id"],
+                "--tracking-uri",
+                uri,
+                "--out",
+                str(tmp / "rebuilt"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        report_main(["--study", "minireport", "--tracking-uri", uri, "--out", str(tmp / "by_name")])
+        == 0
+    )
     for name, path in logged.items():
         assert (tmp / "rebuilt" / name).read_text() == path.read_text()
         assert (tmp / "by_name" / name).read_text() == path.read_text()
@@ -80,7 +114,11 @@ def test_the_report_rebuilt_from_mlflow_equals_the_one_of_the_run(finished_study
         assert joint.testset_ci_low <= joint.testset_diff <= joint.testset_ci_high
     # across training runs: two seeds of one fixed split, the paired t-test
     assert (joint.runs_test, joint.runs_n, joint.runs_seeds, joint.runs_folds) == (
-        "paired t", 2, 2, 1)  # fmt: skip
+        "paired t",
+        2,
+        2,
+        1,
+    )
     assert joint.runs_significant in ("yes", "no") and 0 <= joint.runs_p_holm <= 1
     assert joint.runs_ci_low <= joint.runs_diff <= joint.runs_ci_high
     # the terminal: the title, both tables, each question's label above its columns
@@ -91,18 +129,27 @@ def test_the_report_rebuilt_from_mlflow_equals_the_one_of_the_run(finished_study
     assert "(paired t-test over 2 seeds)" in printed
     # the table's accuracy is the mean of the child runs' test accuracy, and the runs' paired
     # difference the difference of the logged test accuracies
-    runs = client.search_runs([client.get_experiment_by_name("minireport").experiment_id],
-                              "tags.study_parent = 'false'")  # fmt: skip
-    of = lambda cell: [r.data.metrics["test_accuracy"] for r in runs  # noqa: E731
-                       if r.data.tags["cell"] == cell]  # fmt: skip
+    runs = client.search_runs(
+        [client.get_experiment_by_name("minireport").experiment_id], "tags.study_parent = 'false'"
+    )
+
+    def of(cell: str) -> list[float]:
+        return [r.data.metrics["test_accuracy"] for r in runs if r.data.tags["cell"] == cell]
+
     assert basic.accuracy == pytest.approx(100 * sum(of("basic")) / 2)
     assert joint.runs_diff == pytest.approx(100 * (sum(of("joint")) - sum(of("basic"))) / 2)
     # every trial logs its split sizes (the k-fold correction reads them)
     assert all(r.data.metrics["train_images"] > r.data.metrics["test_images"] > 0 for r in runs)
     assert (tmp / "rebuilt" / "report.tex").read_text().startswith(r"\begin{table}")
     parent_files = {a.path for a in client.list_artifacts(summary["parent_run_id"])}
-    assert {"report.html", "report.tex", "study_table.md", "contrasts.csv",
-            "class_distribution.png", "study.toml"} <= parent_files  # fmt: skip
+    assert {
+        "report.html",
+        "report.tex",
+        "study_table.md",
+        "contrasts.csv",
+        "class_distribution.png",
+        "study.toml",
+    } <= parent_files
 
 
 def test_a_bad_report_request_is_one_line_and_exit_code_2(tmp_path, capsys):
@@ -141,8 +188,9 @@ def test_the_html_report_renders_in_headless_chromium(finished_study):
     tmp, uri, summary = finished_study.tmp, finished_study.uri, finished_study.summary
     client = MlflowClient(uri)
     page_file = Path(client.download_artifacts(summary["parent_run_id"], "report.html", str(tmp)))
-    markdown = Path(client.download_artifacts(summary["parent_run_id"], "study_table.md",
-                                              str(tmp))).read_text()  # fmt: skip
+    markdown = Path(
+        client.download_artifacts(summary["parent_run_id"], "study_table.md", str(tmp))
+    ).read_text()
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = chromium(p)
@@ -150,12 +198,15 @@ def test_the_html_report_renders_in_headless_chromium(finished_study):
         page.goto(page_file.as_uri())
         cells, contrasts = page.locator("table").nth(0), page.locator("table").nth(1)
         assert cells.is_visible() and contrasts.is_visible()
-        assert "minireport on synthetic (preset tiny): test accuracy" in page.locator(
-            "p.title").inner_text()  # fmt: skip
+        assert (
+            "minireport on synthetic (preset tiny): test accuracy"
+            in page.locator("p.title").inner_text()
+        )
         # the readable headers, with units; no raw column name (ci95_low, testset_p_holm, ...)
         assert cells.locator("thead tr").last.locator("th").all_inner_texts() == CELLS_READABLE
         assert contrasts.locator("thead tr").last.locator("th").all_inner_texts() == (
-            CONTRASTS_READABLE)  # fmt: skip
+            CONTRASTS_READABLE
+        )
         headers = page.locator("th").all_inner_texts()
         assert not [h for h in headers if "_" in h or "holm" in h.lower()], headers
         # the header row above the contrasts' columns says which question each group answers
@@ -172,14 +223,23 @@ def test_the_html_report_renders_in_headless_chromium(finished_study):
         terms = legend_box.locator("dt").all_inner_texts()
         assert legend_box.is_visible() and terms[:6] == CELLS_READABLE[:6]
         assert terms[6:10] == [f"{h}, what it costs" for h in CELLS_READABLE[6:]]
-        assert {"Δ (points), on this test set", "95% CI (points), across training runs",
-                "* and **", "Family"} <= set(terms)  # fmt: skip
+        assert {
+            "Δ (points), on this test set",
+            "95% CI (points), across training runs",
+            "* and **",
+            "Family",
+        } <= set(terms)
         text = legend_box.inner_text()
         assert "percentage points" in text and "Holm" in text and "not adjusted" in text
         images = page.locator("img")
         alts = images.evaluate_all("ims => ims.map(im => im.alt)")
-        assert [a.split(" ")[0] for a in alts] == ["each", "accuracy", "confusion", "validation",
-                                                   "class"]  # fmt: skip
+        assert [a.split(" ")[0] for a in alts] == [
+            "each",
+            "accuracy",
+            "confusion",
+            "validation",
+            "class",
+        ]
         for i in range(images.count()):
             loaded = images.nth(i).evaluate("im => im.complete && im.naturalWidth > 100")
             assert loaded, f"image {i} did not render"
@@ -204,8 +264,13 @@ def latex_cells(line: str) -> list[str]:
 
 def unlatex(text: str) -> str:
     """A cell as printed: signs and escaped characters back to text (not a general parser)."""
-    for math_form, plain in (("$-$", "-"), (r"$\pm$", "±"), (r"$\Delta$", "Δ"),
-                             (r"$\infty$", "∞"), (r"$\dagger$", "†")):  # fmt: skip
+    for math_form, plain in (
+        ("$-$", "-"),
+        (r"$\pm$", "±"),
+        (r"$\Delta$", "Δ"),
+        (r"$\infty$", "∞"),
+        (r"$\dagger$", "†"),
+    ):
         text = text.replace(math_form, plain)
     return re.sub(r"\\([&%$#_{}])", r"\1", text)
 
@@ -241,8 +306,11 @@ def test_the_latex_and_markdown_tables_print_mlflows_numbers(finished_study):
     # recomputed from the child runs' metrics, paired by (seed, fold)
     experiment = client.get_experiment_by_name("minireport").experiment_id
     runs = client.search_runs([experiment], "tags.study_parent = 'false'")
-    accuracy = {(r.data.tags["cell"], int(r.data.tags["seed"]), int(r.data.tags["fold"])):
-                100 * r.data.metrics["test_accuracy"] for r in runs}  # fmt: skip
+    accuracy = {
+        (r.data.tags["cell"], int(r.data.tags["seed"]), int(r.data.tags["fold"])): 100
+        * r.data.metrics["test_accuracy"]
+        for r in runs
+    }
     for key, label in [("basic", "Basic"), ("joint", "Basic + joint loss")]:
         values = [v for (cell, *_), v in accuracy.items() if cell == key]
         f1 = [100 * r.data.metrics["test_macro_f1"] for r in runs if r.data.tags["cell"] == key]
@@ -257,8 +325,11 @@ def test_the_latex_and_markdown_tables_print_mlflows_numbers(finished_study):
     assert rows["Basic"][5] == "61.50" and rows["Basic + joint loss"][5] == ""
     joint = [unlatex(c) for c in latex_cells(contrast_body[0])]
     assert joint[:2] == ["each cell vs Basic", "Basic + joint loss vs Basic"]
-    diffs = [accuracy["joint", s, f] - accuracy["basic", s, f]
-             for (cell, s, f) in accuracy if cell == "basic"]  # fmt: skip
+    diffs = [
+        accuracy["joint", s, f] - accuracy["basic", s, f]
+        for (cell, s, f) in accuracy
+        if cell == "basic"
+    ]
     mean, low, high = t_interval(diffs)
     # every test image is shared and every seed paired: the per-image difference averaged over
     # seeds is the mean run difference, on this test set as across training runs
@@ -309,10 +380,16 @@ def trial(correct, seed=0, fold=0, ids=None, groups=None):
     return Predictions(seed, fold, list(ids), labels, predictions, groups)
 
 
-def study_data(cells: dict[str, list[Predictions]], meta: dict | None = None,
-               dataset: str = "synthetic", protocol: str = "official", folds: int = 10,
-               train_images: int = 1200, drop_leaked: bool = False,
-               full: dict[str, float] | None = None) -> StudyData:  # fmt: skip
+def study_data(
+    cells: dict[str, list[Predictions]],
+    meta: dict | None = None,
+    dataset: str = "synthetic",
+    protocol: str = "official",
+    folds: int = 10,
+    train_images: int = 1200,
+    drop_leaked: bool = False,
+    full: dict[str, float] | None = None,
+) -> StudyData:
     """A session of finished trials with these predictions; ``meta`` the study file (default:
     the cells in order, labelled by their titled names, the first the reference); ``full`` a
     cell's accuracy on the whole test split (drop_leaked)."""
@@ -321,22 +398,50 @@ def study_data(cells: dict[str, list[Predictions]], meta: dict | None = None,
         for k, p in enumerate(trials):
             run_id = f"{name}-{k}"
             right = np.mean(np.array(p.predictions) == np.array(p.labels))
-            rows.append({
-                "run_id": run_id, "status": "FINISHED", "cell": name, "seed": p.seed,
-                "fold": p.fold, "trial": run_id, "sampled": "", "stopped_early": False,
-                "error": "", "planned_epochs": 4, "epochs_run": 4, "loss": "island",
-                "lam": "0.01", "lam1": "10.0", "protocol": protocol, "folds": str(folds),
-                "drop_leaked": str(drop_leaked), "test_accuracy": right, "test_macro_f1": 0.5,
-                "train_seconds": 10.0, "trial_seconds": 12.0, "mean_images_per_second": 30.0,
-                "train_images": train_images, "test_images": len(p.ids),
-                **({"test_full_accuracy": full[name] / 100} if full else {}),
-            })  # fmt: skip
-            predictions[run_id] = {"classes": list("abcdefg"), "ids": p.ids, "labels": p.labels,
-                                   "predictions": p.predictions, "groups": p.groups}  # fmt: skip
-    meta = meta or {"kind": "grid", "name": "mini",
-                    "cells": [{"name": n, "label": n.title()} for n in cells]}  # fmt: skip
-    return StudyData(meta.get("name", "mini"), "s", dataset, meta, pd.DataFrame(rows),
-                     predictions=predictions)  # fmt: skip
+            rows.append(
+                {
+                    "run_id": run_id,
+                    "status": "FINISHED",
+                    "cell": name,
+                    "seed": p.seed,
+                    "fold": p.fold,
+                    "trial": run_id,
+                    "sampled": "",
+                    "stopped_early": False,
+                    "error": "",
+                    "planned_epochs": 4,
+                    "epochs_run": 4,
+                    "loss": "island",
+                    "lam": "0.01",
+                    "lam1": "10.0",
+                    "protocol": protocol,
+                    "folds": str(folds),
+                    "drop_leaked": str(drop_leaked),
+                    "test_accuracy": right,
+                    "test_macro_f1": 0.5,
+                    "train_seconds": 10.0,
+                    "trial_seconds": 12.0,
+                    "mean_images_per_second": 30.0,
+                    "train_images": train_images,
+                    "test_images": len(p.ids),
+                    **({"test_full_accuracy": full[name] / 100} if full else {}),
+                }
+            )
+            predictions[run_id] = {
+                "classes": list("abcdefg"),
+                "ids": p.ids,
+                "labels": p.labels,
+                "predictions": p.predictions,
+                "groups": p.groups,
+            }
+    meta = meta or {
+        "kind": "grid",
+        "name": "mini",
+        "cells": [{"name": n, "label": n.title()} for n in cells],
+    }
+    return StudyData(
+        meta.get("name", "mini"), "s", dataset, meta, pd.DataFrame(rows), predictions=predictions
+    )
 
 
 def seeds(moves, n=300):
@@ -377,24 +482,37 @@ def test_a_lucky_seed_is_significant_on_this_test_set_and_not_across_runs():
     assert lucky_row.testset_unit == "image" and lucky_row.testset_n == 300
     assert lucky_row.runs_n == 3 and lucky_row.runs_sd == pytest.approx(8.0)
     assert lucky_row.runs_test == "paired t" and lucky_row.seeds_needed == (
-        statistics.seeds_needed(4.0, 8.0))  # fmt: skip
+        statistics.seeds_needed(4.0, 8.0)
+    )
     printed = format_table(report)
     assert "bootstrap CI, over 300 images)" in printed and "(paired t-test over 3 seeds)" in printed
     line = next(x for x in printed.splitlines() if "Lucky vs Basic" in x)
     mde = f"{lucky_row.testset_mde:.2f}"  # noise floors beside the differences
-    assert line.split()[-9:] == ["+4.00**", "[+2.33,", "+5.67]", mde, "+4.00", "[-15.87,",
-                                 "+23.87]", f"{lucky_row.runs_mde:.2f}",
-                                 f"{lucky_row.seeds_needed:.0f}"]  # fmt: skip
+    assert line.split()[-9:] == [
+        "+4.00**",
+        "[+2.33,",
+        "+5.67]",
+        mde,
+        "+4.00",
+        "[-15.87,",
+        "+23.87]",
+        f"{lucky_row.runs_mde:.2f}",
+        f"{lucky_row.seeds_needed:.0f}",
+    ]
 
 
 def test_holm_adjusts_within_each_family_and_question_on_its_own():
     ref, lucky, steady = lucky_and_steady()
     cells = {"basic": ref, "lucky": lucky, "steady": steady}
-    meta = {"kind": "grid", "cells": [{"name": n, "label": n} for n in cells], "contrasts": [
-        {"family": "A", "plus": ["lucky"], "minus": ["basic"]},
-        {"family": "A", "plus": ["steady"], "minus": ["basic"]},
-        {"family": "B", "label": "steady vs lucky", "plus": ["steady"], "minus": ["lucky"]},
-    ]}  # fmt: skip
+    meta = {
+        "kind": "grid",
+        "cells": [{"name": n, "label": n} for n in cells],
+        "contrasts": [
+            {"family": "A", "plus": ["lucky"], "minus": ["basic"]},
+            {"family": "A", "plus": ["steady"], "minus": ["basic"]},
+            {"family": "B", "label": "steady vs lucky", "plus": ["steady"], "minus": ["lucky"]},
+        ],
+    }
     report = build_report(study_data(cells, meta), 2000)
     c = report.contrasts
     assert list(c.family) == ["A", "A", "B"]
@@ -409,10 +527,14 @@ def test_holm_adjusts_within_each_family_and_question_on_its_own():
 
 
 def test_one_seed_and_one_fold_print_cannot_be_judged_instead_of_a_p_value():
-    report = build_report(study_data({
-        "basic": [trial([i < 150 for i in range(300)])],
-        "better": [trial([i < 190 for i in range(300)])],
-    }))  # fmt: skip
+    report = build_report(
+        study_data(
+            {
+                "basic": [trial([i < 150 for i in range(300)])],
+                "better": [trial([i < 190 for i in range(300)])],
+            }
+        )
+    )
     c = report.contrasts.iloc[0]
     assert c.runs_significant == "n/a: 1 seed x 1 fold" and pd.isna(c.runs_p_holm)
     assert c.runs_n == 1 and c.runs_diff == pytest.approx(40 / 3)
@@ -432,11 +554,16 @@ def planted_kfold(effects: dict[str, float], folds=5, seeds=3, per_fold=40, base
     cells = {}
     for name, effect in effects.items():
         cells[name] = [
-            trial(rng.random(per_fold) < base + effect, s, f,
-                  ids=[f"f{f}-{i}" for i in range(per_fold)],
-                  groups=[f"S{f}-{i // 4}" for i in range(per_fold)])
-            for s in range(seeds) for f in range(folds)
-        ]  # fmt: skip
+            trial(
+                rng.random(per_fold) < base + effect,
+                s,
+                f,
+                ids=[f"f{f}-{i}" for i in range(per_fold)],
+                groups=[f"S{f}-{i // 4}" for i in range(per_fold)],
+            )
+            for s in range(seeds)
+            for f in range(folds)
+        ]
     return cells
 
 
@@ -446,15 +573,21 @@ def shipped(name: str) -> dict:
 
 def test_table4_reports_the_papers_claims_and_the_interaction_on_a_k_fold_grid():
     effects = {"basic": 0.0, "basic_joint": 0.08, "basic_psa": 0.12, "basic_psa_joint": 0.3}
-    data = study_data(planted_kfold(effects), shipped("table4"), "ckplus", "kfold", folds=5,
-                      train_images=120)  # fmt: skip
+    data = study_data(
+        planted_kfold(effects), shipped("table4"), "ckplus", "kfold", folds=5, train_images=120
+    )
     report = build_report(data, 2000)
     c = report.contrasts
     study = load_study("table4")
     assert list(c.comparison) == [x.label for x in study.contrasts]
     assert list(c.family) == ["the paper's claims"] * 4 + ["interaction"]
-    assert list(c.plus) == ["basic_joint", "basic_psa", "basic_psa_joint", "basic_psa_joint",
-                            "basic_psa_joint + basic"]  # fmt: skip
+    assert list(c.plus) == [
+        "basic_joint",
+        "basic_psa",
+        "basic_psa_joint",
+        "basic_psa_joint",
+        "basic_psa_joint + basic",
+    ]
     # every claim and the interaction with its interval, its Holm mark and noise floor
     assert c.testset_ci_low.notna().all() and c.runs_ci_low.notna().all()
     assert (c.testset_ci_low <= c.testset_diff).all()
@@ -465,8 +598,12 @@ def test_table4_reports_the_papers_claims_and_the_interaction_on_a_k_fold_grid()
     assert c.runs_fold_ratio.iloc[0] == pytest.approx(40 / 120)
     interaction = c.iloc[4]
     table = report.table.set_index("key")
-    expected = (table.accuracy["basic_psa_joint"] + table.accuracy["basic"]
-                - table.accuracy["basic_psa"] - table.accuracy["basic_joint"])  # fmt: skip
+    expected = (
+        table.accuracy["basic_psa_joint"]
+        + table.accuracy["basic"]
+        - table.accuracy["basic_psa"]
+        - table.accuracy["basic_joint"]
+    )
     assert interaction.runs_diff == pytest.approx(expected)
     text = format_table(report)
     for label in c.comparison:
@@ -497,8 +634,12 @@ def test_table5_compares_every_baseline_with_ours():
     )
     c = report.contrasts
     assert set(c.family) == {"ours vs each baseline"}
-    assert list(c.plus) == ["ours"] * 4 and list(c.minus) == ["vgg", "resnet", "mobilenet",
-                                                              "densenet"]  # fmt: skip
+    assert list(c.plus) == ["ours"] * 4 and list(c.minus) == [
+        "vgg",
+        "resnet",
+        "mobilenet",
+        "densenet",
+    ]
     # one seed on k-fold: the folds alone, corrected; seed noise cannot be told from the folds'
     assert set(c.runs_test) == {"corrected k-fold t"} and c.seeds_needed.isna().all()
 
@@ -547,9 +688,12 @@ def test_the_interval_sentence_an_interval_can_exclude_zero_without_a_mark():
     # three contrasts in one family: one gains 14 of 300 images and loses 4 (p about 0.03 alone,
     # about 0.09 after Holm over three), its bootstrap interval excluding 0
     ref = [trial([i < 150 for i in range(300)])]
-    cells = {"basic": ref, "a": [trial([i < 164 and not 140 <= i < 144 for i in range(300)])],
-             "b": [trial([i < 151 for i in range(300)])],
-             "c": [trial([i < 149 for i in range(300)])]}  # fmt: skip
+    cells = {
+        "basic": ref,
+        "a": [trial([i < 164 and not 140 <= i < 144 for i in range(300)])],
+        "b": [trial([i < 151 for i in range(300)])],
+        "c": [trial([i < 149 for i in range(300)])],
+    }
     report = build_report(study_data(cells), 4000)
     a = row(report, "A vs Basic")
     assert a.testset_ci_low > 0 and a.testset_p < 0.05 <= a.testset_p_holm
@@ -571,12 +715,16 @@ def test_the_runs_sentences_name_the_test_that_ran_and_its_unit():
     assert "∞" not in explained["Seeds needed, across training runs"]
     # k-fold: the corrected test over the seed-averaged folds, with the folds' ratio
     effects = {"basic": 0.0, "better": 0.05}
-    kfold = build_report(study_data(planted_kfold(effects), None, "ckplus", "kfold", 5,
-                                    train_images=120))  # fmt: skip
+    kfold = build_report(
+        study_data(planted_kfold(effects), None, "ckplus", "kfold", 5, train_images=120)
+    )
     explained = dict(legend(kfold))
     runs_test = explained["95% CI (points), across training runs"]
-    assert "corrected k-fold t-test (Nadeau & Bengio 2003) over 5 folds (each the mean of its 3 " \
-           "seeds)" in runs_test and "n_test/n_train = 0.333" in runs_test  # fmt: skip
+    assert (
+        "corrected k-fold t-test (Nadeau & Bengio 2003) over 5 folds (each the mean of its 3 seeds)"
+        in runs_test
+        and "n_test/n_train = 0.333" in runs_test
+    )
     assert "another seed and another training set" in explained["Δ (points), across training runs"]
     assert "∞ where no number of seeds would" in explained["Seeds needed, across training runs"]
     c = kfold.contrasts.iloc[0]
@@ -604,11 +752,19 @@ def planted_repeated(effects: dict[str, float], drawings=2, folds=5, seeds=3, su
                     images = [(x, i) for x in order[f::folds] for i in range(4)]
                     labels = [int(x * 4 + i) % 7 for x, i in images]  # an image keeps its label
                     right = rng.random(len(images)) < 0.55 + effect
-                    guesses = [y if ok else (y + 1) % 7
-                               for y, ok in zip(labels, right, strict=True)]  # fmt: skip
-                    cells[name].append(Predictions(
-                        s, r * folds + f, [f"S{x}-{i}" for x, i in images], labels, guesses,
-                        [f"S{x}" for x, _ in images]))  # fmt: skip
+                    guesses = [
+                        y if ok else (y + 1) % 7 for y, ok in zip(labels, right, strict=True)
+                    ]
+                    cells[name].append(
+                        Predictions(
+                            s,
+                            r * folds + f,
+                            [f"S{x}-{i}" for x, i in images],
+                            labels,
+                            guesses,
+                            [f"S{x}" for x, _ in images],
+                        )
+                    )
                     places[name, len(cells[name]) - 1] = (r, f)
     return cells, places
 
@@ -632,9 +788,10 @@ def test_a_repeated_k_fold_study_is_judged_over_every_drawings_folds_and_called_
     assert c.runs_p == pytest.approx(expected["p_value"]) and not c.runs_p_by_correlation
     assert "its folds drawn 2 times (repeated k-fold)" in report.title
     explained = dict(legend(report))
-    assert ("corrected repeated k-fold t-test (Bouckaert & Frank 2004) over 10 folds of 2 "
-            "drawings (each the mean of its 3 seeds)") in explained["95% CI (points), across "
-                                                                    "training runs"]  # fmt: skip
+    assert (
+        "corrected repeated k-fold t-test (Bouckaert & Frank 2004) over 10 folds of 2 "
+        "drawings (each the mean of its 3 seeds)"
+    ) in explained["95% CI (points), across training runs"]
     text = format_table(report)
     assert "across training runs on repeated k-fold is a heuristic" in text
     assert "simulated levels 1.8-40% over fold correlations 0-0.35" in text
@@ -647,13 +804,17 @@ def test_the_cell_interval_sentence_says_when_it_is_corrected_for_folds():
     cells = planted_kfold(effects)
     report = build_report(study_data(cells, None, "ckplus", "kfold", 5, train_images=120))
     basic = report.table.set_index("key").loc["basic"]
-    accuracies = {(t.seed, t.fold): 100 * np.mean(np.array(t.predictions) == np.array(t.labels))
-                  for t in cells["basic"]}  # fmt: skip
+    accuracies = {
+        (t.seed, t.fold): 100 * np.mean(np.array(t.predictions) == np.array(t.labels))
+        for t in cells["basic"]
+    }
     expected = summarize_runs(accuracies, 1 / 3)
-    assert (basic.ci95_low, basic.ci95_high) == pytest.approx((expected["ci_low"],
-                                                               expected["ci_high"]))  # fmt: skip
-    assert "corrected for the folds' overlapping training sets" in dict(legend(report))[
-        "95% CI (%)"]  # fmt: skip
+    assert (basic.ci95_low, basic.ci95_high) == pytest.approx(
+        (expected["ci_low"], expected["ci_high"])
+    )
+    assert (
+        "corrected for the folds' overlapping training sets" in dict(legend(report))["95% CI (%)"]
+    )
     ref, lucky, _ = lucky_and_steady()
     fixed = dict(legend(build_report(study_data({"basic": ref, "lucky": lucky}))))
     assert "overlapping" not in fixed["95% CI (%)"] and "this test set" in fixed["95% CI (%)"]
@@ -663,9 +824,13 @@ def test_the_full_test_column_and_the_paper_footnote():
     # FER2013 with leaked test images dropped: the whole PrivateTest beside, the paper's number
     # compared with it
     ref, lucky, _ = lucky_and_steady()
-    meta = {"kind": "grid", "cells": [{"name": "basic", "label": "Basic",
-                                       "paper": {"fer2013": 69.92}},
-                                      {"name": "lucky", "label": "Lucky"}]}  # fmt: skip
+    meta = {
+        "kind": "grid",
+        "cells": [
+            {"name": "basic", "label": "Basic", "paper": {"fer2013": 69.92}},
+            {"name": "lucky", "label": "Lucky"},
+        ],
+    }
     report = build_report(
         study_data(
             {"basic": ref, "lucky": lucky},
@@ -676,8 +841,15 @@ def test_the_full_test_column_and_the_paper_footnote():
         )
     )
     headers = [c.header for c in cell_columns(report)]
-    assert headers == ["Cell", "n", "Accuracy (%)", "95% CI (%)", "Macro F1 (%)",
-                       "Full test (%)", "Paper (%)†"]  # fmt: skip
+    assert headers == [
+        "Cell",
+        "n",
+        "Accuracy (%)",
+        "95% CI (%)",
+        "Macro F1 (%)",
+        "Full test (%)",
+        "Paper (%)†",
+    ]
     assert report.table.full_accuracy.tolist() == pytest.approx([51.2, 55.0])
     explained = dict(legend(report))
     assert "without its leaked images" in explained["Accuracy (%)"]
@@ -687,9 +859,13 @@ def test_the_full_test_column_and_the_paper_footnote():
     assert "† the paper's FER2013 numbers are on its test set" in text
     # CK+ on subject-independent folds: the paper's own split is not comparable
     effects = {"basic": 0.0, "better": 0.05}
-    meta = {"kind": "grid", "cells": [{"name": "basic", "label": "Basic",
-                                       "paper": {"ckplus": 94.8}},
-                                      {"name": "better", "label": "Better"}]}  # fmt: skip
+    meta = {
+        "kind": "grid",
+        "cells": [
+            {"name": "basic", "label": "Basic", "paper": {"ckplus": 94.8}},
+            {"name": "better", "label": "Better"},
+        ],
+    }
     kfold = build_report(study_data(planted_kfold(effects), meta, "ckplus", "kfold", 5, 120))
     assert "frames of one subject" in dict(legend(kfold))["Paper (%)†"]
     assert "subject-independent 5-fold cross-validation" in kfold.title
@@ -731,8 +907,12 @@ def test_every_column_is_explained_and_the_raw_names_stay_in_the_csv_note():
     assert page.count("class=question>") == 2 and "dl class=legend" in page
     assert "* / **: Holm-adjusted p < 0.05 / 0.01" in format_table(report)
     cells_md = markdown_tables(markdown)[0][1]
-    assert cells_md[1][:4] == ["Other", "2", f"{report.table.accuracy[1]:.2f} ± "
-                               f"{report.table['std'][1]:.2f}", cells_md[1][3]]  # fmt: skip
+    assert cells_md[1][:4] == [
+        "Other",
+        "2",
+        f"{report.table.accuracy[1]:.2f} ± {report.table['std'][1]:.2f}",
+        cells_md[1][3],
+    ]
 
 
 def test_latex_escapes_every_special_character():
@@ -778,8 +958,12 @@ def test_the_latex_tables_have_booktabs_rules_a_row_each_and_escaped_names():
     assert latex_cells(cell_body[0])[1] == "3"
     lucky_row = latex_cells(body[0])
     assert lucky_row[0] == "each cell vs Basic" and lucky_row[1] == r"PSA \& SE\_50\% vs Basic"
-    assert lucky_row[2:4] + lucky_row[5:7] == ["+4.00**", "[+2.33, +5.67]", "+4.00",
-                                               "[$-$15.87, +23.87]"]  # fmt: skip
+    assert lucky_row[2:4] + lucky_row[5:7] == [
+        "+4.00**",
+        "[+2.33, +5.67]",
+        "+4.00",
+        "[$-$15.87, +23.87]",
+    ]
     # each question's label spans its columns, ruled below
     assert r"\multicolumn{3}{c}{on this test set} & \multicolumn{4}{c}{across training runs}" in tex
     assert r"\cmidrule(lr){3-5} \cmidrule(lr){6-9}" in tex

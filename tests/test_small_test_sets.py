@@ -45,7 +45,7 @@ def test_the_inverted_interval_covers_the_true_difference_where_the_bootstrap_do
 ):
     """1000 studies: the inverted sign-flip interval covers the true 5 points at least 93% of
     the time with 6 and with 20 subjects; the percentile cluster bootstrap it replaces covers
-    under 90% with 6 (the README's figures: about 86% and 94%, the inverted 97% and 95%)."""
+    under 90% with 6 (docs/report.md's figures: about 86% and 94%, the inverted 97% and 95%)."""
     rng = np.random.default_rng(1)
     signs = _sign_vectors(g, 2000, rng)
     covered, booted, widths = 0, 0, []
@@ -97,7 +97,7 @@ def few_subjects(g: int, gains: list[int], per: int = 6) -> dict:
 def test_the_printed_noise_floor_with_6_subjects_is_found_most_of_the_time():
     """Draw a study, print its MDE from what it observed, then draw fresh studies whose true
     difference is that MDE: the exact test finds it at least 75% of the time (about 80%; the
-    normal approximation's floor was found 34% of the time when issue 29 was filed)."""
+    normal approximation's floor was found 34% of the time)."""
     rng = np.random.default_rng(2)
     signs = _sign_vectors(6, 64, rng)
     found = []
@@ -127,8 +127,9 @@ def test_a_study_without_split_sizes_still_answers_the_test_set_question():
             ids = [f"f{fold}s{s}i{i}" for s in range(4) for i in range(6)]
             groups = [i.split("i")[0] for i in ids]
             right = [int(i[-1]) < 3 + extra for i in ids]
-            trials.append(Predictions(0, fold, ids, [0] * len(ids),
-                                      [0 if r else 1 for r in right], groups))  # fmt: skip
+            trials.append(
+                Predictions(0, fold, ids, [0] * len(ids), [0 if r else 1 for r in right], groups)
+            )
         cells[name] = trials
     result = compare(cells, {"b": 1, "a": -1})  # no fold_ratio given
     assert result["test_set"]["p_value"] == pytest.approx(2 / 256)  # 8 subjects, one sign

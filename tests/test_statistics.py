@@ -287,10 +287,11 @@ def test_without_groups_an_image_is_its_own_unit():
     correct_r = [i < 180 for i in range(300)]
     correct_o = [i < 150 or 180 <= i < 215 for i in range(300)]
     results = [
-        paired_comparison([trial(correct_r, groups=g)], [trial(correct_o, groups=g)],
-                          n_resamples=2000)
+        paired_comparison(
+            [trial(correct_r, groups=g)], [trial(correct_o, groups=g)], n_resamples=2000
+        )
         for g in (None, [None] * 300, [f"s{i}" for i in range(300)])
-    ]  # fmt: skip
+    ]
     assert results[0] == results[1]
     numbers = {k: v for k, v in results[2].items() if k not in ("unit", "method")}
     assert numbers == {k: v for k, v in results[0].items() if k not in ("unit", "method")}
@@ -455,8 +456,11 @@ def test_runs_noise_floor_is_the_noncentral_t_80_percent_point_and_seeds_needed_
     k = 2
     while minimum_detectable_runs_difference(sd, k) > 3:
         k += 1
-    assert nct_power(3.0, sd / math.sqrt(k), k - 1) >= 0.80 > nct_power(
-        3.0, sd / math.sqrt(k - 1), k - 2)  # fmt: skip
+    assert (
+        nct_power(3.0, sd / math.sqrt(k), k - 1)
+        >= 0.80
+        > nct_power(3.0, sd / math.sqrt(k - 1), k - 2)
+    )
     assert runs["seeds_needed"] == k
     assert seeds_needed(0.0, sd) == math.inf and math.isnan(seeds_needed(1.0, 0.0))
     assert math.isnan(minimum_detectable_runs_difference(sd, 1))
@@ -472,15 +476,20 @@ def test_the_corrected_k_fold_test_averages_each_fold_over_its_seeds_and_correct
     means = [3.5, 1.5, 3.0]
     r = across_runs(d, fold_ratio=1 / 3)
     assert r["corrected"] and (r["n_runs"], r["n_seeds"], r["n_folds"], r["n_units"]) == (
-        6, 2, 3, 3)  # fmt: skip
+        6,
+        2,
+        3,
+        3,
+    )
     assert r["difference"] == pytest.approx(np.mean(means))
     s = np.std(means, ddof=1)
     se = s * math.sqrt(1 / 3 + 1 / 3)
     assert r["sd"] == pytest.approx(s)
     assert r["p_value"] == pytest.approx(2 * stats.t.sf(np.mean(means) / se, df=2))
     half = stats.t.ppf(0.975, 2) * se
-    assert (r["ci_low"], r["ci_high"]) == pytest.approx((np.mean(means) - half,
-                                                         np.mean(means) + half))  # fmt: skip
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx(
+        (np.mean(means) - half, np.mean(means) + half)
+    )
     assert nct_power(r["mde"], se, df=2) == pytest.approx(0.80, abs=1e-4)
     # the naive test over six "independent" runs is more confident than it may be
     assert stats.ttest_1samp(list(d.values()), 0).pvalue < r["p_value"]
@@ -496,7 +505,8 @@ def test_the_corrected_k_fold_test_averages_each_fold_over_its_seeds_and_correct
     assert minimum_detectable_runs_difference(sd_at(expected - 1), 3, 1 / 3) > r["difference"]
     # a fold effect that seeds cannot average away: no number of seeds is enough
     assert seeds_needed_kfold(0.5, between=4.0, within=1.0, folds=10, fold_ratio=1 / 8) == (
-        math.inf)  # fmt: skip
+        math.inf
+    )
     # with one seed the folds are tested as they are, corrected the same way; no seeds needed
     one = across_runs({(0, f): v for f, v in enumerate([1.0, 3.0, 2.0, 6.0])}, 1 / 8)
     se1 = np.std([1, 3, 2, 6], ddof=1) * math.sqrt(1 / 4 + 1 / 8)
@@ -509,8 +519,9 @@ def test_the_corrected_k_fold_test_averages_each_fold_over_its_seeds_and_correct
 def test_a_cells_interval_on_k_fold_is_the_corrected_one_over_its_fold_means():
     accuracies = {(0, 0): 90.0, (0, 1): 94.0, (1, 0): 92.0, (1, 1): 98.0}
     summary = summarize_runs(accuracies, fold_ratio=1 / 8)
-    assert summary["mean"] == 93.5 and summary["std"] == pytest.approx(np.std(
-        list(accuracies.values()), ddof=1))  # fmt: skip
+    assert summary["mean"] == 93.5 and summary["std"] == pytest.approx(
+        np.std(list(accuracies.values()), ddof=1)
+    )
     means = [91.0, 96.0]
     half = stats.t.ppf(0.975, 1) * np.std(means, ddof=1) * math.sqrt(1 / 2 + 1 / 8)
     assert (summary["ci_low"], summary["ci_high"]) == pytest.approx((93.5 - half, 93.5 + half))
@@ -554,10 +565,12 @@ def test_the_corrected_test_keeps_its_level_under_fold_correlated_nulls_where_th
     effect = 2 * math.sqrt(2.0**2 + 1.0**2)
     alternative = simulated_studies(rng, 200, seeds, folds, 2.0, 1.0, ratio, true=effect)
     found = sum(
-        across_runs({(s, f): float(x[s, f]) for s in range(seeds) for f in range(folds)},
-                    fold_ratio=ratio)["p_value"] < 0.05
+        across_runs(
+            {(s, f): float(x[s, f]) for s in range(seeds) for f in range(folds)}, fold_ratio=ratio
+        )["p_value"]
+        < 0.05
         for x in alternative
-    )  # fmt: skip
+    )
     assert found / 200 > 0.75
 
 
@@ -567,7 +580,8 @@ def test_the_corrected_test_keeps_its_level_under_fold_correlated_nulls_where_th
 def test_the_exact_sign_flip_p_is_scipys_binomial_test_on_paired_binary_outcomes():
     for b, c in [(0, 1), (1, 1), (10, 2), (10, 24), (3, 30), (150, 170), (600, 650)]:
         assert sign_flip_p([1] * c + [-1] * b) == pytest.approx(
-            stats.binomtest(c, b + c, 0.5).pvalue, rel=1e-9)  # fmt: skip
+            stats.binomtest(c, b + c, 0.5).pvalue, rel=1e-9
+        )
     # and the permutation test over images with one seed gives exactly that p
     ref = [trial([i < 24 or 34 <= i < 44 for i in range(300)])]  # b = 10 only the reference
     oth = [trial([i < 34 for i in range(300)])]  # c = 10 + ... see below
@@ -628,8 +642,12 @@ def test_an_interaction_is_the_difference_of_two_differences_per_image_and_per_r
     swapped = on_test_set(cells, {k: -w for k, w in weights.items()})
     assert swapped["difference"] == pytest.approx(-20.0) and swapped["p_value"] == r["p_value"]
     assert compare(cells, weights)["runs"]["difference"] == pytest.approx(20.0)
-    for bad in ({"psa": 1}, {"psa": 1, "basic": 1}, {"psa": 2, "basic": -2},
-                {"psa": 1, "basic": -1, "joint": -1}):  # fmt: skip
+    for bad in (
+        {"psa": 1},
+        {"psa": 1, "basic": 1},
+        {"psa": 2, "basic": -2},
+        {"psa": 1, "basic": -1, "joint": -1},
+    ):
         with pytest.raises(ValueError, match="as many of each"):
             on_test_set(cells, bad)
 
@@ -642,18 +660,18 @@ def test_the_runs_floor_takes_the_observed_spread_for_the_true_one_as_its_legend
     sds = rng.normal(0, 1, size=(20_000, seeds)).std(axis=1, ddof=1)
     mde = np.array([minimum_detectable_runs_difference(sd, seeds) for sd in sds])
     ncp, crit = mde * math.sqrt(seeds), stats.t.ppf(1 - ALPHA / 2, seeds - 1)
-    found = stats.nct.sf(crit, seeds - 1, ncp) + np.nan_to_num(
-        stats.nct.cdf(-crit, seeds - 1, ncp))  # fmt: skip
+    found = stats.nct.sf(crit, seeds - 1, ncp) + np.nan_to_num(stats.nct.cdf(-crit, seeds - 1, ncp))
     assert found.mean() == pytest.approx(power, abs=0.01)
     share = significant_share(seeds)  # what the legend prints for the runs column
-    assert share == pytest.approx(crit / (minimum_detectable_runs_difference(1.0, seeds)
-                                          / math.sqrt(1 / seeds)))  # fmt: skip
+    assert share == pytest.approx(
+        crit / (minimum_detectable_runs_difference(1.0, seeds) / math.sqrt(1 / seeds))
+    )
 
 
 # the corrected k-fold test's level at fold correlations other than the one it assumes: the
 # fold means correlate at rho (a component shared by every fold, variance rho / (1 - rho) of a
 # fold's own); Nadeau and Bengio's correction with ratio 1/8 assumes rho = 1/9
-LEVELS = {0.0: 0.008, 1 / 9: 0.05, 0.25: 0.13, 0.35: 0.21}  # README: one k-fold split
+LEVELS = {0.0: 0.008, 1 / 9: 0.05, 0.25: 0.13, 0.35: 0.21}  # docs/report.md: one k-fold split
 
 
 @pytest.mark.parametrize("rho", list(LEVELS))

@@ -14,8 +14,11 @@ from conftest import free_port, wait_http
 from orchestrate.storage import Storage, StorageError
 
 BIN = Path(sys.executable).parent
-KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret",
-        "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+KEYS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 class S3Server:
@@ -25,14 +28,20 @@ class S3Server:
         self.log = open(folder / f"s3-{self.port}.log", "wb")  # closed in stop()
         self.proc = subprocess.Popen(
             [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
-            env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            env={**os.environ, **env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         wait_http(self.url + "/", "the S3 server", any_status=True)  # 403 when it checks keys
 
     def client(self):
-        return boto3.client("s3", endpoint_url=self.url, aws_access_key_id="testing",
-                            aws_secret_access_key="testing-secret",
-                            region_name="us-east-1")  # fmt: skip
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing-secret",
+            region_name="us-east-1",
+        )
 
     def stop(self):
         self.proc.terminate()
@@ -94,14 +103,18 @@ def test_a_bucket_is_checked_and_the_check_leaves_nothing(s3_env):
 
 def test_sessions_are_listed_from_the_bucket(s3_env):
     client = s3_env.client()
-    for key in ("listed/t4__syn__cpu__20260101-000000/tuner.pkl",
-                "listed/t4__syn__cpu__20260102-000000/tuner.pkl",
-                "listed/t3__syn__cpu__20260103-000000/tuner.pkl", "listed/loose.txt"):  # fmt: skip
+    for key in (
+        "listed/t4__syn__cpu__20260101-000000/tuner.pkl",
+        "listed/t4__syn__cpu__20260102-000000/tuner.pkl",
+        "listed/t3__syn__cpu__20260103-000000/tuner.pkl",
+        "listed/loose.txt",
+    ):
         client.put_object(Bucket="studies", Key=key, Body=b"x")
     storage = Storage.parse("s3://studies/listed")
     assert storage.sessions("t4__syn__cpu__") == [
-        "t4__syn__cpu__20260101-000000", "t4__syn__cpu__20260102-000000"
-    ]  # fmt: skip
+        "t4__syn__cpu__20260101-000000",
+        "t4__syn__cpu__20260102-000000",
+    ]
     assert Storage.parse("s3://studies/empty").sessions("t4") == []
 
 
@@ -120,11 +133,14 @@ def test_every_storage_error_is_one_line_exit_2_and_leaves_nothing(
     try:
         cases = [
             ("s3://missing/ray", s3.url, "bucket 'missing' does not exist"),
-            ("s3://studies/ray", f"http://127.0.0.1:{free_port()}",
-             "the object store cannot be reached"),
+            (
+                "s3://studies/ray",
+                f"http://127.0.0.1:{free_port()}",
+                "the object store cannot be reached",
+            ),
             ("s3://studies/ray", refusing.url, "the object store refused the credentials"),
             (str(work / "file" / "x"), s3.url, "is not a writable folder"),
-        ]  # fmt: skip
+        ]
         (work / "file").write_text("in the way")
         for storage, endpoint, message in cases:
             monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)

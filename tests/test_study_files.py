@@ -386,9 +386,22 @@ def test_every_key_that_changes_the_data_is_refused_as_a_tuned_parameter(tmp_pat
 
 
 def test_the_data_keys_named_in_the_issue_are_all_guarded():
-    named = {"labels", "clean", "drop_leaked", "ck_frames", "ck_k", "split_seed",
-             "synthetic_subjects", "synthetic_images_per_class", "balance", "protocol",
-             "fold", "folds", "dataset", "data_path"}  # fmt: skip
+    named = {
+        "labels",
+        "clean",
+        "drop_leaked",
+        "ck_frames",
+        "ck_k",
+        "split_seed",
+        "synthetic_subjects",
+        "synthetic_images_per_class",
+        "balance",
+        "protocol",
+        "fold",
+        "folds",
+        "dataset",
+        "data_path",
+    }
     assert named <= DATASET_KEYS
 
 
@@ -482,9 +495,23 @@ def _changed(base: TrialConfig, key: str) -> TrialConfig | None:
     elif isinstance(value, float):
         candidates = [value / 2, value + 0.05, value * 1.5]
     else:
-        candidates = ["cpu", "minority", "/data/other", "ckplus", "synthetic", "kfold",
-                      "ferplus", "paper", "flip", "bf16", "sgd", "cosine", "eca",
-                      "center", "vgg16"]  # fmt: skip
+        candidates = [
+            "cpu",
+            "minority",
+            "/data/other",
+            "ckplus",
+            "synthetic",
+            "kfold",
+            "ferplus",
+            "paper",
+            "flip",
+            "bf16",
+            "sgd",
+            "cosine",
+            "eca",
+            "center",
+            "vgg16",
+        ]
     for candidate in candidates:
         if candidate == value:
             continue
@@ -575,8 +602,11 @@ minus = ["a", "b"]
     )
     study = load_study(path)
     pair, interaction = study.comparisons
-    assert (pair.family, pair.label, pair.weights) == ("comparisons", "a vs base",
-                                                       {"a": 1, "base": -1})  # fmt: skip
+    assert (pair.family, pair.label, pair.weights) == (
+        "comparisons",
+        "a vs base",
+        {"a": 1, "base": -1},
+    )
     assert interaction.label == "(ab + base) - (a + b)"
     assert interaction.weights == {"ab": 1, "base": 1, "a": -1, "b": -1}
     # without declarations: every cell against the reference (the first cell here)

@@ -90,14 +90,20 @@ def test_a_synchronous_call_returns_its_value_after_retrying():
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
-        ("orchestrate.trainable.TrialDiverged: training diverged: non-finite loss at epoch 3, "
-         "step 12", "divergence"),
+        (
+            "orchestrate.trainable.TrialDiverged: training diverged: non-finite loss at epoch 3, "
+            "step 12",
+            "divergence",
+        ),
         ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", "out of memory"),
-        ("ray.exceptions.OutOfMemoryError: Task was killed due to the node running low on memory",
-         "out of memory"),
+        (
+            "ray.exceptions.OutOfMemoryError: Task was killed due to the node running low on "
+            "memory",
+            "out of memory",
+        ),
         ("ValueError: backbone 'resnet18' takes attention='none' only", "exception"),
     ],
-)  # fmt: skip
+)
 def test_failure_reasons(text, reason):
     assert failure_reason(text) == reason
 
@@ -119,8 +125,9 @@ def _test_split(run):
 
     config = TrialConfig.from_dict(run.data.params)
     data = load_trial_data(config)
-    return config, make_splits(data, config.protocol, config.fold, config.folds,
-                               seed=config.split_seed).test  # fmt: skip
+    return config, make_splits(
+        data, config.protocol, config.fold, config.folds, seed=config.split_seed
+    ).test
 
 
 @pytest.mark.slow
@@ -137,8 +144,11 @@ def test_each_trial_logs_its_selected_model_which_predicts_as_the_trial(study, m
         names = {a.path for a in study.client.list_artifacts(run.info.run_id)}
         assert "best_model.pt" not in names and "predictions.json" in names
         info = get_model_info(uri)
-        predictions = json.loads(Path(study.client.download_artifacts(
-            run.info.run_id, "predictions.json", str(study.tmp))).read_text())  # fmt: skip
+        predictions = json.loads(
+            Path(
+                study.client.download_artifacts(run.info.run_id, "predictions.json", str(study.tmp))
+            ).read_text()
+        )
         classes = predictions["classes"]
         assert info.metadata["classes"] == classes
         (inputs,), (outputs,) = info.signature.inputs.inputs, info.signature.outputs.inputs
@@ -150,8 +160,9 @@ def test_each_trial_logs_its_selected_model_which_predicts_as_the_trial(study, m
         logits = mlflow.pytorch.load_model(uri)(images)
         # the same weights as the trial's final checkpoint keeps for its selected epoch
         member = run.data.tags["pack_index"]  # its folder in its Tune trial's checkpoint
-        (weights,) = (study.tmp / "ray").glob(f"*/*{run.data.tags['ray_trial_id']}*/"
-                                              f"checkpoint_*/{member}/best_model.pt")  # fmt: skip
+        (weights,) = (study.tmp / "ray").glob(
+            f"*/*{run.data.tags['ray_trial_id']}*/checkpoint_*/{member}/best_model.pt"
+        )
         own = selected_model(config, len(classes), torch.load(weights, weights_only=True))
         with torch.inference_mode():
             assert torch.allclose(logits, own(images), atol=1e-4)
@@ -170,8 +181,9 @@ def test_the_best_trial_on_validation_is_the_registered_model_alias_best(study, 
 
     assert study.summary["model"] == "models:/minireport@best"
     version = study.client.get_model_version_by_alias("minireport", "best")
-    best = min(study.children, key=lambda r: (-r.data.metrics["best_val_accuracy"],
-                                               r.info.start_time))  # fmt: skip
+    best = min(
+        study.children, key=lambda r: (-r.data.metrics["best_val_accuracy"], r.info.start_time)
+    )
     assert version.run_id == best.info.run_id
     assert version.tags["session"] == study.summary["session"]
     assert float(version.tags["best_val_accuracy"]) == best.data.metrics["best_val_accuracy"]
@@ -191,8 +203,9 @@ def test_every_run_names_its_source_commit_and_dataset(study):
     from fermodel.engine import load_trial_data
 
     root = Path(__file__).resolve().parents[1]
-    commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                            text=True, check=True).stdout.strip()  # fmt: skip
+    commit = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert len(study.runs) == 5
     digests = set()
     for run in study.runs:
@@ -211,7 +224,10 @@ def test_every_run_names_its_source_commit_and_dataset(study):
         config, _ = _test_split(study.children[0])
         splits = make_splits(load_trial_data(config), "official", seed=config.split_seed)
         assert (profile["train"], profile["val"], profile["test"]) == (
-            len(splits.train), len(splits.val), len(splits.test))  # fmt: skip
+            len(splits.train),
+            len(splits.val),
+            len(splits.test),
+        )
         assert "mlflow_tensorspec" in json.loads(dataset.schema)
         digests.add(dataset.digest)
     assert len(digests) == 1  # every trial read the same images
@@ -224,12 +240,15 @@ def test_the_study_ends_with_where_to_look_next(study):
     lines = study.out.rstrip().splitlines()[-3:]
     session = study.summary["session"]
     url = f"http://127.0.0.1:5000/#/experiments/{study.experiment.experiment_id}/runs"
-    assert lines[0] == (f"next: browse the runs: open {url} (start the UI with: "
-                        f"python -m orchestrate.ui --tracking-uri {study.uri})")  # fmt: skip
+    assert lines[0] == (
+        f"next: browse the runs: open {url} (start the UI with: "
+        f"python -m orchestrate.ui --tracking-uri {study.uri})"
+    )
     report = study.tmp / "reports" / session / "report.html"
     assert lines[1] == f"report: {report}" and report.is_file()
-    assert {"report.html", "report.tex", "study_table.md", "study_table.csv",
-            "contrasts.csv"} <= {p.name for p in report.parent.iterdir()}  # fmt: skip
+    assert {"report.html", "report.tex", "study_table.md", "study_table.csv", "contrasts.csv"} <= {
+        p.name for p in report.parent.iterdir()
+    }
     assert lines[2] == "best model: models:/minireport@best"
 
 
@@ -247,9 +266,12 @@ def test_the_printed_url_shows_the_study_runs_in_mlflow_ui(study):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "orchestrate.ui", "--tracking-uri", study.uri, "--port", str(port)],
-        cwd=study.tmp, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        cwd=study.tmp,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
         start_new_session=True,  # the server and its workers, stopped together below
-    )  # fmt: skip
+    )
     try:
         first = proc.stdout.readline()
         url = f"http://127.0.0.1:{port}/#/experiments/{study.experiment.experiment_id}/runs"
@@ -269,8 +291,10 @@ def test_the_printed_url_shows_the_study_runs_in_mlflow_ui(study):
             assert page.get_by_text(f"synthetic ({digest})").count() == 5
             # the study report as the UI shows it: the parent's report.html, in MLflow's viewer
             experiment = study.experiment.experiment_id
-            page.goto(f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs/"
-                      f"{parent.info.run_id}/artifacts")  # fmt: skip
+            page.goto(
+                f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs/"
+                f"{parent.info.run_id}/artifacts"
+            )
             page.get_by_text("report.html").first.click()
             report = page.frame_locator("iframe").first
             report.locator("thead").first.wait_for(timeout=60_000)
@@ -291,8 +315,10 @@ def test_the_ui_command_refuses_a_missing_store_in_one_line(tmp_path, capsys):
 
     assert main(["--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: no MLflow store at {tmp_path / 'none.db'}; run a study first, or give " \
-                  "--tracking-uri\n"  # fmt: skip
+    assert (
+        err == f"error: no MLflow store at {tmp_path / 'none.db'}; run a study first, or give "
+        "--tracking-uri\n"
+    )
     assert not (tmp_path / "none.db").exists()
     assert (
         runs_url("http://alice:s3cret@mlflow:5000/", "7")

@@ -11,8 +11,17 @@ import pytest
 
 from fermodel.train import main
 
-TINY = ["--synthetic-subjects", "5", "--synthetic-images-per-class", "2", "--batch-size", "16",
-        "--attention", "eca", "--quiet"]  # fmt: skip
+TINY = [
+    "--synthetic-subjects",
+    "5",
+    "--synthetic-images-per-class",
+    "2",
+    "--batch-size",
+    "16",
+    "--attention",
+    "eca",
+    "--quiet",
+]
 
 
 def test_a_run_writes_metrics_figures_and_checkpoint(tmp_path, capsys):
@@ -32,11 +41,24 @@ def test_a_config_file_with_flags_on_top(tmp_path):
     (tmp_path / "trial.toml").write_text('attention = "se"\nepochs = 1\nloss = "center"\n')
     out = tmp_path / "run"
     assert (
-        main([*TINY, "--config", str(tmp_path / "trial.toml"), "--loss", "ce", "--out", str(out)])
+        main(
+            [
+                *TINY,
+                "--config",
+                str(tmp_path / "trial.toml"),
+                "--loss",
+                "ce",
+                "--out",
+                str(out),
+                "--pretrained",
+                "none",
+            ]
+        )  # as the study CLI's none: random initialisation
         == 0
     )
     config = json.loads((out / "config.json").read_text())
     assert (config["attention"], config["loss"], config["epochs"]) == ("eca", "ce", 1)
+    assert config["pretrained"] == ""
 
 
 @pytest.mark.parametrize(
@@ -56,8 +78,10 @@ def test_a_config_file_with_flags_on_top(tmp_path):
 def test_bad_input_is_one_line_and_exit_code_2(argv, message, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "fermodel.train", *argv, "--out", str(tmp_path / "x")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.startswith(message) and done.stderr.count("\n") == 1
     assert "Traceback" not in done.stderr

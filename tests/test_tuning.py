@@ -26,12 +26,17 @@ META = {
     },
     "space": [
         {"name": "attention", "type": "categorical", "choices": ["none", "se", "psa"]},
-        {"name": "lam", "type": "loguniform", "low": 0.001, "high": 0.1,
-         "when": {"attention": ["se"]}},
+        {
+            "name": "lam",
+            "type": "loguniform",
+            "low": 0.001,
+            "high": 0.1,
+            "when": {"attention": ["se"]},
+        },
         {"name": "lr", "type": "loguniform", "low": 0.0001, "high": 0.01},
     ],
     "presets": {"cpu": {"epochs": 3, "tune": {"num_samples": 6}, "fer2013": {"clean": True}}},
-}  # fmt: skip
+}
 
 # name, status, stopped, epochs, sampled, best val, latency; the ranked ones (finished, within
 # 20 ms): a 0.80/10, b 0.70/8, c 0.75/12 (below a), e 0.90/25 breaks the constraint
@@ -46,21 +51,41 @@ TRIALS = [
 
 
 def data(meta=META) -> StudyData:
-    rows = [{"run_id": f"r{i}", "name": n, "status": st, "stopped_early": stop, "error":
-             "TrainingDiverged: non-finite loss" if st == "FAILED" else "", "planned_epochs": 3,
-             "epochs_run": ep, "sampled": smp, "best_val_accuracy": acc, "latency_ms": lat,
-             "params": 2e7, "trial_seconds": 360.0, "test_accuracy": 0.5 + i / 100}
-            for i, (n, st, stop, ep, smp, acc, lat) in enumerate(TRIALS)]  # fmt: skip
+    rows = [
+        {
+            "run_id": f"r{i}",
+            "name": n,
+            "status": st,
+            "stopped_early": stop,
+            "error": "TrainingDiverged: non-finite loss" if st == "FAILED" else "",
+            "planned_epochs": 3,
+            "epochs_run": ep,
+            "sampled": smp,
+            "best_val_accuracy": acc,
+            "latency_ms": lat,
+            "params": 2e7,
+            "trial_seconds": 360.0,
+            "test_accuracy": 0.5 + i / 100,
+        }
+        for i, (n, st, stop, ep, smp, acc, lat) in enumerate(TRIALS)
+    ]
     frame = pd.DataFrame(rows).sample(frac=1.0, random_state=0)  # MLflow's order is not theirs
-    return StudyData(study="mo", session="mo__s", dataset="synthetic", meta=meta, trials=frame,
-                     preset="cpu")  # fmt: skip
+    return StudyData(
+        study="mo", session="mo__s", dataset="synthetic", meta=meta, trials=frame, preset="cpu"
+    )
 
 
 def test_every_trial_has_its_fate_and_only_finished_feasible_trials_are_ranked():
     t = tuning_report(data())
     assert list(t.trials.name) == [row[0] for row in TRIALS]  # sampling order
-    assert list(t.trials.fate) == ["finished", "finished", "stopped at rung 1 (epoch 1)",
-                                   "finished", "finished", "failed: divergence"]  # fmt: skip
+    assert list(t.trials.fate) == [
+        "finished",
+        "finished",
+        "stopped at rung 1 (epoch 1)",
+        "finished",
+        "finished",
+        "failed: divergence",
+    ]
     assert list(t.trials.ranked) == [True, True, False, True, False, False]
     assert t.trials.violates[4] == "latency_ms 25 breaks latency_ms <= 20"
     assert t.trials.param_lam[1] == 0.01 and pd.isna(t.trials.param_lam[0])  # conditional
@@ -123,19 +148,46 @@ def test_importances_name_the_parameter_the_objective_depends_on():
     rows = []
     for i in range(12):
         lr, attention = float(10 ** rng.uniform(-4, -2)), ["none", "se", "psa"][i % 3]
-        rows.append({"run_id": f"r{i}", "name": f"tuned-{i + 1:03d}", "status": "FINISHED",
-                     "stopped_early": False, "error": "", "planned_epochs": 3, "epochs_run": 3,
-                     "sampled": f"attention={attention},lr={lr}",
-                     "best_val_accuracy": 0.5 + 10 * lr,
-                     "latency_ms": {"none": 10.0, "se": 12.0, "psa": 30.0}[attention],
-                     "params": 2e7, "trial_seconds": 60.0, "test_accuracy": 0.5})  # fmt: skip
+        rows.append(
+            {
+                "run_id": f"r{i}",
+                "name": f"tuned-{i + 1:03d}",
+                "status": "FINISHED",
+                "stopped_early": False,
+                "error": "",
+                "planned_epochs": 3,
+                "epochs_run": 3,
+                "sampled": f"attention={attention},lr={lr}",
+                "best_val_accuracy": 0.5 + 10 * lr,
+                "latency_ms": {"none": 10.0, "se": 12.0, "psa": 30.0}[attention],
+                "params": 2e7,
+                "trial_seconds": 60.0,
+                "test_accuracy": 0.5,
+            }
+        )
     meta = {**META, "tune": {**META["tune"], "constraints": []}}
-    t = tuning_report(StudyData(study="mo", session="s", dataset="synthetic", meta=meta,
-                                trials=pd.DataFrame(rows), preset="cpu"))  # fmt: skip
+    t = tuning_report(
+        StudyData(
+            study="mo",
+            session="s",
+            dataset="synthetic",
+            meta=meta,
+            trials=pd.DataFrame(rows),
+            preset="cpu",
+        )
+    )
     assert (
         max(t.importances["best_val_accuracy"], key=t.importances["best_val_accuracy"].get) == "lr"
     )
     assert max(t.importances["latency_ms"], key=t.importances["latency_ms"].get) == "attention"
-    few = tuning_report(StudyData(study="mo", session="s", dataset="synthetic", meta=meta,
-                                  trials=pd.DataFrame(rows[:7]), preset="cpu"))  # fmt: skip
+    few = tuning_report(
+        StudyData(
+            study="mo",
+            session="s",
+            dataset="synthetic",
+            meta=meta,
+            trials=pd.DataFrame(rows[:7]),
+            preset="cpu",
+        )
+    )
     assert few.importances == {}

@@ -35,14 +35,26 @@ PIXELS = IMAGE_SIZE * IMAGE_SIZE
 USAGE_TO_SPLIT = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
 SPLIT_TO_USAGE = {v: k for k, v in USAGE_TO_SPLIT.items()}
 FERPLUS_CLASSES = (
-    "neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt"
-)  # fmt: skip
+    "neutral",
+    "happiness",
+    "surprise",
+    "sadness",
+    "anger",
+    "disgust",
+    "fear",
+    "contempt",
+)
 FERPLUS_COLUMNS = (*FERPLUS_CLASSES, "unknown", "NF")
 # FER+ class -> FER2013 label; contempt has no FER2013 class
 FERPLUS_TO_FER2013 = {
-    "neutral": 6, "happiness": 3, "surprise": 5, "sadness": 4, "anger": 0, "disgust": 1,
+    "neutral": 6,
+    "happiness": 3,
+    "surprise": 5,
+    "sadness": 4,
+    "anger": 0,
+    "disgust": 1,
     "fear": 2,
-}  # fmt: skip
+}
 CSV_NAMES = ("fer2013.csv", "icml_face_data.csv", "train.csv")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 CACHE_VERSION = 1
@@ -363,63 +375,3 @@ def _cached(source: Path, cache_dir, parse):
         cache, lambda f: np.savez(f, images=data[0], labels=data[1], split=data[2], ids=data[3])
     )
     return data
-
-
-# ---------------------------------------------------------------------------------- writing
-
-
-def _pixel_strings(dataset: FERDataset) -> list[str]:
-    flat = dataset.images.reshape(len(dataset), PIXELS).numpy()
-    return [" ".join(map(str, row)) for row in flat.tolist()]
-
-
-def write_fer2013_csv(dataset: FERDataset, path, form: str = "fer2013") -> Path:
-    """Write ``dataset`` (FER2013's 7 classes; split train/val/test) as ``fer2013.csv``
-    (``form="fer2013"``), ``icml_face_data.csv`` (``"icml"``), or Kaggle's ``train.csv`` with
-    an unlabeled ``test.csv`` beside it (``"kaggle"``: only the train split is labeled)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    usage = [SPLIT_TO_USAGE[s] for s in dataset.split]
-    frame = pd.DataFrame(
-        {"emotion": dataset.labels.numpy(), "pixels": _pixel_strings(dataset), "Usage": usage}
-    )
-    if form == "fer2013":
-        frame.to_csv(path, index=False)
-    elif form == "icml":
-        frame = frame[["emotion", "Usage", "pixels"]]
-        frame.columns = ["emotion", " Usage", " pixels"]
-        frame.to_csv(path, index=False)
-    elif form == "kaggle":
-        train = dataset.split == "train"
-        frame.loc[train, ["emotion", "pixels"]].to_csv(path, index=False)
-        frame.loc[~train, ["pixels"]].to_csv(path.with_name("test.csv"), index=False)
-    else:
-        raise ValueError(f"form must be 'fer2013', 'icml' or 'kaggle', got {form!r}")
-    return path
-
-
-def write_fer2013_folders(dataset: FERDataset, root, prefixes: bool = True) -> Path:
-    """Write ``train/<class>/`` and ``test/<class>/`` PNGs; val images go to test/ (as in the
-    Kaggle folders), told apart by their ``PublicTest_`` prefix when ``prefixes`` is on."""
-    root = Path(root)
-    flat = dataset.images[:, 0].numpy()
-    for i, (label, split) in enumerate(zip(dataset.labels.tolist(), dataset.split, strict=True)):
-        folder = root / ("train" if split == "train" else "test") / dataset.classes[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        name = f"{SPLIT_TO_USAGE[split]}_{i:08d}.png" if prefixes else f"{i:08d}.png"
-        Image.fromarray(flat[i]).save(folder / name)
-    for part in ("train", "test"):
-        for name in dataset.classes:
-            (root / part / name).mkdir(parents=True, exist_ok=True)
-    return root
-
-
-def write_ferplus_csv(path, usage: list[str], votes: np.ndarray, nonface: np.ndarray) -> Path:
-    """Write a ``fer2013new.csv``: ``votes`` [rows, 10] in FERPLUS_COLUMNS order; rows where
-    ``nonface`` is true get an empty Image name, as in the real file."""
-    names = [("" if nf else f"fer{i:07d}.png") for i, nf in enumerate(nonface)]
-    frame = pd.DataFrame(votes.astype(int), columns=list(FERPLUS_COLUMNS))
-    frame.insert(0, "Image name", names)
-    frame.insert(0, "Usage", usage)
-    frame.to_csv(path, index=False)
-    return Path(path)

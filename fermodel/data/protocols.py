@@ -299,9 +299,11 @@ def _leaks(splits: Splits, drop: bool) -> None:
     val_in_train, val_in_test = seen[0, val_group], seen[2, val_group]
     test_in_train = seen[0, test_group]
     val_drop = val_in_train | val_in_test
-    counts = (f"{int(val_drop.sum())} val images ({int(val_in_train.sum())} with a copy in "
-              f"train, {int(val_in_test.sum())} in test) and {int(test_in_train.sum())} test "
-              f"images (a copy in train)")  # fmt: skip
+    counts = (
+        f"{int(val_drop.sum())} val images ({int(val_in_train.sum())} with a copy in "
+        f"train, {int(val_in_test.sum())} in test) and {int(test_in_train.sum())} test "
+        f"images (a copy in train)"
+    )
     if drop:
         if val_drop.any():
             splits.val = splits.val.subset(~val_drop)
@@ -310,5 +312,6 @@ def _leaks(splits: Splits, drop: bool) -> None:
             splits.test = splits.test.subset(~test_in_train)
         splits.notes.append(f"drop_leaked: dropped {counts}")
     elif val_drop.any() or test_in_train.any():
-        splits.notes.append(f"{counts} have an identical copy elsewhere (drop_leaked would "
-                            f"drop them)")  # fmt: skip
+        splits.notes.append(
+            f"{counts} have an identical copy elsewhere (drop_leaked would drop them)"
+        )
