@@ -3,12 +3,54 @@ seconds), and tiny study files in the real format."""
 
 import os
 import socket
+import subprocess
+import tempfile
 import textwrap
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).parent.parent
+# the screenshots the browser tests take, for a person to look at: outside the checkout
+ARTIFACTS = Path(
+    os.environ.get("FER_TEST_ARTIFACTS", Path(tempfile.gettempdir()) / "fer-test-artifacts")
+)
+
+
+def _checkout_files() -> set[str]:
+    """What git sees in the checkout that it does not track, ignored files and folders included
+    (a folder new as a whole is one entry)."""
+    done = subprocess.run(
+        ["git", "status", "--porcelain", "--ignored"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    return set(done.stdout.splitlines()) if done.returncode == 0 else set()
+
+
+def _check_checkout(session) -> None:
+    """The suite leaves nothing in the checkout: a file a test wrote there fails the run."""
+    before = getattr(session.config, "checkout_before", None)
+    left = sorted(
+        line
+        for line in _checkout_files() - (before or set())
+        if "__pycache__" not in line and ".pytest_cache" not in line
+    )
+    if before is not None and left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        text = f"the tests left files in the checkout: {', '.join(left[:10])}"
+        if reporter is not None:
+            reporter.write_line(text, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):  # the controller: before any test ran
+        session.config.checkout_before = _checkout_files()
 
 
 @pytest.fixture(scope="session")
@@ -221,9 +263,12 @@ def pytest_sessionfinish(session, exitstatus):
     import os
     import signal
 
-    marker = os.environ.get(MARKER)
-    if not marker or hasattr(session.config, "workerinput"):
+    if hasattr(session.config, "workerinput"):
         return  # a worker: its sibling workers carry the marker too; the controller checks
+    _check_checkout(session)
+    marker = os.environ.get(MARKER)
+    if not marker:
+        return
     deadline = time.time() + LEFTOVER_GRACE
     while (left := leftover_processes(marker)) and time.time() < deadline:
         time.sleep(0.5)

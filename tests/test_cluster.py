@@ -35,7 +35,7 @@ from pathlib import Path
 import boto3
 import pytest
 import yaml
-from conftest import chromium, free_port, wait_http
+from conftest import ARTIFACTS, chromium, free_port, wait_http
 from mlflow.tracking import MlflowClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("rig")]  # one rig, one worker
@@ -63,7 +63,6 @@ synthetic_subjects = 5
 synthetic_images_per_class = 2
 """
 CELLS = [("ce", "ce"), ("center", "center")]
-ARTIFACTS = ROOT / "test-artifacts"
 
 
 def own_view(cmd: list[str], hosts: Path | None = None, private=(), hostname=None) -> list[str]:
@@ -87,7 +86,9 @@ def compose_allowed_hosts() -> str:
 
 
 class Group:
-    """A command in its own process group, stopped by the test by that group's id."""
+    """A command in its own process group, stopped by the test by that group's id; it runs in
+    its log's folder (a test's), so that what it writes there (an MLflow server's artifacts, a
+    Ray job's report) never lands in the checkout."""
 
     def __init__(self, cmd: list[str], env: dict, log: Path):
         self.cmd, self.env, self.log = cmd, env, log
@@ -98,6 +99,7 @@ class Group:
         self.proc = subprocess.Popen(
             self.cmd,
             env=self.env,
+            cwd=self.log.parent,
             stdout=self.out,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ARTIFACTS, chromium
 
 from orchestrate.ablation import main
 
@@ -44,8 +45,9 @@ def docs_copy(tmp_path):
 def test_the_site_builds_strict_and_a_broken_link_or_reference_fails_it(docs_copy):
     done = build(docs_copy)
     assert done.returncode == 0, done.stderr
-    html = (docs_copy / "site" / "reference" / "orchestrate" / "index.html").read_text()
+    html = (docs_copy / "site" / "reference" / "orchestrate.html").read_text()
     assert "across_runs" in html  # the API reference is rendered from the docstrings
+    _browse(docs_copy / "site")
     # a link to a page that does not exist
     page = docs_copy / "docs" / "studies.md"
     text = page.read_text()
@@ -105,3 +107,34 @@ def test_the_shown_study_commands_plan_as_shown(tmp_path, monkeypatch, capsys):
             planned += 1
     assert planned >= 5
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def _browse(site: Path) -> None:
+    """The built site as a reader sees it in Chromium, opened from disk: the manual's sections
+    in its navigation, a page's table, the API reference, a link followed."""
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = chromium(p)
+        page = browser.new_page(viewport={"width": 1300, "height": 900})
+        page.goto((site / "index.html").as_uri())
+        nav = page.locator("nav.md-nav--primary").inner_text()
+        for title in (
+            "Getting started",
+            "Running studies",
+            "Packed trials",
+            "Clusters",
+            "The report and its statistics",
+            "Benchmarks",
+            "API reference",
+        ):
+            assert title in nav, title
+        page.get_by_role("link", name="The report and its statistics").first.click()
+        page.wait_for_load_state()
+        assert page.url.endswith("report.html")
+        assert page.locator("td", has_text="10 x repeated k-fold").count() == 3
+        page.screenshot(path=str(ARTIFACTS / "docs_report.png"), full_page=False)
+        page.goto((site / "reference" / "orchestrate.html").as_uri())
+        assert page.locator("h2, h3", has_text="across_runs").count() >= 1
+        browser.close()

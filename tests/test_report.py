@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import chromium
+from conftest import ARTIFACTS, chromium
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
@@ -33,7 +33,6 @@ from orchestrate.report import main as report_main
 from orchestrate.statistics import SIGNIFICANT_SHARE, Predictions, holm, summarize_runs
 from search_spaces import STUDY_DIR, load_study
 
-ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 CELLS_READABLE = [
     "Cell",
     "n",
