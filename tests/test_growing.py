@@ -71,30 +71,32 @@ def test_seeds_and_cells_added_to_a_finished_study_train_alone(
     experiment = client.get_experiment_by_name("grow").experiment_id
     assert not client.search_logged_models([experiment])  # nothing logged, nothing registered
 
-    assert main(argv(tmp_path, study, "--seeds", "2", "--dry-run")) == 0
+    # a second seed and a third cell at once: only the four new trials train
+    grown = study_file(body("ce", "center", "island"))
+    assert main(argv(tmp_path, grown, "--seeds", "2", "--dry-run")) == 0
     plan = capsys.readouterr().out
-    assert "2 to run, 0 to continue, 2 finished before (skipped)" in plan
-    assert plan.count("finished before") == 3 and plan.count(" run ") == 2  # header + 2 rows
+    assert "4 to run, 0 to continue, 2 finished before (skipped)" in plan
+    assert plan.count("finished before") == 3 and plan.count(" run ") == 4  # header + 4 rows
 
-    assert main(argv(tmp_path, study, "--seeds", "2")) == 0
+    assert main(argv(tmp_path, grown, "--seeds", "2")) == 0
     out = capsys.readouterr().out
     client, second = children(tmp_path, "grow")
     new = [r for r in second if r.info.run_id not in {f.info.run_id for f in first}]
     assert sorted((r.data.tags["cell"], r.data.tags["seed"]) for r in new) == [
         ("ce", "1"),
         ("center", "1"),
+        ("island", "0"),
+        ("island", "1"),
     ]
-    assert all(trained(client, r) == 2 for r in first)  # seed 0 not trained again
+    assert len(second) == 6 and all(trained(client, r) == 2 for r in first)  # seed 0 kept
     rows = {
-        ln.split()[0]: ln.split()[1] for ln in out.splitlines() if ln.startswith(("ce ", "center "))
+        ln.split()[0]: ln.split()[1]
+        for ln in out.splitlines()
+        if ln.startswith(("ce ", "center ", "island "))
     }
-    assert rows == {"ce": "2", "center": "2"}  # both seeds of each cell in its row (n)
+    assert rows == {"ce": "2", "center": "2", "island": "2"}  # both seeds in each row (n)
 
-    # a third cell: only its two seeds train; a changed cell is a new identity
-    grown = study_file(body("ce", "center", "island"))
-    assert main(argv(tmp_path, grown, "--seeds", "2")) == 0
-    client, third = children(tmp_path, "grow")
-    assert len(third) == 6 and sorted(r.data.tags["cell"] for r in third).count("island") == 2
+    # a changed cell is a new identity
     capsys.readouterr()
     changed = study_file(body("ce", "center", "island", extra="\nlr = 0.002"))
     assert main(argv(tmp_path, changed, "--seeds", "2", "--dry-run")) == 0

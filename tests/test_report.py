@@ -614,6 +614,24 @@ def test_table4_reports_the_papers_claims_and_the_interaction_on_a_k_fold_grid()
     assert _line_of(text, "both beat PSA alone").split()[-9].endswith("*")
 
 
+DOCS_EXAMPLE = {"basic": 0.0, "basic_joint": 0.12, "basic_psa": 0.13, "basic_psa_joint": 0.31}
+
+
+def docs_example() -> str:
+    """table4's report on constructed CK+-like predictions: 3 seeds x 10 folds, 100 subjects."""
+    cells = planted_kfold(DOCS_EXAMPLE, folds=10, seeds=3, seed=5)
+    data = study_data(cells, shipped("table4"), "ckplus", "kfold", folds=10, train_images=320)
+    data.preset = "paper"
+    return format_table(build_report(data, 2000))
+
+
+def test_the_docs_report_example_is_what_the_report_prints():
+    page = (Path(__file__).parent.parent / "docs" / "report.md").read_text()
+    shown = re.search(r"```\n(table4 on ckplus.*?)\n```", page, re.S)
+    assert shown, "docs/report.md shows no report"
+    assert shown.group(1) == docs_example()
+
+
 def _line_of(text: str, start: str) -> str:
     return next(x for x in text.splitlines() if start in x)
 
