@@ -21,8 +21,9 @@ endef
 $(VENV)/installed-demo: pyproject.toml
 	$(call pip_install,.)
 
+TEST_INSTALL := .[dev,docs]
 $(VENV)/installed-test: pyproject.toml
-	$(call pip_install,.[dev,docs])
+	$(call pip_install,$(TEST_INSTALL))
 
 # the demo takes the test environment where there is one (it holds the project too)
 DEMO_ENV := $(if $(wildcard $(VENV)/installed-test),$(VENV)/installed-test,$(VENV)/installed-demo)

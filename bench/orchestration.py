@@ -179,7 +179,7 @@ def main() -> None:
     import ray
 
     from fermodel.config import TrialConfig
-    from orchestrate.runner import RunOptions, run_study
+    from orchestrate.run.runner import RunOptions, run_study
     from search_spaces import load_study
 
     bench_full, _ = full_checkpoint_bytes(TrialConfig(backbone="resnet18", attention="none"))

@@ -1,5 +1,5 @@
 """What a pack of a trial config trains per second on a device, as the engine trains it:
-``--pack auto`` (``orchestrate.packing``) and ``bench/gpu.py`` measure with it."""
+``--pack auto`` (``orchestrate.plan.packing``) and ``bench/gpu.py`` measure with it."""
 
 from __future__ import annotations
 

@@ -1,13 +1,13 @@
 """orchestrate: running studies on Ray Tune with Optuna, tracking every trial in MLflow, and the
-study report.
+study report. Its rooms, from the command lines down:
 
-- the plan and its ledger: ``runner`` (a study's plan and one invocation of it), ``ledger``
-  (which trials finished, diverged or continue), ``sessions``, ``lease``, ``packing``;
-- on Tune: ``trainable`` (one trial or pack), ``callbacks`` (MLflow runs and progress),
-  ``search`` (Optuna), ``mo_asha`` and ``interrupt`` (schedulers), ``cluster``;
-- storage and tracking: ``storage`` (local folders and object stores), ``full_storage`` (a
-  full disk or bucket mid-study), ``tracking`` (MLflow);
-- the report: ``collect`` (from MLflow), ``statistics``, ``cv_levels``, ``pareto``,
-  ``tuning``, ``study_report``, ``report`` and ``render``;
-- the command lines: ``ablation`` (run a study), ``report`` (rebuild its report), ``ui``.
+- ``ablation`` and ``ui``: the command lines (``python -m orchestrate.ablation`` runs a study,
+  ``python -m orchestrate.ui`` serves MLflow's UI on its store; ``python -m orchestrate.report``
+  is the report package's);
+- ``run``: one invocation of a study on Ray Tune, and what runs inside Ray;
+- ``report``: the study report, read from MLflow alone;
+- ``plan``: the study's trials and its ledger of what already ran;
+- ``store``: storage (folders, object stores) and MLflow tracking.
+
+A room imports only the rooms below it.
 """

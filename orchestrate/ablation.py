@@ -263,11 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     from fermodel.config import ConfigError
     from fermodel.data import DatasetError
-    from orchestrate.cluster import ClusterError
-    from orchestrate.full_storage import StorageFull
-    from orchestrate.runner import RunOptions, run_study
-    from orchestrate.storage import Storage, StorageError
-    from orchestrate.tracking import TrackingError, default_tracking_uri
+    from orchestrate.run.cluster import ClusterError
+    from orchestrate.run.full_storage import StorageFull
+    from orchestrate.run.runner import RunOptions, run_study
+    from orchestrate.store.storage import Storage, StorageError
+    from orchestrate.store.tracking import TrackingError, default_tracking_uri
     from search_spaces import StudyError, load_study
 
     try:

@@ -38,7 +38,7 @@ def study_experiment(uri: str, study: str | None) -> str | None:
     """The experiment id of ``study``, or of the newest study in the store (None: no study)."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrate.tracking import PARENT_TAG
+    from orchestrate.store.tracking import PARENT_TAG
 
     client = MlflowClient(uri)
     if study:
@@ -77,7 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=PORT, help=f"Default: {PORT}")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
-    from orchestrate.tracking import TrackingError, check_reachable, default_tracking_uri, mask
+    from orchestrate.store.tracking import (
+        TrackingError,
+        check_reachable,
+        default_tracking_uri,
+        mask,
+    )
 
     uri = args.tracking_uri or default_tracking_uri()
     server = uri.startswith(("http://", "https://"))

@@ -486,6 +486,17 @@ def _parse(path: Path, raw: dict) -> Study:
     return study
 
 
+def asha_rungs(epochs: int, grace_period: int, reduction_factor: int) -> list[int]:
+    """The epochs at which ASHA may stop a trial. Ray has no public API that lists them, so
+    this repeats ``ray.tune.schedulers.async_hyperband``'s formula (rungs at grace * rf^k up
+    to max_t, here ``epochs - 1``); tests/test_orchestrate.py checks it against Ray's bracket."""
+    max_t = epochs - 1
+    if grace_period > max_t:
+        return []
+    count = int(math.log(max_t / grace_period) / math.log(reduction_factor) + 1)
+    return [grace_period * reduction_factor**k for k in range(count)]
+
+
 def _check_rungs(study: Study, preset: str | None, raw: dict, fail) -> None:
     """ASHA's rungs lie at grace_period * reduction_factor**k epochs; a first rung at or past
     the last epoch stops nothing, so the study would pay for ASHA and get no early stopping."""

@@ -107,7 +107,7 @@ def finished_study(ray_cluster, tmp_path_factory):
 
     from mlflow.tracking import MlflowClient
 
-    from orchestrate.runner import RunOptions, run_study
+    from orchestrate.run.runner import RunOptions, run_study
     from search_spaces import load_study
 
     tmp = tmp_path_factory.mktemp("finished")

@@ -8,8 +8,8 @@ import pytest
 
 from fermodel.config import ConfigError, TrialConfig
 from fermodel.data import make_splits, make_synthetic
-from orchestrate import cv_levels, statistics
-from orchestrate.cv_levels import CORRELATIONS, DESIGNS, MEASURED, SUBJECTS
+from orchestrate.report import cv_levels, statistics
+from orchestrate.report.cv_levels import CORRELATIONS, DESIGNS, MEASURED, SUBJECTS
 from search_spaces.study import StudyError, load_study
 
 GRIDS = ("table3", "table4", "table5")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrate.runner import RunOptions, run_study
+from orchestrate.run.runner import RunOptions, run_study
 from search_spaces import load_study
 
 CHANCE = 100 / 7

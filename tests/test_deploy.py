@@ -292,11 +292,17 @@ def make(folder: Path, *args: str, check=True) -> subprocess.CompletedProcess:
     )
 
 
-def test_make_test_still_installs_the_project_then_runs_ruff_and_pytest(clean_clone):
+def test_make_test_still_installs_the_project_then_runs_ruff_the_docs_and_pytest(clean_clone):
     plan = make(clean_clone, "-n", "test").stdout.splitlines()
     steps = [
         next(i for i, line in enumerate(plan) if needle in line)
-        for needle in ('pip install -e ".[dev]"', "ruff check .", "python -m pytest")
+        for needle in (
+            'pip install -e ".[dev,docs]"',
+            "ruff check .",
+            "ruff format --check .",
+            "mkdocs build --strict",
+            "python -m pytest",
+        )
     ]
     assert steps == sorted(steps), plan
 

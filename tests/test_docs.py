@@ -57,12 +57,13 @@ def test_the_site_builds_strict_and_a_broken_link_or_reference_fails_it(docs_cop
     assert "'no-such-page.md', but the target is not found" in done.stderr
     page.write_text(text)
     # a function renamed in the code while the reference still names it
-    source = docs_copy / "orchestrate" / "statistics.py"
+    source = docs_copy / "orchestrate" / "report" / "statistics.py"
     source.write_text(source.read_text().replace("def across_runs(", "def across_all_runs("))
     reference = docs_copy / "docs" / "reference" / "orchestrate.md"
-    reference.write_text(reference.read_text() + "\n::: orchestrate.statistics.across_runs\n")
+    renamed = "orchestrate.report.statistics.across_runs"
+    reference.write_text(reference.read_text() + f"\n::: {renamed}\n")
     done = build(docs_copy)
-    assert done.returncode != 0 and "orchestrate.statistics.across_runs" in done.stderr
+    assert done.returncode != 0 and "orchestrate.report.statistics.across_runs" in done.stderr
 
 
 def test_every_page_is_in_the_nav_and_the_readme_links_reach_pages():

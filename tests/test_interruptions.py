@@ -211,8 +211,8 @@ def test_the_stop_waits_for_every_trial_that_started_to_checkpoint(tmp_path, cap
     between its epoch's result and its checkpoint)."""
     from types import SimpleNamespace
 
-    from orchestrate.callbacks import GracefulStop
-    from orchestrate.interrupt import FLAG, INTERRUPTED
+    from orchestrate.run.callbacks import GracefulStop
+    from orchestrate.run.interrupt import FLAG, INTERRUPTED
 
     handed_over = []
     stop = GracefulStop("late-start", str(tmp_path))

@@ -13,14 +13,14 @@ import time
 import pytest
 from test_storage import KEYS, S3Server
 
-from orchestrate.lease import FOLDER, Lease, LeaseHeld
-from orchestrate.storage import Storage
+from orchestrate.plan.lease import FOLDER, Lease, LeaseHeld
+from orchestrate.store.storage import Storage
 
 # a stand-in for an invocation: claims the study "st" when told, says so, holds it
 CLAIM = """
 import sys, time
-from orchestrate.lease import Lease, LeaseHeld
-from orchestrate.storage import Storage
+from orchestrate.plan.lease import Lease, LeaseHeld
+from orchestrate.store.storage import Storage
 storage, start, hold = Storage.parse(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
 storage.files("warm"), storage.read_text("warm")  # imports done before the start
 import boto3, botocore  # noqa: E401

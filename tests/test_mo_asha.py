@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
-from orchestrate.mo_asha import ParetoASHA, promotable
-from orchestrate.pareto import on_front
+from orchestrate.report.pareto import on_front
+from orchestrate.run.mo_asha import ParetoASHA, promotable
 
 EPOCHS, GRACE, RF = 27, 1, 3
 

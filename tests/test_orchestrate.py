@@ -14,8 +14,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrate.ablation import main
-from orchestrate.runner import RunOptions
-from orchestrate.search import JOURNAL, FinalOnlyOptunaSearch
+from orchestrate.run.runner import RunOptions
+from orchestrate.run.search import JOURNAL, FinalOnlyOptunaSearch
 from search_spaces import load_study
 
 GRID = """
@@ -140,8 +140,9 @@ def test_early_stopped_trials_are_pruned_not_complete():
     ],
 )
 def test_asha_rungs_fall_before_the_last_epoch(epochs, grace, reduction, expected):
-    from orchestrate.search import asha, rungs
+    from orchestrate.run.search import asha
     from search_spaces.study import TuneSettings
+    from search_spaces.study import asha_rungs as rungs
 
     assert rungs(epochs, grace, reduction) == expected
     assert all(r < epochs for r in rungs(epochs, grace, reduction))
@@ -189,9 +190,9 @@ def test_bad_options_are_rejected_before_any_run(tmp_path, monkeypatch, capsys, 
 def test_resume_on_a_grid_needs_one_trial_of_its_plan_to_have_run(tmp_path):
     """No store, a store without the study, the study's experiment with only other trials: each
     refused; one trial of the plan that ran (finished, or killed with no checkpoint): accepted."""
-    from orchestrate.ledger import IDENTITY_TAG
-    from orchestrate.runner import RunOptions, _check_something_to_continue, make_plan
-    from orchestrate.tracking import PARENT_TAG
+    from orchestrate.plan.ledger import IDENTITY_TAG
+    from orchestrate.run.runner import RunOptions, _check_something_to_continue, make_plan
+    from orchestrate.store.tracking import PARENT_TAG
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     options = RunOptions(preset="cpu", storage=str(tmp_path / "ray"), tracking_uri=uri, resume=True)
@@ -311,7 +312,7 @@ def _children(db):
 
 
 def test_credentials_never_reach_params_or_tags(tmp_path):
-    from orchestrate.tracking import StudyTracker, mask
+    from orchestrate.store.tracking import StudyTracker, mask
 
     assert (
         mask("http://alice:s3cret@mlflow.internal:5000") == "http://alice:***@mlflow.internal:5000"
@@ -345,7 +346,7 @@ def test_a_multi_objective_tuning_study_interrupted_and_continued_keeps_its_fron
     from conftest import chromium
     from playwright.sync_api import sync_playwright
 
-    from orchestrate.tuning import RERUN_FILE
+    from orchestrate.report.tuning import RERUN_FILE
 
     db = tmp_path / "m.db"
     cmd = [

@@ -1,4 +1,4 @@
-"""Which grid trials share a pack (orchestrate.packing), and --pack on the command line."""
+"""Which grid trials share a pack (orchestrate.plan.packing), and --pack on the command line."""
 
 import pytest
 
@@ -6,8 +6,8 @@ from fermodel.config import TrialConfig
 from fermodel.data import make_synthetic
 from fermodel.engine import data_key
 from orchestrate.ablation import main
-from orchestrate.ledger import Fate
-from orchestrate.packing import best_size, pack_fates
+from orchestrate.plan.ledger import Fate
+from orchestrate.plan.packing import best_size, pack_fates
 from search_spaces.study import TrialSpec, trial_identity
 
 
@@ -75,7 +75,7 @@ def test_a_bad_pack_is_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys, v
 
 
 def test_trials_sharing_a_gpu_are_bounded_to_their_share_of_its_memory():
-    from orchestrate.trainable import memory_fraction
+    from orchestrate.run.trainable import memory_fraction
 
     assert memory_fraction(0.25) == 0.25 and memory_fraction(0.5) == 0.5
     assert memory_fraction(1.0) is None and memory_fraction(0.0) is None  # whole device, CPU
@@ -83,8 +83,8 @@ def test_trials_sharing_a_gpu_are_bounded_to_their_share_of_its_memory():
 
 def test_auto_measures_packs_of_growing_size_until_they_stop_paying(ray_cluster, datasets):
     """The measurement --pack auto runs on a GPU node, here as a Ray task on the CPU."""
-    from orchestrate.packing import SIZES
-    from orchestrate.trainable import measure_size
+    from orchestrate.plan.packing import SIZES
+    from orchestrate.run.trainable import measure_size
 
     config = TrialConfig(
         backbone="shufflenet_v2_x0_5",

@@ -5,7 +5,7 @@ import torch
 
 from fermodel.config import TrialConfig
 from orchestrate.ablation import main
-from orchestrate.runner import RunOptions, check_pretrained, make_plan
+from orchestrate.run.runner import RunOptions, check_pretrained, make_plan
 from search_spaces import load_study
 
 STUDIES = ["table3", "table4", "table5", "hpo"]

@@ -6,8 +6,8 @@ import math
 import pandas as pd
 import pytest
 
-from orchestrate.pareto import dominators, hypervolume, on_front, pareto_ranks
-from orchestrate.report import _front
+from orchestrate.report.build import _front
+from orchestrate.report.pareto import dominators, hypervolume, on_front, pareto_ranks
 
 ACC_LAT = [("accuracy", "max"), ("latency_ms", "min")]
 

@@ -119,7 +119,7 @@ def test_csv_files_predict_as_the_images_do_and_the_table_is_aligned(run, capsys
 def test_an_mlflow_model_predicts_as_the_run_folder(run, capsys, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from orchestrate.tracking import log_model
+    from orchestrate.store.tracking import log_model
 
     root, results, _ = run
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

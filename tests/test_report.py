@@ -16,9 +16,11 @@ from conftest import ARTIFACTS, chromium
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from orchestrate import statistics
-from orchestrate.collect import StudyData
-from orchestrate.render import (
+from orchestrate.report import statistics
+from orchestrate.report.build import CONTRAST_COLUMNS, build_report
+from orchestrate.report.build import main as report_main
+from orchestrate.report.collect import StudyData
+from orchestrate.report.render import (
     cell_columns,
     contrast_columns,
     format_table,
@@ -28,9 +30,7 @@ from orchestrate.render import (
     markdown_table,
     to_html,
 )
-from orchestrate.report import CONTRAST_COLUMNS, build_report
-from orchestrate.report import main as report_main
-from orchestrate.statistics import SIGNIFICANT_SHARE, Predictions, holm, summarize_runs
+from orchestrate.report.statistics import SIGNIFICANT_SHARE, Predictions, holm, summarize_runs
 from search_spaces import STUDY_DIR, load_study
 
 CELLS_READABLE = [
@@ -347,7 +347,7 @@ def test_the_latex_and_markdown_tables_print_mlflows_numbers(finished_study):
 
 
 def test_cost_counts_gpu_hours_and_what_early_stopping_saved():
-    from orchestrate.report import _cost
+    from orchestrate.report.build import _cost
 
     frame = pd.DataFrame(
         {
@@ -369,7 +369,7 @@ def test_cost_counts_gpu_hours_and_what_early_stopping_saved():
 
 
 # --------------------------------------------------------------------------------------------
-# constructed studies: no Ray, no MLflow; a StudyData as orchestrate.collect would read it
+# constructed studies: no Ray, no MLflow; a StudyData as orchestrate.report.collect would read it
 
 
 def trial(correct, seed=0, fold=0, ids=None, groups=None):

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from orchestrate.statistics import (
+from orchestrate.report.statistics import (
     ALPHA,
     INVERT_LIMIT,
     POWER,

@@ -1,4 +1,4 @@
-"""orchestrate.statistics on planted data with hand-computed answers: per-cell t intervals,
+"""orchestrate.report.statistics on planted data with hand-computed answers: per-cell t intervals,
 question 1 "on this test set" (difference, bootstrap CI, the exact sign-flip p-value, over
 images or over subjects, for pairs and for interactions), question 2 "across training runs"
 (paired t-test over seeds; the corrected k-fold t-test over (seed, fold) runs, checked by
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from orchestrate import statistics
-from orchestrate.statistics import (
+from orchestrate.report import statistics
+from orchestrate.report.statistics import (
     ALPHA,
     Predictions,
     across_runs,

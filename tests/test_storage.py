@@ -11,7 +11,7 @@ import boto3
 import pytest
 from conftest import free_port, wait_http
 
-from orchestrate.storage import Storage, StorageError
+from orchestrate.store.storage import Storage, StorageError
 
 BIN = Path(sys.executable).parent
 KEYS = {

@@ -17,7 +17,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from orchestrate.tracking import TrackingError, Writer, failure_reason
+from orchestrate.store.tracking import TrackingError, Writer, failure_reason
 
 ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 
@@ -91,8 +91,8 @@ def test_a_synchronous_call_returns_its_value_after_retrying():
     ("text", "reason"),
     [
         (
-            "orchestrate.trainable.TrialDiverged: training diverged: non-finite loss at epoch 3, "
-            "step 12",
+            "orchestrate.run.trainable.TrialDiverged: training diverged: non-finite loss at epoch "
+            "3, step 12",
             "divergence",
         ),
         ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", "out of memory"),
@@ -329,7 +329,7 @@ def test_the_ui_command_refuses_a_missing_store_in_one_line(tmp_path, capsys):
 def test_the_writer_thread_aims_mlflow_at_a_run_without_leaking_it(tmp_path, monkeypatch):
     import mlflow
 
-    from orchestrate.tracking import _on_run
+    from orchestrate.store.tracking import _on_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'm.db'}"

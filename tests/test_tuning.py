@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orchestrate.collect import StudyData
-from orchestrate.pareto import hypervolume
-from orchestrate.tuning import rerun_study, toml_text, tuning_report
+from orchestrate.report.collect import StudyData
+from orchestrate.report.pareto import hypervolume
+from orchestrate.report.tuning import rerun_study, toml_text, tuning_report
 from search_spaces import load_study
 
 META = {

@@ -29,7 +29,6 @@ import math
 import warnings
 from pathlib import Path
 
-import numpy as np
 import optuna
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
@@ -70,9 +69,9 @@ def tpe(seed: int = 0) -> optuna.samplers.TPESampler:
 
 def asha(epochs: int, settings, session: str = "") -> ASHAScheduler | None:
     """ASHA on the study's goal with every rung before the last epoch (pausable on Ctrl-C,
-    see orchestrate.interrupt): Ray's on one metric, MO-ASHA (``orchestrate.mo_asha``) on
+    see orchestrate.run.interrupt): Ray's on one metric, MO-ASHA (``orchestrate.run.mo_asha``) on
     several objectives; None (no early stopping) when the grace period leaves no such rung."""
-    from orchestrate.interrupt import PausableASHA, PausableParetoASHA
+    from orchestrate.run.interrupt import PausableASHA, PausableParetoASHA
 
     if settings.grace_period > epochs - 1:
         return None
@@ -87,17 +86,6 @@ def asha(epochs: int, settings, session: str = "") -> ASHAScheduler | None:
         return PausableParetoASHA(session, objectives=settings.goals, **rungs)
     ((metric, mode),) = settings.goals
     return PausableASHA(session, metric=metric, mode=mode, **rungs)
-
-
-def rungs(epochs: int, grace_period: int, reduction_factor: int) -> list[int]:
-    """The epochs at which ASHA may stop a trial. Ray has no public API that lists them, so
-    this repeats ``ray.tune.schedulers.async_hyperband``'s formula (rungs at grace * rf^k up
-    to max_t, here ``epochs - 1``); tests/test_orchestrate.py checks it against Ray's bracket."""
-    max_t = epochs - 1
-    if grace_period > max_t:
-        return []
-    count = int(np.log(max_t / grace_period) / np.log(reduction_factor) + 1)
-    return [grace_period * reduction_factor**k for k in range(count)]
 
 
 def journal_path(storage, session: str) -> Path:

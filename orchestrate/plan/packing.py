@@ -1,6 +1,6 @@
 """Packs on the driver's side: which grid trials train together as one pack (``fermodel.pack``),
 how large a pack is, and how a Tune trial's config and results name its members (the
-trainable, ``orchestrate.trainable.run_pack``, reports each member under its index).
+trainable, ``orchestrate.run.trainable.run_pack``, reports each member under its index).
 
 A pack holds trials of one ``fermodel.engine.pack_group``: they share everything but their
 member keys (seeds, learning rates, losses, folds may differ), continue from the same epoch (or
@@ -8,7 +8,7 @@ all start fresh) and train on splits of one size (folds of a protocol may differ
 images). They are taken in the plan's order, at most ``k`` to a pack.
 
 ``--pack auto`` (the command's default): on GPUs the size is measured at the start of the
-study, on a GPU node, for the study's first trial config (``orchestrate.trainable.measure_size``
+study, on a GPU node, for the study's first trial config (``orchestrate.run.trainable.measure_size``
 with ``fermodel.speed.pack_throughput``:
 packs of 1, 2, 4, ... trained for a few steps): the smallest pack within 5% of the best
 throughput among those that fit in the trial's share of the device. Without GPUs it is 1: on

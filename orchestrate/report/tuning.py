@@ -26,8 +26,8 @@ import re
 import numpy as np
 import pandas as pd
 
-from orchestrate.pareto import dominators, hypervolume, on_front
-from orchestrate.study_report import TuningReport
+from orchestrate.report.pareto import dominators, hypervolume, on_front
+from orchestrate.report.study_report import TuningReport
 
 IMPORTANCE_METHOD = "fANOVA (Optuna's FanovaImportanceEvaluator, 64 trees, seed 0)"
 # fewer ranked trials than this give no importances: a forest over a handful of points
@@ -65,7 +65,7 @@ def parse_sampled(text: str, space: dict) -> dict:
 
 
 def _fate(row, rungs: list[int]) -> str:
-    from orchestrate.tracking import failure_reason
+    from orchestrate.store.tracking import failure_reason
 
     if row.status == "FINISHED" and not row.stopped_early:
         return "finished"
@@ -82,7 +82,7 @@ def _fate(row, rungs: list[int]) -> str:
 
 
 def tuning_report(data, n_importance_trees: int = 64) -> TuningReport:
-    from orchestrate.search import rungs as rung_epochs
+    from search_spaces.study import asha_rungs as rung_epochs
 
     meta, trials = data.meta, data.trials
     settings = settings_of(meta, data.preset)

@@ -29,8 +29,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from orchestrate.cv_levels import level_range
-from orchestrate.statistics import (
+from orchestrate.report.cv_levels import level_range
+from orchestrate.report.statistics import (
     ALPHA,
     EXACT_LIMIT,
     INVERT_LIMIT,
@@ -41,8 +41,8 @@ from orchestrate.statistics import (
     SIGNIFICANT_SHARE,
     significant_share,
 )
-from orchestrate.study_report import StudyReport
-from orchestrate.tuning import MIN_IMPORTANCE_TRIALS
+from orchestrate.report.study_report import StudyReport
+from orchestrate.report.tuning import MIN_IMPORTANCE_TRIALS
 
 # the mark after a difference whose Holm-adjusted p-value is below the level
 MARKS = ((0.01, "**"), (ALPHA, "*"))
@@ -797,7 +797,7 @@ def _short_legend(report: StudyReport) -> list[str]:
 
 def _heuristic(computed: pd.DataFrame) -> list[str]:
     """On k-fold CV the runs answer rests on an assumed fold correlation: no design held its
-    level over the simulated range (``orchestrate.cv_levels``), so it is called a heuristic,
+    level over the simulated range (``orchestrate.report.cv_levels``), so it is called a heuristic,
     and one split's p is shown at other correlations."""
     if not _corrected(computed) or "runs_p_by_correlation" not in computed:
         return []

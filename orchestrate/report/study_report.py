@@ -1,5 +1,6 @@
-"""What a study's report holds: built by ``orchestrate.report`` from what ``orchestrate.collect``
-read, shown by ``orchestrate.render`` (which reads this and nothing of the building)."""
+"""What a study's report holds: built by ``orchestrate.report.build`` from what
+``orchestrate.report.collect`` read, shown by ``orchestrate.report.render`` (which reads this and
+nothing of the building)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pandas as pd
 
 @dataclass
 class TuningReport:
-    """A tuning study's own part (``orchestrate.tuning``)."""
+    """A tuning study's own part (``orchestrate.report.tuning``)."""
 
     goals: list  # [(metric, "max" | "min"), ...]
     constraints: list[str]
@@ -22,7 +23,7 @@ class TuningReport:
     history: pd.DataFrame  # per trial: trial_hours, best, hypervolume
     importances: dict  # objective -> parameter -> importance
     importance_method: str
-    rerun_study: dict | None = None  # the grid study file that re-runs it (orchestrate.tuning)
+    rerun_study: dict | None = None  # the grid study file that re-runs it (report.tuning)
     rerun: str = ""  # the command that runs it, once written beside the report
 
 

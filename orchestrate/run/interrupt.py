@@ -23,8 +23,8 @@ import time
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from orchestrate.mo_asha import ParetoASHA
-from orchestrate.storage import Storage
+from orchestrate.run.mo_asha import ParetoASHA
+from orchestrate.store.storage import Storage
 
 FLAG = "checkpoint-now"  # file in the session's storage: running trials checkpoint at once
 TERM_GRACE = 25.0  # seconds SIGTERM waits for running trials to checkpoint

@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from orchestrate.storage import Storage, StorageError
+from orchestrate.store.storage import Storage, StorageError
 
 
 class ClusterError(ValueError):

@@ -1,11 +1,12 @@
 """The study's Tune callbacks: everything that reacts to Tune's trial events, in the driver.
 
 - ``MLflowTrials``: the child runs of the trials in MLflow, written through the invocation's
-  writer (``orchestrate.tracking``).
+  writer (``orchestrate.store.tracking``).
 - ``CheckpointIndex``: where each trial identity's newest checkpoint lies
-  (``orchestrate.ledger``), for the next invocation.
+  (``orchestrate.plan.ledger``), for the next invocation.
 - ``Progress``: one line per trial event, best so far on validation (never test).
-- ``GracefulStop``: SIGINT and SIGTERM checkpoint running trials first (``orchestrate.interrupt``).
+- ``GracefulStop``: SIGINT and SIGTERM checkpoint running trials first
+  (``orchestrate.run.interrupt``).
 - ``JournalMirror``: a tuning study's Optuna journal copied into an object-store session.
 
 Tune pickles its callbacks with the experiment and restores them with a session, so none keeps
@@ -27,12 +28,12 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from ray.tune import Callback
 
 from fermodel.engine import ARCHITECTURE_COST
-from orchestrate.interrupt import FLAG, INTERRUPTED, TERM_GRACE, Interrupted
-from orchestrate.ledger import remember
-from orchestrate.packing import member_results, member_specs, members_of
-from orchestrate.search import JOURNAL, LOCAL_JOURNALS
-from orchestrate.storage import Storage
-from orchestrate.tracking import (
+from orchestrate.plan.ledger import remember
+from orchestrate.plan.packing import member_results, member_specs, members_of
+from orchestrate.run.interrupt import FLAG, INTERRUPTED, TERM_GRACE, Interrupted
+from orchestrate.run.search import JOURNAL, LOCAL_JOURNALS
+from orchestrate.store.storage import Storage
+from orchestrate.store.tracking import (
     EPOCH_KEYS,
     FINAL_KEYS,
     LIVE,
@@ -52,7 +53,7 @@ from orchestrate.tracking import (
 class MLflowTrials(Callback):
     """Child runs of the trials, written from the driver as Tune reports them: one run per
     tuning sample, and one per member of a grid's Tune trial (a pack of one or more trials,
-    its results keyed by member index; see ``orchestrate.trainable.run_pack``).
+    its results keyed by member index; see ``orchestrate.run.trainable.run_pack``).
 
     Every event only queues its writes on the invocation's ``Writer`` (``LIVE``), so MLflow's
     latency and outages never stall Tune's scheduling loop; the writes of one trial happen in
@@ -251,7 +252,7 @@ class MLflowTrials(Callback):
         model that cannot be logged leaves the rest logged and the run FINISHED."""
         import torch
 
-        from orchestrate.trainable import BEST_MODEL_FILE
+        from orchestrate.run.trainable import BEST_MODEL_FILE
 
         with tempfile.TemporaryDirectory(prefix="fer-artifacts-") as root:
             checkpoint.to_directory(root)
@@ -328,7 +329,7 @@ class Progress(Callback):
         self.out = self.out or sys.stdout
         self.started = time.monotonic()
         self.running = set()
-        from orchestrate.tracking import LIVE
+        from orchestrate.store.tracking import LIVE
 
         if self.session in LIVE:
             self.earlier = LIVE[self.session].earlier

@@ -15,7 +15,7 @@ identities that have no FINISHED run in the experiment, whichever invocation ran
 - ``diverged``: its newest run FAILED with a non-finite loss. Training is deterministic given
   its config, so it would diverge again: skipped unless ``--retry-failed``.
 
-An invocation holds the study's lease (``orchestrate.lease``), so a run still RUNNING when it
+An invocation holds the study's lease (``orchestrate.plan.lease``), so a run still RUNNING when it
 starts belongs to a driver that is gone (SIGKILL, a lost machine): it is closed as KILLED with a
 ``closed_by`` tag, and its trial continues.
 """
@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from orchestrate.storage import Storage
+from orchestrate.store.storage import Storage
 
 IDENTITY_TAG = "trial_identity"
 INDEX = "checkpoints"  # folder of the storage: one small JSON file per identity
@@ -90,7 +90,7 @@ def checkpoints(storage: Storage, identity: str) -> list[tuple[str, int]]:
 
 def identity_runs(tracker) -> dict[str, list]:
     """The experiment's child runs by identity, newest first."""
-    from orchestrate.tracking import PARENT_TAG
+    from orchestrate.store.tracking import PARENT_TAG
 
     runs = tracker.client.search_runs(
         [tracker.experiment_id],
@@ -159,7 +159,7 @@ def plan_fates(specs, tracker, storage: Storage, retry_failed: bool = False) -> 
 def close_stale(tracker, fates: list[Fate], session: str) -> int:
     """Close what a killed driver left RUNNING: the runs of trials this invocation runs again
     and the parent runs of earlier invocations (called before this one opens its own)."""
-    from orchestrate.tracking import PARENT_TAG
+    from orchestrate.store.tracking import PARENT_TAG
 
     by_identity = identity_runs(tracker)
     stale = [

@@ -22,7 +22,7 @@ The model, per simulated study (one dataset of ``n`` subjects, no true differenc
   overlap too, by about 1/k: that is what repetition adds and the correction ignores.
 
 One seed per fold (seeds add independent noise, which acts as a lower correlation).
-``python -m orchestrate.cv_levels`` prints the table docs/report.md shows.
+``python -m orchestrate.report.cv_levels`` prints the table docs/report.md shows.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from orchestrate.statistics import ALPHA, across_runs
+from orchestrate.report.statistics import ALPHA, across_runs
 
 SUBJECTS = (6, 20, 100)
 CORRELATIONS = (0.0, 1 / 9, 0.25, 0.35)
@@ -142,7 +142,7 @@ def _rho(rho: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m orchestrate.cv_levels", description=__doc__.split("\n\n")[0]
+        prog="python -m orchestrate.report.cv_levels", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--studies", type=int, default=2000, help="null studies per entry")
     args = parser.parse_args(argv)

@@ -1,14 +1,15 @@
 """The study report: per-cell accuracies and the study's contrasts, with honest statistics.
 
-``build_report(StudyData)`` is a pure function of what ``orchestrate.collect`` read from MLflow
-(the FINISHED child runs of one study session, each trial counted once). Per cell: test accuracy
-over seeds and folds (mean, std, 95% t interval, corrected for overlapping training sets on
+``build_report(StudyData)`` is a pure function of what ``orchestrate.report.collect`` read from
+MLflow (the FINISHED child runs of one study session, each trial counted once). Per cell: test
+accuracy over seeds and folds (mean, std, 95% t interval, corrected for overlapping training sets on
 k-fold CV), macro F1, per-class recall, the accuracy on the whole test split where leaked images
 were dropped from it, the paper's number, and the cost. Per contrast (the study file's
 ``[[contrasts]]``, or every cell against the reference): two questions answered apart
-(``orchestrate.statistics``), each Holm-adjusted within the contrast's family on its own, with
-their noise floors. Tuning studies get the best configs, Optuna's parameter importances and what
-ASHA's early stopping saved. ``orchestrate.render`` prints it (terminal, Markdown, LaTeX, HTML).
+(``orchestrate.report.statistics``), each Holm-adjusted within the contrast's family on its
+own, with their noise floors. Tuning studies get the best configs, Optuna's parameter importances
+and what ASHA's early stopping saved. ``orchestrate.report.render`` prints it (terminal,
+Markdown, LaTeX, HTML).
 
 ``python -m orchestrate.report --study NAME`` (or ``--run PARENT_ID``) rebuilds it without
 re-running anything.
@@ -23,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from orchestrate.collect import COST_METRICS, StudyData
-from orchestrate.pareto import dominators, on_front
-from orchestrate.statistics import (
+from orchestrate.report.collect import COST_METRICS, StudyData
+from orchestrate.report.pareto import dominators, on_front
+from orchestrate.report.statistics import (
     ALPHA,
     KFOLD_TEST,
     REPEATED_TEST,
@@ -35,8 +36,8 @@ from orchestrate.statistics import (
     holm,
     summarize_runs,
 )
-from orchestrate.study_report import StudyReport
-from orchestrate.tuning import selected_test_only, tuning_report
+from orchestrate.report.study_report import StudyReport
+from orchestrate.report.tuning import selected_test_only, tuning_report
 
 # the contrasts' raw columns (the CSV's): "testset_" answers "on this test set", "runs_" (and
 # seeds_needed) "across training runs"
@@ -423,7 +424,7 @@ def _cost(frame: pd.DataFrame, gpus: float) -> dict:
 def write_report(report: StudyReport, folder) -> list[Path]:
     """The readable tables (terminal text, Markdown, LaTeX, the HTML page) and the data (cells,
     contrasts and trials as CSV) in ``folder``."""
-    from orchestrate.render import format_table, latex_table, markdown_table, to_html
+    from orchestrate.report.render import format_table, latex_table, markdown_table, to_html
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -452,9 +453,9 @@ def write_report(report: StudyReport, folder) -> list[Path]:
 
 
 def write_rerun(report: StudyReport, folder) -> Path | None:
-    """A tuning study's re-run (``orchestrate.tuning``) as a study file in ``folder``; the
+    """A tuning study's re-run (``orchestrate.report.tuning``) as a study file in ``folder``; the
     report then names the command that runs it."""
-    from orchestrate.tuning import RERUN_FILE, rerun_command, toml_text
+    from orchestrate.report.tuning import RERUN_FILE, rerun_command, toml_text
 
     tuning = report.tuning
     if tuning is None or tuning.rerun_study is None:
@@ -468,7 +469,7 @@ def write_rerun(report: StudyReport, folder) -> Path | None:
 
 def find_session(tracker, study: str | None = None, run_id: str | None = None):
     """The session of a parent run id, or the latest session of a study in its experiment."""
-    from orchestrate.tracking import PARENT_TAG, SESSION_TAG
+    from orchestrate.store.tracking import PARENT_TAG, SESSION_TAG
 
     if run_id:
         return tracker.client.get_run(run_id).data.tags[SESSION_TAG]
@@ -493,9 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from orchestrate.collect import collect
-    from orchestrate.render import format_table
-    from orchestrate.tracking import (
+    from orchestrate.report.collect import collect
+    from orchestrate.report.render import format_table
+    from orchestrate.store.tracking import (
         StudyTracker,
         TrackingError,
         check_reachable,
@@ -546,7 +547,3 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(report))
     print(f"\nwritten: {', '.join(str(p) for p in paths)}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -10,7 +10,7 @@ on every node alike.
 credentials or an unwritable folder are one-line ``StorageError``s. It leaves nothing behind:
 the write test object is deleted, and a local folder that does not exist yet is not created
 (its nearest existing parent must be writable). Whether every node of a cluster sees the same
-storage is checked by ``orchestrate.cluster`` with a marker written here.
+storage is checked by ``orchestrate.run.cluster`` with a marker written here.
 """
 
 from __future__ import annotations

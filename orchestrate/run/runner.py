@@ -1,6 +1,6 @@
 """Plan a study's trials and run them on Ray Tune, tracked in MLflow.
 
-Grid studies (the paper's tables) are sets of trial identities (``orchestrate.ledger``): every
+Grid studies (the paper's tables) are sets of trial identities (``orchestrate.plan.ledger``): every
 invocation runs, with Tune's grid variant generator, only the identities that have no FINISHED
 run in the study's experiment, continuing unfinished ones from their newest checkpoint; adding
 seeds, folds or cells to a finished study trains only what is new. Tuning studies use Optuna's TPE
@@ -25,9 +25,9 @@ import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from orchestrate.full_storage import StorageFull
-from orchestrate.lease import Lease
-from orchestrate.storage import Storage
+from orchestrate.plan.lease import Lease
+from orchestrate.run.full_storage import StorageFull
+from orchestrate.store.storage import Storage
 from search_spaces import Study
 
 
@@ -110,11 +110,11 @@ def describe_plan(plan: Plan, options: RunOptions, fates: list | None = None) ->
         }.get(plan.base.get("pretrained", ""), f"from {plan.base.get('pretrained')}"),
     ]
     if study.kind == "grid":
-        from orchestrate.ledger import describe_fates
+        from orchestrate.plan.ledger import describe_fates
 
         lines.append(f"{len(plan.trials)} trials: " + describe_fates(fates))
     else:
-        from orchestrate.search import rungs
+        from search_spaces.study import asha_rungs as rungs
 
         t = plan.tune
         epochs = int(plan.base.get("epochs", 200))
@@ -182,15 +182,15 @@ class Describe:
         self.study, self.base = study, base
 
     def __call__(self, params: dict, index: int | None = None) -> dict:
-        from orchestrate.packing import member_specs
-        from orchestrate.trainable import trial_config
+        from orchestrate.plan.packing import member_specs
+        from orchestrate.run.trainable import trial_config
         from search_spaces.study import trial_key
 
         config, place = trial_config(params, self.base, index)
         name = trial_key(**place)
         tags = {"study": self.study, **place}
         if index is not None:
-            from orchestrate.ledger import IDENTITY_TAG
+            from orchestrate.plan.ledger import IDENTITY_TAG
 
             specs = member_specs(params)
             tags[IDENTITY_TAG] = specs[index]["identity"]
@@ -223,11 +223,11 @@ class Invocation:
     options: RunOptions
     storage: Storage
     session: str
-    writer: object  # orchestrate.tracking.Writer
+    writer: object  # orchestrate.store.tracking.Writer
     resumed: bool = False  # a tuning session restored from its storage
     lease: Lease | None = None  # this study's, once every check has passed
     fates: list = field(default_factory=list)  # grids: every planned trial's fate
-    tracker: object = None  # orchestrate.tracking.StudyTracker, once the store is open
+    tracker: object = None  # orchestrate.store.tracking.StudyTracker, once the store is open
     earlier: int = 0  # trials finished before this invocation
 
     @property
@@ -247,10 +247,10 @@ class Invocation:
 
 def run_study(study: Study, options: RunOptions, out=None) -> dict:
     """Run a study to the end; returns a summary (session, parent run id, report, table, model).
-    A study stopped by SIGINT or SIGTERM raises ``orchestrate.interrupt.Interrupted`` (a
+    A study stopped by SIGINT or SIGTERM raises ``orchestrate.run.interrupt.Interrupted`` (a
     KeyboardInterrupt) after marking its open runs KILLED."""
     out = out or sys.stdout
-    from orchestrate.tracking import Writer, check_reachable
+    from orchestrate.store.tracking import Writer, check_reachable
 
     plan = make_plan(study, options)
     if options.dry_run:
@@ -276,8 +276,8 @@ def run_study(study: Study, options: RunOptions, out=None) -> dict:
 def _run(inv: Invocation, datasets: dict, out) -> dict:
     """Ray started (or joined), the study's lease, its Tune run, its report; every run closed
     and the lease released at the end."""
-    from orchestrate.cluster import quiet_ray, start_ray, tune_errors_to
-    from orchestrate.interrupt import on_sigterm_before_tune
+    from orchestrate.run.cluster import quiet_ray, start_ray, tune_errors_to
+    from orchestrate.run.interrupt import on_sigterm_before_tune
 
     options = inv.options
     main = threading.current_thread() is threading.main_thread()
@@ -323,7 +323,7 @@ def _session(plan: Plan, options: RunOptions, storage: Storage) -> tuple[str, bo
     """The Tune session this invocation runs in, and whether it continues an earlier one: a
     grid always starts one (its trials continue by identity); a tuning study continues the
     newest unfinished session with the same plan (``--resume`` insists on one)."""
-    from orchestrate import sessions
+    from orchestrate.plan import sessions
 
     if plan.study.kind == "grid":
         return sessions.new_session(plan), False
@@ -338,7 +338,7 @@ def _session(plan: Plan, options: RunOptions, storage: Storage) -> tuple[str, bo
 def _check_something_to_continue(plan: Plan, options: RunOptions) -> None:
     """``--resume`` on a grid whose plan has never run: said, like a tuning study's (exit 2),
     instead of silently starting every trial."""
-    from orchestrate.tracking import mask
+    from orchestrate.store.tracking import mask
 
     if all(f.reason == "new" for f in _dry_run_fates(plan, options)):
         raise FileNotFoundError(
@@ -352,8 +352,8 @@ def _dry_run_fates(plan: Plan, options: RunOptions) -> list | None:
     """What a grid's trials would do, read from the store without creating it (None: tuning)."""
     if plan.study.kind != "grid":
         return None
-    from orchestrate.ledger import Fate, plan_fates
-    from orchestrate.tracking import StudyTracker, check_reachable
+    from orchestrate.plan.ledger import Fate, plan_fates
+    from orchestrate.store.tracking import StudyTracker, check_reachable
 
     uri = options.tracking_uri
     store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
@@ -370,14 +370,15 @@ def _dry_run_fates(plan: Plan, options: RunOptions) -> list | None:
 
 def _prepare(inv: Invocation, datasets: dict, private_ray: bool, out) -> None:
     """Resources, shared storage, the MLflow store and parent run, and (grids) the fates."""
-    from orchestrate import interrupt, ledger, sessions
-    from orchestrate.cluster import (
+    from orchestrate.plan import ledger, sessions
+    from orchestrate.run import interrupt
+    from orchestrate.run.cluster import (
         alive_nodes,
         check_resources,
         check_storage_shared,
         cluster_has_gpus,
     )
-    from orchestrate.tracking import DatasetInputs, StudyTracker
+    from orchestrate.store.tracking import DatasetInputs, StudyTracker
 
     options, study = inv.options, inv.plan.study
     if options.gpus_per_trial is None:
@@ -412,7 +413,7 @@ def _prepare(inv: Invocation, datasets: dict, private_ray: bool, out) -> None:
 def _auto_pack(inv: Invocation, datasets: dict, out) -> int:
     """``--pack auto``: 1 without GPUs; on GPUs measured for the first trial to run."""
     from fermodel.engine import data_key
-    from orchestrate.trainable import measure_size
+    from orchestrate.run.trainable import measure_size
 
     options = inv.options
     if not options.gpus_per_trial or len(inv.to_run) < 2:
@@ -428,8 +429,8 @@ def _auto_pack(inv: Invocation, datasets: dict, out) -> int:
 
 def _fit(inv: Invocation, datasets: dict, out) -> None:
     """Tune's run; a storage found full on the way (by a trial or by the driver) ends it as
-    ``StorageFull`` (``orchestrate.full_storage``), whatever Tune raised after it."""
-    from orchestrate.full_storage import FULL, no_space
+    ``StorageFull`` (``orchestrate.run.full_storage``), whatever Tune raised after it."""
+    from orchestrate.run.full_storage import FULL, no_space
 
     FULL.pop(inv.session, None)
     try:
@@ -445,7 +446,7 @@ def _fit(inv: Invocation, datasets: dict, out) -> None:
 def _report_what_can_be(inv: Invocation, out) -> None:
     """A study stopped early (its storage full): its runs closed, its table printed and its
     report written from what MLflow holds, as far as the disks allow."""
-    from orchestrate.render import format_table
+    from orchestrate.report.render import format_table
 
     tracker, writer, session = inv.tracker, inv.writer, inv.session
     try:
@@ -460,7 +461,7 @@ def _report_what_can_be(inv: Invocation, out) -> None:
 
 
 def _raise_if_interrupted(inv: Invocation) -> None:
-    from orchestrate.interrupt import INTERRUPTED, Interrupted
+    from orchestrate.run.interrupt import INTERRUPTED, Interrupted
 
     if inv.session in INTERRUPTED:  # Tune stopped gracefully on the signal and returned
         raise Interrupted(INTERRUPTED[inv.session])
@@ -468,9 +469,9 @@ def _raise_if_interrupted(inv: Invocation) -> None:
 
 def _finish(inv: Invocation, out) -> dict:
     """Close what is left, write and log the report, register the best model, say where."""
-    from orchestrate import sessions
-    from orchestrate.render import format_table
-    from orchestrate.tracking import FEASIBLE_ALIAS, register_best, tag_tuning
+    from orchestrate.plan import sessions
+    from orchestrate.report.render import format_table
+    from orchestrate.store.tracking import FEASIBLE_ALIAS, register_best, tag_tuning
 
     tracker, writer, session = inv.tracker, inv.writer, inv.session
     writer.call(lambda: _close_leftovers(tracker, session, "FAILED"))
@@ -517,7 +518,7 @@ def _finish(inv: Invocation, out) -> dict:
 def _failed_by_errors(trials) -> int:
     """Trials that ended FAILED by an error (after their retries), not by diverging: a
     divergence is a result of training."""
-    from orchestrate.tracking import failure_reason
+    from orchestrate.store.tracking import failure_reason
 
     if trials.empty:
         return 0
@@ -534,16 +535,16 @@ def _tuner(inv: Invocation, datasets: dict, out):
     from ray import tune
     from ray.tune import CheckpointConfig, FailureConfig, RunConfig, Tuner
 
-    from orchestrate.callbacks import (
+    from orchestrate.run.callbacks import (
         CheckpointIndex,
         GracefulStop,
         JournalMirror,
         MLflowTrials,
         Progress,
     )
-    from orchestrate.full_storage import FullStorageStop, FullStorageWatch
-    from orchestrate.tracking import LIVE
-    from orchestrate.trainable import run_pack, run_trial
+    from orchestrate.run.full_storage import FullStorageStop, FullStorageWatch
+    from orchestrate.run.trainable import run_pack, run_trial
+    from orchestrate.store.tracking import LIVE
 
     plan, options, storage, session = inv.plan, inv.options, inv.storage, inv.session
     LIVE[session] = inv
@@ -603,8 +604,8 @@ def _tuner(inv: Invocation, datasets: dict, out):
 
 def _publish_report(tracker, session: str, folder: Path):
     """The study report, written to ``folder`` and to the parent run; returns it and its files."""
-    from orchestrate.collect import collect
-    from orchestrate.report import build_report, write_report
+    from orchestrate.report.build import build_report, write_report
+    from orchestrate.report.collect import collect
 
     report = build_report(collect(tracker, session))
     paths = write_report(report, folder)
@@ -614,7 +615,7 @@ def _publish_report(tracker, session: str, folder: Path):
 
 def _next_steps(options: RunOptions, experiment_id: str, paths: list, best: str | None) -> str:
     """Where to look next: the runs in MLflow's UI, the report, the registered best model."""
-    from orchestrate.tracking import default_tracking_uri
+    from orchestrate.store.tracking import default_tracking_uri
     from orchestrate.ui import runs_url, ui_base
 
     uri = options.tracking_uri
@@ -635,7 +636,7 @@ def _end(inv: Invocation, status: str, out) -> None:
     """The parent run and every child Tune no longer runs get their terminal state, also when
     the study failed or was interrupted; what MLflow cannot take is said, not raised, so the
     first error stays the one the user sees. A further signal waits for these few writes."""
-    from orchestrate.tracking import LIVE
+    from orchestrate.store.tracking import LIVE
 
     LIVE.pop(inv.session, None)
     tracker, writer, session = inv.tracker, inv.writer, inv.session
@@ -681,7 +682,7 @@ def _open_parent(inv: Invocation, distribution: bytes) -> None:
     reopened (then ``inv.earlier`` counts the trials it finished before)."""
     import json
 
-    from orchestrate.collect import DISTRIBUTION_ARTIFACT, PLAN_ARTIFACT, STUDY_ARTIFACT
+    from orchestrate.report.collect import DISTRIBUTION_ARTIFACT, PLAN_ARTIFACT, STUDY_ARTIFACT
 
     tracker, plan, options, study = inv.tracker, inv.plan, inv.options, inv.plan.study
     if inv.resumed and tracker.reopen_parent(inv.session):
@@ -731,10 +732,10 @@ def _open_parent(inv: Invocation, distribution: bytes) -> None:
 
 
 def _param_space(inv: Invocation, datasets: dict) -> dict:
-    """A grid's Tune trials, each a pack of its trials (``orchestrate.packing``)."""
+    """A grid's Tune trials, each a pack of its trials (``orchestrate.plan.packing``)."""
     from ray import tune
 
-    from orchestrate.packing import pack_fates
+    from orchestrate.plan.packing import pack_fates
 
     if inv.plan.study.kind == "grid":
         packs = pack_fates(inv.to_run, inv.options.pack or 1, datasets)
@@ -759,7 +760,7 @@ def _spec(f) -> dict:
 def _tune_config(plan: Plan, options: RunOptions, storage, session: str):
     from ray.tune import TuneConfig
 
-    from orchestrate.interrupt import PausableFIFO
+    from orchestrate.run.interrupt import PausableFIFO
 
     if plan.study.kind == "grid":
         return TuneConfig(
@@ -769,7 +770,7 @@ def _tune_config(plan: Plan, options: RunOptions, storage, session: str):
             scheduler=PausableFIFO(session),
             trial_dirname_creator=trial_folder,
         )
-    from orchestrate.search import FinalOnlyOptunaSearch, asha, optuna_storage, tpe
+    from orchestrate.run.search import FinalOnlyOptunaSearch, asha, optuna_storage, tpe
 
     t = plan.tune
     metrics, modes = zip(*t.goals, strict=True)

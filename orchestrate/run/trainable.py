@@ -30,9 +30,9 @@ from ray import tune
 from fermodel.checkpoint import STATE_FILE
 from fermodel.config import TrialConfig
 from fermodel.engine import TrainingDiverged, data_key, fit
-from orchestrate.interrupt import StopRequest
-from orchestrate.packing import SIZES, WITHIN, best_size, member_specs
-from orchestrate.storage import Storage
+from orchestrate.plan.packing import SIZES, WITHIN, best_size, member_specs
+from orchestrate.run.interrupt import StopRequest
+from orchestrate.store.storage import Storage
 
 RESULTS_FILE = "results.json"
 BEST_MODEL_FILE = "best_model.pt"  # the selected weights (the driver logs them as an MLflow model)
@@ -248,10 +248,10 @@ def _report_final(results: dict, finals: dict, ended: dict, started: float) -> N
 def _member_sources(specs: list[dict], folder: str, storage_uri: str | None) -> tuple[dict, dict]:
     """Each member's intact checkpoint folder, copied into ``folder``: this Tune trial's own
     (a retried pack), else the newest intact one an earlier invocation indexed for it
-    (``orchestrate.ledger``); and, for members whose checkpoints were found damaged, what was
+    (``orchestrate.plan.ledger``); and, for members whose checkpoints were found damaged, what was
     damaged and the epoch they continue after instead (0: from scratch). A damaged checkpoint
     is dropped from the index, so no later invocation tries it again."""
-    from orchestrate.ledger import forget
+    from orchestrate.plan.ledger import forget
 
     sources, damaged, after = {}, {}, {}
     own = tune.get_checkpoint()
@@ -367,7 +367,7 @@ def measure_size(config_values: dict, data, gpus: float, limit: int) -> tuple[in
     """On a GPU node (a Ray task asking for the trials' GPUs): images/s of packs of the
     ``SIZES`` up to ``limit`` members, stopping at the first that does not fit, fails its
     check on the device (``fermodel.pack.checked_pack``) or gains less than ``WITHIN``;
-    returns the size to use and what was measured (``orchestrate.packing`` says why)."""
+    returns the size to use and what was measured (``orchestrate.plan.packing`` says why)."""
 
     @ray.remote(num_gpus=gpus, num_cpus=1)
     def measure(values: dict, dataset) -> dict:

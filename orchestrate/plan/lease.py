@@ -15,7 +15,7 @@ A lease that is not released (its holder was SIGKILLed, its machine lost) goes s
 when its holder ran on this host and its process is gone, else when it has not been renewed for
 its expiry (``FER_LEASE_SECONDS``, 300 by default; host clocks are assumed to agree to well
 within it). The next invocation then creates the next generation and continues the study; only
-then does it close the runs a dead driver left RUNNING (``orchestrate.ledger.close_stale``).
+then does it close the runs a dead driver left RUNNING (``orchestrate.plan.ledger.close_stale``).
 Invocations of one study share its ``--storage`` (a shared folder or a bucket): that is where the
 lease is looked for.
 """
@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, replace
 
-from orchestrate.storage import Storage
+from orchestrate.store.storage import Storage
 
 FOLDER = "leases"
 EXPIRY_ENV = "FER_LEASE_SECONDS"

@@ -61,8 +61,8 @@ BEST_ALIAS = "best"  # models:/<study>@best, the study's best model on validatio
 KIND_TAG = "mlflow.experimentKind"
 # MLflow 3's UI opens an experiment of this kind on its runs, not on GenAI traces
 MODEL_DEVELOPMENT = "custom_model_development"
-# session -> this driver's running ``orchestrate.runner.Invocation`` (its store and writer): Tune
-# pickles its callbacks with the experiment, so they look the invocation up here by session
+# session -> this driver's running ``orchestrate.run.runner.Invocation`` (its store and writer):
+# Tune pickles its callbacks with the experiment, so they look the invocation up here by session
 LIVE: dict = {}
 # what a server that is away (or overloaded) looks like from MLflow's client
 TRANSIENT = re.compile(

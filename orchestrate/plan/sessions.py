@@ -15,7 +15,7 @@ import json
 import time
 from dataclasses import asdict
 
-from orchestrate.storage import Storage
+from orchestrate.store.storage import Storage
 
 SEP = "__"
 PLAN_FILE = "study-plan.json"

@@ -1,7 +1,7 @@
 """A study session as plain data, read from MLflow once: what the report needs, nothing of MLflow.
 
-``collect(tracker, session)`` downloads what ``orchestrate.report.build_report`` reads: the study
-file logged on the session's first parent run, one row per trial (tags, status, the params the
+``collect(tracker, session)`` downloads what ``orchestrate.report.build.build_report`` reads: the
+study file logged on the session's first parent run, one row per trial (tags, status, the params the
 report states, final metrics), each finished trial's test predictions and validation curve, and
 the class-distribution figure. Everything after this is pure functions of a ``StudyData``.
 """
@@ -118,7 +118,7 @@ def session_frame(tracker, session: str) -> pd.DataFrame:
 def identity_frame(tracker, identities: list[str]) -> tuple[pd.DataFrame, int]:
     """One row per identity of a plan, whichever invocation ran it: its newest FINISHED run,
     else its newest run; and how many finished runs of the experiment are not of this plan."""
-    from orchestrate.ledger import IDENTITY_TAG, identity_runs
+    from orchestrate.plan.ledger import IDENTITY_TAG, identity_runs
 
     by_identity = identity_runs(tracker)
     chosen = []
@@ -128,7 +128,7 @@ def identity_frame(tracker, identities: list[str]) -> tuple[pd.DataFrame, int]:
         if finished or runs:
             chosen.append((finished or runs)[0])
     planned = set(identities)
-    from orchestrate.tracking import PARENT_TAG
+    from orchestrate.store.tracking import PARENT_TAG
 
     others = tracker.client.search_runs(
         [tracker.experiment_id],

@@ -7,7 +7,7 @@ such error stops the study (``FullStorageStop``, a Tune stopper the ``FullStorag
 arms), and the runner turns it into ``StorageFull``: its runs closed, what it can of the report
 written, one line saying which storage is full and what to do, exit code 4. Nothing half-written
 stays in the way of the next invocation: a checkpoint cut short is found damaged and skipped
-(``orchestrate.trainable``), so after space is freed the same command continues every trial.
+(``orchestrate.run.trainable``), so after space is freed the same command continues every trial.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class FullStorageWatch(Callback):
         self.session = session
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        from orchestrate.callbacks import error_text
+        from orchestrate.run.callbacks import error_text
 
         text = error_text(trial)
         if no_space(text):

@@ -9,7 +9,7 @@ Schmucker et al. (2021, "Multi-objective asynchronous successive halving"):
 - with one objective, ASHA's own rule: a trial below the ``1 - 1/rf`` quantile of the results
   recorded at the rung is stopped (so it stops exactly what ASHA stops);
 - with several, the results recorded at the rung and the trial's are sorted into Pareto fronts
-  (``orchestrate.pareto``); the trial goes on while fewer than ``1/rf`` of them lie on fronts
+  (``orchestrate.report.pareto``); the trial goes on while fewer than ``1/rf`` of them lie on fronts
   ahead of its own. A trial non-dominated at its rung always goes on.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from ray.tune.schedulers.async_hyperband import _Bracket
 
-from orchestrate.pareto import pareto_ranks
+from orchestrate.report.pareto import pareto_ranks
 
 
 def promotable(recorded: list[tuple], values: tuple, rf: float) -> bool:
