@@ -20,8 +20,9 @@ RUN_BOUND = ("[", "report: ", "best model: ", "next: ", "cost: ", "...")
 
 
 def masked(line: str) -> str:
-    """A printed line with its digits and runs of spaces made alike."""
-    return re.sub(r"\d", "#", " ".join(line.split()))
+    """A printed line with its numbers, runs of spaces and rules made alike (a latency measured
+    on a busy machine may have a digit more, and its column and rule a character more)."""
+    return re.sub(r"-{3,}", "---", re.sub(r"\d+", "#", " ".join(line.split())))
 
 
 def shown_lines(path: Path) -> list[str]:
@@ -99,7 +100,8 @@ def test_the_demo_cells_are_clearly_above_chance(ray_cluster, tmp_path):
         lines = shown_lines(ROOT / page)
         assert len(lines) >= 12, page
         for line in lines:
-            assert masked(line) in printed, (page, line)
+            near = [x for x in out.getvalue().splitlines() if x[:20] == line[:20]]
+            assert masked(line) in printed, (page, line, near)
     # the output ends with what to look at next
     tail = out.getvalue().rstrip().splitlines()[-3:]
     assert tail[0].startswith("next: browse the runs: open http")

@@ -264,7 +264,7 @@ class StudyTracker:
 def source_tags() -> dict[str, str]:
     """Where the runs' code comes from: the study command's file and, when this code is a git
     checkout, its commit (the driver's checkout: the workers run what the driver shipped)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]  # orchestrate/store/tracking.py: the checkout
     tags = {
         MLFLOW_SOURCE_NAME: str(root / "orchestrate" / "ablation.py"),
         MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL),
