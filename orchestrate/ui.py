@@ -2,7 +2,7 @@
 study's runs.
 
 The store is the studies' own default (``MLFLOW_TRACKING_URI`` if set, else
-``sqlite:///<cwd>/mlflow.db``, artifacts in ``<cwd>/mlartifacts``) or ``--tracking-uri``. The
+``sqlite:///<cwd>/mlflow.db``, artifacts in ``mlartifacts/`` beside it) or ``--tracking-uri``. The
 command prints the URL of the study's runs (``--study``, else the newest study in the store),
 then becomes MLflow's server until Ctrl-C. An http(s) store is a server already: the command
 prints the URL and exits.

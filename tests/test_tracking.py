@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ARTIFACTS
 from mlflow.tracking import MlflowClient
 
 from orchestrate.store.tracking import TrackingError, Writer, failure_reason
-
-ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 
 
 class Server:

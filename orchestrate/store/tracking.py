@@ -7,8 +7,9 @@ cluster needs no MLflow credentials on its workers. The callback only queues its
 ``Writer`` thread performs them in order and, while a server is away, retries with backoff, so
 an outage delays no trial and loses nothing; how long it lasted and how many writes waited is
 reported at the end. The default store needs no server:
-``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<absolute cwd>/mlflow.db`` with artifacts in
-``<cwd>/mlartifacts``; ``--tracking-uri http://host:5000`` logs through an MLflow server.
+``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<absolute cwd>/mlflow.db``; a SQLite store keeps
+its artifacts in ``mlartifacts/`` beside the database; ``--tracking-uri http://host:5000`` logs
+through an MLflow server.
 
 Runs are what MLflow users expect: every run names its source and git commit and has its
 dataset as an input; each finished trial's selected model is an MLflow PyTorch model (with a
@@ -200,8 +201,9 @@ class StudyTracker:
         experiment = self.client.get_experiment_by_name(study)
         if experiment is None:
             location = None
-            if uri.startswith("sqlite:"):
-                location = (Path.cwd() / "mlartifacts").as_uri()
+            if uri.startswith("sqlite:///"):  # a store is its database and, beside it, artifacts
+                database = Path(uri.removeprefix("sqlite:///")).expanduser().resolve()
+                location = (database.parent / "mlartifacts").as_uri()
             self.experiment_id = self.client.create_experiment(
                 study, artifact_location=location, tags={KIND_TAG: MODEL_DEVELOPMENT}
             )
