@@ -41,27 +41,26 @@ def plot_class_distribution(
     return _save(fig, path)
 
 
-def plot_confusion_matrix(cm, classes, path, title: str = "") -> Path:
-    """Row-normalised confusion matrix (each true class sums to 1), as the paper's Figures 11
-    and 12; the cell text is the fraction, the colour its size."""
+def draw_confusion(ax, cm, fontsize: int):
+    """A confusion matrix on ``ax``, rows normalised (a row without images stays 0), each cell
+    labelled with its fraction; returns the image (for a colour bar)."""
     counts = np.asarray(cm, dtype=float)
     rows = counts.sum(axis=1, keepdims=True)
     norm = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), value in np.ndenumerate(norm):
+        color = "white" if value > 0.5 else "black"
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=fontsize, color=color)
+    return image
+
+
+def plot_confusion_matrix(cm, classes, path, title: str = "") -> Path:
+    """Row-normalised confusion matrix (each true class sums to 1), as the paper's Figures 11
+    and 12; the cell text is the fraction, the colour its size."""
     k = len(classes)
     fig = Figure(figsize=(1.0 + 0.75 * k, 0.8 + 0.7 * k), layout="constrained")
     ax = fig.subplots()
-    image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    for i in range(k):
-        for j in range(k):
-            ax.text(
-                j,
-                i,
-                f"{norm[i, j]:.2f}",
-                ha="center",
-                va="center",
-                fontsize=8,
-                color="white" if norm[i, j] > 0.5 else "black",
-            )
+    image = draw_confusion(ax, cm, fontsize=8)
     ax.set_xticks(range(k), classes, rotation=35, ha="right")
     ax.set_yticks(range(k), classes)
     ax.set_xlabel("predicted")

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from fermodel.plots import draw_confusion
 from orchestrate.report.cv_levels import level_range
 from orchestrate.report.statistics import (
     ALPHA,
@@ -165,21 +166,21 @@ def _testset_share(computed: pd.DataFrame) -> str:
     the inverted test rejects) over its MDE, as a range; the normal limit where none is set."""
     half = (computed.testset_ci_high.astype(float) - computed.testset_ci_low.astype(float)) / 2
     shares = (half / computed.testset_mde.astype(float)).to_numpy()
-    shares = shares[np.isfinite(shares) & (shares > 0)]
-    if not len(shares):
-        return f"about {SIGNIFICANT_SHARE:.2f}"
-    low, high = float(shares.min()), float(shares.max())
-    return f"{low:.2f}" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f} to {high:.2f}"
+    return _share_range(shares[np.isfinite(shares) & (shares > 0)])
 
 
 def _runs_share(computed: pd.DataFrame) -> str:
     """The runs column's threshold: t_crit / noncentrality at its rows' units, as a range."""
     units = sorted({int(n) for n in _judged(computed).runs_units.dropna()})
-    shares = [significant_share(n) for n in units if n >= 2]
-    if not shares:
+    return _share_range([significant_share(n) for n in units if n >= 2])
+
+
+def _share_range(shares) -> str:
+    """'0.72', '0.40 to 0.93', or the normal limit's share where there is none."""
+    if not len(shares):
         return f"about {SIGNIFICANT_SHARE:.2f}"
-    low, high = min(shares), max(shares)
-    return f"{low:.2f}" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f} to {high:.2f}"
+    low, high = f"{min(shares):.2f}", f"{max(shares):.2f}"
+    return low if low == high else f"{low} to {high}"
 
 
 def _units(computed: pd.DataFrame) -> str:
@@ -939,20 +940,7 @@ def _confusion_figure(report: StudyReport) -> bytes | None:
     fig = Figure(figsize=(4.2 * cols, 3.9 * rows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for ax, cell in zip(axes, cells, strict=False):
-        m = report.confusion[cell].astype(float)
-        norm = m / np.maximum(m.sum(1, keepdims=True), 1)
-        ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-        for i in range(k):
-            for j in range(k):
-                ax.text(
-                    j,
-                    i,
-                    f"{norm[i, j]:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=6,
-                    color="white" if norm[i, j] > 0.5 else "black",
-                )
+        draw_confusion(ax, report.confusion[cell], fontsize=6)
         ax.set_xticks(range(k), report.classes, rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(k), report.classes, fontsize=7)
         ax.set_title(cell, fontsize=9)

@@ -591,22 +591,22 @@ def across_runs(
         )
     ratio = fold_ratio if corrected else 0.0
     repeated = corrected and repetitions > 1
-    if repeated:
+    if corrected:
         units, within, seeds = _fold_means(keys, diffs)
+    else:
+        units, within, seeds = diffs, math.nan, 1
+        method = f"paired t-test over {k} seed{'s' if k != 1 else ''} on one split"
+    if repeated:
         method = (
             f"corrected repeated k-fold t-test (Bouckaert & Frank 2004) over {n_folds} "
             f"folds of {repetitions} drawings, each averaged over its seeds, test/train "
             f"ratio {ratio:.3f}"
         )
     elif corrected:
-        units, within, seeds = _fold_means(keys, diffs)
         method = (
             f"corrected k-fold t-test (Nadeau & Bengio 2003) over {n_folds} folds, each "
             f"averaged over its seeds, test/train ratio {ratio:.3f}"
         )
-    else:
-        units, within, seeds = diffs, math.nan, 1
-        method = f"paired t-test over {k} seed{'s' if k != 1 else ''} on one split"
     j = len(units)
     mean = float(units.mean()) if k else math.nan
     result = {
