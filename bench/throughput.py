@@ -10,9 +10,10 @@ plain reference pipeline, measured in one run on this machine.
 A step is the whole thing: augmentation, forward, joint loss, backward, optimiser. The engine's
 achieved FLOP/s is compared with a matmul ceiling measured in the same run, counted two ways:
 torch.utils.flop_counter counts every kernel tap, also those that fall on zero padding, which
-at 48x48 is most of PSA's 7x7 and 9x9 taps on the 3x3 and 2x2 maps of the last stages (and
-which convolution kernels skip); "useful" FLOPs count only the taps that touch the image, with
-backward taken as twice the forward (input and weight gradients).
+at 48x48 was most of PSA's 7x7 and 9x9 taps on the 3x3 and 2x2 maps of the last stages
+(the engine's models crop those away, ``PSA.crop_to``; the reference's keep them); "useful" FLOPs
+count only the taps that touch the image, with backward taken as twice the forward (input and
+weight gradients).
 
     .venv/bin/python bench/throughput.py [--steps 8] [--compile] [--device cuda]
 """

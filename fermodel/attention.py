@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 Site = Literal["gate", "merge", "conv"]
@@ -136,6 +137,10 @@ class PSA(nn.Module):
     weighted branches are concatenated. As in EPSANet's official code the concatenation runs
     from the largest kernel to the smallest (9, 7, 5, 3), which fixes the channel order that
     the following 1x1 convolution sees. No BatchNorm or activation inside: bn2 + ReLU follow.
+
+    ``crop_to(size)`` fits the kernels to a known input size: at 48x48 the last stages' maps are
+    3x3 and 2x2, where a 9x9 kernel's outer taps only ever meet zero padding. The state dict
+    keeps the full kernels either way, so cropped and whole modules load each other's.
     """
 
     def __init__(
@@ -167,20 +172,64 @@ class PSA(nn.Module):
             for k, g in zip(kernel_sizes, groups, strict=True)
         )
         self.se = SqueezeExcite(split, reduction=reduction)
+        self.kernel_sizes = tuple(kernel_sizes)
+        self.register_state_dict_post_hook(_whole_kernels)
+        self.register_load_state_dict_pre_hook(_fitted_kernels)
 
     members = 1  # trials side by side in the channels (a fused pack: fermodel.fused)
 
+    def crop_to(self, size: int) -> None:
+        """Keep of each kernel the taps that reach an input of ``size`` x ``size`` (offsets
+        from the centre up to ``size - 1``; the others only ever multiply zero padding), with
+        the padding cut to match: the same outputs and gradients, fewer multiplications, no
+        extra kernels (the parameters themselves are cropped). Call it before building the
+        optimiser; any smaller input gives the same results too."""
+        for conv in self.branches:
+            k = conv.kernel_size[0]
+            radius = min(k // 2, size - 1)
+            if radius < k // 2:
+                conv.weight = nn.Parameter(fit_kernel(conv.weight.detach(), 2 * radius + 1))
+                conv.kernel_size, conv.padding = (2 * radius + 1,) * 2, (radius,) * 2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = torch.stack([branch(x) for branch in self.branches], dim=1)  # [N, S, C/S, H, W]
-        n, s, c, h, w = feats.shape
+        # largest kernel first, the order of EPSANet's concatenation (no flip to pay for)
+        feats = torch.stack([branch(x) for branch in reversed(self.branches)], dim=1)
+        n, s, c, h, w = feats.shape  # [N, S, C/S, H, W]
         scores = self.se.weights(feats.reshape(n * s, c, h, w)).reshape(n, s, c, 1, 1)
         # in at least fp32, as CUDA's autocast computes a softmax (also in a bf16 pack,
         # which casts by hand: fermodel.pack)
         weights = scores.softmax(dim=1, dtype=torch.promote_types(scores.dtype, torch.float32))
-        weighted = (feats * weights).flip(1)
+        weighted = feats * weights
         # each member's branches together (with one member, a view of the same order)
         per_member = weighted.unflatten(2, (self.members, -1)).transpose(1, 2)
         return per_member.reshape(n, s * c, h, w)
+
+
+def fit_kernel(weight: torch.Tensor, size: int) -> torch.Tensor:
+    """``weight`` [..., k, k] (k odd) cut to its central ``size`` x ``size`` taps, or padded to
+    them with zeros."""
+    k = weight.shape[-1]
+    if k == size:
+        return weight
+    if k > size:
+        cut = (k - size) // 2
+        return weight[..., cut : cut + size, cut : cut + size].clone()
+    pad = (size - k) // 2
+    return F.pad(weight, (pad,) * 4)
+
+
+def _whole_kernels(module: PSA, state: dict, prefix: str, _metadata) -> None:
+    for i, k in enumerate(module.kernel_sizes):
+        name = f"{prefix}branches.{i}.weight"
+        if not isinstance(state.get(name), nn.Parameter):  # keep_vars asks for the live ones
+            state[name] = fit_kernel(state[name], k)
+
+
+def _fitted_kernels(module: PSA, state: dict, prefix: str, *_rest) -> None:
+    for i, conv in enumerate(module.branches):
+        name = f"{prefix}branches.{i}.weight"
+        if name in state and state[name].ndim == 4:
+            state[name] = fit_kernel(state[name], conv.kernel_size[0])
 
 
 @dataclass(frozen=True)

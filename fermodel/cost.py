@@ -64,7 +64,7 @@ def model_cost(
     finally:
         net.train(was_training)
     cost = {
-        "params": sum(p.numel() for p in net.parameters()),
+        "params": _params(net),
         "gflops": gflops,
         "latency_ms": 1000 * statistics.median(runs),
         "throughput": BATCH / per_batch,
@@ -73,6 +73,13 @@ def model_cost(
     if key is not None:
         _MEASURED[key] = dict(cost)
     return cost
+
+
+def _params(net: nn.Module) -> int:
+    """The parameters as the state dict holds them: the architecture's count, PSA's kernels
+    whole however they were cropped for the input size (``PSA.crop_to``)."""
+    state = net.state_dict()
+    return sum(state[name].numel() for name, _ in net.named_parameters())
 
 
 def timed_runs(

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fermodel.attention import fit_kernel
 from fermodel.augment import AugmentConfig, augment, predict_tta, to_float
 from fermodel.checkpoint import SAME_AS_MODEL, best_model, load_checkpoint, save_checkpoint
 from fermodel.config import DATA_KEYS, MEMBER_KEYS, PLACE_KEYS, TrialConfig, pack_key
@@ -232,7 +233,14 @@ class TrainingParts:
 
 def build_parts(c: TrialConfig, num_classes: int, device: torch.device) -> TrainingParts:
     dtype = torch.float64 if c.precision == "fp64" else torch.float32
-    model = build_model(c.backbone, c.attention, num_classes, c.in_chans, c.pretrained or None)
+    model = build_model(
+        c.backbone,
+        c.attention,
+        num_classes,
+        c.in_chans,
+        c.pretrained or None,
+        image_size=c.image_size,
+    )
     model = model.to(device, dtype)
     if c.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -426,6 +434,15 @@ def _owned(state: dict) -> dict:
     }
 
 
+def _fit_moments(optimizer: torch.optim.Optimizer) -> None:
+    """A checkpoint written before PSA's kernels were cropped (``PSA.crop_to``) holds their
+    moments whole: cut them as the weights were cut."""
+    for p, moments in optimizer.state.items():
+        for name, t in moments.items():
+            if torch.is_tensor(t) and t.ndim == 4 == p.ndim and t.shape != p.shape:
+                moments[name] = fit_kernel(t, p.shape[-1])
+
+
 def _restore(c: TrialConfig, checkpoint, parts: TrainingParts, shuffle_gen, augment_gen):
     """Load a checkpoint into the parts and generators; returns epoch, history, best, best
     model weights."""
@@ -439,6 +456,7 @@ def _restore(c: TrialConfig, checkpoint, parts: TrainingParts, shuffle_gen, augm
     parts.model.load_state_dict(state["model"])
     parts.criterion.load_state_dict(state["criterion"])
     parts.optimizer.load_state_dict(state["optimizer"])
+    _fit_moments(parts.optimizer)
     if parts.scheduler is not None:
         parts.scheduler.load_state_dict(state["scheduler"])
     shuffle_gen.set_state(state["shuffle_rng"])

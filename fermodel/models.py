@@ -33,6 +33,7 @@ def build_model(
     in_chans: int = 1,
     pretrained=None,
     attention_kwargs: dict | None = None,
+    image_size: int | None = None,
 ) -> nn.Module:
     """Build ``backbone`` with ``attention`` in every block.
 
@@ -47,6 +48,9 @@ def build_model(
     taken: ``fermodel.pretrained.weights_file``), a torchvision weights enum, or a ResNet-50
     weights name (``"ResNet50_Weights.IMAGENET1K_V1"``); what was transferred is logged and kept
     as ``model.transfer_report``.
+    ``image_size``, the input size the model will see, crops PSA's kernels to the taps that
+    reach its maps (``ResNet.crop_to``: the same numbers, fewer multiplications); None keeps
+    them whole, for any size.
     """
     if isinstance(backbone, str) and backbone.startswith(TIMM_PREFIX):
         builder = partial(build_timm, backbone[len(TIMM_PREFIX) :])
@@ -70,4 +74,6 @@ def build_model(
     if isinstance(pretrained, (str, Path)) and Path(pretrained).expanduser().is_dir():
         pretrained = weights_file(pretrained, backbone)
     model.transfer_report = load_pretrained(model, pretrained) if pretrained is not None else None
+    if image_size is not None and hasattr(model, "crop_to"):
+        model.crop_to(image_size)
     return model

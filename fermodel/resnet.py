@@ -58,6 +58,7 @@ class Bottleneck(nn.Module):
         self.merge = merge
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -139,6 +140,16 @@ class ResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def crop_to(self, image_size: int) -> None:
+        """Fit every block's ``conv2`` that can (PSA: ``PSA.crop_to``) to the map it sees on
+        ``image_size`` x ``image_size`` inputs (at 48: 12x12 in layer1, 2x2 in layer4)."""
+        size = _strided(_strided(image_size, 2), 2)  # the stem's convolution, its max pool
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            for block in layer:
+                if hasattr(block.conv2, "crop_to"):
+                    block.conv2.crop_to(size)
+                size = _strided(size, block.stride)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled, flattened embedding, shape [N, num_features]."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -149,3 +160,8 @@ class ResNet(nn.Module):
         emb = self.forward_features(x)
         logits = self.fc(emb)
         return (logits, emb) if return_embedding else logits
+
+
+def _strided(size: int, stride: int) -> int:
+    """The output size of a same-padded window of ``stride`` (k = 2p + 1) on ``size``."""
+    return (size - 1) // stride + 1
