@@ -48,6 +48,13 @@ def _check_checkout(session) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (stable otherwise): xdist hands out the groups largest first, then
+    single tests in this order, so the two workers end together instead of one finishing a
+    minute-long study while the other waits."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_sessionstart(session):
     if not hasattr(session.config, "workerinput"):  # the controller: before any test ran
         session.config.checkout_before = _checkout_files()

@@ -21,8 +21,10 @@ RUN_BOUND = ("[", "report: ", "best model: ", "next: ", "cost: ", "...")
 
 def masked(line: str) -> str:
     """A printed line with its numbers, runs of spaces and rules made alike (a latency measured
-    on a busy machine may have a digit more, and its column and rule a character more)."""
-    return re.sub(r"-{3,}", "---", re.sub(r"\d+", "#", " ".join(line.split())))
+    on a busy machine may have a digit more, and its column and rule a character more), and the
+    cost table's front column too (which cells are on it follows those latencies)."""
+    line = re.sub(r"-{3,}", "---", re.sub(r"\d+", "#", " ".join(line.split())))
+    return re.sub(r" (yes|below .*)$", " <front>", line)
 
 
 def shown_lines(path: Path) -> list[str]:
