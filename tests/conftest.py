@@ -50,8 +50,7 @@ def _check_checkout(session) -> None:
 
 def pytest_collection_modifyitems(config, items):
     """Slow tests first (stable otherwise): xdist hands out the groups largest first, then
-    single tests in this order, so the two workers end together instead of one finishing a
-    minute-long study while the other waits."""
+    single tests in this order, so the run ends on short tests, whichever worker is ahead."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
