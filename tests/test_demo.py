@@ -21,9 +21,10 @@ RUN_BOUND = ("[", "report: ", "best model: ", "next: ", "cost: ", "...")
 
 def masked(line: str) -> str:
     """A printed line with its numbers, runs of spaces and rules made alike (a latency measured
-    on a busy machine may have a digit more, and its column and rule a character more), and the
-    cost table's front column too (which cells are on it follows those latencies)."""
-    line = re.sub(r"-{3,}", "---", re.sub(r"\d+", "#", " ".join(line.split())))
+    on a busy machine may have a digit more or its decimals fewer: 52 for 20.5, and its column
+    and rule a character more), and the cost table's front column too (which cells are on it
+    follows those latencies)."""
+    line = re.sub(r"-{3,}", "---", re.sub(r"\d+(\.\d+)?", "#", " ".join(line.split())))
     return re.sub(r" (yes|below .*)$", " <front>", line)
 
 
